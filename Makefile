@@ -1,0 +1,35 @@
+# glm5: `make demo` and `make test` set everything up from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: venv
+	$(PY) -m glm5.demo
+
+lint: venv
+	$(VENV)/bin/ruff check glm5 tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

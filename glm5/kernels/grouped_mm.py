@@ -1,0 +1,42 @@
+"""Grouped matmul for MoE experts: rows of `x` sorted by expert, each group multiplied by its expert's weight.
+
+`torch._grouped_mm` runs it as one kernel on CUDA (bf16, SM90+). Elsewhere (CPU, NPU, older GPUs, fp32) the
+fallback loops over experts, not tokens: one host sync to read the group sizes, then one GEMM per expert
+that received tokens (the approach of torchtitan's for-loop path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_mm_reference(x: torch.Tensor, w_EOI: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, I] grouped by expert (counts [E] rows each, in expert order) -> [N, O], row n times w[e(n)]^T."""
+    parts, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # one host sync per call, none per token
+        if n:
+            parts.append(x[start : start + n] @ w_EOI[e].t())
+            start += n
+    if not parts:
+        return x.new_zeros(x.shape[0], w_EOI.shape[1])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _can_use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and x.shape[1] % 16 == 0
+        and w.shape[1] % 16 == 0
+    )
+
+
+def grouped_mm(x: torch.Tensor, w_EOI: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Same contract as `grouped_mm_reference`; uses the fused kernel where the hardware has one."""
+    if _can_use_native(x, w_EOI):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w_EOI.transpose(-2, -1), offs=offsets)
+    return grouped_mm_reference(x, w_EOI, counts)

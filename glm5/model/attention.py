@@ -1,0 +1,325 @@
+"""MLA attention with DeepSeek Sparse Attention: the lightning indexer, top-k selection and three attention paths.
+
+Paths (MODEL_SPEC §3, §5):
+- expanded dense: per-head K/V from the latent, causal SDPA. Used when every key is selected (S <= index_topk,
+  where DSA is exactly dense attention) or when DSA is switched off (the indexer warm-up stage).
+- absorbed sparse (the default above index_topk): W_UK is folded into the query, so every head attends over
+  the same 576-wide latent [c_kv; k_pe]; only the top-k latent entries of each query are gathered, so time
+  and memory grow with T*k instead of T^2. Decode uses the absorbed form too (dense or sparse).
+- dense mask ("mask"): the reference, as HF computes it: a T x S score matrix with causal and top-k masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glm5.config import GLM5Config
+from glm5.model.cache import LatentCache
+from glm5.model.layers import RMSNorm, apply_rope
+
+ATTENTION_IMPLS = ("sparse", "mask")
+
+
+@dataclass
+class AttentionOptions:
+    """Run-time choices that do not change the model's parameters."""
+
+    impl: str = "sparse"
+    """"sparse": gather the top-k latents (fast path); "mask": dense scores + top-k mask (the reference)."""
+    dsa: bool = True
+    """False: plain causal attention over every key (DSA dense warm-up); the indexer still runs for its loss."""
+    query_chunk: int | None = None
+    """Queries per chunk for the indexer and sparse attention; None picks one that bounds memory."""
+    absorb_max_tokens: int = 64
+    """With a cache, forwards of at most this many new tokens use the absorbed (latent) form."""
+
+    def __post_init__(self) -> None:
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {self.impl!r} is unknown; choose one of {ATTENTION_IMPLS}")
+
+
+def _chunk_len(total: int, per_query: int, requested: int | None, budget: int = 1 << 24) -> int:
+    """Queries per chunk so that a chunk's largest temporary holds about `budget` elements."""
+    if requested is not None:
+        return max(1, min(requested, total))
+    return max(16, min(total, budget // max(per_query, 1)))
+
+
+class Indexer(nn.Module):
+    """The DSA lightning indexer: I(t,s) = sum_j w_tj * ReLU(q_tj . k_s / sqrt(d)), with w_t = W_w x_t / sqrt(H)."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.topk = cfg.index_topk
+        self.interleave = cfg.indexer_rope_interleave
+        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, cfg.index_head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(cfg.index_head_dim, eps=cfg.indexer_norm_eps)
+        self.weights_proj = nn.Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
+        self.scale = cfg.index_head_dim**-0.5
+
+    def project(
+        self, x: torch.Tensor, c_q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q [B,T,Hi,Di], k [B,T,Di], head weights [B,T,Hi] (fp32). RoPE sits on the FIRST rope_dim dims."""
+        B, T, _ = x.shape
+        q = self.wq_b(c_q).view(B, T, self.num_heads, self.head_dim)
+        q = torch.cat([apply_rope(q[..., : self.rope_dim], cos[:, :, None], sin[:, :, None], self.interleave),
+                       q[..., self.rope_dim :]], dim=-1)  # fmt: skip
+        k = self.k_norm(self.wk(x))
+        k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin, self.interleave), k[..., self.rope_dim :]], dim=-1)
+        # weights_proj is kept in fp32 by the reference; the product is the same for bf16-representable weights.
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.num_heads**-0.5
+        return q, k, w
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """q [B,C,Hi,Di], k [B,S,Di], w [B,C,Hi] -> index scores [B,C,S] in fp32 (same op order as HF)."""
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B,C,Hi,S]
+        return torch.matmul(w.unsqueeze(-2), F.relu(s)).squeeze(-2)
+
+    def scores_at(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Scores at chosen keys only: idx [B,C,K] -> [B,C,K] fp32 (O(C*K) work)."""
+        k_sel = _gather_rows(k, idx).float()  # [B,C,K,Di]
+        s = torch.matmul(q.float(), k_sel.transpose(-1, -2)) * self.scale  # [B,C,Hi,K]
+        return torch.matmul(w.unsqueeze(-2), F.relu(s)).squeeze(-2)
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, offset: int, chunk: int | None) -> torch.Tensor:
+        """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
+        also return some future keys; attention masks them out again (MODEL_SPEC §16.6)."""
+        B, T = q.shape[:2]
+        S = k.shape[1]
+        K = min(self.topk, S)
+        step = _chunk_len(T, self.num_heads * S, chunk)
+        out = torch.empty(B, T, K, dtype=torch.long, device=q.device)
+        for s0 in range(0, T, step):
+            s1 = min(s0 + step, T)
+            k_end = min(S, max(offset + s1, K))  # keys past the chunk's last query are never visible
+            scores = self.scores(q[:, s0:s1], k[:, :k_end], w[:, s0:s1])
+            scores = scores.masked_fill(_future_mask(s0 + offset, s1 + offset, k_end, q.device), float("-inf"))
+            out[:, s0:s1] = scores.topk(K, dim=-1).indices
+        return out
+
+
+def _future_mask(q_start: int, q_end: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """[Tq, S] True where the key comes after the query position."""
+    q_pos = torch.arange(q_start, q_end, device=device)
+    return torch.arange(num_keys, device=device)[None, :] > q_pos[:, None]
+
+
+def _gather_rows(x_BSC: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+    """x [B,S,C], idx [B,T,K] -> x[b, idx[b,t,k]] as [B,T,K,C] (index_select: its backward is an index_add)."""
+    B, S, C = x_BSC.shape
+    flat = idx_BTK + (torch.arange(B, device=idx_BTK.device) * S).view(B, 1, 1)
+    return x_BSC.reshape(B * S, C).index_select(0, flat.reshape(-1)).view(*idx_BTK.shape, C)
+
+
+def sparse_latent_attention(
+    q_lat: torch.Tensor,
+    kv_lat: torch.Tensor,
+    topk_idx: torch.Tensor,
+    q_pos: torch.Tensor,
+    rank: int,
+    scale: float,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Absorbed-MLA attention over each query's selected keys.
+
+    q_lat [B,T,H,r+R] (= [q_nope W_UK ; q_pe]), kv_lat [B,S,r+R] (= [c_kv ; k_pe]), topk_idx [B,T,K],
+    q_pos [T] positions of the queries. Returns the latent outputs [B,T,H,r] (values = c_kv).
+    """
+    B, T, H, Dc = q_lat.shape
+    K = topk_idx.shape[-1]
+    step = _chunk_len(T, K * (Dc + H), chunk)
+    use_ckpt = torch.is_grad_enabled() and (q_lat.requires_grad or kv_lat.requires_grad) and step < T
+
+    def one_chunk(q_c: torch.Tensor, idx_c: torch.Tensor, pos_c: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        lat = _gather_rows(kv, idx_c)  # [B,C,K,Dc]
+        scores = torch.matmul(q_c, lat.transpose(-1, -2)) * scale  # [B,C,H,K]
+        visible = (idx_c <= pos_c.view(1, -1, 1)).unsqueeze(2)  # [B,C,1,K]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_c.dtype)
+        return torch.matmul(probs, lat[..., :rank])  # [B,C,H,r]
+
+    outs = []
+    for s0 in range(0, T, step):
+        args = (q_lat[:, s0 : s0 + step], topk_idx[:, s0 : s0 + step], q_pos[s0 : s0 + step], kv_lat)
+        outs.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_ckpt else one_chunk(*args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def dense_latent_attention(
+    q_lat: torch.Tensor, kv_lat: torch.Tensor, q_pos: torch.Tensor, rank: int, scale: float
+) -> torch.Tensor:
+    """Absorbed-MLA attention over every visible key (decode with S <= index_topk, or DSA off). -> [B,T,H,r]."""
+    scores = torch.matmul(q_lat.transpose(1, 2), kv_lat.unsqueeze(1).transpose(-1, -2)) * scale  # [B,H,T,S]
+    future = torch.arange(kv_lat.shape[1], device=q_lat.device)[None, :] > q_pos[:, None]
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
+    return torch.matmul(probs, kv_lat[..., :rank].unsqueeze(1)).transpose(1, 2)
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention with a DSA indexer (or, on IndexCache "shared" layers, the previous layer's top-k)."""
+
+    def __init__(self, cfg: GLM5Config, layer_idx: int, has_indexer: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.topk = cfg.index_topk
+        self.scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                            bias=cfg.attention_bias)  # fmt: skip
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                   bias=False)  # fmt: skip
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg) if has_indexer else None
+
+    # --- pieces ----------------------------------------------------------------------------------
+    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj as W_UK [H, nope, r] and W_UV [H, v, r] (rows per head: 192 k_nope then 256 v)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent [B,S,r] + rope key [B,S,R] -> per-head keys [B,H,S,nope+R] and values [B,H,S,v]."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _expanded_attention(self, q, c_kv, k_pe, q_pos, topk_idx, use_mask_path: bool) -> torch.Tensor:
+        """Per-head attention over all S keys (causal, plus the top-k mask when given). -> [B,T,H,v]."""
+        k, v = self._expand(c_kv, k_pe)
+        q = q.transpose(1, 2)  # [B,H,T,D]
+        T, S = q.shape[2], k.shape[2]
+        if not use_mask_path and topk_idx is None and T == S:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            return out.transpose(1, 2)
+        blocked = torch.arange(S, device=q.device)[None, :] > q_pos[:, None]  # [T,S] future keys
+        if topk_idx is not None:
+            not_selected = torch.ones(q.shape[0], T, S, dtype=torch.bool, device=q.device)
+            blocked = blocked | not_selected.scatter_(-1, topk_idx, False)
+            blocked = blocked[:, None]  # [B,1,T,S]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = scores.masked_fill(blocked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).transpose(1, 2)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        offset: int,
+        opts: AttentionOptions,
+        cache: LatentCache | None = None,
+        prev_topk: torch.Tensor | None = None,
+        want_stats: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x [B,T,D] (normalised) -> (output [B,T,D], top-k indices [B,T,K] or None when dense, indexer loss or None)."""
+        B, T, _ = x.shape
+        cos, sin = rope
+        c_q = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(c_q).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], self.interleave)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[..., : self.kv_rank])
+        k_pe = apply_rope(kv[..., self.kv_rank :], cos, sin, self.interleave)
+
+        idx_q = idx_k = idx_w = None
+        if self.indexer is not None:
+            # The indexer sees detached inputs: it is trained only by its own loss (DSA recipe, MODEL_SPEC §10).
+            with torch.set_grad_enabled(want_stats and torch.is_grad_enabled()):
+                idx_q, idx_k, idx_w = self.indexer.project(x.detach(), c_q.detach(), cos, sin)
+        if cache is not None:
+            if want_stats:
+                raise ValueError("indexer/router statistics are computed on full sequences, not with a KV cache")
+            c_kv, k_pe, idx_k = cache.update(self.layer_idx, c_kv, k_pe, None if idx_k is None else idx_k.detach())
+        S = c_kv.shape[1]
+        q_pos = torch.arange(offset, offset + T, device=x.device)
+
+        topk_idx = None
+        if opts.dsa and S > self.topk:  # at most index_topk keys: DSA is exactly dense attention
+            if self.indexer is not None:
+                topk_idx = self.indexer.select(idx_q, idx_k, idx_w, offset, opts.query_chunk)
+            elif prev_topk is None:
+                raise ValueError(f"layer {self.layer_idx} shares the top-k of a previous layer, but none was given")
+            else:
+                topk_idx = prev_topk
+
+        absorbed = cache is not None and T <= opts.absorb_max_tokens
+        if opts.impl == "mask":
+            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, topk_idx, True)
+        elif topk_idx is None and not absorbed:
+            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, None, False)
+        else:
+            w_uk, w_uv = self._kv_b()
+            q_lat = torch.cat([torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe], dim=-1)
+            kv_lat = torch.cat([c_kv, k_pe], dim=-1)
+            if topk_idx is None:
+                o_lat = dense_latent_attention(q_lat, kv_lat, q_pos, self.kv_rank, self.scale)
+            else:
+                o_lat = sparse_latent_attention(q_lat, kv_lat, topk_idx, q_pos, self.kv_rank, self.scale,
+                                                opts.query_chunk)  # fmt: skip
+            out = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
+        out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim))
+
+        loss = None
+        if want_stats and self.indexer is not None:
+            loss = self._indexer_loss(q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts)
+        return out, topk_idx, loss
+
+    def _indexer_loss(self, q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts) -> torch.Tensor:
+        """Mean over queries of KL(p_t || softmax(I_t)), p_t = head-averaged attention probabilities (detached).
+
+        Over the selected keys when DSA is on (sparse stage), over every visible key otherwise (dense warm-up).
+        Gradients reach only the indexer's parameters.
+        """
+        with torch.no_grad():
+            w_uk, _ = self._kv_b()
+            q_lat = torch.cat([torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe], dim=-1)
+            kv_lat = torch.cat([c_kv, k_pe], dim=-1)
+        B, T = q_lat.shape[:2]
+        S = kv_lat.shape[1]
+        width = S if topk_idx is None else topk_idx.shape[-1]
+        step = _chunk_len(T, width * (self.num_heads + idx_q.shape[2]), opts.query_chunk)
+        total = q_lat.new_zeros((), dtype=torch.float32)
+        for s0 in range(0, T, step):
+            s1 = min(s0 + step, T)
+            pos = q_pos[s0:s1]
+            with torch.no_grad():
+                if topk_idx is None:
+                    keys = kv_lat.unsqueeze(1)  # [B,1,S,Dc]
+                    visible = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None]).expand(B, -1, -1)
+                else:
+                    keys = _gather_rows(kv_lat, topk_idx[:, s0:s1])  # [B,C,K,Dc]
+                    visible = topk_idx[:, s0:s1] <= pos.view(1, -1, 1)
+                scores = torch.matmul(q_lat[:, s0:s1].float(), keys.float().transpose(-1, -2)) * self.scale
+                scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+                p = torch.softmax(scores, dim=-1).mean(dim=2)  # [B,C,width]
+            if topk_idx is None:
+                logits = self.indexer.scores(idx_q[:, s0:s1], idx_k, idx_w[:, s0:s1])
+            else:
+                logits = self.indexer.scores_at(idx_q[:, s0:s1], idx_k, idx_w[:, s0:s1], topk_idx[:, s0:s1])
+            log_q = torch.log_softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+            kl = torch.xlogy(p, p) - p * log_q.masked_fill(~visible, 0.0)
+            total = total + kl.sum()
+        return total / (B * T)
+

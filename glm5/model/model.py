@@ -1,0 +1,238 @@
+"""GLM5ForCausalLM: the GLM-5 decoder (MLA + DSA + MoE) and its multi-token-prediction module, on one device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.attention import AttentionOptions, MLAttention
+from glm5.model.cache import LatentCache
+from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
+from glm5.model.moe import MoE, RouterStats
+
+
+@dataclass
+class LayerStats:
+    """Training statistics of one decoder layer call (main layers, then MTP depths)."""
+
+    layer_idx: int
+    """Checkpoint layer index (MTP layers are num_hidden_layers + i)."""
+    mtp_depth: int | None = None
+    """None for main layers, else the MTP step (0, 1, ...) that produced these stats."""
+    router: RouterStats | None = None
+    """Router scores, choices and per-expert load (MoE layers only)."""
+    indexer_loss: torch.Tensor | None = None
+    """KL(attention || indexer), differentiable w.r.t. the indexer only (layers with their own indexer)."""
+
+
+@dataclass
+class GLM5Output:
+    logits: torch.Tensor
+    """[B, T, vocab] (or the last `num_logits_to_keep` positions)."""
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    """Depth d: [B, T, vocab]; position t predicts token t + d + 2 (positions past the end are padding)."""
+    hidden_states: torch.Tensor | None = None
+    """Final-norm output of the main model [B, T, D] (what the MTP module consumes), when asked."""
+    stats: list[LayerStats] = field(default_factory=list)
+    """Per-layer router/indexer statistics, when asked."""
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h)); FFN is MoE after the first dense layers."""
+
+    def __init__(self, cfg: GLM5Config, layer_idx: int, has_indexer: bool) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer_idx, has_indexer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, rope, offset, opts, cache=None, prev_topk=None, want_stats=False):
+        a, topk_idx, idx_loss = self.self_attn(self.input_layernorm(h), rope, offset, opts, cache, prev_topk, want_stats)
+        h = h + a
+        x = self.post_attention_layernorm(h)
+        router = None
+        if isinstance(self.mlp, MoE):
+            m, router = self.mlp(x, want_stats)
+        else:
+            m = self.mlp(x)
+        stats = LayerStats(self.layer_idx, router=router, indexer_loss=idx_loss) if want_stats else None
+        return h + m, topk_idx, stats
+
+
+class SharedHead(nn.Module):
+    """The MTP module's final norm (`shared_head.norm`); the head matrix itself is the main model's lm_head."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(DecoderLayer):
+    """Multi-token prediction (DeepSeek-V3 style): u = Layer(eh_proj([RMSNorm(emb(t+1)); RMSNorm(h_t)])).
+
+    A complete decoder layer (MLA with its own indexer + MoE) plus enorm, hnorm, eh_proj and shared_head.norm;
+    the embedding and the LM head are shared with the main model. Applied recursively (shared parameters)
+    for depth > 1, as GLM-5 trains it.
+    """
+
+    def __init__(self, cfg: GLM5Config, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, has_indexer=True)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h_prev, next_emb, rope, offset, opts, cache=None, want_stats=False):
+        u = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))  # embedding first
+        return super().forward(u, rope, offset, opts, cache, None, want_stats)
+
+
+class GLM5Model(nn.Module):
+    """Embedding, decoder layers and final norm (HF prefix `model.`)."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        types = cfg.indexer_types
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, types[i] == "full") for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class GLM5ForCausalLM(nn.Module):
+    """GLM-5 causal LM on a single device. Parallelism, compilation and quantisation wrap it from outside."""
+
+    def __init__(self, cfg: GLM5Config, attention: AttentionOptions | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.attention = attention or AttentionOptions()
+        self.model = GLM5Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # --- set-up ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases (no-op on the meta device)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, MoE):
+                module.gate.weight.normal_(0.0, std)
+                module.gate.e_score_correction_bias.zero_()
+                module.experts.gate_up_proj.normal_(0.0, std)
+                module.experts.down_proj.normal_(0.0, std)
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+
+    def configure_attention(self, **changes) -> AttentionOptions:
+        """Change run-time attention options (impl="sparse"|"mask", dsa=True|False, query_chunk=...)."""
+        self.attention = AttentionOptions(**{**self.attention.__dict__, **changes})
+        return self.attention
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self, include_mtp: bool = True) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if include_mtp or not n.startswith("mtp."))
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: LatentCache | None = None,
+        *,
+        mtp_depth: int = 0,
+        return_stats: bool = False,
+        return_hidden: bool = False,
+        num_logits_to_keep: int = 0,
+    ) -> GLM5Output:
+        """input_ids [B, T] -> GLM5Output.
+
+        cache: a LatentCache; the new tokens take positions cache.seq_len + 0..T-1 and the cache advances by T.
+        mtp_depth: run the MTP module this many steps (shared parameters) and return their logits.
+        return_stats: router and indexer statistics for training (full sequences only, no cache).
+        num_logits_to_keep: only the last N positions get main-model logits (0 = all).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if mtp_depth and not len(self.mtp):
+            raise ValueError("mtp_depth > 0 but this config has num_nextn_predict_layers = 0")
+        if mtp_depth and cache is not None:
+            raise ValueError("MTP with a KV cache is the engine's job (speculative decoding); call without a cache")
+        B, T = input_ids.shape
+        offset = cache.seq_len if cache is not None else 0
+        if offset + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {offset + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        opts = self.attention
+        h = self.model.embed_tokens(input_ids)
+        positions = torch.arange(offset, offset + T, device=input_ids.device)
+        cos, sin = self.rotary(positions, h.dtype)
+        rope = (cos[None], sin[None])  # [1, T, R/2]: broadcast over batch (and heads)
+
+        stats: list[LayerStats] = []
+        topk_idx = None
+        for layer in self.model.layers:
+            h, topk_idx, layer_stats = layer(h, rope, offset, opts, cache, topk_idx, return_stats)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        hidden = self.model.norm(h)
+        kept = hidden[:, -num_logits_to_keep:] if num_logits_to_keep else hidden
+        out = GLM5Output(logits=self.lm_head(kept), hidden_states=hidden if return_hidden else None, stats=stats)
+
+        # MTP depth d at position t sees h_t and the embedding of token t+d+1, and predicts token t+d+2.
+        # Depth 0 takes the main model's final-norm output (as vLLM feeds it); later depths take the
+        # previous depth's output before shared_head.norm.
+        h_prev = hidden
+        for d in range(mtp_depth):
+            module = self.mtp[min(d, len(self.mtp) - 1)]
+            shifted = F.pad(input_ids[:, d + 1 :], (0, min(d + 1, T)), value=self.config.pad_token_id or 0)
+            h_prev, _, layer_stats = module(h_prev, self.model.embed_tokens(shifted), rope, offset, opts, None,
+                                            return_stats)  # fmt: skip
+            out.mtp_logits.append(self.lm_head(module.shared_head.norm(h_prev)))
+            if layer_stats is not None:
+                layer_stats.mtp_depth = d
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(T)
+        return out
+
+    # --- checkpoints (names and files live in glm5.checkpoint) --------------------------------------
+    def hf_state_dict(self, fused_experts: bool = False) -> dict[str, torch.Tensor]:
+        """This model's weights under the published HF names (per-expert keys unless fused_experts)."""
+        from glm5.checkpoint.hf import to_hf_state_dict
+
+        return to_hf_state_dict(self.state_dict(), self.config, fused_experts=fused_experts)
+
+    def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load weights named as in the HF checkpoint (per-expert or fused `gate_up_proj` experts)."""
+        from glm5.checkpoint.hf import from_hf_state_dict
+
+        sd = from_hf_state_dict(hf_sd, self.config, strict=strict)
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("rotary.")]
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"checkpoint does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+
