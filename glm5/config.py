@@ -252,7 +252,8 @@ class GLM5Config:
             if not isinstance(config, dict):
                 raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
         d = copy.deepcopy(config)
-        model_type = d.get("model_type", MODEL_TYPE)
+        model_type = d.pop("model_type", MODEL_TYPE)
+        d.pop("architectures", None)  # always written back as [GlmMoeDsaForCausalLM]
         if model_type not in (MODEL_TYPE, "deepseek_v32"):
             raise ValueError(f"config model_type is {model_type!r}; glm5 reads {MODEL_TYPE!r} checkpoints")
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}

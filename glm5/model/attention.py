@@ -93,7 +93,9 @@ class Indexer(nn.Module):
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, offset: int, chunk: int | None) -> torch.Tensor:
         """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
-        also return some future keys; attention masks them out again (MODEL_SPEC §16.6)."""
+        also return some future keys; attention masks them out again (MODEL_SPEC §16.6). Exactly equal scores
+        (in practice only toy configs with a few indexer heads, where every ReLU can be 0) are broken
+        arbitrarily, as torch.topk and the reference do."""
         B, T = q.shape[:2]
         S = k.shape[1]
         K = min(self.topk, S)

@@ -1,0 +1,240 @@
+"""The fast paths of the model against their slow twins, and the properties the spec demands."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5.kernels.grouped_mm import grouped_mm, grouped_mm_reference
+from glm5.model import ContiguousLatentCache
+from glm5.model.attention import dense_latent_attention, sparse_latent_attention
+from glm5.model.moe import MoE
+
+CFG = GLM5Config.from_preset("tiny").replace(
+    vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=2,
+    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+)  # fmt: skip
+
+
+def model(cfg: GLM5Config = CFG, seed: int = 0) -> GLM5ForCausalLM:
+    torch.manual_seed(seed)
+    return GLM5ForCausalLM(cfg).eval()
+
+
+def ids(batch: int, length: int, seed: int = 0, vocab: int = CFG.vocab_size) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_sparse_gather_equals_dense_mask_reference() -> None:
+    m, x = model(), ids(2, 40)
+    m.configure_attention(impl="mask")
+    reference = m(x).logits
+    m.configure_attention(impl="sparse")
+    assert (m(x).logits - reference).abs().max() <= 1e-5
+    m.configure_attention(query_chunk=7)  # chunked indexer + chunked sparse attention
+    assert (m(x).logits - reference).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_chunked_indexer_selects_exactly_what_unchunked_selects() -> None:
+    m, x = model(), ids(2, 50, seed=3)
+    attn = m.model.layers[0].self_attn
+    h = m.model.layers[0].input_layernorm(m.model.embed_tokens(x))
+    cos, sin = m.rotary(torch.arange(50), h.dtype)
+    c_q = attn.q_a_layernorm(attn.q_a_proj(h))
+    q, k, w = attn.indexer.project(h, c_q, cos[None], sin[None])
+
+    def visible(idx: torch.Tensor) -> torch.Tensor:  # rows with < K visible keys pad with (masked) future keys
+        return torch.where(idx <= torch.arange(50).view(1, -1, 1), idx, -1).sort(-1).values
+
+    whole = attn.indexer.select(q, k, w, 0, chunk=50)
+    for chunk in (1, 7, 16):
+        assert torch.equal(visible(attn.indexer.select(q, k, w, 0, chunk=chunk)), visible(whole))
+    # and the selection is the causal top-k of the unchunked score matrix
+    scores = attn.indexer.scores(q, k, w).masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
+    assert torch.equal(visible(whole), visible(scores.topk(CFG.index_topk, dim=-1).indices))
+
+
+def test_sparse_latent_attention_matches_masked_dense_and_chunks_agree() -> None:
+    torch.manual_seed(0)
+    B, T, H, r, R, K = 2, 30, 3, 10, 4, 6
+    q = torch.randn(B, T, H, r + R)
+    kv = torch.randn(B, T, r + R)
+    # distinct keys per query, the query itself among them (top-k never repeats a key)
+    def pick(t: int) -> torch.Tensor:
+        others = torch.randperm(T - 1)[: K - 1]
+        return torch.cat([torch.tensor([t]), others + (others >= t).long()])
+
+    idx = torch.stack([torch.stack([pick(t) for t in range(T)]) for _ in range(B)])
+    pos = torch.arange(T)
+    got = sparse_latent_attention(q, kv, idx, pos, r, 0.3)
+    # naive: full score matrix, mask everything except selected & causal keys
+    scores = torch.einsum("bthc,bsc->bths", q, kv) * 0.3
+    keep = torch.zeros(B, T, T, dtype=torch.bool).scatter_(-1, idx, True) & torch.ones(T, T, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~keep[:, :, None], float("-inf")), -1)
+    expected = torch.einsum("bths,bsr->bthr", probs, kv[..., :r])
+    assert (got - expected).abs().max() <= 1e-5
+    assert torch.allclose(sparse_latent_attention(q, kv, idx, pos, r, 0.3, chunk=4), got, atol=1e-6)
+    # dense latent attention = sparse attention that selects every key
+    everything = torch.arange(T).expand(B, T, T)
+    assert torch.allclose(dense_latent_attention(q, kv, pos, r, 0.3),
+                          sparse_latent_attention(q, kv, everything, pos, r, 0.3), atol=1e-5)  # fmt: skip
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt_len", [5, 20])  # decode below and above index_topk keys
+def test_absorbed_decode_with_cache_equals_expanded_full_forward(prompt_len: int) -> None:
+    m, x = model(), ids(2, 30, seed=5)
+    m.configure_attention(impl="mask")
+    reference = m(x).logits  # expanded attention, no cache
+    m.configure_attention(impl="sparse")
+    cache = ContiguousLatentCache(CFG, batch_size=2, max_len=30)
+    pieces = [m(x[:, :prompt_len], cache).logits]
+    for t in range(prompt_len, 30):
+        pieces.append(m(x[:, t : t + 1], cache).logits)  # absorbed: attends over the 576-style latent
+    assert cache.seq_len == 30
+    assert (torch.cat(pieces, 1) - reference).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_later_tokens_never_change_earlier_logits() -> None:
+    m = model()
+    x = ids(1, 40, seed=7)
+    y = x.clone()
+    y[0, 25:] = (y[0, 25:] + 1) % CFG.vocab_size
+    a, b = m(x).logits, m(y).logits
+    assert torch.allclose(a[:, :25], b[:, :25], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+def test_moe_dispatch_equals_per_token_loop() -> None:
+    torch.manual_seed(0)
+    moe = MoE(CFG)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(37, CFG.hidden_size)
+    weights, topk_idx, _ = moe.gate(x)
+    fast = moe.experts(x, topk_idx, weights)
+    slow = moe.experts.forward_naive(x, topk_idx, weights)
+    assert (fast - slow).abs().max() <= 1e-5
+
+
+def test_grouped_mm_matches_reference_with_empty_groups() -> None:
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 0, 2])
+    x, w = torch.randn(10, 8), torch.randn(5, 6, 8)
+    expected = torch.cat([x[:3] @ w[0].t(), x[3:8] @ w[2].t(), x[8:] @ w[4].t()])
+    assert torch.allclose(grouped_mm(x, w, counts), expected)
+    assert torch.allclose(grouped_mm_reference(x, w, counts), expected)
+
+
+def test_router_bias_changes_choice_but_not_weights() -> None:
+    torch.manual_seed(0)
+    moe = MoE(CFG)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(16, CFG.hidden_size)
+    _, idx0, scores = moe.gate(x)
+    moe.gate.e_score_correction_bias[5] = 10.0  # expert 5 now always wins a slot
+    weights, idx1, scores1 = moe.gate(x)
+    assert torch.equal(scores, scores1)
+    assert (idx1 == 5).any(-1).all() and not (idx0 == 5).any(-1).all()
+    # weights are the un-biased sigmoid scores of the chosen experts, normalised, times routed_scaling_factor
+    chosen = scores.gather(1, idx1)
+    expected = chosen / chosen.sum(-1, keepdim=True) * CFG.routed_scaling_factor
+    assert torch.allclose(weights, expected)
+
+
+def test_router_bias_stays_fp32_under_bf16() -> None:
+    m = model().to(torch.bfloat16)
+    router = m.model.layers[1].mlp.gate
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.weight.dtype == torch.bfloat16
+    assert m(ids(1, 12)).logits.dtype == torch.bfloat16
+
+
+def test_stats_for_training_and_indexer_gets_only_its_own_gradient() -> None:
+    m = model().train()
+    x = ids(2, 30, seed=9)
+    out = m(x, return_stats=True, mtp_depth=2)
+    main = [s for s in out.stats if s.mtp_depth is None]
+    mtp = [s for s in out.stats if s.mtp_depth is not None]
+    assert [s.layer_idx for s in main] == [0, 1, 2] and [s.mtp_depth for s in mtp] == [0, 1]
+    assert all(s.router is not None for s in main[1:] + mtp) and main[0].router is None  # layer 0 is dense
+    for s in main[1:]:
+        assert s.router.expert_load.sum() == 2 * 30 * CFG.num_experts_per_tok
+    assert main[2].indexer_loss is None  # shared layer: no indexer of its own
+    losses = [s.indexer_loss for s in out.stats if s.indexer_loss is not None]
+    assert len(losses) == 4 and all(loss >= 0 for loss in losses)
+    sum(losses).backward()
+    for name, p in m.named_parameters():
+        if ".indexer." in name:
+            continue
+        assert p.grad is None, f"indexer loss leaked a gradient into {name}"
+    assert m.model.layers[0].self_attn.indexer.wq_b.weight.grad.abs().sum() > 0
+    # and the LM loss does not reach the indexer
+    m.zero_grad(set_to_none=True)
+    m(x).logits.logsumexp(-1).mean().backward()
+    assert m.model.layers[0].self_attn.indexer.wq_b.weight.grad is None
+    assert m.model.layers[0].self_attn.q_b_proj.weight.grad is not None
+
+
+def test_mtp_depths_share_parameters_and_stay_causal() -> None:
+    m = model()
+    x = ids(1, 24, seed=11)
+    with torch.no_grad():
+        a = m(x, mtp_depth=3).mtp_logits
+        y = x.clone()
+        y[0, 15] = (y[0, 15] + 1) % CFG.vocab_size
+        b = m(y, mtp_depth=3).mtp_logits
+    assert len(a) == 3 and len(m.mtp) == 1
+    for d in range(3):
+        # depth d at position t sees tokens up to t + d + 1
+        last_unaffected = 15 - d - 1
+        assert torch.allclose(a[d][:, :last_unaffected], b[d][:, :last_unaffected], atol=1e-6, rtol=0)
+        assert not torch.allclose(a[d][:, last_unaffected:], b[d][:, last_unaffected:])
+
+
+def test_dsa_off_means_dense_attention_even_for_long_sequences() -> None:
+    m, x = model(), ids(1, 30)
+    with torch.no_grad():
+        sparse = m(x).logits
+        m.configure_attention(dsa=False)
+        dense = m(x).logits
+        big = m.config.replace(index_topk=64)
+        m2 = model(big)
+        dense_ref = m2(x).logits  # index_topk > T: dense by definition, same weights (same seed)
+    assert torch.allclose(dense, dense_ref, atol=1e-5)
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    m = model()
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        m(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m.config.max_position_embeddings = 8
+        try:
+            m(ids(1, 9))
+        finally:
+            m.config.max_position_embeddings = CFG.max_position_embeddings
+    with pytest.raises(ValueError, match="cache holds"):
+        cache = ContiguousLatentCache(CFG, 1, 4)
+        m(ids(1, 5), cache)
+    with pytest.raises(ValueError, match="impl"):
+        m.configure_attention(impl="flash")
+
+
+def test_glm5_preset_builds_on_meta_in_seconds() -> None:
+    start = time.perf_counter()
+    with torch.device("meta"):
+        big = GLM5ForCausalLM(GLM5Config.from_preset("glm-5"))
+    elapsed = time.perf_counter() - start
+    assert big.num_parameters(include_mtp=False) == 743_911_199_232
+    assert big.num_parameters() == 753_864_119_552
+    assert elapsed < 30, f"meta build took {elapsed:.1f}s"
