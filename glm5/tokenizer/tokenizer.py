@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,17 +114,19 @@ def _read_json(path: Path, what: str) -> tuple[Any, str]:
         text = path.read_text(encoding="utf-8")
         return json.loads(text), text
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"could not read {what} {str(path)!r}: {exc}; re-export or re-save the file") from exc
+        fix = "re-export or re-save the file"
+        raise ValueError(f"could not read {what} {str(path)!r}: {exc}; {fix}") from exc
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write a sibling temp file (mode from the umask, like any new file), then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -164,10 +166,12 @@ class GLM5Tokenizer:
         else:
             texts = corpus
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ]
+        )
         tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
         trainer = trainers.BpeTrainer(
             vocab_size=base_size, min_frequency=min_frequency, show_progress=False,
@@ -198,7 +202,8 @@ class GLM5Tokenizer:
                     "or train one with `glm5 tokenizer train`"
                 )
         else:
-            raise ValueError(f"tokenizer folder {str(path)!r} does not exist; pass a folder with {_TOKENIZER_FILE}")
+            fix = f"pass a folder that holds {_TOKENIZER_FILE}"
+            raise ValueError(f"tokenizer folder {str(path)!r} does not exist; {fix}")
         spec, text = _read_json(tok_file, "tokenizer file")
         if not isinstance(spec, dict) or "model" not in spec:
             raise ValueError(f"{str(tok_file)!r} is not a HF tokenizers file (no 'model' entry)")
@@ -317,10 +322,12 @@ class GLM5Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; special tokens are kept unless ``skip_special_tokens``."""
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
+        ids = [int(i) for i in ids]
+        size = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (size {size})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
@@ -344,7 +351,7 @@ class GLM5Tokenizer:
         that ends its turn (the next ``<|user|>``/``<|observation|>``, or an ``<|endoftext|>`` appended
         to the ids when the conversation ends with an assistant turn and no generation prompt).
         """
-        from glm5.tokenizer.chat import tokenize_chat, render_chat
+        from glm5.tokenizer.chat import render_chat, tokenize_chat
 
         if not tokenize:
             return render_chat(
