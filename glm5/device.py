@@ -1,0 +1,241 @@
+"""Hardware backends in one place: pick a device, its dtypes, autocast, synchronisation and memory stats.
+
+This is the only glm5 module that names vendors (CUDA/ROCm `cuda`, Ascend `npu` through the optional
+`torch_npu` plug-in, Intel `xpu`, Apple `mps`, `cpu`); everything else asks these functions.
+
+Dtypes on CPU: float32 is the default. bfloat16 and float16 work everywhere, but their matmuls are only fast
+on CPUs with AVX512-BF16/AMX; on an AVX2 server (torch 2.13) both ran ~10x slower than float32 in a
+linear layer. float16 is listed last of the compute dtypes on CPU because nothing in glm5 needs it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import platform
+import sys
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+
+DEVICE_TYPES = ("cuda", "npu", "xpu", "mps", "cpu")
+"""Device types in the order `pick_device` tries them."""
+
+DeviceLike = torch.device | str
+
+
+@functools.cache
+def _npu_module() -> ModuleType | None:
+    """`torch.npu` once the Ascend plug-in `torch_npu` is imported, or None when it is not installed."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return None
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu and the "npu" device type)
+    except Exception as e:  # a broken vendor install must not stop CPU/CUDA users
+        warnings.warn(
+            f"torch_npu is installed but failed to import ({e}); Ascend NPUs are ignored", stacklevel=2
+        )
+        return None
+    return getattr(torch, "npu", None)
+
+
+def _backend(device_type: str) -> Any:
+    """The torch submodule driving `device_type` (torch.cuda, torch.npu, torch.xpu, torch.mps), or None."""
+    if device_type == "npu":
+        return _npu_module()
+    return getattr(torch, device_type, None) if device_type in ("cuda", "xpu", "mps") else None
+
+
+def is_available(device_type: str) -> bool:
+    """Whether this process can run on `device_type` ("cuda", "npu", "xpu", "mps" or "cpu")."""
+    if device_type == "cpu":
+        return True
+    if device_type == "mps":
+        return torch.backends.mps.is_available()
+    backend = _backend(device_type)
+    return backend is not None and hasattr(backend, "is_available") and bool(backend.is_available())
+
+
+def available_device_types() -> list[str]:
+    """The device types usable here, in `pick_device` order (always ends with "cpu")."""
+    return [t for t in DEVICE_TYPES if is_available(t)]
+
+
+def _device_count(device_type: str) -> int:
+    if device_type in ("cpu", "mps"):
+        return 1
+    return int(_backend(device_type).device_count())
+
+
+_INSTALL_HINT = {
+    "cuda": "a CUDA (or ROCm) build of PyTorch and a visible GPU",
+    "npu": "the Ascend plug-in torch_npu and a visible NPU",
+    "xpu": "a PyTorch build with Intel XPU support",
+    "mps": "PyTorch on macOS 12.3+ with Apple silicon",
+}
+
+
+def _parse(spec: DeviceLike) -> torch.device:
+    """Parse "cuda:1", "npu", torch.device("cpu"), ... into an available device, or raise ValueError why."""
+    name = str(spec)
+    device_type, _, index_text = name.strip().lower().partition(":")
+    if device_type not in DEVICE_TYPES or (index_text and not index_text.isdigit()):
+        choices = ", ".join(DEVICE_TYPES)
+        raise ValueError(f"unknown device {name!r}; use one of {choices}, optionally with an index (cuda:1)")
+    if not is_available(device_type):
+        available = ", ".join(available_device_types())
+        raise ValueError(
+            f"device {name!r} is not available here (available: {available}); "
+            f"it needs {_INSTALL_HINT[device_type]}, or choose an available device"
+        )
+    if index_text:
+        index, count = int(index_text), _device_count(device_type)
+        if index >= count:
+            raise ValueError(
+                f"device {name!r}: this machine has {count} {device_type} device(s), 0..{count - 1}"
+            )
+        return torch.device(device_type, index)
+    return torch.device(device_type)
+
+
+def pick_device(prefer: DeviceLike | None = None) -> torch.device:
+    """The device to run on: `prefer` if given (ValueError if unavailable), else the first available of
+    cuda, npu, xpu, mps, cpu."""
+    if prefer is not None:
+        return _parse(prefer)
+    return torch.device(available_device_types()[0])
+
+
+def _as_device(device: DeviceLike) -> torch.device:
+    if isinstance(device, torch.device) and device.type in ("cpu", "meta"):
+        return device
+    return _parse(device)
+
+
+@functools.cache
+def _fp8_matmul_works(device: str) -> bool:
+    """Whether a scaled e4m3 GEMM (`torch._scaled_mm`) runs on `device`; probed once with 16x16 inputs.
+
+    That is what "usable" means for FP8 here: as a storage format (dequantise to BF16 on load) FP8 works on
+    every device. NVIDIA needs sm_89+ (Ada, Hopper, Blackwell), AMD MI300-class; recent CPU builds have one.
+    """
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except Exception:  # no kernel for this device or architecture (RuntimeError, NotImplementedError, ...)
+        return False
+
+
+def _bf16_works(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    backend = _backend(device.type)
+    if backend is not None and hasattr(backend, "is_bf16_supported"):
+        return bool(backend.is_bf16_supported())
+    try:  # MPS supports bf16 from macOS 14; older systems raise on allocation
+        torch.zeros(1, dtype=torch.bfloat16, device=device)
+        return True
+    except Exception:
+        return False
+
+
+def supported_dtypes(device: DeviceLike) -> list[torch.dtype]:
+    """Dtypes glm5 can compute in on `device`, most preferred first (`default_dtype` is the first), then
+    torch.float8_e4m3fn where an FP8 GEMM runs (see `_fp8_matmul_works`)."""
+    device = _as_device(device)
+    if device.type == "meta":
+        return [torch.float32, torch.bfloat16, torch.float16]
+    if device.type == "cpu":
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    else:
+        dtypes = ([torch.bfloat16] if _bf16_works(device) else []) + [torch.float16, torch.float32]
+    if _fp8_matmul_works(str(device)):
+        dtypes.append(torch.float8_e4m3fn)
+    return dtypes
+
+
+def default_dtype(device: DeviceLike) -> torch.dtype:
+    """bfloat16 on accelerators that support it (else float16), float32 on CPU."""
+    return supported_dtypes(device)[0]
+
+
+def autocast(device: DeviceLike, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for `device`: torch.autocast for bf16/fp16, a no-op for fp32.
+
+    float8 is a weight format (block-scaled GEMMs), not an autocast dtype, so it is refused.
+    """
+    device = _as_device(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast runs in bfloat16 or float16 (or float32 = off), not {dtype}")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: DeviceLike) -> None:
+    """Wait for all queued work on `device` (for timing); nothing to wait for on CPU."""
+    device = _as_device(device)
+    if device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type in ("cuda", "npu", "xpu"):
+        _backend(device.type).synchronize(device)
+
+
+def device_name(device: DeviceLike) -> str:
+    """A human-readable name: "NVIDIA H200", "Ascend910B3", "AMD EPYC 7763 64-Core Processor", ..."""
+    device = _as_device(device)
+    if device.type in ("cuda", "npu", "xpu"):
+        index = device.index if device.index is not None else _backend(device.type).current_device()
+        return str(_backend(device.type).get_device_name(index))
+    if device.type == "mps":
+        return f"Apple {platform.machine()} GPU (MPS)"
+    return _cpu_name()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _cpu_max_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return 0
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss if sys.platform == "darwin" else max_rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def peak_memory_bytes(device: DeviceLike) -> int:
+    """Peak memory since the last `reset_peak_memory`.
+
+    CUDA/NPU/XPU: the caching allocator's peak of allocated tensor bytes on that device. MPS has no peak
+    counter: this is the memory the Metal driver holds now. CPU: the process's maximum resident set size
+    (getrusage), a process-wide high-water mark since start that `reset_peak_memory` cannot lower; 0 on
+    Windows.
+    """
+    device = _as_device(device)
+    if device.type in ("cuda", "npu", "xpu"):
+        return int(_backend(device.type).max_memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    return _cpu_max_rss_bytes()
+
+
+def reset_peak_memory(device: DeviceLike) -> None:
+    """Start a new peak for `peak_memory_bytes` (a no-op on CPU and MPS, which have no resettable peak)."""
+    device = _as_device(device)
+    if device.type in ("cuda", "npu", "xpu"):
+        _backend(device.type).reset_peak_memory_stats(device)

@@ -1,0 +1,246 @@
+"""glm5.plan: parameter, memory and KV-cache accounting against MODEL_SPEC §12, §13 and a closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rich.console import Console
+
+from glm5.config import GLM5Config
+from glm5.model import GLM5ForCausalLM
+from glm5.plan import (
+    COMPONENTS,
+    ParamTable,
+    TensorEntry,
+    _component,
+    _fp8_matrix_bytes,
+    format_table,
+    human_bytes,
+    human_count,
+    parameter_table,
+)
+
+GLM5_MAIN = 743_911_199_232
+GLM5_WITH_MTP = 753_864_119_552
+INDEXER_PARAMS = 9_371_904  # MODEL_SPEC §13, one DSA indexer
+
+
+@pytest.fixture(scope="module")
+def glm5() -> ParamTable:
+    return parameter_table(GLM5Config.from_preset("glm-5"))
+
+
+@pytest.fixture(scope="module")
+def glm52() -> ParamTable:
+    return parameter_table(GLM5Config.from_preset("glm-5.2"))
+
+
+def building_blocks(cfg: GLM5Config) -> dict[str, int]:
+    """MODEL_SPEC §13's per-layer building blocks, written out from the shapes of §11."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    mla = (
+        D * cfg.q_lora_rank + cfg.q_lora_rank  # q_a_proj + q_a_layernorm
+        + cfg.q_lora_rank * H * cfg.qk_head_dim  # q_b_proj
+        + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # kv_a_proj + its norm
+        + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_b_proj
+        + H * cfg.v_head_dim * D  # o_proj
+    )  # fmt: skip
+    indexer = (
+        cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim  # wq_b
+        + D * cfg.index_head_dim + 2 * cfg.index_head_dim  # wk + k_norm weight/bias
+        + D * cfg.index_n_heads  # weights_proj
+    )  # fmt: skip
+    expert = 3 * D * cfg.moe_intermediate_size
+    router = cfg.n_routed_experts * D
+    shared = cfg.n_shared_experts * expert
+    norms = 2 * D
+    return {
+        "mla": mla,
+        "indexer": indexer,
+        "expert": expert,
+        "router": router,
+        "dense_layer_no_indexer": mla + 3 * D * cfg.intermediate_size + norms,
+        "moe_layer_no_indexer": mla + cfg.n_routed_experts * expert + shared + router + norms,
+        "mtp_glue": 2 * D * D + 3 * D,  # eh_proj + enorm, hnorm, shared_head.norm
+    }
+
+
+def closed_form_total(cfg: GLM5Config, include_mtp: bool) -> int:
+    b = building_blocks(cfg)
+    dense = cfg.first_k_dense_replace
+    layers = dense * b["dense_layer_no_indexer"] + (cfg.num_hidden_layers - dense) * b["moe_layer_no_indexer"]
+    layers += cfg.indexer_types.count("full") * b["indexer"]
+    total = layers + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size  # embed + lm_head + final norm
+    if include_mtp:
+        total += cfg.num_nextn_predict_layers * (b["moe_layer_no_indexer"] + b["indexer"] + b["mtp_glue"])
+    return total
+
+
+def test_closed_form_building_blocks_equal_model_spec_section_13():
+    b = building_blocks(GLM5Config.from_preset("glm-5"))
+    assert b["mla"] == 165_022_208
+    assert b["indexer"] == INDEXER_PARAMS
+    assert b["expert"] == 37_748_736
+    assert b["router"] == 1_572_864
+    assert b["dense_layer_no_indexer"] + b["indexer"] == 400_898_816
+    assert b["moe_layer_no_indexer"] + b["indexer"] == 9_877_404_416
+
+
+def test_glm5_main_model_has_exactly_743_911_199_232_parameters(glm5):
+    assert glm5.total_main == GLM5_MAIN
+    assert closed_form_total(glm5.config, include_mtp=False) == GLM5_MAIN
+
+
+def test_glm5_with_mtp_has_753_864_119_552_parameters(glm5):
+    assert glm5.total_with_mtp == GLM5_WITH_MTP
+    assert glm5.mtp_params == 9_952_920_320
+    assert closed_form_total(glm5.config, include_mtp=True) == GLM5_WITH_MTP
+
+
+def test_glm5_components_match_the_model_spec_table(glm5):
+    expected = {
+        "routed_experts": 75 * 256 * 37_748_736,
+        "attention": 78 * 165_022_208,
+        "shared_experts": 75 * 37_748_736,
+        "embed_tokens": 154_880 * 6144,
+        "lm_head": 154_880 * 6144,
+        "indexers": 78 * INDEXER_PARAMS,
+        "dense_mlp": 3 * 3 * 6144 * 12_288,
+        "routers": 75 * 256 * 6144,
+        "norms": (2 * 78 + 1) * 6144,
+        "mtp_glue": 0,
+    }
+    assert {c: glm5.component_params(c) for c in COMPONENTS} == expected
+    assert sum(expected.values()) == GLM5_MAIN
+    assert glm5.num_router_bias == 76 * 256  # 75 MoE layers + the MTP layer, fp32 buffers, not parameters
+
+
+def test_glm5_active_parameters_per_token(glm5):
+    assert glm5.active_no_embed == 39_881_544_192  # MODEL_SPEC §13: 39.882 B
+    assert glm5.active_with_head == 40_833_126_912  # 40.833 B
+    assert glm5.mtp_active == 591_233_792  # 0.591 B per MTP draft step
+    routed_inactive = 75 * (256 - 8) * 37_748_736
+    assert glm5.active_no_embed == GLM5_MAIN - 2 * 154_880 * 6144 - routed_inactive
+
+
+def test_glm5_bf16_bytes_match_model_spec(glm5):
+    assert glm5.bf16_bytes() == 2 * GLM5_MAIN + 4 * 75 * 256  # params in BF16 + fp32 router biases
+    assert round(glm5.bf16_bytes() / 1e9, 1) == 1487.8
+    assert round(glm5.bf16_bytes() / 2**30, 1) == 1385.6
+    assert glm5.bf16_bytes(include_mtp=True) == 1_507_728_316_928  # MODEL_SPEC §12 predicted total_size
+
+
+def test_glm5_fp8_bytes_reproduce_the_published_split_exactly(glm5):
+    assert glm5.fp8_bytes(include_mtp=True) == 756_162_687_872  # MODEL_SPEC §12
+    assert glm5.fp8_bytes() == 746_130_054_912
+    assert round(glm5.fp8_bytes() / 1e9, 1) == 746.1
+
+
+def test_glm5_kv_cache_per_token(glm5):
+    assert glm5.num_indexer_layers == 78
+    assert glm5.kv_bytes_per_token() == 78 * (576 * 2 + 128 * 2) == 109_824
+    assert glm5.kv_bytes_per_token(fp8_indexer=True) == 78 * (576 * 2 + 128 + 4)
+    assert glm5.kv_bytes() == 109_824 * 202_752
+    assert glm5.kv_bytes(num_tokens=10) == 1_098_240
+
+
+def test_glm52_ships_21_indexers_and_is_smaller_by_57_indexers(glm5, glm52):
+    assert glm52.num_indexer_layers == 21
+    assert glm52.total_main == GLM5_MAIN - 57 * INDEXER_PARAMS
+    assert glm52.total_main == closed_form_total(glm52.config, include_mtp=False)
+    assert glm52.mtp_params == glm5.mtp_params  # the MTP layer keeps its indexer
+    assert glm52.active_no_embed == glm5.active_no_embed - 57 * INDEXER_PARAMS
+
+
+def test_glm52_fp8_bytes_equal_the_published_total_size(glm52):
+    # MODEL_SPEC §12: metadata.total_size of GLM-5.2-FP8's model.safetensors.index.json
+    assert glm52.fp8_bytes(include_mtp=True) == 755_617_140_416
+    assert glm52.kv_bytes_per_token() == 78 * 1152 + 21 * 256
+
+
+@pytest.mark.parametrize("preset", ["tiny", "bench-tiny", "small"])
+def test_small_presets_agree_with_the_real_model_and_the_closed_form(preset):
+    cfg = GLM5Config.from_preset(preset)
+    table = parameter_table(cfg)
+    with torch.device("meta"):
+        model = GLM5ForCausalLM(cfg)
+    assert table.total_main == model.num_parameters(include_mtp=False) == closed_form_total(cfg, False)
+    assert table.total_with_mtp == model.num_parameters(include_mtp=True) == closed_form_total(cfg, True)
+    assert sum(table.component_params(c) for c in COMPONENTS) == table.total_main
+
+
+def test_tiny_exact_counts():
+    table = parameter_table(GLM5Config.from_preset("tiny"))
+    assert (table.total_main, table.total_with_mtp) == (10_226_944, 12_187_392)
+    assert table.config.num_nextn_predict_layers == 1 and table.mtp_params == 1_960_448
+    # 3 MoE layers of 16 experts, 4 active, each expert 3 * 256 * 128
+    assert table.active_no_embed == table.total_main - 2 * 8192 * 256 - 3 * (16 - 4) * 3 * 256 * 128
+
+
+def test_fp8_scale_grid_rounds_up_edge_blocks():
+    assert _fp8_matrix_bytes(576, 6144) == 576 * 6144 + 4 * 5 * 48  # kv_a_proj_with_mqa: 5 x 48 scales
+    assert _fp8_matrix_bytes(128, 6144) == 128 * 6144 + 4 * 1 * 48  # indexer wk: 1 x 48
+
+
+def test_fused_gate_up_gets_one_scale_grid_per_matrix():
+    # F = 192: each of gate and up has ceil(192/128) = 2 scale rows; a fused [384, D] grid would have 3.
+    entry = TensorEntry(
+        "model.layers.1.mlp.experts.gate_up_proj", (4, 384, 256), "routed_experts", False, False
+    )
+    assert entry.fp8_bytes == 4 * 2 * (192 * 256 + 4 * 2 * 2)
+    down = TensorEntry("model.layers.1.mlp.experts.down_proj", (4, 256, 192), "routed_experts", False, False)
+    assert down.fp8_bytes == 4 * (256 * 192 + 4 * 2 * 2)
+
+
+def test_unquantised_tensors_stay_bf16_and_biases_fp32():
+    kept = [
+        ("model.layers.3.mlp.gate.weight", "routers"),
+        ("model.layers.0.self_attn.indexer.weights_proj.weight", "indexers"),
+        ("model.embed_tokens.weight", "embed_tokens"),
+        ("lm_head.weight", "lm_head"),
+        ("mtp.0.eh_proj.weight", "mtp_glue"),
+    ]
+    for name, component in kept:
+        entry = TensorEntry(name, (256, 512), component, name.startswith("mtp."), False)
+        assert entry.fp8_bytes == entry.bf16_bytes == 256 * 512 * 2, name
+    bias = TensorEntry("model.layers.3.mlp.gate.e_score_correction_bias", (256,), "routers", False, True)
+    assert bias.fp8_bytes == bias.bf16_bytes == 1024
+
+
+def test_an_unknown_parameter_name_is_reported_not_silently_counted():
+    with pytest.raises(RuntimeError, match="model.layers.0.mystery.weight"):
+        _component("model.layers.0.mystery.weight")
+
+
+def test_parameter_table_keeps_the_callers_config():
+    cfg = GLM5Config.from_preset("tiny")
+    assert parameter_table(cfg).config is cfg
+
+
+def test_human_formats():
+    assert human_count(GLM5_WITH_MTP) == "753.9B"
+    assert human_count(39_881_544_192) == "39.9B"
+    assert human_count(951_582_720) == "951.6M"
+    assert human_count(9_952_920_320) == "9.95B"
+    assert human_count(512) == "512"
+    assert human_bytes(1_487_822_475_264) == "1,488 GB"
+    assert human_bytes(746_130_054_912) == "746 GB"
+    assert human_bytes(22_267_035_648) == "22.3 GB"
+    assert human_bytes(22_267_035_648, binary=True) == "20.7 GiB"
+    assert human_bytes(100) == "100 B"
+
+
+def test_format_table_shows_every_headline_figure(glm5):
+    console = Console(record=True, width=120)
+    console.print(format_table(glm5, title="glm-5"))
+    text = console.export_text()
+    for needle in ["743,911,199,232", "753.9B", "39.9B", "40.8B", "1,488 GB", "746 GB", "756,162,687,872 B",
+                   "109,824 B", "97.43%"]:  # fmt: skip
+        assert needle in text, needle
+
+
+def test_format_table_without_mtp_modules_has_no_mtp_rows():
+    console = Console(record=True, width=120)
+    console.print(format_table(parameter_table(GLM5Config.from_preset("bench-tiny"))))
+    text = console.export_text()
+    assert "MTP" not in text and "total (main model)" in text
