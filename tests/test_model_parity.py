@@ -63,7 +63,8 @@ def test_logits_and_topk_sets_match_transformers(name: str, impl: str) -> None:
     cfg = CONFIGS[name]
     ours, ref = build_pair(cfg)
     ours.configure_attention(impl=impl)
-    for seq_len in (cfg.index_topk - 3, 3 * cfg.index_topk + 5):  # shorter and longer than index_topk
+    # shorter than index_topk (exactly dense), and long enough (> 4 x index_topk) for the sparse-gather path
+    for seq_len in (cfg.index_topk - 3, 5 * cfg.index_topk + 5):
         ids = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(seq_len))
         got, hooks = capture_topk(ours, ref)
         with torch.no_grad():

@@ -12,11 +12,11 @@ import torch
 
 def grouped_mm_reference(x: torch.Tensor, w_EOI: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [N, I] grouped by expert (counts [E] rows each, in expert order) -> [N, O], row n times w[e(n)]^T."""
-    parts, start = [], 0
-    for e, n in enumerate(counts.tolist()):  # one host sync per call, none per token
-        if n:
-            parts.append(x[start : start + n] @ w_EOI[e].t())
-            start += n
+    # split/unbind rather than slicing: their backward is one cat/stack, while each slice's backward would
+    # allocate (and zero) a gradient as large as the whole input or weight.
+    sizes = counts.tolist()  # one host sync per call, none per token
+    xs, ws = x.split(sizes), w_EOI.unbind(0)
+    parts = [xs[e] @ ws[e].t() for e, n in enumerate(sizes) if n]
     if not parts:
         return x.new_zeros(x.shape[0], w_EOI.shape[1])
     return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -95,17 +95,35 @@ class Indexer(nn.Module):
         """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
         also return some future keys; attention masks them out again (MODEL_SPEC §16.6). Exactly equal scores
         (in practice only toy configs with a few indexer heads, where every ReLU can be 0) are broken
-        arbitrarily, as torch.topk and the reference do."""
-        B, T = q.shape[:2]
+        arbitrarily, as torch.topk and the reference do.
+
+        Same arithmetic as `scores`, arranged for speed: the 1/sqrt(d) scale is folded into the head weights
+        (ReLU is positively homogeneous), all heads of a chunk are one GEMM, ReLU runs in place, the head sum
+        is a batched GEMV, and the two large temporaries are allocated once per call.
+        """
+        B, T, H, D = q.shape
         S = k.shape[1]
         K = min(self.topk, S)
-        step = _chunk_len(T, self.num_heads * S, chunk)
+        step = _chunk_len(T, H * S, chunk, budget=1 << 22)
+        q32, k32 = q.float(), k.float().transpose(1, 2)  # [B,T,H,D], [B,D,S]
+        w32 = w.float() * self.scale
         out = torch.empty(B, T, K, dtype=torch.long, device=q.device)
+        head_buf = torch.empty(B * step * H * S, dtype=torch.float32, device=q.device)
+        score_buf = torch.empty(B * step * S, dtype=torch.float32, device=q.device)
         for s0 in range(0, T, step):
             s1 = min(s0 + step, T)
+            C = s1 - s0
             k_end = min(S, max(offset + s1, K))  # keys past the chunk's last query are never visible
-            scores = self.scores(q[:, s0:s1], k[:, :k_end], w[:, s0:s1])
-            scores = scores.masked_fill(_future_mask(s0 + offset, s1 + offset, k_end, q.device), float("-inf"))
+            per_head = head_buf[: B * C * H * k_end].view(B, C * H, k_end)
+            torch.bmm(q32[:, s0:s1].reshape(B, C * H, D), k32[:, :, :k_end], out=per_head).relu_()
+            scores = score_buf[: B * C * k_end].view(B * C, 1, k_end)
+            torch.bmm(w32[:, s0:s1].reshape(B * C, 1, H), per_head.view(B * C, H, k_end), out=scores)
+            scores = scores.view(B, C, k_end)
+            first_hidden = offset + s0  # keys before the chunk's first query are visible to all of it
+            if first_hidden < k_end:
+                q_pos = torch.arange(offset + s0, offset + s1, device=q.device)
+                hidden = torch.arange(first_hidden, k_end, device=q.device)[None, :] > q_pos[:, None]
+                scores[:, :, first_hidden:].masked_fill_(hidden, float("-inf"))
             out[:, s0:s1] = scores.topk(K, dim=-1).indices
         return out
 
@@ -139,7 +157,7 @@ def sparse_latent_attention(
     """
     B, T, H, Dc = q_lat.shape
     K = topk_idx.shape[-1]
-    step = _chunk_len(T, K * (Dc + H), chunk)
+    step = _chunk_len(T, K * (Dc + H), chunk, budget=1 << 21)  # small chunks stay in cache (measured)
     use_ckpt = torch.is_grad_enabled() and (q_lat.requires_grad or kv_lat.requires_grad) and step < T
 
     def one_chunk(q_c: torch.Tensor, idx_c: torch.Tensor, pos_c: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -267,7 +285,10 @@ class MLAttention(nn.Module):
                 topk_idx = prev_topk
 
         absorbed = cache is not None and T <= opts.absorb_max_tokens
-        if opts.impl == "mask":
+        # Gathering pays off only when the selection is much smaller than the context: up to 4 x index_topk
+        # keys (and a score matrix that fits in memory) the masked dense form is faster (measured on CPU).
+        small = topk_idx is not None and S <= 4 * self.topk and B * self.num_heads * T * S <= (1 << 26)
+        if opts.impl == "mask" or (small and not absorbed):
             out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, topk_idx, True)
         elif topk_idx is None and not absorbed:
             out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, None, False)
