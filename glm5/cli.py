@@ -1,8 +1,8 @@
 """The `glm5` command line: argparse subcommands that parse arguments and call library functions.
 
 Each subcommand sets `func`, a callable taking the parsed arguments and returning an exit code. User errors
-(`ValueError`, `OSError`) become one red line on stderr and exit code 2, without a traceback. Optional command
-groups register themselves (`glm5.tokenizer.cli.register(subparsers)`) when their module is present.
+(`ValueError`, `OSError`) become one red line on stderr and exit code 2, without a traceback. Command groups of
+other packages register themselves (`glm5.tokenizer.cli.register(subparsers)`).
 """
 
 from __future__ import annotations
@@ -65,18 +65,6 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_info)
 
 
-def _add_optional(subparsers: argparse._SubParsersAction) -> None:
-    """Command groups living in other packages; a missing module just means fewer commands."""
-    try:
-        from glm5.tokenizer.cli import register
-    except ModuleNotFoundError as e:
-        if e.name in ("glm5.tokenizer", "glm5.tokenizer.cli"):
-            return
-        _error(f"the tokenizer commands are unavailable ({e}); reinstall glm5 with its dependencies")
-        return
-    register(subparsers)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `glm5` argument parser with every available subcommand."""
     parser = argparse.ArgumentParser(
@@ -85,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glm5 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
-    _add_optional(subparsers)
+    from glm5.tokenizer.cli import register as add_tokenizer_commands
+
+    add_tokenizer_commands(subparsers)
     return parser
 
 

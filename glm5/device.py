@@ -239,3 +239,18 @@ def reset_peak_memory(device: DeviceLike) -> None:
     device = _as_device(device)
     if device.type in ("cuda", "npu", "xpu"):
         _backend(device.type).reset_peak_memory_stats(device)
+
+
+@functools.cache
+def has_grouped_mm(device: DeviceLike) -> bool:
+    """Whether `torch._grouped_mm` runs as one fused kernel on `device` (NVIDIA sm_90+, bf16).
+
+    Elsewhere glm5's MoE falls back to one GEMM per expert (see `glm5.kernels.grouped_mm`).
+    """
+    device = _as_device(device)
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "_grouped_mm")
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from glm5.device import has_grouped_mm
+
 
 def grouped_mm_reference(x: torch.Tensor, w_EOI: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [N, I] grouped by expert (counts [E] rows each, in expert order) -> [N, O], row n times w[e(n)]^T."""
@@ -24,13 +26,11 @@ def grouped_mm_reference(x: torch.Tensor, w_EOI: torch.Tensor, counts: torch.Ten
 
 def _can_use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (
-        x.is_cuda
-        and hasattr(torch, "_grouped_mm")
-        and x.dtype == torch.bfloat16
+        x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
         and x.shape[1] % 16 == 0
         and w.shape[1] % 16 == 0
+        and has_grouped_mm(x.device)
     )
 
 
