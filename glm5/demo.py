@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {time.perf_counter() - start:.1f} s; eos ids {tok.eos_token_ids}")  # fmt: skip
     messages = [{"role": "system", "content": "You are a Python expert."},
                 {"role": "user", "content": "Write a function that reverses a list."}]  # fmt: skip
-    console.print("chat render:", repr(render_chat(messages)))
+    console.print("chat render:", repr(render_chat(messages)), markup=False)  # [gMASK] is not rich markup
 
     console.rule("[bold]3. Train a GLM-5-shaped model (MLA + DSA + MoE + MTP)")
     cfg = GLM5Config.from_preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids,
@@ -155,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(data):,} training tokens, index_topk={cfg.index_topk} < 256-token sequences: sparse attention")  # fmt: skip
     losses = train(model, data, steps=args.steps, batch=8, seq=256)
     save_plot(losses, args.out / "loss.png")
-    console.print(f"LM loss {losses[0]:.2f} -> {min(losses[-5:]):.2f} nats; curve saved to {args.out / 'loss.png'}")
+    final = sum(losses[-5:]) / len(losses[-5:])
+    console.print(f"LM loss {losses[0]:.2f} -> {final:.2f} nats (mean of the last 5 steps); curve: {args.out / 'loss.png'}")
 
     console.rule("[bold]4. Generate with the latent KV cache, and check against transformers")
     prompt = tok.encode("def reverse_list(items):\n    ")
     start = time.perf_counter()
     new = generate(model, prompt, max_new=40, stop=set(tok.eos_token_ids))
     rate = len(new) / (time.perf_counter() - start)
-    console.print(f"[bold]completion[/] ({rate:.0f} tok/s):", repr(tok.decode(prompt + new)))
+    console.print(f"completion ({rate:.0f} tok/s):", repr(tok.decode(prompt + new)), markup=False)
     diff = check_against_transformers(model, data[None, :300])
     if diff is not None:
         console.print(f"trained weights in HF transformers' GlmMoeDsaForCausalLM: max |logits diff| = {diff:.1e}")
