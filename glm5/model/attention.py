@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glm5.config import GLM5Config
-from glm5.model.cache import LatentCache
+from glm5.model.cache import LatentCache, Positions
 from glm5.model.layers import RMSNorm, apply_rope
 
 ATTENTION_IMPLS = ("sparse", "mask")
@@ -91,7 +91,7 @@ class Indexer(nn.Module):
         return torch.matmul(w.unsqueeze(-2), F.relu(s)).squeeze(-2)
 
     @torch.no_grad()
-    def select(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, offset: int, chunk: int | None) -> torch.Tensor:
+    def select(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, pos: Positions, chunk: int | None) -> torch.Tensor:
         """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
         also return some future keys; attention masks them out again (MODEL_SPEC §16.6). Exactly equal scores
         (in practice only toy configs with a few indexer heads, where every ReLU can be 0) are broken
@@ -113,25 +113,20 @@ class Indexer(nn.Module):
         for s0 in range(0, T, step):
             s1 = min(s0 + step, T)
             C = s1 - s0
-            k_end = min(S, max(offset + s1, K))  # keys past the chunk's last query are never visible
+            # keys past the chunk's last query are never visible (known on the host when rows share positions)
+            k_end = S if pos.start is None else min(S, max(pos.start + s1, K))
             per_head = head_buf[: B * C * H * k_end].view(B, C * H, k_end)
             torch.bmm(q32[:, s0:s1].reshape(B, C * H, D), k32[:, :, :k_end], out=per_head).relu_()
             scores = score_buf[: B * C * k_end].view(B * C, 1, k_end)
             torch.bmm(w32[:, s0:s1].reshape(B * C, 1, H), per_head.view(B * C, H, k_end), out=scores)
             scores = scores.view(B, C, k_end)
-            first_hidden = offset + s0  # keys before the chunk's first query are visible to all of it
+            first_hidden = 0 if pos.start is None else pos.start + s0  # earlier keys: visible to the whole chunk
             if first_hidden < k_end:
-                q_pos = torch.arange(offset + s0, offset + s1, device=q.device)
-                hidden = torch.arange(first_hidden, k_end, device=q.device)[None, :] > q_pos[:, None]
+                keys = torch.arange(first_hidden, k_end, device=q.device)
+                hidden = keys.view(1, 1, -1) > pos.q_pos[:, s0:s1, None]  # [P, C, keys]
                 scores[:, :, first_hidden:].masked_fill_(hidden, float("-inf"))
             out[:, s0:s1] = scores.topk(K, dim=-1).indices
         return out
-
-
-def _future_mask(q_start: int, q_end: int, num_keys: int, device: torch.device) -> torch.Tensor:
-    """[Tq, S] True where the key comes after the query position."""
-    q_pos = torch.arange(q_start, q_end, device=device)
-    return torch.arange(num_keys, device=device)[None, :] > q_pos[:, None]
 
 
 def _gather_rows(x_BSC: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
@@ -153,7 +148,7 @@ def sparse_latent_attention(
     """Absorbed-MLA attention over each query's selected keys.
 
     q_lat [B,T,H,r+R] (= [q_nope W_UK ; q_pe]), kv_lat [B,S,r+R] (= [c_kv ; k_pe]), topk_idx [B,T,K],
-    q_pos [T] positions of the queries. Returns the latent outputs [B,T,H,r] (values = c_kv).
+    q_pos [P,T] positions of the queries (P = 1 or B). Returns the latent outputs [B,T,H,r] (values = c_kv).
     """
     B, T, H, Dc = q_lat.shape
     K = topk_idx.shape[-1]
@@ -163,14 +158,14 @@ def sparse_latent_attention(
     def one_chunk(q_c: torch.Tensor, idx_c: torch.Tensor, pos_c: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         lat = _gather_rows(kv, idx_c)  # [B,C,K,Dc]
         scores = torch.matmul(q_c, lat.transpose(-1, -2)) * scale  # [B,C,H,K]
-        visible = (idx_c <= pos_c.view(1, -1, 1)).unsqueeze(2)  # [B,C,1,K]
+        visible = (idx_c <= pos_c[..., None]).unsqueeze(2)  # [B,C,1,K]
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_c.dtype)
         return torch.matmul(probs, lat[..., :rank])  # [B,C,H,r]
 
     outs = []
     for s0 in range(0, T, step):
-        args = (q_lat[:, s0 : s0 + step], topk_idx[:, s0 : s0 + step], q_pos[s0 : s0 + step], kv_lat)
+        args = (q_lat[:, s0 : s0 + step], topk_idx[:, s0 : s0 + step], q_pos[:, s0 : s0 + step], kv_lat)
         outs.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_ckpt else one_chunk(*args))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -180,8 +175,8 @@ def dense_latent_attention(
 ) -> torch.Tensor:
     """Absorbed-MLA attention over every visible key (decode with S <= index_topk, or DSA off). -> [B,T,H,r]."""
     scores = torch.matmul(q_lat.transpose(1, 2), kv_lat.unsqueeze(1).transpose(-1, -2)) * scale  # [B,H,T,S]
-    future = torch.arange(kv_lat.shape[1], device=q_lat.device)[None, :] > q_pos[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
+    future = torch.arange(kv_lat.shape[1], device=q_lat.device).view(1, 1, -1) > q_pos[..., None]  # [P,T,S]
+    scores = scores.masked_fill(future[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)
     return torch.matmul(probs, kv_lat[..., :rank].unsqueeze(1)).transpose(1, 2)
 
@@ -223,19 +218,20 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def _expanded_attention(self, q, c_kv, k_pe, q_pos, topk_idx, use_mask_path: bool) -> torch.Tensor:
+    def _expanded_attention(self, q, c_kv, k_pe, pos: Positions, topk_idx, use_mask_path: bool) -> torch.Tensor:
         """Per-head attention over all S keys (causal, plus the top-k mask when given). -> [B,T,H,v]."""
         k, v = self._expand(c_kv, k_pe)
         q = q.transpose(1, 2)  # [B,H,T,D]
+        q_pos, causal_from_zero = pos.q_pos, pos.start == 0
         T, S = q.shape[2], k.shape[2]
-        if not use_mask_path and topk_idx is None and T == S:
+        if not use_mask_path and topk_idx is None and T == S and causal_from_zero:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             return out.transpose(1, 2)
-        blocked = torch.arange(S, device=q.device)[None, :] > q_pos[:, None]  # [T,S] future keys
+        blocked = torch.arange(S, device=q.device).view(1, 1, -1) > q_pos[..., None]  # [P,T,S] future keys
         if topk_idx is not None:
             not_selected = torch.ones(q.shape[0], T, S, dtype=torch.bool, device=q.device)
             blocked = blocked | not_selected.scatter_(-1, topk_idx, False)
-            blocked = blocked[:, None]  # [B,1,T,S]
+        blocked = blocked[:, None]  # [P or B,1,T,S]
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(blocked, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -246,7 +242,7 @@ class MLAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        offset: int,
+        pos: Positions,
         opts: AttentionOptions,
         cache: LatentCache | None = None,
         prev_topk: torch.Tensor | None = None,
@@ -273,12 +269,11 @@ class MLAttention(nn.Module):
                 raise ValueError("indexer/router statistics are computed on full sequences, not with a KV cache")
             c_kv, k_pe, idx_k = cache.update(self.layer_idx, c_kv, k_pe, None if idx_k is None else idx_k.detach())
         S = c_kv.shape[1]
-        q_pos = torch.arange(offset, offset + T, device=x.device)
 
         topk_idx = None
         if opts.dsa and S > self.topk:  # at most index_topk keys: DSA is exactly dense attention
             if self.indexer is not None:
-                topk_idx = self.indexer.select(idx_q, idx_k, idx_w, offset, opts.query_chunk)
+                topk_idx = self.indexer.select(idx_q, idx_k, idx_w, pos, opts.query_chunk)
             elif prev_topk is None:
                 raise ValueError(f"layer {self.layer_idx} shares the top-k of a previous layer, but none was given")
             else:
@@ -289,24 +284,24 @@ class MLAttention(nn.Module):
         # keys (and a score matrix that fits in memory) the masked dense form is faster (measured on CPU).
         small = topk_idx is not None and S <= 4 * self.topk and B * self.num_heads * T * S <= (1 << 26)
         if opts.impl == "mask" or (small and not absorbed):
-            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, topk_idx, True)
+            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, pos, topk_idx, True)
         elif topk_idx is None and not absorbed:
-            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, q_pos, None, False)
+            out = self._expanded_attention(torch.cat([q_nope, q_pe], -1), c_kv, k_pe, pos, None, False)
         else:
             w_uk, w_uv = self._kv_b()
             q_lat = torch.cat([torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe], dim=-1)
             kv_lat = torch.cat([c_kv, k_pe], dim=-1)
             if topk_idx is None:
-                o_lat = dense_latent_attention(q_lat, kv_lat, q_pos, self.kv_rank, self.scale)
+                o_lat = dense_latent_attention(q_lat, kv_lat, pos.q_pos, self.kv_rank, self.scale)
             else:
-                o_lat = sparse_latent_attention(q_lat, kv_lat, topk_idx, q_pos, self.kv_rank, self.scale,
+                o_lat = sparse_latent_attention(q_lat, kv_lat, topk_idx, pos.q_pos, self.kv_rank, self.scale,
                                                 opts.query_chunk)  # fmt: skip
             out = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim))
 
         loss = None
         if want_stats and self.indexer is not None:
-            loss = self._indexer_loss(q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts)
+            loss = self._indexer_loss(q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, pos.q_pos, opts)
         return out, topk_idx, loss
 
     def _indexer_loss(self, q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts) -> torch.Tensor:
@@ -326,14 +321,14 @@ class MLAttention(nn.Module):
         total = q_lat.new_zeros((), dtype=torch.float32)
         for s0 in range(0, T, step):
             s1 = min(s0 + step, T)
-            pos = q_pos[s0:s1]
+            pos = q_pos[:, s0:s1]  # [P,C]
             with torch.no_grad():
                 if topk_idx is None:
                     keys = kv_lat.unsqueeze(1)  # [B,1,S,Dc]
-                    visible = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None]).expand(B, -1, -1)
+                    visible = (torch.arange(S, device=pos.device).view(1, 1, -1) <= pos[..., None]).expand(B, -1, -1)
                 else:
                     keys = _gather_rows(kv_lat, topk_idx[:, s0:s1])  # [B,C,K,Dc]
-                    visible = topk_idx[:, s0:s1] <= pos.view(1, -1, 1)
+                    visible = topk_idx[:, s0:s1] <= pos[..., None]
                 scores = torch.matmul(q_lat[:, s0:s1].float(), keys.float().transpose(-1, -2)) * self.scale
                 scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
                 p = torch.softmax(scores, dim=-1).mean(dim=2)  # [B,C,width]

@@ -2,12 +2,14 @@
 
 Per token and layer MLA caches only the 512-wide latent c_kv and the 64-wide rope key (576 values instead of
 64 heads x (256 + 256) for expanded K/V), plus the indexer's 128-wide key. The model calls `update` once per
-layer with the new entries and gets back everything cached so far; the owner calls `advance` after the
-forward. The engine's paged cache implements the same protocol.
+layer with the new entries and gets back everything cached so far; `begin` tells the model where the new tokens
+sit (rows may hold different lengths; attention masks by position, so a shorter row's padding is never
+seen), and the model calls `advance` after the forward. The engine's paged cache implements the same protocol.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -15,9 +17,24 @@ import torch
 from glm5.config import GLM5Config
 
 
+@dataclass
+class Positions:
+    """Where the new tokens sit: absolute positions, plus what the host knows without a device sync."""
+
+    q_pos: torch.Tensor
+    """[P, T] positions of the T new tokens; P = 1 when every row shares them, else one row per sequence."""
+    start: int | None
+    """The common first position when every row shares it (enables causal shortcuts), else None."""
+
+    @classmethod
+    def shared(cls, start: int, num_tokens: int, device: torch.device | str | None = None) -> Positions:
+        return cls(torch.arange(start, start + num_tokens, device=device)[None], start)
+
+
 class LatentCache(Protocol):
-    seq_len: int
-    """Tokens already cached (positions of the new tokens start here)."""
+    def begin(self, num_new_tokens: int) -> tuple[Positions, int]:
+        """Positions of the next forward's new tokens, and the longest row's length after it (host int)."""
+        ...
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None
@@ -48,6 +65,10 @@ class ContiguousLatentCache:
         self.index_k = [alloc(cfg.index_head_dim) if full[i] == "full" else None for i in range(num_layers)]
         self.max_len = max_len
         self.seq_len = 0
+        self.device = self.c_kv[0].device
+
+    def begin(self, num_new_tokens: int) -> tuple[Positions, int]:
+        return Positions.shared(self.seq_len, num_new_tokens, self.device), self.seq_len + num_new_tokens
 
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.model.attention import AttentionOptions, MLAttention
+from glm5.model.attention import AttentionOptions, MLAttention, Positions
 from glm5.model.cache import LatentCache
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
 from glm5.model.moe import MoE, RouterStats
@@ -52,8 +52,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, rope, offset, opts, cache=None, prev_topk=None, want_stats=False):
-        a, topk_idx, idx_loss = self.self_attn(self.input_layernorm(h), rope, offset, opts, cache, prev_topk, want_stats)
+    def forward(self, h, rope, pos, opts, cache=None, prev_topk=None, want_stats=False):
+        a, topk_idx, idx_loss = self.self_attn(self.input_layernorm(h), rope, pos, opts, cache, prev_topk, want_stats)
         h = h + a
         x = self.post_attention_layernorm(h)
         router = None
@@ -88,9 +88,9 @@ class MTPModule(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, next_emb, rope, offset, opts, cache=None, want_stats=False):
+    def forward(self, h_prev, next_emb, rope, pos, opts, cache=None, want_stats=False):
         u = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1))  # embedding first
-        return super().forward(u, rope, offset, opts, cache, None, want_stats)
+        return super().forward(u, rope, pos, opts, cache, None, want_stats)
 
 
 class GLM5Model(nn.Module):
@@ -166,7 +166,7 @@ class GLM5ForCausalLM(nn.Module):
     ) -> GLM5Output:
         """input_ids [B, T] -> GLM5Output.
 
-        cache: a LatentCache; the new tokens take positions cache.seq_len + 0..T-1 and the cache advances by T.
+        cache: a LatentCache; it places the new tokens (per row: after what it holds) and advances by T.
         mtp_depth: run the MTP module this many steps (shared parameters) and return their logits.
         return_stats: router and indexer statistics for training (full sequences only, no cache).
         num_logits_to_keep: only the last N positions get main-model logits (0 = all).
@@ -178,21 +178,23 @@ class GLM5ForCausalLM(nn.Module):
         if mtp_depth and cache is not None:
             raise ValueError("MTP with a KV cache is the engine's job (speculative decoding); call without a cache")
         B, T = input_ids.shape
-        offset = cache.seq_len if cache is not None else 0
-        if offset + T > self.config.max_position_embeddings:
+        if cache is None:
+            pos = Positions.shared(0, T, input_ids.device)
+            end = T
+        else:
+            pos, end = cache.begin(T)
+        if end > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {offset + T} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                f"sequence of {end} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
         opts = self.attention
         h = self.model.embed_tokens(input_ids)
-        positions = torch.arange(offset, offset + T, device=input_ids.device)
-        cos, sin = self.rotary(positions, h.dtype)
-        rope = (cos[None], sin[None])  # [1, T, R/2]: broadcast over batch (and heads)
+        rope = self.rotary(pos.q_pos, h.dtype)  # [P, T, R/2]: broadcast over batch (and heads)
 
         stats: list[LayerStats] = []
         topk_idx = None
         for layer in self.model.layers:
-            h, topk_idx, layer_stats = layer(h, rope, offset, opts, cache, topk_idx, return_stats)
+            h, topk_idx, layer_stats = layer(h, rope, pos, opts, cache, topk_idx, return_stats)
             if layer_stats is not None:
                 stats.append(layer_stats)
         hidden = self.model.norm(h)
@@ -206,7 +208,7 @@ class GLM5ForCausalLM(nn.Module):
         for d in range(mtp_depth):
             module = self.mtp[min(d, len(self.mtp) - 1)]
             shifted = F.pad(input_ids[:, d + 1 :], (0, min(d + 1, T)), value=self.config.pad_token_id or 0)
-            h_prev, _, layer_stats = module(h_prev, self.model.embed_tokens(shifted), rope, offset, opts, None,
+            h_prev, _, layer_stats = module(h_prev, self.model.embed_tokens(shifted), rope, pos, opts, None,
                                             return_stats)  # fmt: skip
             out.mtp_logits.append(self.lm_head(module.shared_head.norm(h_prev)))
             if layer_stats is not None:
