@@ -291,3 +291,18 @@ def test_rows_of_different_lengths_decode_together_as_they_do_alone(impl: str) -
             seq = torch.cat([seq, m(seq).logits[:, -1:].argmax(-1)], dim=1)
             solo = m(seq).logits[:, -1]
             assert (batched[step][row] - solo[0]).abs().max() <= 1e-5, (row, step)
+
+
+@torch.no_grad()
+def test_mtp_forward_with_its_own_cache_equals_the_training_forward() -> None:
+    """Speculative decoding's MTP step (incremental, cached) reproduces the MTP logits of the full forward."""
+    m = model()
+    x = ids(1, 20, seed=13)
+    full = m(x, mtp_depth=1, return_hidden=True)
+    mtp_cache = ContiguousLatentCache(CFG, 1, 20)
+    # positions 0..11 in one go, then one position at a time (as a decoder would after each accepted token)
+    h, first = m.mtp_forward(full.hidden_states[:, :12], x[:, 1:13], mtp_cache)
+    pieces = [first]
+    for t in range(12, 19):
+        pieces.append(m.mtp_forward(full.hidden_states[:, t : t + 1], x[:, t + 1 : t + 2], mtp_cache)[1])
+    assert (torch.cat(pieces, 1) - full.mtp_logits[0][:, :19]).abs().max() <= 1e-5

@@ -206,17 +206,39 @@ class GLM5ForCausalLM(nn.Module):
         # previous depth's output before shared_head.norm.
         h_prev = hidden
         for d in range(mtp_depth):
-            module = self.mtp[min(d, len(self.mtp) - 1)]
             shifted = F.pad(input_ids[:, d + 1 :], (0, min(d + 1, T)), value=self.config.pad_token_id or 0)
-            h_prev, _, layer_stats = module(h_prev, self.model.embed_tokens(shifted), rope, pos, opts, None,
-                                            return_stats)  # fmt: skip
-            out.mtp_logits.append(self.lm_head(module.shared_head.norm(h_prev)))
+            h_prev, logits, layer_stats = self._mtp_step(d, h_prev, shifted, rope, pos, None, return_stats)
+            out.mtp_logits.append(logits)
             if layer_stats is not None:
                 layer_stats.mtp_depth = d
                 stats.append(layer_stats)
         if cache is not None:
             cache.advance(T)
         return out
+
+    def _mtp_step(self, depth, h_prev, next_ids, rope, pos, cache, want_stats):
+        module = self.mtp[min(depth, len(self.mtp) - 1)]  # one module, applied recursively (shared parameters)
+        h, _, stats = module(h_prev, self.model.embed_tokens(next_ids), rope, pos, self.attention, cache, want_stats)
+        return h, self.lm_head(module.shared_head.norm(h)), stats
+
+    def mtp_forward(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache | None = None, depth: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP step for speculative decoding: (h_t, token t+1) -> (MTP output h'_t, logits for token t+2).
+
+        hidden [B,T,D]: the main model's final-norm output (depth 0) or the previous step's MTP output;
+        next_ids [B,T]: the token following each position. `cache` holds the MTP layer's own latent entries
+        (layer index num_hidden_layers + i), separate from the main model's cache, and advances by T.
+        """
+        if not len(self.mtp):
+            raise ValueError("this config has num_nextn_predict_layers = 0: there is no MTP module")
+        T = next_ids.shape[1]
+        pos = Positions.shared(0, T, next_ids.device) if cache is None else cache.begin(T)[0]
+        rope = self.rotary(pos.q_pos, hidden.dtype)
+        h, logits, _ = self._mtp_step(depth, hidden, next_ids, rope, pos, cache, False)
+        if cache is not None:
+            cache.advance(T)
+        return h, logits
 
     # --- checkpoints (names and files live in glm5.checkpoint) --------------------------------------
     def hf_state_dict(self, fused_experts: bool = False) -> dict[str, torch.Tensor]:
