@@ -10,8 +10,8 @@ import torch
 from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.kernels.grouped_mm import grouped_mm, grouped_mm_reference
 from glm5.model import ContiguousLatentCache
-from glm5.model.cache import Positions
 from glm5.model.attention import dense_latent_attention, sparse_latent_attention
+from glm5.model.cache import Positions
 from glm5.model.moe import MoE
 
 CFG = GLM5Config.from_preset("tiny").replace(
