@@ -46,8 +46,111 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     cfg, label = _load_config(args.preset, args.path)
     table = parameter_table(cfg)
-    Console().print(format_table(table, title=f"{label}: {summarize_config(cfg)}"))
+    console = Console()
+    console.print(format_table(table, title=f"{label}: {summarize_config(cfg)}"))
+    if args.path is not None and _has_weights(args.path):
+        from glm5.checkpoint.convert import summarize_checkpoint
+
+        console.print()
+        console.print(_checkpoint_table(summarize_checkpoint(args.path), table))
     return 0
+
+
+def _has_weights(path: str) -> bool:
+    from glm5.checkpoint.files import INDEX_FILE, SINGLE_FILE
+
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE))
+
+
+def _checkpoint_table(summary, params):
+    """What the files hold: tensors and bytes of e4m3 weights, their scales and the unquantised tensors."""
+    from rich.table import Table
+
+    from glm5.checkpoint.convert import ROLES
+    from glm5.plan import human_bytes
+
+    out = Table(title=f"{summary.path}: {summary.num_files} safetensors file(s)", title_justify="left",
+                show_edge=False, pad_edge=False)  # fmt: skip
+    for column, justify in (("stored as", "left"), ("tensors", "right"), ("bytes", "right"), ("", "right"),
+                            ("share", "right")):  # fmt: skip
+        out.add_column(column, justify=justify, no_wrap=True)
+    total = summary.total_bytes or 1
+    roles = [r for r in ROLES if r in summary.counts] + sorted(set(summary.counts) - set(ROLES))
+    for role in roles:
+        n = summary.nbytes[role]
+        out.add_row(role, f"{summary.counts[role]:,}", f"{n:,} B", human_bytes(n), f"{100 * n / total:.1f}%")
+    out.add_section()
+    out.add_row("total", f"{summary.total_tensors:,}", f"{summary.total_bytes:,} B", human_bytes(summary.total_bytes), "")
+    quantized = "FP8 e4m3 weights" in summary.counts
+    predicted = params.fp8_bytes(include_mtp=True) if quantized else params.bf16_bytes(include_mtp=True)
+    out.add_row(f"predicted from config ({'FP8' if quantized else 'BF16'} layout)", "", f"{predicted:,} B",
+                human_bytes(predicted), "")  # fmt: skip
+    if summary.index_total_size is not None:
+        out.add_row("index metadata.total_size", "", f"{summary.index_total_size:,} B", "", "")
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`glm5 convert SRC DST --to fp8|bf16`: stream a checkpoint into the other format, with a progress bar."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from glm5.checkpoint.convert import convert_checkpoint, summarize_checkpoint
+
+    console = Console(stderr=True)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TextColumn("{task.fields[tensors]}"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]  # fmt: skip
+    start = time.perf_counter()
+    bar = Progress(*columns, console=console)
+    state = {"tensors": 0, "total": 0, "task": None}
+
+    def on_start(num_tensors: int, num_bytes: int) -> None:  # the source checked out: show the bar
+        state["total"] = num_tensors
+        state["task"] = bar.add_task(f"to {args.to}", total=num_bytes, tensors="", rate="")
+        bar.start()
+
+    def progress(tensors: int, nbytes: int) -> None:
+        state["tensors"] += tensors
+        rate = state["tensors"] / max(time.perf_counter() - start, 1e-9)
+        bar.update(state["task"], advance=nbytes, tensors=f"{state['tensors']:,}/{state['total']:,} tensors",
+                   rate=f"{rate:,.0f} tensors/s")  # fmt: skip
+
+    try:
+        convert_checkpoint(args.src, args.dst, args.to, max_shard_size=args.max_shard_size, progress=progress,
+                           on_start=on_start)  # fmt: skip
+    finally:
+        bar.stop()
+    before, after = summarize_checkpoint(args.src), summarize_checkpoint(args.dst)
+    seconds = time.perf_counter() - start
+    Console().print(
+        f"wrote {args.dst}: {after.total_tensors:,} tensors, {after.total_bytes:,} B "
+        f"({after.total_bytes / max(before.total_bytes, 1):.3f}x the source's {before.total_bytes:,} B) "
+        f"in {seconds:.1f} s"
+    )
+    return 0
+
+
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    convert = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint between BF16 and block FP8",
+        description="Stream a checkpoint folder into the published BF16 (zai-org/GLM-5) or block-FP8 "
+        "(zai-org/GLM-5-FP8) layout, tensor by tensor. Other files (tokenizer, ...) are copied.",
+    )
+    convert.add_argument("src", metavar="SRC", help="checkpoint folder to read")
+    convert.add_argument("dst", metavar="DST", help="folder to write (replaced atomically when it exists)")
+    convert.add_argument("--to", required=True, choices=("fp8", "bf16"), help="target format")
+    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard size limit (default 5GB)")
+    convert.set_defaults(func=cmd_convert)
 
 
 def _add_info(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +163,8 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
     source = info.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)}")
     source.add_argument(
-        "path", nargs="?", metavar="PATH", help="a config.json, or a checkpoint folder holding one"
+        "path", nargs="?", metavar="PATH",
+        help="a config.json, or a checkpoint folder (with weights: also what its files hold and what is quantised)",
     )
     info.set_defaults(func=cmd_info)
 
@@ -73,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glm5 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
+    _add_convert(subparsers)
     from glm5.tokenizer.cli import register as add_tokenizer_commands
 
     add_tokenizer_commands(subparsers)

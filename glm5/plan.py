@@ -23,13 +23,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from glm5.checkpoint.fp8 import fp8_nbytes, is_quantized
 from glm5.config import GLM5Config
 
 if TYPE_CHECKING:
     from rich.table import Table
-
-FP8_BLOCK = 128
-"""Side of the square weight block that shares one fp32 `weight_scale_inv` entry."""
 
 COMPONENTS: dict[str, str] = {
     "routed_experts": "routed experts",
@@ -46,13 +44,6 @@ COMPONENTS: dict[str, str] = {
 """Component key -> display name. MLA's own q_a/kv_a layernorms count as attention (MODEL_SPEC §13's
 165,022,208 per layer), the indexer's k_norm as indexer; `norms` are the per-layer input/post-attention
 norms, `model.norm` and the MTP enorm/hnorm/shared_head.norm."""
-
-# Modules whose 2-D weight is block-FP8 in GLM-5-FP8 (MODEL_SPEC §12), routed experts aside. Everything
-# else stays BF16: norms, routers (`mlp.gate`), indexer weights_proj and k_norm, embed, lm_head, eh_proj.
-_FP8_LEAVES = frozenset(
-    {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "wq_b", "wk",
-     "gate_proj", "up_proj", "down_proj"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,16 +80,14 @@ class TensorEntry:
                 # The checkpoint stores gate [F, D] and up [F, D] as separate matrices, each with its scales.
                 return 2 * num_experts * _fp8_matrix_bytes(out_features // 2, in_features)
             return num_experts * _fp8_matrix_bytes(out_features, in_features)
-        leaf = self.name.split(".")[-2]
-        if leaf in _FP8_LEAVES and len(self.shape) == 2:
+        if is_quantized(self.name) and len(self.shape) == 2:  # the published split, glm5.checkpoint.fp8
             return _fp8_matrix_bytes(*self.shape)
         return self.numel * 2
 
 
 def _fp8_matrix_bytes(out_features: int, in_features: int) -> int:
     """One e4m3 byte per weight + an fp32 scale per 128x128 block (edge blocks padded)."""
-    scales = math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK)
-    return out_features * in_features + 4 * scales
+    return fp8_nbytes((out_features, in_features))
 
 
 def _component(name: str) -> str:

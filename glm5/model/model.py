@@ -247,6 +247,34 @@ class GLM5ForCausalLM(nn.Module):
 
         return to_hf_state_dict(self.state_dict(), self.config, fused_experts=fused_experts)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        fp8: str = "dequantize",
+    ) -> GLM5ForCausalLM:
+        """Load a checkpoint folder (config.json + safetensors shards, BF16 or block-FP8), streaming.
+
+        dtype: of the weights (default: config.json's); routers stay fp32. fp8: "dequantize" (e4m3 weights
+        become `dtype`) or "keep" (e4m3 weights stay in memory, about half the bytes; see glm5.quant).
+        Raises glm5.checkpoint.files.CheckpointError (a ValueError) naming the file and tensor on bad input.
+        """
+        from glm5.checkpoint.pretrained import load_pretrained
+
+        prepare = None
+        if fp8 == "keep":
+            from glm5.quant import quantize_model as prepare
+        return load_pretrained(path, cls, dtype=dtype, device=device, fp8=fp8, prepare=prepare)
+
+    def save_pretrained(self, path: str, fp8: bool = False, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and size-limited safetensors shards in the published layout (atomically);
+        fp8=True writes GLM-5-FP8's block-FP8 split and quantization_config."""
+        from glm5.checkpoint.pretrained import save_pretrained
+
+        save_pretrained(self.state_dict(), self.config, path, fp8=fp8, max_shard_size=max_shard_size)
+
     def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load weights named as in the HF checkpoint (per-expert or fused `gate_up_proj` experts)."""
         from glm5.checkpoint.hf import from_hf_state_dict
