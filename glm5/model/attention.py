@@ -181,6 +181,22 @@ def dense_latent_attention(
     return torch.matmul(probs, kv_lat[..., :rank].unsqueeze(1)).transpose(1, 2)
 
 
+def _join_latent(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+    """[c_kv ; k_pe] along the last dim. Engine hook: the paged cache (glm5.engine.kv_cache) returns the two as
+    adjacent column views of one [B, S, r+R] tensor; then this is a view of it, saving a copy of the whole
+    context per layer and decode step. Any other pair of tensors is concatenated."""
+    r = c_kv.shape[-1]
+    adjacent = (
+        c_kv.stride() == k_pe.stride()
+        and c_kv.stride(-1) == 1
+        and c_kv.stride(-2) == r + k_pe.shape[-1]
+        and k_pe.data_ptr() == c_kv.data_ptr() + r * c_kv.element_size()
+    )
+    if adjacent:
+        return c_kv.as_strided((*c_kv.shape[:-1], r + k_pe.shape[-1]), c_kv.stride(), c_kv.storage_offset())
+    return torch.cat([c_kv, k_pe], dim=-1)
+
+
 class MLAttention(nn.Module):
     """Multi-head Latent Attention with a DSA indexer (or, on IndexCache "shared" layers, the previous layer's top-k)."""
 
@@ -290,7 +306,7 @@ class MLAttention(nn.Module):
         else:
             w_uk, w_uv = self._kv_b()
             q_lat = torch.cat([torch.einsum("bthn,hnr->bthr", q_nope, w_uk), q_pe], dim=-1)
-            kv_lat = torch.cat([c_kv, k_pe], dim=-1)
+            kv_lat = _join_latent(c_kv, k_pe)
             if topk_idx is None:
                 o_lat = dense_latent_attention(q_lat, kv_lat, pos.q_pos, self.kv_rank, self.scale)
             else:

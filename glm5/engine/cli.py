@@ -1,0 +1,298 @@
+"""CLI subcommands `glm5 generate` (stream one completion) and `glm5 chat` (a GLM chat REPL); ``register(subparsers)``.
+
+Both load a checkpoint folder (`--model PATH`, with its tokenizer.json when present) or build a randomly
+initialised preset (`--preset NAME`, for smoke tests), and run the engine in this process. Heavy imports
+(torch, the model) happen inside the commands so `glm5 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``generate`` and ``chat`` to a parent parser's subparsers."""
+    gen = subparsers.add_parser(
+        "generate",
+        help="stream a completion of a prompt",
+        description="Generate from a prompt (text, or token ids for a checkpoint without a tokenizer) and "
+        "stream the output as it is produced; a summary line (tokens, speed) goes to stderr.",
+    )
+    _add_model_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="prompt text (raw, no chat template)")
+    source.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument(
+        "--chat-template", action="store_true", help="wrap --prompt as one user turn of the GLM chat format"
+    )
+    gen.add_argument("--no-thinking", action="store_true", help="with --chat-template: thinking off")
+    _add_sampling_args(gen, max_tokens=256, temperature=0.0)
+    gen.add_argument("--stop", nargs="+", metavar="STR", help="stop strings")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the eos ids")
+    gen.set_defaults(func=run_generate)
+
+    chat = subparsers.add_parser(
+        "chat",
+        help="interactive chat in the GLM-5 chat format",
+        description="A chat REPL: thinking is shown dimmed, tool calls parsed. Commands: /reset, "
+        "/think on|off, /exit. Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt exits.",
+    )
+    _add_model_args(chat)
+    _add_sampling_args(chat, max_tokens=1024, temperature=0.7)
+    chat.add_argument("--system", metavar="TEXT", help="system message")
+    chat.add_argument("--tools", metavar="FILE", help="JSON file with an OpenAI tools list")
+    chat.add_argument("--no-thinking", action="store_true", help="start with thinking off")
+    chat.set_defaults(func=run_chat)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json + *.safetensors)")
+    source.add_argument("--preset", metavar="NAME", help="randomly initialised preset (smoke tests)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)"
+    )
+    p.add_argument(
+        "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
+    )
+    p.add_argument(
+        "--speculative-tokens", type=int, default=0, metavar="K", help="MTP draft tokens per step (1-3)"
+    )
+    p.add_argument("--init-seed", type=int, default=0, help="weight init seed for --preset")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default {max_tokens}")
+    p.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
+    )
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def build_llm(args: argparse.Namespace) -> Any:
+    """An `LLM` from --model / --preset and the device options."""
+    import torch
+
+    from glm5.device import default_dtype, pick_device
+    from glm5.engine import LLM
+
+    device = pick_device(args.device)
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    options: dict[str, Any] = {"num_speculative_tokens": args.speculative_tokens}
+    if args.model is not None:
+        return LLM(args.model, args.tokenizer, dtype=dtype, device=device, fp8=args.fp8, **options)
+    from glm5 import GLM5Config, GLM5ForCausalLM
+
+    torch.manual_seed(args.init_seed)
+    model = GLM5ForCausalLM(GLM5Config.from_preset(args.preset))
+    return LLM(model, args.tokenizer, dtype=dtype, device=device, **options)
+
+
+def _sampling(args: argparse.Namespace, **extra: Any) -> Any:
+    from glm5.engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def stream(engine: Any, prompt: str | list[int], params: Any, on_delta: Callable[[Any], None]) -> Any:
+    """Run one request on the engine, calling on_delta(RequestOutput) per step; Ctrl-C aborts it and re-raises.
+    Returns the last delta (finish_reason set)."""
+    request = engine.make_request(None, prompt, params)
+    engine.submit(request)
+    last = None
+    try:
+        while not request.finished:
+            for out in engine.step():
+                if out.request_id == request.request_id:
+                    on_delta(out)
+                    last = out
+    except KeyboardInterrupt:
+        engine.abort_request(request.request_id)
+        engine.step()
+        raise
+    return last
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`glm5 generate`: stream a completion to stdout."""
+    llm = build_llm(args)
+    tok = llm.tokenizer
+    if args.prompt_ids is not None:
+        try:
+            prompt: str | list[int] = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise ValueError(
+                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
+            ) from None
+    elif args.chat_template:
+        if tok is None:
+            raise ValueError("--chat-template needs a tokenizer (--tokenizer PATH)")
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}],
+            enable_thinking=not args.no_thinking,
+            return_loss_mask=False,
+        )
+    else:
+        if tok is None:
+            raise ValueError("this model has no tokenizer: pass --prompt-ids, or --tokenizer PATH")
+        prompt = args.prompt
+    params = _sampling(args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False)
+    start = time.perf_counter()
+    first: list[float] = []
+    count = [0]
+
+    def show(out: Any) -> None:
+        c = out.outputs[0]
+        if c.token_ids and not first:
+            first.append(time.perf_counter() - start)
+        count[0] += len(c.token_ids)
+        text = c.text if tok is not None else "".join(f" {t}" for t in c.token_ids)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    last = stream(llm.engine, prompt, params, show)
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - start
+    reason = last.outputs[0].finish_reason if last is not None else "?"
+    ttft = f", first token {first[0] * 1000:.0f} ms" if first else ""
+    print(
+        f"[{count[0]} tokens in {elapsed:.2f} s ({count[0] / max(elapsed, 1e-9):.1f} tok/s){ttft}; finish: {reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- chat
+def _read_tools(path: str | None) -> list[dict[str, Any]] | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+    tools = tools.get("tools", tools) if isinstance(tools, dict) else tools
+    if not isinstance(tools, list):
+        raise ValueError(f"{path!r} must hold a list of tools (or an object with 'tools')")
+    return tools
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """`glm5 chat`: read user turns, stream replies (thinking dimmed, tool calls parsed), keep the history."""
+    from rich.console import Console
+
+    llm = build_llm(args)
+    tok = llm.tokenizer
+    if tok is None:
+        raise ValueError(
+            "chat needs a tokenizer: the checkpoint has no tokenizer.json; pass --tokenizer PATH"
+        )
+    tools = _read_tools(args.tools)
+    console = Console(highlight=False, soft_wrap=True)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: list[dict[str, Any]] = list(system)
+    thinking = not args.no_thinking
+    console.print(
+        "[dim]glm5 chat: /reset clears the history, /think on|off, /exit quits; Ctrl-C stops a reply[/dim]"
+    )
+    while True:
+        try:
+            line = console.input("[bold green]you> [/bold green]")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages = list(system)
+            console.print("[dim]history cleared[/dim]")
+            continue
+        if cmd.startswith("/think"):
+            thinking = cmd.split()[-1] != "off"
+            console.print(f"[dim]thinking {'on' if thinking else 'off'}[/dim]")
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _chat_turn(llm, console, messages, tools, thinking, args)
+        if reply is None:
+            messages.pop()  # interrupted: forget the unanswered turn
+        else:
+            messages.append(reply)
+
+
+def _chat_turn(
+    llm: Any,
+    console: Any,
+    messages: list[dict[str, Any]],
+    tools: Any,
+    thinking: bool,
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """Stream one assistant reply; returns the assistant message for the history, or None when interrupted."""
+    from rich.text import Text
+
+    from glm5.tokenizer.parser import OutputParser, merge_deltas
+
+    ids = llm.tokenizer.apply_chat_template(
+        messages, tools=tools, enable_thinking=thinking, return_loss_mask=False
+    )
+    parser = OutputParser(tools=tools, enable_thinking=thinking)
+    deltas: list[dict[str, Any]] = []
+    state = {"kind": None}
+
+    def show(parsed: list[dict[str, Any]]) -> None:
+        for d in parsed:
+            deltas.append(d)
+            if "reasoning_content" in d:
+                if state["kind"] != "reasoning":
+                    console.print(Text("thinking: ", style="dim italic"), end="")
+                state["kind"] = "reasoning"
+                console.print(Text(d["reasoning_content"], style="dim"), end="")
+            elif "content" in d:
+                if state["kind"] == "reasoning":
+                    console.print()
+                state["kind"] = "content"
+                console.print(Text(d["content"]), end="")
+
+    params = _sampling(args, skip_special_tokens=False)
+    try:
+        stream(llm.engine, ids, params, lambda out: show(parser.feed(out.outputs[0].text)))
+    except KeyboardInterrupt:
+        console.print(Text(" [interrupted]", style="yellow"))
+        return None
+    show(parser.close())
+    console.print()
+    message = merge_deltas(deltas)
+    for call in message.get("tool_calls") or []:
+        fn = call["function"]
+        console.print(Text(f"tool call: {fn['name']}({fn['arguments']})", style="cyan"))
+    reply = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("reasoning_content"):
+        reply["reasoning_content"] = message["reasoning_content"]
+    if message.get("tool_calls"):
+        reply["tool_calls"] = message["tool_calls"]
+    return reply

@@ -1,0 +1,125 @@
+"""`LLM`: offline generation on the engine -- `LLM(path_or_model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from glm5.engine.engine import EngineConfig, LLMEngine, Prompt
+from glm5.engine.outputs import RequestOutput
+from glm5.engine.sampling import SamplingParams
+
+
+class LLM:
+    """Offline generation: `LLM(path_or_model, tokenizer=None, **engine_options).generate(prompts, params)`.
+
+    model_or_path: a checkpoint folder (config.json + safetensors, BF16 or block-FP8; a tokenizer.json there is
+    loaded too) or an in-memory GLM5ForCausalLM. Engine options are the fields of `EngineConfig`
+    (block_size, num_speculative_tokens, enable_prefix_caching, max_num_seqs, ...).
+    """
+
+    def __init__(
+        self,
+        model_or_path: Any,
+        tokenizer: Any = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        fp8: str | None = None,
+        **engine_options: Any,
+    ) -> None:
+        model = model_or_path
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model, found = _load(model_or_path, dtype=dtype, device=device, fp8=fp8)
+            tokenizer = tokenizer if tokenizer is not None else found
+        elif dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from glm5.tokenizer import GLM5Tokenizer
+
+            tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
+        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown LLM options {sorted(unknown)}; engine options are {list(EngineConfig.__dataclass_fields__)}"
+            )
+        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+
+    @property
+    def model(self) -> Any:
+        return self.engine.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt, in order; prompts are strings or token-id lists (or one of either)."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        engine = self.engine
+        requests = [engine.make_request(None, p, sp) for p, sp in zip(prompts, params_list)]
+        for request in requests:
+            engine.submit(request)
+        progress = _progress(len(requests)) if use_tqdm else None
+        while not all(r.finished for r in requests):
+            for out in engine.step():
+                if out.finished and progress is not None:
+                    progress[0].advance(progress[1])
+        if progress is not None:
+            progress[0].stop()
+        return [engine.final_output(r) for r in requests]
+
+    def update_weights(
+        self, state_dict: dict[str, torch.Tensor], version: int | None = None, hf_names: bool = False
+    ) -> int:
+        return self.engine.update_weights(state_dict, version, hf_names)
+
+
+def _progress(total: int) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    p.start()
+    return p, p.add_task("generate", total=total)
+
+
+def _load(
+    path: str | os.PathLike, dtype: torch.dtype | None, device: Any, fp8: str | None
+) -> tuple[Any, Any]:
+    """A checkpoint folder -> (model, tokenizer or None)."""
+    from glm5.model import GLM5ForCausalLM
+
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise ValueError(f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors")
+    if not hasattr(GLM5ForCausalLM, "from_pretrained"):
+        raise ValueError(
+            "loading a checkpoint folder needs GLM5ForCausalLM.from_pretrained (not in this build)"
+        )
+    kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
+    if fp8 is not None:
+        kwargs["fp8"] = fp8
+    model = GLM5ForCausalLM.from_pretrained(folder, **kwargs)
+    tokenizer = None
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        from glm5.tokenizer import GLM5Tokenizer
+
+        tokenizer = GLM5Tokenizer.from_pretrained(folder)
+    return model, tokenizer

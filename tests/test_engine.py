@@ -1,0 +1,309 @@
+"""The inference engine against the model itself: greedy decode, batching, chunked prefill, sparse vs dense decode,
+prefix caching, abort, preemption, seeds, n > 1, stops, logprobs, weight updates and pause/resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5.engine import LLM, SamplingParams
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are op-dispatch bound: one thread is faster, and immune to a busy machine (two OpenMP
+    threads sharing a loaded core run these tests many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CFG = GLM5Config.from_preset("tiny").replace(
+    vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=2,
+    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, max_position_embeddings=256,
+    eos_token_id=[1],
+)  # fmt: skip
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def model(seed: int = 0, cfg: GLM5Config = CFG) -> GLM5ForCausalLM:
+    torch.manual_seed(seed)
+    return GLM5ForCausalLM(cfg).eval()
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def full_sequence_greedy(m: GLM5ForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """The reference: re-run the whole sequence (no cache) and take the argmax, n times."""
+    seq = torch.tensor([prompt])
+    for _ in range(n):
+        seq = torch.cat([seq, m(seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[0, len(prompt) :].tolist()
+
+
+def token_ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+# ------------------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("spec", [0, 2])
+def test_engine_greedy_equals_full_sequence_greedy_decode(spec: int) -> None:
+    m = model()
+    ps = prompts([3, 12, 30])  # contexts below and above index_topk = 8
+    outs = LLM(m, block_size=4, num_speculative_tokens=spec).generate(ps, GREEDY)
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == full_sequence_greedy(m, p, 10)
+        assert out.outputs[0].finish_reason == "length" and out.finished
+
+
+def test_many_concurrent_requests_of_different_lengths_equal_each_run_alone() -> None:
+    m = model(1)
+    ps = prompts([1, 5, 9, 14, 23, 31, 40, 2], seed=3)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm = LLM(m, block_size=4, max_num_batched_tokens=16, max_num_seqs=5)  # chunked prefill, a capped batch
+    batched = token_ids(llm.generate(ps, params))
+    alone = [token_ids(LLM(m, block_size=8).generate([p], params))[0] for p in ps]
+    assert batched == alone
+    assert llm.engine.cache.num_used_blocks == 0
+
+
+def test_chunked_prefill_interleaves_with_decode_of_other_requests() -> None:
+    llm = LLM(model(), block_size=4, max_num_batched_tokens=8)
+    eng = llm.engine
+    short, long = prompts([4, 40], seed=5)
+    eng.add_request("short", short, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    eng.step()  # prefills "short" and samples its first token
+    eng.add_request("long", long, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    short_seq = eng.requests["short"].seqs[0]
+    cached_long = []
+    for _ in range(5):
+        before = short_seq.num_output
+        eng.step()
+        assert short_seq.num_output == before + 1  # a decode step every step
+        cached_long.append(eng.requests["long"].seqs[0].num_cached)
+    assert cached_long == [8, 16, 24, 32, 40]  # while the long prompt goes in, 8 tokens per step
+
+
+def test_sparse_decode_equals_the_dense_mask_reference_beyond_index_topk() -> None:
+    ps = prompts([20, 33], seed=7)  # 20-45 keys per query: far above index_topk = 8
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    sparse = LLM(model(2), block_size=4, attention_impl="sparse").generate(ps, params)
+    dense = LLM(model(2), block_size=4, attention_impl="mask").generate(ps, params)
+    for a, b in zip(sparse, dense):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+            assert max(abs(la[t] - lb[t]) for t in la) < 1e-4
+
+
+def test_prefix_cache_hit_reuses_blocks_and_gives_identical_outputs() -> None:
+    llm = LLM(model(3), block_size=4)
+    (shared,) = prompts([26], seed=11)
+    first = llm.generate([shared + [5, 6]], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    cached_before = llm.engine.cache.num_cached_blocks
+    assert cached_before >= 6  # the finished request's full blocks stay cached
+    again = llm.generate([shared + [5, 6]], GREEDY)[0]
+    other = llm.generate([shared + [9]], GREEDY)[0]
+    assert (
+        again.num_cached_tokens == 24 and other.num_cached_tokens == 24
+    )  # 6 full blocks of the shared prefix
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    fresh = LLM(model(3), block_size=4, enable_prefix_caching=False).generate([shared + [9]], GREEDY)[0]
+    assert other.outputs[0].token_ids == fresh.outputs[0].token_ids
+
+
+def test_prefix_cache_hit_with_speculative_decoding_keeps_outputs() -> None:
+    llm = LLM(model(3), block_size=4, num_speculative_tokens=2)
+    (p,) = prompts([30], seed=12)
+    a = llm.generate([p], GREEDY)[0]
+    b = llm.generate([p], GREEDY)[0]
+    assert b.num_cached_tokens == 28
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids == full_sequence_greedy(llm.model, p, 10)
+
+
+@pytest.mark.parametrize("spec", [0, 2])
+def test_abort_frees_every_block(spec: int) -> None:
+    llm = LLM(model(), block_size=4, num_speculative_tokens=spec, enable_prefix_caching=False)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=50, temperature=0.8, n=2, seed=1, ignore_eos=True)
+    for i, p in enumerate(prompts([7, 19, 30], seed=2)):
+        eng.add_request(f"r{i}", p, params)
+    for _ in range(4):
+        eng.step()
+    assert eng.cache.num_used_blocks > 0
+    eng.abort_request(["r0", "r1", "r2"])
+    outs = eng.step()
+    assert {o.request_id for o in outs} == {"r0", "r1", "r2"}
+    assert all(o.finished and all(c.finish_reason == "abort" for c in o.outputs) for o in outs)
+    assert eng.cache.num_used_blocks == 0 and eng.cache.num_free_blocks == eng.cache.num_blocks - 1
+    if spec:
+        assert eng.mtp_cache.num_used_blocks == 0
+    assert not eng.has_unfinished_requests()
+
+
+def test_preemption_when_blocks_run_out_keeps_outputs_identical() -> None:
+    m = model(4)
+    ps = prompts([6, 11, 15, 9, 13], seed=4)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    roomy = token_ids(LLM(m, block_size=4).generate(ps, params))
+    tight = LLM(m, block_size=4, num_blocks=24)  # 92 slots for five sequences of up to 35 tokens
+    assert token_ids(tight.generate(ps, params)) == roomy
+    assert tight.engine.num_preemptions > 0
+    assert tight.engine.cache.num_used_blocks == 0
+
+
+# ------------------------------------------------------------------------------------- sampling behaviour
+def test_seeded_requests_are_reproducible_whatever_else_is_in_the_batch() -> None:
+    m = model(5)
+    (p,) = prompts([9], seed=21)
+    params = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = LLM(m, block_size=4).generate([p], params)[0].outputs[0].token_ids
+    noise = [
+        SamplingParams(max_tokens=m_, temperature=0.7, seed=s, ignore_eos=True) for s, m_ in ((1, 5), (2, 20))
+    ]
+    crowd = LLM(m, block_size=4).generate(prompts([3, 17], seed=8) + [p], noise + [params])
+    assert crowd[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True)
+    assert LLM(m, block_size=4).generate([p], other_seed)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt_blocks_and_differ() -> None:
+    llm = LLM(model(6), block_size=4, enable_prefix_caching=False)
+    eng = llm.engine
+    (p,) = prompts([24], seed=13)
+    eng.add_request("r", p, SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))
+    eng.step()  # prefill once, fork into 4 completions
+    seqs = eng.requests["r"].seqs
+    tables = [eng.cache.seqs[s.seq_id].blocks for s in seqs]
+    assert all(t[:6] == tables[0][:6] for t in tables)  # 6 full prompt blocks, shared by all 4
+    assert eng.cache.num_used_blocks == 6
+    eng.step()
+    assert eng.cache.num_used_blocks == 6 + 4  # each completion writes its own next block
+    while eng.has_unfinished_requests():
+        eng.step()
+    out = eng.final_output(eng_request := seqs[0].request)
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3] and eng_request.finished
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_ids_eos_ignore_eos_min_tokens_and_max_tokens() -> None:
+    m = model()
+    (p,) = prompts([10], seed=3)
+    free = full_sequence_greedy(m, p, 10)
+    stop_at = free[3]
+    first = free.index(stop_at)
+    llm = LLM(m, block_size=4)
+    out = llm.generate([p], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop_at]))[
+        0
+    ].outputs[0]
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
+    # eos ids come from the config by default; ignore_eos turns them off
+    eos_model = GLM5ForCausalLM(CFG.replace(eos_token_id=[stop_at])).eval()
+    eos_model.load_state_dict(m.state_dict())
+    eos_llm = LLM(eos_model, block_size=4)
+    assert (
+        eos_llm.generate([p], SamplingParams(max_tokens=10, temperature=0.0))[0].outputs[0].token_ids
+        == free[: first + 1]
+    )
+    ignoring = eos_llm.generate([p], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[
+        0
+    ].outputs[0]
+    assert ignoring.token_ids == free and ignoring.finish_reason == "length"
+    # min_tokens forbids the stop id until then, so the greedy path changes only after it
+    late = eos_llm.generate([p], SamplingParams(max_tokens=10, temperature=0.0, min_tokens=first + 2))[
+        0
+    ].outputs[0]
+    assert late.token_ids[:first] == free[:first] and stop_at not in late.token_ids[: first + 2]
+
+
+def test_logprobs_and_prompt_logprobs_are_the_models_log_softmax() -> None:
+    m = model(7)
+    (p,) = prompts([14], seed=4)
+    out = LLM(m, block_size=4).generate(
+        [p], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    )[0]
+    gen = out.outputs[0]
+    with torch.no_grad():
+        full = torch.log_softmax(m(torch.tensor([p + gen.token_ids])).logits[0], -1)
+    for i, (tok, lp) in enumerate(zip(gen.token_ids, gen.logprobs)):
+        row = full[len(p) - 1 + i]
+        assert abs(lp[tok] - row[tok].item()) < 1e-4
+        assert set(row.topk(3).indices.tolist()) <= set(lp)
+    assert gen.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(gen.token_ids, gen.logprobs)))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for t in range(1, len(p)):
+        assert abs(out.prompt_logprobs[t][p[t]] - full[t - 1, p[t]].item()) < 1e-4
+
+
+def test_weight_update_tags_tokens_with_the_version_and_drops_the_prefix_cache() -> None:
+    llm = LLM(model(8), block_size=4)
+    (p,) = prompts([12], seed=5)
+    before = llm.generate([p], GREEDY)[0]
+    assert before.weight_version == 0 and set(before.outputs[0].weight_versions) == {0}
+    new = model(9)
+    assert llm.update_weights(new.state_dict(), version=7) == 7
+    after = llm.generate([p], GREEDY)[0]
+    assert after.num_cached_tokens == 0  # cached latents came from the old weights
+    assert after.weight_version == 7 and set(after.outputs[0].weight_versions) == {7}
+    assert after.outputs[0].token_ids == full_sequence_greedy(new, p, 10)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        llm.update_weights({"nope.weight": torch.zeros(1)})
+
+
+def test_pause_holds_requests_and_resume_continues_them_unchanged() -> None:
+    llm = LLM(model(), block_size=4)
+    eng = llm.engine
+    (p,) = prompts([9], seed=6)
+    eng.add_request("r", p, GREEDY)
+    eng.step()
+    eng.step()
+    eng.pause()
+    got = eng.requests["r"].seqs[0].num_output
+    for _ in range(3):
+        assert eng.step() == []
+    assert eng.requests["r"].seqs[0].num_output == got
+    eng.resume()
+    tokens = []
+    tokens_before = eng.requests["r"].seqs[0].output_ids
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            tokens += out.outputs[0].token_ids
+    assert tokens_before + tokens == full_sequence_greedy(llm.model, p, 10)
+
+
+def test_bad_requests_raise_value_errors_naming_the_problem() -> None:
+    llm = LLM(model(), block_size=4)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["hello"])
+    with pytest.raises(ValueError, match="vocab|\\[0, 256\\)"):
+        llm.generate([[5, 999]])
+    with pytest.raises(ValueError, match="at most"):
+        llm.generate([[5] * 300])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate([[5]], SamplingParams(stop=["x"]))
+    with pytest.raises(ValueError, match="unknown LLM options"):
+        LLM(model(), blocksize=4)
+
+
+@pytest.mark.gpu
+def test_engine_on_an_accelerator_matches_the_cpu_engine() -> None:
+    from glm5.device import pick_device
+
+    device = pick_device()
+    ps = prompts([5, 30], seed=14)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cpu = token_ids(LLM(model(), block_size=4, num_speculative_tokens=2).generate(ps, params))
+    gpu = LLM(model(), block_size=4, num_speculative_tokens=2, device=device).generate(ps, params)
+    assert token_ids(gpu) == cpu
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    again = LLM(model(), block_size=4, device=device)
+    assert token_ids(again.generate(ps, seeded)) == token_ids(again.generate(ps, seeded))
