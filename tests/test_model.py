@@ -126,6 +126,73 @@ def test_moe_dispatch_equals_per_token_loop() -> None:
     assert (fast - slow).abs().max() <= 1e-5
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("num_tokens", [1, 3, 4])
+def test_moe_few_token_paths_equal_per_token_loop(num_tokens: int) -> None:
+    torch.manual_seed(0)
+    moe = MoE(CFG)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(num_tokens, CFG.hidden_size)
+    weights, topk_idx, _ = moe.gate(x)
+    slow = moe.experts.forward_naive(x, topk_idx, weights)
+    assert topk_idx.numel() <= CFG.n_routed_experts  # the decode dispatch takes the few-token path
+    assert torch.equal(moe.experts(x, topk_idx, weights), moe.experts.forward_few(x, topk_idx, weights))
+    for path in (moe.experts.forward_few, moe.experts.forward_gathered, moe.experts.forward_sorted):
+        assert (path(x, topk_idx, weights) - slow).abs().max() <= 1e-5
+
+
+def test_rmsnorm_fast_path_equals_reference_bitwise() -> None:
+    from glm5.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    for dim in (24, 64, 256):
+        norm = RMSNorm(dim, 1e-6)
+        torch.nn.init.normal_(norm.weight)
+        x = torch.randn(3, 5, dim) * 7
+        assert torch.equal(norm(x), norm.forward_reference(x))
+        half = x.bfloat16()  # bf16 runs the reference arithmetic (cast back before the weight, as HF)
+        assert torch.equal(norm(half), norm.forward_reference(half))
+
+
+def test_per_head_matmul_equals_einsum() -> None:
+    from glm5.model.attention import _per_head_matmul
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 5)
+    for B, T in ((1, 1), (2, 1), (2, 4)):
+        x = torch.randn(B, T, 3, 8)
+        expected = torch.einsum("bthi,hio->btho", x, w)
+        assert (_per_head_matmul(x, w) - expected).abs().max() <= 1e-5
+
+
+def test_gather_rows_of_one_row_equals_the_batched_gather() -> None:
+    from glm5.model.attention import _gather_rows
+
+    torch.manual_seed(0)
+    x, idx = torch.randn(2, 30, 6), torch.randint(0, 30, (2, 4, 5))
+    both = _gather_rows(x, idx)
+    for b in range(2):
+        assert torch.equal(_gather_rows(x[b : b + 1], idx[b : b + 1]), both[b : b + 1])
+
+
+@torch.no_grad()
+def test_indexer_selection_of_a_decode_query_is_the_top_k_of_all_its_keys() -> None:
+    m, x = model(), ids(1, 50, seed=4)
+    attn = m.model.layers[0].self_attn
+    h = m.model.layers[0].input_layernorm(m.model.embed_tokens(x))
+    cos, sin = m.rotary(torch.arange(50), h.dtype)
+    c_q = attn.q_a_layernorm(attn.q_a_proj(h))
+    q, k, w = attn.indexer.project(h, c_q, cos[None], sin[None])
+    # the last query alone, as a decode step sees it: every key is visible, nothing is masked
+    last = attn.indexer.select(q[:, -1:], k, w[:, -1:], Positions.shared(49, 1), chunk=None)
+    expected = attn.indexer.scores(q[:, -1:], k, w[:, -1:]).topk(CFG.index_topk, dim=-1).indices
+    assert torch.equal(last.sort(-1).values, expected.sort(-1).values)
+    # a query in the middle still masks its future keys
+    mid = attn.indexer.select(q[:, 20:21], k[:, :30], w[:, 20:21], Positions.shared(20, 1), chunk=None)
+    assert (mid <= 20).all()
+
+
 def test_grouped_mm_matches_reference_with_empty_groups() -> None:
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 0, 2])
