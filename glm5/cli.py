@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from glm5.tokenizer.cli import register as add_tokenizer_commands
 
     add_tokenizer_commands(subparsers)
+    from glm5.train.cli import register as add_train_command
+
+    add_train_command(subparsers)
     from glm5.engine.cli import register as add_engine_commands
 
     add_engine_commands(subparsers)

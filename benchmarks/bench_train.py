@@ -1,0 +1,260 @@
+"""Training throughput and MFU: glm5's full pre-training step vs HF transformers' GlmMoeDsaForCausalLM.
+
+Same bench-tiny weights (benchmarks/configs/bench-tiny.json), same batch (8 x 256 tokens), same AdamW. glm5 is
+measured twice: on the same work as HF (LM loss only), and on the step `glm5 train` runs: LM + MTP (one MTP
+layer added to bench-tiny, depth 1) + the DSA indexer KL loss + the sequence-wise balance loss, clipping, and
+the aux-loss-free router-bias update. HF trains the LM loss only (it runs its indexer without gradients and
+has no MTP). Each measurement runs in a fresh process, the three interleaved. MFU = model FLOPs per token x tokens/s / the matmul peak measured in this run, where
+model FLOPs = 6 x active main-model parameters (lm_head included, embedding lookup excluded) + causal
+attention (6 x layers x heads x (qk + v dims) x mean keys per query) — the same count for both sides, so the
+MTP and indexer work glm5 does on top is not credited.
+
+    python benchmarks/bench_train.py            # full run (3 repeats, 4 timed steps each)
+    python benchmarks/bench_train.py --quick    # 1 repeat, 2 timed steps: a smoke run
+
+Writes benchmarks/results/bench_train.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIG_PATH = HERE / "configs" / "bench-tiny.json"
+RESULTS = HERE / "results"
+BATCH, SEQ = 8, 256
+
+
+def model_flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:  # noqa: ANN001
+    """Training FLOPs per token of the main model (see the module docstring); mtp=True adds one MTP depth
+    (its decoder layer, eh_proj and a second pass through the shared LM head)."""
+    from glm5.plan import parameter_table
+
+    table = parameter_table(cfg)
+    active = table.active_with_head
+    layers = cfg.num_hidden_layers
+    if mtp:
+        active += table.mtp_active + table.component_params("lm_head")
+        layers += 1
+    attention = layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2
+    return 6.0 * active + 6.0 * attention
+
+
+def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured GFLOP/s of an n x n matmul in `dtype` (the best of repeated timings). A dtype without fast
+    kernels here (bf16 on an AVX2 CPU runs ~500x slower than fp32) is measured at n = 512 to stay short."""
+    torch.set_num_threads(threads)
+    probe = torch.randn(512, 512, dtype=dtype)
+    start = time.perf_counter()
+    probe @ probe
+    if 2 * 512**3 / (time.perf_counter() - start) < 20e9:
+        n = 512
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _glm5_step(model, opt, ids, recipe, routers):  # noqa: ANN001
+    from glm5.data.packing import Batch
+    from glm5.train.optim import clip_grad_norm
+    from glm5.train.pretrain import step_counts, training_losses, update_router_bias
+    from glm5.train.recipe import Stage
+
+    batch = Batch(ids[:, :-1], ids[:, 1:])
+    counts = step_counts([batch], recipe.mtp_depth)
+    out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True)
+    objective, _ = training_losses(out, batch, counts, recipe, Stage("sparse", 1.0, dsa=True), model.config.num_experts_per_tok)
+    objective.backward()
+    clip_grad_norm([p for n, p in model.named_parameters() if ".indexer." not in n], 1.0)
+    clip_grad_norm([p for n, p in model.named_parameters() if ".indexer." in n], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loads = torch.stack([s.router.expert_load for s in out.stats if s.router is not None])
+    update_router_bias(routers, loads, recipe.bias_update_rate)
+
+
+def _hf_step(model, opt, ids, glm5: bool = False):  # noqa: ANN001
+    logits = model(ids[:, :-1]).logits if glm5 else model(input_ids=ids[:, :-1], use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  # noqa: ANN001
+    """Time `steps` training steps (after one warm-up step) in this fresh process."""
+    try:
+        from safetensors.torch import load_file
+
+        from glm5 import GLM5Config, GLM5ForCausalLM
+        from glm5.train.optim import build_optimizer
+        from glm5.train.recipe import TrainRecipe
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        cfg = GLM5Config.from_hf_config(CONFIG_PATH)
+        state = load_file(weights)
+        ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+        if impl == "glm5-lm":  # the same work as HF: LM loss only, no MTP, no indexer/balance losses
+            model = GLM5ForCausalLM(cfg)
+            model.load_hf_state_dict(state)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+            step = lambda: _hf_step(model, opt, ids, glm5=True)
+        elif impl == "glm5":
+            recipe = TrainRecipe(mtp_depth=1)
+            model = GLM5ForCausalLM(cfg.replace(num_nextn_predict_layers=1))
+            model.load_hf_state_dict(state, strict=False)  # main weights; the MTP layer keeps its fresh init
+            model.train()
+            opt = build_optimizer(model, recipe, distributed=False)
+            routers = [m.mlp.gate for m in model.modules() if hasattr(getattr(m, "mlp", None), "gate")]
+            step = lambda: _glm5_step(model, opt, ids, recipe, routers)
+        else:
+            import transformers
+
+            model = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**cfg.to_hf_config()))
+            model.load_state_dict(state, strict=False)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+            step = lambda: _hf_step(model, opt, ids)
+        step()  # warm-up (allocations)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        queue.put({"seconds": seconds, "tokens_per_s": BATCH * SEQ / seconds})
+    except Exception as e:  # report, don't hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run_one(target, args: tuple, timeout: float) -> dict:  # noqa: ANN001
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {"error": f"timed out after {timeout:.0f}s"}
+    return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
+
+
+def peak_worker(threads: int, queue) -> None:  # noqa: ANN001
+    queue.put({"float32": matmul_peak(torch.float32, threads), "bfloat16": matmul_peak(torch.bfloat16, threads)})
+
+
+def markdown(r: dict) -> str:
+    m, hf, ours = r["meta"], r["hf"], r["glm5"]
+    lines = [
+        f"bench-tiny ({m['params'] / 1e6:.1f}M params; glm5 adds a {m['mtp_params'] / 1e6:.1f}M MTP layer), "
+        f"train step {BATCH} x {SEQ} tokens, AdamW, fp32, torch {m['torch']}, {m['threads']} threads, {m['cpu']}; "
+        f"median of {m['repeats']} fresh processes x {m['steps']} steps. Matmul peak measured in this run: "
+        f"{m['peak_gflops']['float32']:.0f} GFLOP/s fp32, {m['peak_gflops']['bfloat16']:.1f} GFLOP/s bf16. "
+        f"Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
+        "",
+        "| implementation | what it trains | step time | tokens/s | MFU (vs fp32 peak) | vs HF |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    sides = (("HF transformers", hf, "LM loss"), ("glm5", r["glm5-lm"], "LM loss (the same work as HF)"),
+             ("glm5", ours, "LM + MTP + indexer KL + balance (`glm5 train`)"))  # fmt: skip
+    for name, row, what in sides:
+        if "error" in row:
+            lines.append(f"| {name} | {what} | {row['error']} | | | |")
+            continue
+        ratio = row["tokens_per_s"] / hf["tokens_per_s"] if "error" not in hf else float("nan")
+        mfu = f"{row['mfu']:.1%}" + (f" ({row['mfu_with_mtp']:.1%} with MTP)" if "mfu_with_mtp" in row else "")
+        lines.append(f"| {name} | {what} | {row['seconds']:.2f} s | {row['tokens_per_s']:,.0f} | {mfu} | "
+                     f"**{ratio:.2f}x** |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("hf", "glm5-lm", "glm5") if "error" not in r[n]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.bar(names, [r[n]["tokens_per_s"] for n in names], color=["#999", "#7b9", "#3a7"][: len(names)])
+    ax1.set(ylabel="training tokens/s", title="train step 8 x 256 (bench-tiny)")
+    ax2.bar(names, [100 * r[n]["mfu"] for n in names], color=["#999", "#7b9", "#3a7"][: len(names)])
+    ax2.set(ylabel="MFU (% of measured fp32 peak)", title="model FLOPs utilisation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 timed steps (smoke run)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    from safetensors.torch import save_file
+
+    from glm5 import GLM5Config, GLM5ForCausalLM
+
+    repeats, steps = (1, 2) if args.quick else (3, 4)
+    cfg = GLM5Config.from_hf_config(CONFIG_PATH)
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(cfg)
+    mtp = GLM5ForCausalLM(cfg.replace(num_nextn_predict_layers=1))
+    result = {"meta": {"config": "bench-tiny", "params": model.num_parameters(),
+                       "mtp_params": mtp.num_parameters() - model.num_parameters(), "torch": torch.__version__,
+                       "threads": args.threads, "dtype": "float32", "repeats": repeats, "steps": steps,
+                       "batch": [BATCH, SEQ], "cpu": platform.processor() or platform.machine(),
+                       "flops_per_token": model_flops_per_token(cfg, SEQ),
+                       "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True)}}  # fmt: skip
+    result["meta"]["peak_gflops"] = run_one(peak_worker, (args.threads,), timeout=300)
+    runs: dict[str, list[dict]] = {"hf": [], "glm5-lm": [], "glm5": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.safetensors")
+        save_file({k: v.contiguous() for k, v in model.hf_state_dict(fused_experts=True).items()}, weights)
+        for i in range(repeats):
+            for impl in runs:  # interleaved: machine drift hits every side alike
+                print(f"repeat {i + 1}/{repeats}: {impl}", flush=True)
+                runs[impl].append(run_one(worker, (impl, weights, args.threads, steps), timeout=1800))
+    peak = result["meta"]["peak_gflops"]["float32"] * 1e9
+    for impl, got in runs.items():
+        ok = [r for r in got if "error" not in r]
+        row = {k: statistics.median(r[k] for r in ok) for k in ok[0]} if ok else got[0]
+        if ok:
+            row["mfu"] = row["tokens_per_s"] * result["meta"]["flops_per_token"] / peak
+        if ok and impl == "glm5":  # the hardware also did the MTP depth's work
+            row["mfu_with_mtp"] = row["tokens_per_s"] * result["meta"]["flops_per_token_with_mtp"] / peak
+        result[impl] = row
+    for impl in ("glm5-lm", "glm5"):
+        if "error" not in result["hf"] and "error" not in result[impl]:
+            result[f"speedup_{impl}"] = result[impl]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (args.out / f"bench_train{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / f"bench_train{suffix}.md").write_text(table)
+    plot(result, args.out / f"bench_train{suffix}.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
