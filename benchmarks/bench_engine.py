@@ -36,38 +36,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import CONFIG_PATH, RESULTS, build  # benchmarks/common.py
 
-HERE = Path(__file__).resolve().parent
-CONFIG_PATH = HERE / "configs" / "bench-tiny.json"
-RESULTS = HERE / "results"
 BANDWIDTH = 25e9
 """Bytes/s of weight streaming on the reference 2-core machine (PERFORMANCE.md: ~23-29 GB/s)."""
 
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def build(impl: str, weights: str, threads: int):
-    """(config, model of `impl` with the saved weights), eval mode."""
-    from safetensors.torch import load_file
-
-    from glm5 import GLM5Config, GLM5ForCausalLM
-
-    torch.set_num_threads(threads)
-    cfg = GLM5Config.from_hf_config(CONFIG_PATH)
-    state = load_file(weights)
-    if impl == "glm5":
-        model = GLM5ForCausalLM(cfg)
-        model.load_hf_state_dict(state)
-    else:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        model = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**cfg.to_hf_config()))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not missing and not unexpected, (missing, unexpected)
-    return cfg, model.eval()
 
 
 def prompts_for(cfg, count: int, length: int, seed: int) -> list[list[int]]:

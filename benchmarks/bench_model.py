@@ -25,32 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-CONFIG_PATH = HERE / "configs" / "bench-tiny.json"
-RESULTS = HERE / "results"
-
-
-def build(impl: str, weights: str, threads: int):
-    """A model of `impl` ("glm5" | "hf") with the saved weights, in eval mode."""
-    from safetensors.torch import load_file
-
-    from glm5 import GLM5Config, GLM5ForCausalLM
-
-    torch.set_num_threads(threads)
-    cfg = GLM5Config.from_hf_config(CONFIG_PATH)
-    state = load_file(weights)
-    if impl == "glm5":
-        model = GLM5ForCausalLM(cfg)
-        model.load_hf_state_dict(state)
-    else:
-        import transformers
-
-        hf_cfg = transformers.GlmMoeDsaConfig(**cfg.to_hf_config())
-        model = transformers.GlmMoeDsaForCausalLM(hf_cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not missing and not unexpected, (missing, unexpected)
-    return cfg, model.eval()
+from common import CONFIG_PATH, RESULTS, build  # benchmarks/common.py
 
 
 def logits_of(impl: str, model, ids: torch.Tensor) -> torch.Tensor:

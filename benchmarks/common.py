@@ -1,0 +1,33 @@
+"""What every benchmark shares: the bench-tiny config and one model of either side with identical weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CONFIG_PATH = HERE / "configs" / "bench-tiny.json"
+RESULTS = HERE / "results"
+
+
+def build(impl: str, weights: str, threads: int):
+    """(config, eval-mode model) of `impl` ("glm5" | "hf") holding the HF-named weights saved at `weights`."""
+    from safetensors.torch import load_file
+
+    from glm5 import GLM5Config, GLM5ForCausalLM
+
+    torch.set_num_threads(threads)
+    cfg = GLM5Config.from_hf_config(CONFIG_PATH)
+    state = load_file(weights)
+    if impl == "glm5":
+        model = GLM5ForCausalLM(cfg)
+        model.load_hf_state_dict(state)
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**cfg.to_hf_config()))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+    return cfg, model.eval()
