@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -36,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import CONFIG_PATH, RESULTS, build  # benchmarks/common.py
+from common import CONFIG_PATH, RESULTS, build, run_in_fresh_process  # benchmarks/common.py
 
 BANDWIDTH = 25e9
 """Bytes/s of weight streaming on the reference 2-core machine (PERFORMANCE.md: ~23-29 GB/s)."""
@@ -151,15 +150,7 @@ def worker(fn_name: str, args: tuple, queue) -> None:
 
 
 def in_fresh_process(fn_name: str, args: tuple, timeout: float) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=worker, args=(fn_name, args, queue))
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        return {"error": f"timed out after {timeout:.0f}s"}
-    return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
+    return run_in_fresh_process(worker, (fn_name, args), timeout)
 
 
 # ------------------------------------------------------------------------------------------------- MTP

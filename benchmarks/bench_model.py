@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CONFIG_PATH, RESULTS, build  # benchmarks/common.py
+from common import CONFIG_PATH, RESULTS, build, run_in_fresh_process  # benchmarks/common.py
 
 
 def logits_of(impl: str, model, ids: torch.Tensor) -> torch.Tensor:
@@ -64,18 +63,6 @@ def worker(impl: str, workload: str, size: int, weights: str, threads: int, queu
         queue.put({"seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss": peak, "rss_before": rss_before})
     except Exception as e:  # report, don't hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
-
-
-def run_one(impl: str, workload: str, size: int, weights: str, threads: int, timeout: float) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=worker, args=(impl, workload, size, weights, threads, queue))
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        return {"error": f"timed out after {timeout:.0f}s"}
-    return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
 
 
 def check_parity(weights: str, threads: int) -> float:
@@ -170,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(repeats):
                     for impl in ("hf", "glm5"):  # interleaved: machine drift hits both sides alike
                         progress.update(task, description=f"{name}: {impl}")
-                        runs[impl].append(run_one(impl, workload, size, weights, args.threads, timeout=900))
+                        runs[impl].append(run_in_fresh_process(worker, (impl, workload, size, weights, args.threads), 900))
                         progress.advance(task)
                 row = {"name": name, "workload": workload, "size": size}
                 for impl, got in runs.items():

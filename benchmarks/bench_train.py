@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -29,10 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import CONFIG_PATH, RESULTS, run_in_fresh_process  # benchmarks/common.py
 
-HERE = Path(__file__).resolve().parent
-CONFIG_PATH = HERE / "configs" / "bench-tiny.json"
-RESULTS = HERE / "results"
 BATCH, SEQ = 8, 256
 
 
@@ -146,18 +143,6 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def run_one(target, args: tuple, timeout: float) -> dict:  # noqa: ANN001
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        return {"error": f"timed out after {timeout:.0f}s"}
-    return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
-
-
 def peak_worker(threads: int, queue) -> None:  # noqa: ANN001
     queue.put({"float32": matmul_peak(torch.float32, threads), "bfloat16": matmul_peak(torch.bfloat16, threads)})
 
@@ -225,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                        "batch": [BATCH, SEQ], "cpu": platform.processor() or platform.machine(),
                        "flops_per_token": model_flops_per_token(cfg, SEQ),
                        "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True)}}  # fmt: skip
-    result["meta"]["peak_gflops"] = run_one(peak_worker, (args.threads,), timeout=300)
+    result["meta"]["peak_gflops"] = run_in_fresh_process(peak_worker, (args.threads,), timeout=300)
     runs: dict[str, list[dict]] = {"hf": [], "glm5-lm": [], "glm5": []}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
@@ -233,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(repeats):
             for impl in runs:  # interleaved: machine drift hits every side alike
                 print(f"repeat {i + 1}/{repeats}: {impl}", flush=True)
-                runs[impl].append(run_one(worker, (impl, weights, args.threads, steps), timeout=1800))
+                runs[impl].append(run_in_fresh_process(worker, (impl, weights, args.threads, steps), timeout=1800))
     peak = result["meta"]["peak_gflops"]["float32"] * 1e9
     for impl, got in runs.items():
         ok = [r for r in got if "error" not in r]

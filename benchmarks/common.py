@@ -31,3 +31,19 @@ def build(impl: str, weights: str, threads: int):
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not missing and not unexpected, (missing, unexpected)
     return cfg, model.eval()
+
+
+def run_in_fresh_process(target, args: tuple, timeout: float) -> dict:  # noqa: ANN001
+    """Run `target(*args, queue)` in a spawned process and return the dict it puts on the queue (or an error),
+    so each measurement's peak RSS belongs to it alone."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {"error": f"timed out after {timeout:.0f}s"}
+    return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
