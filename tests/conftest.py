@@ -19,3 +19,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are op-dispatch bound: one thread is faster, and immune to a busy machine (two OpenMP
+    threads sharing a loaded core run these tests many times slower). Opt in per module with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from configs import MICRO
 
-from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5 import GLM5ForCausalLM
 from glm5.engine.kv_cache import BlockPool, PagedLatentCache
 from glm5.model import ContiguousLatentCache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-dispatch bound: one thread is faster, and immune to a busy machine (two OpenMP
-    threads sharing a loaded core run these tests many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-)  # fmt: skip
+CFG = MICRO
 
 
 def model() -> GLM5ForCausalLM:

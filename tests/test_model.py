@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from configs import MICRO
 
 from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.kernels.grouped_mm import grouped_mm, grouped_mm_reference
@@ -14,12 +15,7 @@ from glm5.model.attention import dense_latent_attention, sparse_latent_attention
 from glm5.model.cache import Positions
 from glm5.model.moe import MoE
 
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-)  # fmt: skip
+CFG = MICRO
 
 
 def model(cfg: GLM5Config = CFG, seed: int = 0) -> GLM5ForCausalLM:
