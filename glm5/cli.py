@@ -8,6 +8,7 @@ other packages register themselves (`glm5.tokenizer.cli.register(subparsers)`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -15,6 +16,8 @@ from glm5 import __version__
 from glm5.config import PRESETS, GLM5Config
 
 EXIT_USAGE = 2
+COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli")
+"""Modules with a `register(subparsers)` adding their subcommands; each must import without torch."""
 
 
 def _error(message: str) -> None:
@@ -178,15 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
     _add_convert(subparsers)
-    from glm5.tokenizer.cli import register as add_tokenizer_commands
-
-    add_tokenizer_commands(subparsers)
-    from glm5.train.cli import register as add_train_command
-
-    add_train_command(subparsers)
-    from glm5.engine.cli import register as add_engine_commands
-
-    add_engine_commands(subparsers)
+    for module in COMMAND_GROUPS:
+        importlib.import_module(module).register(subparsers)
     return parser
 
 
