@@ -16,7 +16,7 @@ from glm5 import __version__
 from glm5.config import PRESETS, GLM5Config
 
 EXIT_USAGE = 2
-COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli")
+COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli", "glm5.eval.cli")
 """Modules with a `register(subparsers)` adding their subcommands; each must import without torch."""
 
 
@@ -172,6 +172,75 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=cmd_info)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`glm5 plan`: devices, layout, memory per device, decode/prefill rooflines and cost of a deployment."""
+    import json
+
+    from rich.console import Console
+
+    from glm5.plan import HARDWARE, PlanSettings, format_plan, get_hardware, load_hardware_file, plan
+
+    if args.list_hardware:
+        for hw in HARDWARE.values():
+            Console(highlight=False).print(f"{hw.name:16} {hw.memory_gb:g} GB, {hw.bandwidth_tbs:g} TB/s, "
+                                           f"{hw.bf16_tflops:g}/{hw.fp8_tflops:g} TFLOP/s bf16/8-bit, "
+                                           f"{hw.interconnect_gbs:g} GB/s x {hw.scale_up}: {hw.source}")  # fmt: skip
+        return 0
+    cfg, label = _load_config(args.preset or (None if args.path else "glm-5"), args.path)
+    hw = load_hardware_file(args.hardware_file) if args.hardware_file else get_hardware(args.hardware)
+    mtp_steps = args.mtp_steps if args.mtp_accept is not None else 0
+    settings = PlanSettings(
+        dtype=args.dtype, context=args.context, concurrency=args.concurrency, devices=args.devices,
+        attn_tp=args.attn_tp, kv_dtype=args.kv_dtype, mtp_steps=mtp_steps,
+        mtp_accept=args.mtp_accept if args.mtp_accept is not None else 1.0,
+        bandwidth_efficiency=args.bandwidth_efficiency, mfu=args.mfu, margin=args.margin,
+        price_per_hour=args.price_per_hour,
+    )  # fmt: skip
+    result = plan(cfg, hw, settings, preset=label)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        Console().print(format_plan(result))
+    return 0
+
+
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    # Defaults of glm5.plan (not imported here: it pulls in torch, and building the parser must stay light).
+    DEFAULT_BANDWIDTH_EFFICIENCY, DEFAULT_MFU, DEFAULT_MARGIN = 0.6, 0.4, 0.1  # noqa: N806
+    p = subparsers.add_parser(
+        "plan",
+        help="devices, layout, memory, decode/prefill speed and cost on a hardware catalog",
+        description="Plan a deployment: memory per device (weights, MLA latent and indexer caches, activation "
+        "margin), the minimum devices and a suggested TP/EP layout, decode tokens/s per user (bandwidth "
+        "roofline) and prefill throughput (compute roofline), cost per million tokens, and what the reported "
+        "GLM-5 serving speeds imply against this roofline.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)} (default glm-5)")
+    source.add_argument("path", nargs="?", metavar="PATH", help="a config.json or a checkpoint folder")
+    p.add_argument("--hardware", default="h200", metavar="NAME",
+                   help="h100, h200, b200, ascend-910b, ascend-910c, cloudmatrix-384 (default h200)")  # fmt: skip
+    p.add_argument("--hardware-file", metavar="FILE", help="a JSON file describing your own device (overrides --hardware)")
+    p.add_argument("--list-hardware", action="store_true", help="print the hardware catalog and exit")
+    p.add_argument("--dtype", choices=("bf16", "fp8"), default="fp8", help="stored weights (default fp8)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="MLA latent cache (default bf16)")
+    p.add_argument("--context", type=int, default=200_000, help="tokens per sequence (default 200000)")
+    p.add_argument("--concurrency", type=int, default=32, help="sequences decoded at once (default 32)")
+    p.add_argument("--devices", type=int, help="use this many devices (default: the smallest power of two that fits)")
+    p.add_argument("--attn-tp", type=int, help="attention tensor parallelism (default: least memory)")
+    p.add_argument("--mtp-accept", type=float, metavar="L",
+                   help="enable MTP speculative decoding with this acceptance length (tokens per step, e.g. 3.5)")  # fmt: skip
+    p.add_argument("--mtp-steps", type=int, default=3, help="MTP draft tokens per step with --mtp-accept (default 3)")
+    p.add_argument("--bandwidth-efficiency", type=float, default=DEFAULT_BANDWIDTH_EFFICIENCY,
+                   help=f"share of peak HBM bandwidth decode reaches (default {DEFAULT_BANDWIDTH_EFFICIENCY})")  # fmt: skip
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"prefill MFU (default {DEFAULT_MFU})")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"share of device memory kept for activations etc. (default {DEFAULT_MARGIN})")  # fmt: skip
+    p.add_argument("--price-per-hour", type=float, metavar="X", help="price of one device-hour, for cost per 1M tokens")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `glm5` argument parser with every available subcommand."""
     parser = argparse.ArgumentParser(
@@ -180,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glm5 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
+    _add_plan(subparsers)
     _add_convert(subparsers)
     for module in COMMAND_GROUPS:
         importlib.import_module(module).register(subparsers)

@@ -244,3 +244,165 @@ def test_format_table_without_mtp_modules_has_no_mtp_rows():
     console.print(format_table(parameter_table(GLM5Config.from_preset("bench-tiny"))))
     text = console.export_text()
     assert "MTP" not in text and "total (main model)" in text
+
+
+# --- part 2: hardware, memory per device, layout, rooflines (`glm5 plan`) -------------------------------------
+import json as _json  # noqa: E402
+import math  # noqa: E402
+
+from glm5.cli import main as cli_main  # noqa: E402
+from glm5.plan import (  # noqa: E402
+    HARDWARE,
+    PlanSettings,
+    choose_layout,
+    decode_roofline,
+    device_memory,
+    expected_distinct_experts,
+    get_hardware,
+    hardware_from_dict,
+    load_hardware_file,
+    min_devices_bound,
+    plan,
+    prefill_flops_per_token,
+    weight_bytes,
+)
+
+GLM5_FP8 = 746_130_054_912  # MODEL_SPEC §12/§13, main model
+GLM5_BF16 = 2 * GLM5_MAIN + 4 * 75 * 256
+FP8_EXPERT = 3 * (2048 * 6144 + 4 * 16 * 48)  # three 2048x6144 e4m3 matrices + a 16 x 48 grid of fp32 scales each
+EMBED_BF16 = 154_880 * 6144 * 2
+H200_BW = 4.8e12
+
+
+def kv_per_token_from_config(cfg: GLM5Config) -> int:
+    """BF16 MLA latent (kv_lora_rank + rope dims) in every layer + FP8 indexer key with one fp32 scale."""
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers + (cfg.index_head_dim + 4) * 78
+
+
+def test_published_headline_figures_744b_total_40b_active_1490gb_bf16_half_in_fp8(glm5):
+    bf16, fp8 = weight_bytes(glm5, "bf16"), weight_bytes(glm5, "fp8")
+    assert round(glm5.total_main / 1e9) == 744 and round(glm5.active_no_embed / 1e9) == 40
+    assert bf16.total == GLM5_BF16 and round(bf16.total / 1e9) == 1488  # "~1,490 GB"
+    assert fp8.total == GLM5_FP8 and 0.49 < fp8.total / bf16.total < 0.51
+    assert fp8.per_expert == FP8_EXPERT and bf16.per_expert == 2 * 37_748_736
+    assert fp8.routed == 75 * 256 * FP8_EXPERT and fp8.num_moe_layers == 75
+    assert fp8.dense_read == GLM5_FP8 - 75 * 256 * FP8_EXPERT - EMBED_BF16
+    assert fp8.mtp_total == 756_162_687_872 - GLM5_FP8
+
+
+def test_plan_memory_and_devices_for_glm5_fp8_on_h200_at_200k_x_32(glm5):
+    s = PlanSettings(dtype="fp8", context=200_000, concurrency=32)
+    kv = kv_per_token_from_config(glm5.config)
+    assert kv == 100_152
+    h200 = HARDWARE["h200"]
+    assert min_devices_bound(glm5, h200, s) == math.ceil((GLM5_FP8 + kv * 200_000 * 32) / (141e9 * 0.9)) == 11
+    devices, tp, memory = choose_layout(glm5, h200, s)
+    assert (devices, tp) == (16, 1)  # 8 devices cannot hold it; DP attention keeps the caches unreplicated
+    non_expert = GLM5_FP8 - 75 * 256 * FP8_EXPERT
+    assert memory.weights == non_expert + 75 * 16 * FP8_EXPERT  # 256 / 16 experts per device
+    assert memory.kv_latent == 2 * 200_000 * 1152 * 78  # 32 sequences over 16 DP groups
+    assert memory.kv_indexer == 2 * 200_000 * 132 * 78
+    assert memory.margin == pytest.approx(14.1e9) and memory.fits
+    assert not any(device_memory(glm5, h200, s, 8, t).fits for t in (1, 2, 4, 8))
+
+
+def test_devices_grow_with_context_concurrency_and_bf16_and_memory_shrinks_with_devices(glm5):
+    h200 = HARDWARE["h200"]
+
+    def devices(**kw) -> int:
+        return choose_layout(glm5, h200, PlanSettings(**kw))[0]
+
+    contexts = [devices(context=c, concurrency=8) for c in (8_000, 64_000, 200_000)]
+    batches = [devices(context=100_000, concurrency=b) for b in (1, 16, 64, 128)]
+    assert contexts == sorted(contexts) and batches == sorted(batches) and batches[-1] > batches[0]
+    assert devices(dtype="bf16", concurrency=8) >= devices(dtype="fp8", concurrency=8)
+    s = PlanSettings(context=50_000, concurrency=16)
+    totals = [device_memory(glm5, h200, s, n, 1).total for n in (8, 16, 32, 64)]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_decode_roofline_by_hand_for_one_user_on_8_h200_with_tp8(glm5):
+    s = PlanSettings(dtype="fp8", context=1024, concurrency=1, bandwidth_efficiency=0.5)
+    d = decode_roofline(glm5, HARDWARE["h200"], s, devices=8, attn_tp=8)
+    non_expert = GLM5_FP8 - 75 * 256 * FP8_EXPERT - EMBED_BF16  # lm_head is read, the embedding is a lookup
+    experts = 75 * 8 * FP8_EXPERT  # one token touches its 8 experts per MoE layer
+    latents = 78 * 1024 * 1152  # context <= index_topk: every latent, no indexer pass
+    expected_bytes = non_expert + experts + latents
+    assert sum(d.step_bytes.values()) == pytest.approx(expected_bytes, rel=1e-12)
+    assert d.bound == "bandwidth"
+    assert d.per_user(1.0) == pytest.approx(8 * H200_BW / expected_bytes, rel=1e-12)
+    assert d.per_user() == pytest.approx(0.5 * 8 * H200_BW / expected_bytes, rel=1e-12)
+
+
+def test_decode_indexer_scans_the_whole_context_above_top_k_and_mtp_multiplies_by_acceptance(glm5):
+    h200 = HARDWARE["h200"]
+    d = decode_roofline(glm5, h200, PlanSettings(context=100_000, concurrency=4), 8, 8)
+    assert d.step_bytes["indexer keys scanned"] == 4 * 100_000 * 132 * 78
+    assert d.step_bytes["KV latents gathered (top-k)"] == 4 * 2048 * 1152 * 78
+    mtp = decode_roofline(glm5, h200, PlanSettings(context=100_000, concurrency=4, mtp_steps=3, mtp_accept=3.5), 8, 8)
+    assert mtp.per_user(1.0) == pytest.approx(3.5 * 8 * H200_BW / sum(mtp.step_bytes.values()))
+    assert mtp.per_user(1.0) > d.per_user(1.0)  # more bytes per step, but 3.5 tokens for each
+
+
+def test_expected_distinct_experts():
+    assert expected_distinct_experts(256, 8, 1) == pytest.approx(8)
+    assert expected_distinct_experts(256, 8, 2) == pytest.approx(16 - 64 / 256)  # 256 (1 - (31/32)^2)
+    assert expected_distinct_experts(256, 8, 10_000) == pytest.approx(256)
+
+
+def test_prefill_flops_by_hand(glm5):
+    n = 1024  # below index_topk: dense causal attention, position t attends to t keys, no indexer
+    mla_per_key = 78 * 64 * 2 * (512 + 64 + 512)
+    expected = 2 * 39_881_544_192 + 2 * 154_880 * 6144 / n + mla_per_key * (n + 1) / 2
+    assert prefill_flops_per_token(glm5, n) == pytest.approx(expected, rel=1e-12)
+    n = 10_000  # above: min(2048, t) MLA keys, t indexer keys
+    mla_keys = (2048 * 2049 / 2 + (n - 2048) * 2048) / n
+    indexer = 78 * 32 * 128 * 2 * (n + 1) / 2
+    expected = 2 * 39_881_544_192 + 2 * 154_880 * 6144 / n + mla_per_key * mla_keys + indexer
+    assert prefill_flops_per_token(glm5, n) == pytest.approx(expected, rel=1e-12)
+
+
+def test_plan_cost_and_implied_efficiencies(glm5):
+    p = plan(glm5.config, HARDWARE["h200"], PlanSettings(price_per_hour=2.0), preset="glm-5")
+    assert p.cost_per_million(p.decode_aggregate) == pytest.approx(2.0 * 16 / 3600 / p.decode_aggregate * 1e6)
+    sglang = [r for r in p.implied if r["what"].startswith("SGLang")]
+    assert len(sglang) == 2 and all(0.01 < r["implied_efficiency"] < 1 for r in sglang)
+    assert sglang[0]["roofline_per_user"] * sglang[0]["implied_efficiency"] == pytest.approx(120)
+    zai = next(r for r in p.implied if r["what"].startswith("Z.ai"))
+    lo, hi = zai["implied_efficiency_range"]
+    assert lo * zai["roofline_per_user"] == pytest.approx(17) and hi * zai["roofline_per_user"] == pytest.approx(19)
+
+
+def test_hardware_catalog_and_user_defined_devices(tmp_path):
+    assert {"h100", "h200", "b200", "ascend-910b", "ascend-910c", "cloudmatrix-384"} <= set(HARDWARE)
+    assert get_hardware("910C") is HARDWARE["ascend-910c"] and HARDWARE["cloudmatrix-384"].scale_up == 384
+    assert HARDWARE["ascend-910c"].approximate and not HARDWARE["h200"].approximate
+    with pytest.raises(ValueError, match="--hardware-file"):
+        get_hardware("tpu-v9")
+    good = tmp_path / "gpu.json"
+    good.write_text(_json.dumps({"name": "mine", "memory_gb": 96, "bandwidth_tbs": 4, "bf16_tflops": 900}))
+    hw = load_hardware_file(str(good))
+    assert hw.fp8_tflops == 900 and hw.memory == 96e9 and hw.source == "user-defined"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_hardware_file(str(bad))
+    with pytest.raises(ValueError, match="missing field"):
+        hardware_from_dict({"name": "x"})
+    with pytest.raises(ValueError, match="memory_gb must be a positive number"):
+        hardware_from_dict({"name": "x", "memory_gb": -1, "bandwidth_tbs": 1, "bf16_tflops": 1})
+
+
+def test_cli_plan_json_and_errors(capsys, tmp_path):
+    args = ["plan", "--preset", "glm-5", "--hardware", "h200", "--dtype", "fp8", "--context", "200000",
+            "--concurrency", "32", "--price-per-hour", "3"]  # fmt: skip
+    assert cli_main([*args, "--json"]) == 0
+    data = _json.loads(capsys.readouterr().out)
+    assert data["devices"] == 16 and data["min_devices"] == 11 and data["kv_bytes_per_token"] == 100_152
+    assert data["weights"]["total"] == GLM5_FP8 and data["memory_per_device"]["fits"]
+    assert cli_main(["plan", "--preset", "glm-5", "--hardware", "910c", "--concurrency", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "ascend-910c" in text and "746 GB" in text and "implied" in text
+    assert cli_main(["plan", "--hardware", "nope"]) == 2
+    assert "unknown hardware" in capsys.readouterr().err
+    assert cli_main(["plan", "--concurrency", "0"]) == 2
