@@ -108,6 +108,38 @@ def test_prefix_cache_hit_reuses_blocks_and_gives_identical_outputs() -> None:
     assert other.outputs[0].token_ids == fresh.outputs[0].token_ids
 
 
+def test_a_sequence_grown_from_a_prefix_hit_registers_its_new_blocks() -> None:
+    """Regression: a prefix hit once recorded positions as registered blocks, so growing past them crashed."""
+    llm = LLM(model(3), block_size=4)
+    long = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    grown = llm.generate([[5, 6, 7, 8, 9]], long)[0]
+    assert grown.num_cached_tokens == 4
+    assert grown.outputs[0].token_ids == full_sequence_greedy(model(3), [5, 6, 7, 8, 9], 30)
+    # the blocks it filled while growing are cached too: its whole sequence is a prefix now
+    again = llm.generate([[5, 6, 7, 8, 9] + grown.outputs[0].token_ids[:28]], GREEDY)[0]
+    assert again.num_cached_tokens == 32
+
+
+def test_ids_past_the_tokenizer_vocabulary_decode_to_no_text() -> None:
+    """Checkpoints pad the embedding table past the tokenizer; such ids must not fail the batch."""
+
+    class SmallTokenizer:
+        vocab_size = 3
+        eos_token_ids: list[int] = []
+
+        def decode(self, ids, skip_special_tokens=False):  # noqa: ANN001
+            assert all(i < 3 for i in ids)
+            return "".join("abc"[i] for i in ids)
+
+        def encode(self, text):  # noqa: ANN001
+            return ["abc".index(c) for c in text]
+
+    out = LLM(model(3), SmallTokenizer()).generate([[0, 1, 2]], GREEDY)[0].outputs[0]
+    assert len(out.token_ids) == 10
+    assert out.text == "".join("abc"[t] for t in out.token_ids if t < 3)
+
+
 def test_prefix_cache_hit_with_speculative_decoding_keeps_outputs() -> None:
     llm = LLM(model(3), block_size=4, num_speculative_tokens=2)
     (p,) = prompts([30], seed=12)

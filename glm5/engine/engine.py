@@ -18,12 +18,14 @@ host sync per step is the `.tolist()` of the sampled ids (plus logprobs when ask
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +80,11 @@ class EngineConfig:
     """Seeds the generators of requests that bring no seed of their own."""
     attention_impl: str | None = None
     """Override the model's attention path ("sparse" or the dense "mask" reference)."""
+    force_token: Callable[[list[int], list[int]], int | None] | None = None
+    """Scripted output: `(prompt ids, output ids so far) -> token id to emit instead of the sampled one, or None`.
+    The forced token then goes through the usual logprobs, stop and streaming handling (glm5/serve/scripted.py
+    replays given outputs with random weights). Speculative decoding is turned off while it is set: verification
+    samples inside the verify kernel, where the hook could not apply."""
 
 
 class Status(enum.Enum):
@@ -151,6 +158,10 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
+        if cfg.force_token is not None and cfg.num_speculative_tokens:
+            warnings.warn("EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
+                          "since drafts are verified where the hook cannot apply", stacklevel=2)  # fmt: skip
+            self.config = cfg = dataclasses.replace(cfg, num_speculative_tokens=0)
         mcfg = model.config
         if cfg.attention_impl is not None:
             model.configure_attention(impl=cfg.attention_impl)
@@ -672,6 +683,10 @@ class LLMEngine:
         batch = self._batch_sampling(seqs, 1)
         u = None if batch.all_greedy else draw_uniforms([s.generator for s in seqs], 1, self.device)[:, 0]
         ids = sample(logits, batch, u)
+        force = self.config.force_token
+        if force is not None:  # scripted output: the hook may replace each row's sampled token
+            forced = [force(s.request.prompt_token_ids, s.output_ids) for s in seqs]
+            ids = torch.tensor([t if f is None else f for f, t in zip(forced, ids.tolist())], device=ids.device)
         lp = self._logprobs(seqs, logits[:, None], ids[:, None], 1)
         for b, (seq, tok) in enumerate(zip(seqs, ids.tolist())):
             self._append(seq, tok, None if lp is None else lp[b][0])

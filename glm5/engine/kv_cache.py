@@ -288,7 +288,8 @@ class PagedLatentCache:
             self.pool.incref(block)
             seq.hashes.append(self.pool.hash_of[block])
         seq.blocks = list(blocks)
-        seq.length = seq.registered = len(blocks) * self.block_size
+        seq.length = len(blocks) * self.block_size
+        seq.registered = len(blocks)  # counts blocks, not positions
         seq.tokens = list(tokens[: seq.length])
         seq.contiguous = all(b == blocks[0] + i for i, b in enumerate(blocks))
         return seq.length

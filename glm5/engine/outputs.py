@@ -103,9 +103,15 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = 0
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._vocab = getattr(tokenizer, "vocab_size", None)
 
     def add(self, token_ids: Sequence[int]) -> str | None:
-        """Append tokens; returns the stop string they completed (the text is then cut there), else None."""
+        """Append tokens; returns the stop string they completed (the text is then cut there), else None.
+
+        Ids past the tokenizer's vocabulary (checkpoints pad the embedding table beyond it) have no text: they
+        are kept in `token_ids` but decode to nothing, as in vLLM, instead of failing the whole batch."""
+        if self._vocab is not None:
+            token_ids = [t for t in token_ids if t < self._vocab]
         self.ids.extend(token_ids)
         decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix : self._read], skip_special_tokens=self.skip_special_tokens)
