@@ -16,7 +16,8 @@ from glm5 import __version__
 from glm5.config import PRESETS, GLM5Config
 
 EXIT_USAGE = 2
-COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli", "glm5.eval.cli", "glm5.serve.cli")
+COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli", "glm5.eval.cli", "glm5.serve.cli",
+                  "glm5.rl.cli")
 """Modules with a `register(subparsers)` adding their subcommands; each must import without torch."""
 
 

@@ -22,3 +22,13 @@ def __getattr__(name: str) -> Any:
     if name in _HOME:
         return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'glm5.rl' has no attribute {name!r}")
+
+# The RL system (types, buffer, rollout, trainer, weight sync, loop, recipes), lazily as above.
+_SYSTEM = {"Sample": "glm5.rl.types", "DataBuffer": "glm5.rl.buffer", "BufferConfig": "glm5.rl.buffer",
+           "RolloutManager": "glm5.rl.rollout", "RolloutConfig": "glm5.rl.rollout", "RLTrainer": "glm5.rl.trainer",
+           "TrainerConfig": "glm5.rl.trainer", "run_loop": "glm5.rl.controller", "RLRecipe": "glm5.rl.recipes",
+           "recipe_preset": "glm5.rl.recipes", "ObjectStoreTransport": "glm5.rl.weight_sync",
+           "DiskTransport": "glm5.rl.weight_sync", "CollectiveTransport": "glm5.rl.weight_sync",
+           "state_hash": "glm5.rl.weight_sync"}  # fmt: skip
+_HOME.update(_SYSTEM)
+__all__ += sorted(_SYSTEM)

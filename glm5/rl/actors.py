@@ -1,0 +1,261 @@
+"""Thin Ray actor wrappers around the plain classes (RL.md A.2), and the driver-side proxies that let the same
+`run_loop` drive them.
+
+    DataBuffer      -> a threaded actor (num_cpus=0): leases, completions and a blocking get_batch at once
+    RolloutWorker   -> an actor (num_cpus=0.5) holding an LLMEngine + RolloutManager whose buffer is a proxy
+                       of the buffer actor; it generates on a background thread
+    RLTrainer       -> an actor (num_cpus=1); its weights go to the object store once per version
+
+Fault tolerance: leases live in the buffer actor, not in the worker. `WorkerPool.check()` (called by the loop
+every step) pings the workers; a dead one's leases are requeued (`release_worker`), and a replacement is
+created, given the *current* weights, and only then started. Each actor calls torch.set_num_threads(1).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ValueError("--ray needs the `ray` package: pip install ray") from exc
+    return ray
+
+
+def init_local_ray(num_cpus: int = 2) -> None:
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+class RemoteProxy:
+    """Calls an actor's methods synchronously: proxy.method(...) == ray.get(actor.method.remote(...))."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        ray = _ray()
+        method = getattr(self.handle, name)
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+
+class _BufferHost:
+    """The DataBuffer inside an actor."""
+
+    def __init__(self, prompts: list[dict], config: Any) -> None:
+        import torch
+
+        from glm5.rl.buffer import DataBuffer
+
+        torch.set_num_threads(1)
+        self.buffer = DataBuffer(prompts, config)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.buffer, name)(*args, **kwargs)
+
+
+class BufferProxy:
+    """Driver- and worker-side view of the buffer actor with DataBuffer's method names."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        ray = _ray()
+        return lambda *args, **kwargs: ray.get(self.handle.call.remote(name, *args, **kwargs))
+
+
+class RolloutWorker:
+    """One engine + rollout manager (an actor). `model_config` and `state` rebuild the policy in the actor."""
+
+    def __init__(self, name: str, model_config: Any, state: dict, tokenizer: Any, buffer_handle: Any, reward_fn: Any,
+                 rollout_config: Any, reply_fn: Any, env: Any, delay_fn: Any, seed: int) -> None:  # fmt: skip
+        import torch
+
+        from glm5.engine.engine import EngineConfig, LLMEngine
+        from glm5.model import GLM5ForCausalLM
+        from glm5.rl.rollout import RolloutManager
+
+        torch.set_num_threads(1)
+        model = GLM5ForCausalLM(model_config)
+        model.load_state_dict(state)
+        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=seed))
+        self.name = name
+        self.manager = RolloutManager(engine, BufferProxy(buffer_handle), reward_fn, rollout_config, tokenizer=tokenizer,
+                                      reply_fn=reply_fn, env=env, delay_fn=delay_fn, worker=name)  # fmt: skip
+
+    def ping(self) -> int:
+        return self.manager.engine.weight_version
+
+    def update_weights(self, state: dict, version: int) -> int:
+        self.manager.update_weights(state, version)
+        return version
+
+    def start(self) -> None:
+        self.manager.start()
+
+    def stop(self) -> None:
+        self.manager.stop()
+
+    def check(self) -> None:
+        self.manager.check()
+
+    def metrics(self) -> dict:
+        return self.manager.metrics()
+
+    def crash(self) -> None:
+        """Fault injection for tests: the process dies mid-generation."""
+        os._exit(1)
+
+
+class WorkerPool:
+    """The driver's handle on N rollout worker actors, with RolloutManager's loop-facing methods."""
+
+    def __init__(self, make_worker: Any, num_workers: int, buffer: Any) -> None:
+        self.make_worker, self.buffer = make_worker, buffer
+        self.workers = {f"w{i}": make_worker(f"w{i}") for i in range(num_workers)}
+        self.version: int | None = None
+        self.transport: Any = None
+        self.running = False
+        self.replaced: list[dict] = []
+        self._generation = 0
+
+    def sync_weights(self, transport: Any, version: int) -> None:
+        ray = _ray()
+        self.transport, self.version = transport, version
+        ref = transport.versions[version]
+        ray.get([w.update_weights.remote(ref, version) for w in self.workers.values()])  # ref resolved by Ray
+
+    def start(self) -> None:
+        _ray().get([w.start.remote() for w in self.workers.values()])
+        self.running = True
+
+    def stop(self) -> None:
+        ray = _ray()
+        for w in self.workers.values():
+            try:
+                ray.get(w.stop.remote())
+            except ray.exceptions.RayActorError:
+                pass
+        self.running = False
+
+    def check(self) -> None:
+        """Replace dead workers: requeue their leases, create a new actor, load the current weights, start it."""
+        ray = _ray()
+        for name, w in list(self.workers.items()):
+            try:
+                ray.get(w.check.remote(), timeout=30)
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            lost = self.buffer.release_worker(name)
+            self._generation += 1
+            new_name = f"{name.split('-')[0]}-r{self._generation}"
+            del self.workers[name]
+            fresh = self.make_worker(new_name)
+            if self.version is not None:
+                ray.get(fresh.update_weights.remote(self.transport.versions[self.version], self.version))
+            served_version = ray.get(fresh.ping.remote())
+            if self.running:
+                ray.get(fresh.start.remote())
+            self.workers[new_name] = fresh
+            self.replaced.append({"dead": name, "replacement": new_name, "requeued_leases": lost,
+                                  "version_before_serving": served_version, "trainer_version": self.version})  # fmt: skip
+
+    def run_until(self, done: Any, timeout: float = 600.0) -> None:
+        raise ValueError("over Ray, generation always runs on the workers' threads: use overlap=True "
+                         "(eta = 0 still gives synchronous RL)")  # fmt: skip
+
+    def metrics(self) -> dict:
+        ray = _ray()
+        out: dict[str, float] = {}
+        for w in self.workers.values():
+            try:
+                for k, v in ray.get(w.metrics.remote(), timeout=30).items():
+                    out[k] = out.get(k, 0.0) + v if not k.startswith("gen_time") else max(out.get(k, 0.0), v)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        if "rollout_reward" in out:
+            out["rollout_reward"] /= max(1, len(self.workers))
+        return out
+
+    def sync_local(self, local_rollout: Any, transport: Any, version: int) -> None:
+        local_rollout.sync_weights(transport, version)
+
+    def kill(self, name: str) -> None:
+        _ray().kill(self.workers[name])
+
+
+class TrainerProxy:
+    """The trainer actor seen by the loop: `weights()` returns the object-store ref the actor produced (the
+    bytes never pass through the driver)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def weights(self) -> Any:
+        return self.handle.weights.remote()
+
+    def __getattr__(self, name: str) -> Any:
+        ray = _ray()
+        method = getattr(self.handle, name)
+        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+
+class _TrainerHost:
+    def __init__(self, model: Any, config: Any) -> None:
+        import torch
+
+        from glm5.rl.trainer import RLTrainer
+
+        torch.set_num_threads(1)
+        self.trainer = RLTrainer(model, config)
+
+    def weights(self) -> dict:
+        return self.trainer.weights()
+
+    def train_step(self, batch: list) -> dict:
+        return self.trainer.train_step(batch)
+
+    def save(self, folder: str, buffer_state: dict, extra: dict | None = None) -> str:
+        return self.trainer.save(folder, buffer_state, extra)
+
+    def load(self, folder: str) -> dict | None:
+        return self.trainer.load(folder)
+
+
+def build_ray(recipe: Any, task: dict[str, Any], local: dict[str, Any], num_workers: int = 1) -> dict[str, Any]:
+    """The Ray system of a recipe: buffer, `num_workers` rollout workers and the trainer as actors; `local` is the
+    in-process system (its engine serves the driver's held-out evaluation)."""
+    init_local_ray()
+    ray = _ray()
+    from glm5.rl.rollout import pareto_delay
+    from glm5.rl.weight_sync import ObjectStoreTransport
+
+    buffer_cfg, rollout_cfg, trainer_cfg = recipe.configs()
+    buffer_handle = ray.remote(num_cpus=0, max_concurrency=16)(_BufferHost).remote(task["prompts"], buffer_cfg)
+    buffer = BufferProxy(buffer_handle)
+    model = task["model"]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    delay = pareto_delay(**recipe.delay, seed=recipe.seed) if recipe.delay else None
+    worker_cls = ray.remote(num_cpus=0.5, max_concurrency=4, max_restarts=0)(RolloutWorker)
+
+    def make_worker(name: str) -> Any:
+        return worker_cls.remote(name, model.config, state, task["tokenizer"], buffer_handle, task["reward_fn"],
+                                 rollout_cfg, task["reply_fn"], task["env"], delay, recipe.seed)  # fmt: skip
+
+    pool = WorkerPool(make_worker, num_workers, buffer)
+    trainer = TrainerProxy(ray.remote(num_cpus=1)(_TrainerHost).remote(model, trainer_cfg))
+
+    def shutdown() -> None:
+        for w in pool.workers.values():
+            ray.kill(w)
+        time.sleep(0.1)
+
+    return {"buffer": buffer, "rollout": pool, "trainer": trainer, "transport": ObjectStoreTransport(use_ray=True),
+            "engine": local["engine"], "local_rollout": local["rollout"], "shutdown": shutdown}  # fmt: skip

@@ -1,0 +1,216 @@
+"""CLI subcommand `glm5 rl`; ``register(subparsers)`` adds it to the `glm5` parser (no torch/ray at import).
+
+    glm5 rl --recipe math-async --init runs/tiny --out runs/rl-math      # from a `glm5 train` checkpoint
+    glm5 rl --recipe digits-sync --out runs/rl-digits                   # a toy a random tiny model learns
+    glm5 rl --recipe math-sync --ray --out runs/rl-ray                  # the same loop over Ray actors
+
+An --out folder holding a checkpoint is resumed (same recipe). The folder ends with metrics.jsonl, rl.png,
+summary.json, checkpoints/ and model/ (HF layout + tokenizer, loadable by `glm5 generate` / LLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPES = ("math-sync", "math-async", "math-abstain", "tool-use", "digits-sync", "digits-async")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "rl",
+        help="RL post-training (GRPO/PPO, sync or fully async, partial rollouts, staleness control)",
+        description="Asynchronous RL post-training on the glm5 engine. Shows reward, accuracy, abstention rate, "
+        "staleness and samples/s live; writes metrics.jsonl, rl.png, summary.json and a final HF-layout checkpoint "
+        "in DIR/model.",
+    )
+    p.add_argument("--recipe", required=True, choices=RECIPES, help="named RL recipe")
+    p.add_argument("--init", metavar="CHECKPOINT", help="a `glm5 train` output folder (HF layout + tokenizer); "
+                   "without it a tiny model is built and warm-started on the spot")  # fmt: skip
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/rl-RECIPE); resumed if it has a checkpoint")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the recipe's)")
+    p.add_argument("--ray", action="store_true", help="run buffer, rollout worker and trainer as Ray actors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_rl_command)
+
+
+def run_rl_command(args: argparse.Namespace) -> int:
+    from glm5.rl.recipes import recipe_preset
+
+    recipe = recipe_preset(args.recipe)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        recipe = recipe.replace(steps=args.steps)
+    out = Path(args.out or f"runs/rl-{args.recipe}")
+    summary = run_rl(recipe, out, init=args.init, quiet=args.quiet, use_ray=args.ray)
+    _print_summary(summary, out)
+    return 0
+
+
+def _console(quiet: bool) -> Any:
+    from rich.console import Console
+
+    return Console(quiet=quiet)
+
+
+def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = False, use_ray: bool = False
+           ) -> dict[str, Any]:  # fmt: skip
+    """Build, evaluate, train (with live progress), evaluate again, export. Returns the summary."""
+    import torch
+
+    from glm5.rl.controller import build_local, run_loop
+    from glm5.rl.recipes import build_task
+    from glm5.rl.rollout import evaluate_policy
+    from glm5.train.metrics import MetricsLog
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    console = _console(quiet)
+    torch.manual_seed(recipe.seed)
+    task = build_task(recipe, init, log=console.print)
+    system = build_local(recipe, task, str(out))
+    if use_ray:
+        from glm5.rl.actors import build_ray
+
+        system = build_ray(recipe, task, system)
+    buffer, rollout, trainer, transport = system["buffer"], system["rollout"], system["trainer"], system["transport"]
+    ckpt_dir = out / "checkpoints"
+    state = trainer.load(str(ckpt_dir))
+    start = 0
+    if state is not None:
+        same = {k: v for k, v in (state.get("recipe") or {}).items() if k != "steps"}
+        if same != {k: v for k, v in recipe.to_dict().items() if k != "steps"}:
+            raise ValueError(f"{out} holds a run of a different recipe; use a new --out folder")
+        buffer.load_state_dict(state["buffer"])
+        start = int(state["version"])
+        console.print(f"resumed from step {start} of {recipe.steps}")
+    eval_kw = dict(max_new_tokens=recipe.configs()[1].max_new_tokens, tokenizer=task["tokenizer"],
+                   reply_fn=task["reply_fn"], env=task["env"])  # fmt: skip
+    engine = system["engine"]
+    transport.publish(trainer.weights(), start)  # the engine starts from the (possibly resumed) policy
+    rollout.sync_weights(transport, start)
+    before = evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    log = MetricsLog(out / "metrics.jsonl").start(start if state is not None else None)
+
+    def checkpoint(version: int) -> None:
+        trainer.save(str(ckpt_dir), buffer.state_dict(), {"recipe": recipe.to_dict()})
+
+    t0 = time.time()
+    with _Progress(recipe.steps, start, quiet) as bar:
+        def on_step(record: dict[str, Any], batch: Any) -> None:
+            log.write({k: v for k, v in record.items() if not isinstance(v, (list, tuple))})
+            bar.update(record)
+
+        run_loop(buffer, rollout, trainer, transport, steps=recipe.steps, overlap=recipe.overlap or use_ray,
+                 start_version=start,
+                 update_every=recipe.update_every, on_step=on_step, checkpoint=checkpoint,
+                 checkpoint_every=recipe.checkpoint_every)  # fmt: skip
+    if use_ray:  # the held-out evaluation and the export run on the driver's copy of the final weights
+        rollout.sync_local(system["local_rollout"], transport, recipe.steps)
+        rollout = system["local_rollout"]
+    checkpoint(recipe.steps)
+    after = evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    export = _export(engine.model, task["tokenizer"], out / "model")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    plot_rl(records, out / "rl.png", recipe.name)
+    summary = {"recipe": recipe.name, "steps": recipe.steps, "wall_s": time.time() - t0, "eval_before": before,
+               "eval_after": after, "buffer": buffer.counts(), "export": str(export) if export else None,
+               "mode": "ray" if use_ray else "in-process"}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if use_ray:
+        system["shutdown"]()
+    return summary
+
+
+def _export(model: Any, tokenizer: Any, folder: Path) -> Path | None:
+    model.save_pretrained(str(folder))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+class _Progress:
+    """rich progress: step, reward, accuracy, abstention, staleness histogram, samples/s, ETA."""
+
+    def __init__(self, total: int, done: int, quiet: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,  # fmt: skip
+        )
+
+        self.progress = Progress(TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=quiet)  # fmt: skip
+        self.task = self.progress.add_task("rl", total=total, completed=done, info="")
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, r: dict[str, Any]) -> None:
+        stale = " ".join(f"{k}:{v}" for k, v in r["staleness"].items())
+        info = (f"reward {r.get('rollout_reward', r['reward']):+.2f} acc {r['accuracy']:.0%} "
+                f"abstain {r['abstention_rate']:.0%} stale[{stale}] {r['samples_per_s']:.1f} samples/s "
+                f"kl {r.get('ppo_kl', 0):.1e}")  # fmt: skip
+        self.progress.update(self.task, completed=r["step"] + 1, info=info)
+
+
+def plot_rl(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Reward (rollout and trained), accuracy / abstention, staleness, throughput and off-policy metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rl = [r for r in records if r.get("kind") == "rl"]
+    steps = [r["step"] for r in rl]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    panels = [(("rollout_reward", "reward"), "reward (all rollouts / trained batch)"),
+              (("accuracy", "abstention_rate"), "accuracy, abstention rate"),
+              (("staleness_mean", "staleness_max"), "staleness (versions)"),
+              (("samples_per_s",), "samples / s"),
+              (("ppo_kl", "is_weight_mean", "clipfrac"), "ppo_kl, IS weight mean, clipfrac"),
+              (("grad_norm",), "grad norm")]  # fmt: skip
+    for ax, (keys, name) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(s, r[key]) for s, r in zip(steps, rl) if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=key)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"glm5 rl: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _print_summary(s: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"glm5 rl {s['recipe']}", show_header=False)
+
+    def ev(e: dict | None) -> str:
+        if not e:
+            return "-"
+        h = e.get("hallucination_rate")
+        return (f"reward {e['reward']:+.3f}, accuracy {e['accuracy']:.0%}, abstention {e['abstention_rate']:.0%}"
+                + (f", hallucination {h:.0%}" if h is not None else ""))  # fmt: skip
+
+    for k, v in (("steps", str(s["steps"])), ("mode", s["mode"]), ("held-out before", ev(s["eval_before"])),
+                 ("held-out after", ev(s["eval_after"])), ("wall time", f"{s['wall_s']:.1f} s"),
+                 ("work accounting", ", ".join(f"{k} {v}" for k, v in s["buffer"].items())),
+                 ("checkpoint (HF layout)", f"{out}/model"), ("metrics / plot", f"{out}/metrics.jsonl, {out}/rl.png")):  # fmt: skip
+        table.add_row(k, v)
+    Console().print(table)

@@ -1,0 +1,365 @@
+"""`RolloutManager`: leases prompt groups from the `DataBuffer`, generates n samples per prompt on an
+`LLMEngine`, runs tool environments between turns, scores, filters zero-variance groups, and hands groups back;
+on weight updates it drains, aborts (partial rollouts) or updates in place (RL.md A.2-A.4).
+
+Token ids, the engine's per-token logprobs and per-token weight versions go straight into `Sample`s; text is
+decoded only for the reward and the environment. One manager drives one engine, either inline (`run_until`,
+the synchronous loop) or from a background thread (`start`/`stop`, the asynchronous one); weight updates
+take the same lock as a scheduling round, so they land between engine steps.
+
+Long tails are emulated with `delay_fn(sample) -> seconds per token`: a request's k-th token becomes visible
+`(k+1) * delay` after submission (the engine itself runs at full speed), so a slow request holds its group
+back exactly as a long generation would, and an abort keeps only the tokens visible so far.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from glm5.engine.sampling import SamplingParams
+from glm5.rl.buffer import Lease
+from glm5.rl.types import ABORTED, COMPLETED, FAILED, PENDING, TRUNCATED, Sample, new_group
+
+UPDATE_MODES = ("drain", "abort", "in_place")
+
+
+@dataclass
+class RolloutConfig:
+    """How groups are generated and what happens to them at a weight update."""
+
+    n_samples: int = 4
+    """Rollouts per prompt (the GRPO group)."""
+    max_new_tokens: int = 16
+    """Policy tokens per sample, over all turns."""
+    temperature: float = 1.0
+    """Sampling temperature (the behavior policy mu)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1 = off: the reported logprobs are then exactly mu's)."""
+    filter_zero_variance: bool = True
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (they carry no GRPO signal)."""
+    partial_rollout: bool = True
+    """Aborted samples keep their prefix (tokens, logprobs, versions) and continue; False = restart from scratch."""
+    update_mode: str = "abort"
+    """At a weight update: drain (finish in-flight first), abort (requeue partial groups) or in_place."""
+    max_groups_per_round: int = 64
+    """Most groups leased per scheduling round."""
+    seed: int = 0
+    """Base seed: every request's generator is derived from (seed, sample uid, position)."""
+
+    def __post_init__(self) -> None:
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"rollout update_mode must be one of {UPDATE_MODES}, got {self.update_mode!r}")
+        if self.n_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("rollout n_samples and max_new_tokens must be >= 1")
+
+
+class _Request:
+    """An engine request for one turn of one sample, and the tokens it produced so far."""
+
+    def __init__(self, lease_id: int, sample: Sample, delay: float) -> None:
+        self.lease_id, self.sample, self.delay = lease_id, sample, delay
+        self.submitted = time.monotonic()
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.finish_reason: str | None = None
+
+    def visible(self, now: float) -> int:
+        """Tokens the emulated slow engine has 'produced' by now."""
+        if self.delay <= 0:
+            return len(self.ids)
+        return min(len(self.ids), int((now - self.submitted) / self.delay))
+
+    def ready(self, now: float) -> bool:
+        return self.finish_reason is not None and self.visible(now) == len(self.ids)
+
+
+def pareto_delay(alpha: float = 1.5, scale: float = 0.002, cap: float = 0.2, seed: int = 0) -> Callable[[Sample], float]:
+    """Per-token delay drawn from a Pareto(alpha) with minimum `scale` seconds, capped (a long tail of slow
+    requests, deterministic per sample and position)."""
+
+    def delay(sample: Sample) -> float:
+        rng = random.Random(zlib.crc32(f"{seed}/{sample.uid}/{len(sample.tokens)}".encode()))
+        return min(cap, scale * rng.paretovariate(alpha))
+
+    return delay
+
+
+def plain_reply(text: str, metadata: dict[str, Any]) -> str:
+    """The reply is the whole decoded response (token-level toy tasks)."""
+    return text
+
+
+def chat_reply(text: str, metadata: dict[str, Any]) -> str:
+    """The final content of a GLM-5 chat response: reasoning and tool calls stripped."""
+    from glm5.tokenizer import parse_output
+
+    return parse_output(text, metadata.get("tools")).get("content") or ""
+
+
+class RolloutManager:
+    """See the module docstring. `engine`: an `LLMEngine`; `buffer`: a `DataBuffer` (or a proxy to one);
+    `reward_fn(reply_text, metadata) -> float`; `env`: an optional multi-turn environment with
+    `observe(response_text, turn) -> ids | None` and `final_reply(text)`."""
+
+    def __init__(
+        self, engine: Any, buffer: Any, reward_fn: Callable[[str, dict], float], config: RolloutConfig | None = None,
+        *, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply, env: Any = None,
+        delay_fn: Callable[[Sample], float] | None = None, worker: str = "local",
+    ) -> None:  # fmt: skip
+        self.engine, self.buffer, self.reward_fn = engine, buffer, reward_fn
+        self.cfg = config or RolloutConfig()
+        self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
+        self.reply_fn, self.env, self.delay_fn, self.worker = reply_fn, env, delay_fn, worker
+        self.stop_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or engine.eos_ids)
+        self.groups: dict[int, tuple[Lease, list[Sample]]] = {}
+        self.requests: dict[str, _Request] = {}
+        self.stats: Counter[str] = Counter()
+        self.gen_seconds: list[float] = []
+        self._rewards: list[float] = []
+        self._ids = 0
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._leasing = True
+        self.error: BaseException | None = None
+
+    # --- one scheduling round --------------------------------------------------------------------
+    def step(self) -> bool:
+        """Lease what admission allows, advance the engine one step, finish what is done. Returns whether any
+        work is in flight."""
+        with self._lock:
+            if self._leasing:
+                for lease in self.buffer.lease(self.worker, self.cfg.max_groups_per_round):
+                    self._start_group(lease)
+            if self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    self._collect(out)
+            self._finish_ready(time.monotonic())
+            return bool(self.groups)
+
+    def run_until(self, done: Callable[[], bool], timeout: float = 600.0) -> None:
+        """Drive the engine inline (the synchronous loop) until `done()`; idle rounds sleep briefly."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout did not finish within {timeout:.0f} s (buffer: {self.buffer.counts()})")
+            if not self.step() or not self.engine.has_unfinished_requests():
+                time.sleep(0.001)
+
+    def _start_group(self, lease: Lease) -> None:
+        samples = lease.samples
+        if samples is None:
+            samples = new_group(lease.prompt_id, lease.epoch, lease.prompt, self.cfg.n_samples, lease.metadata)
+        elif not self.cfg.partial_rollout:
+            for s in samples:
+                if not s.done:
+                    s.reset_response()
+        self.groups[lease.lease_id] = (lease, samples)
+        for s in samples:
+            if not s.done:
+                self._submit(lease.lease_id, s)
+
+    def _submit(self, lease_id: int, sample: Sample) -> None:
+        budget = self.cfg.max_new_tokens - sum(sample.loss_mask)
+        room = self.engine.max_model_len - len(sample.tokens)
+        if budget <= 0 or room <= 0:
+            sample.status = TRUNCATED
+            return
+        sample.status = PENDING
+        self._ids += 1
+        rid = f"{self.worker}:{sample.uid}:{self._ids}"
+        seed = zlib.crc32(f"{self.cfg.seed}/{sample.uid}/{len(sample.tokens)}".encode())
+        params = SamplingParams(max_tokens=min(budget, room), temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                logprobs=0, seed=seed, detokenize=False)  # fmt: skip
+        delay = self.delay_fn(sample) if self.delay_fn is not None else 0.0
+        self.requests[rid] = _Request(lease_id, sample, delay)
+        self.engine.add_request(rid, list(sample.tokens), params)
+
+    def _collect(self, out: Any) -> None:
+        req = self.requests.get(out.request_id)
+        if req is None:
+            return
+        c = out.outputs[0]
+        req.ids += c.token_ids
+        req.logprobs += [d[t] for d, t in zip(c.logprobs or [], c.token_ids)]
+        req.versions += c.weight_versions
+        if c.finish_reason is not None:
+            req.finish_reason = c.finish_reason
+
+    def _finish_ready(self, now: float) -> None:
+        for rid in [r for r, req in self.requests.items() if req.ready(now)]:
+            req = self.requests.pop(rid)
+            s = req.sample
+            s.append(req.ids, req.logprobs, req.versions, trainable=True)
+            self.stats["tokens"] += len(req.ids)
+            self.gen_seconds.append(now - req.submitted)
+            if req.finish_reason == "stop" and self.env is not None:
+                turn = s.metadata.get("turn", 0)
+                obs = self.env.observe(self.tokenizer.decode(req.ids), turn)  # stop token kept: the env reads it
+                if obs:
+                    s.metadata["turn"] = turn + 1
+                    s.append(list(obs), [0.0] * len(obs), [self.engine.weight_version] * len(obs), trainable=False)
+                    self._submit(req.lease_id, s)
+                    continue
+            s.status = {"stop": COMPLETED, "length": TRUNCATED}.get(req.finish_reason, FAILED)
+        for lease_id in [i for i, (_, group) in self.groups.items() if all(s.done for s in group)]:
+            self._score_group(lease_id)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.stop_ids])
+
+    def _last_turn(self, s: Sample) -> list[int]:
+        mask = s.loss_mask
+        start = len(mask)
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        return s.response_ids[start:]
+
+    def _score_group(self, lease_id: int) -> None:
+        lease, group = self.groups.pop(lease_id)
+        for s in group:
+            if s.reward is None:
+                text = self._decode(self._last_turn(s))
+                reply = self.env.final_reply(text) if self.env is not None else self.reply_fn(text, s.metadata)
+                s.reward = float(self.reward_fn(reply, s.metadata)) if s.status != FAILED else 0.0
+                s.metadata["reply"] = reply
+        self.stats["groups"] += 1
+        self.stats["samples"] += len(group)
+        self._rewards += [float(s.reward) for s in group]
+        if self.cfg.filter_zero_variance and len({s.reward for s in group}) == 1:
+            self.stats["filtered"] += 1
+            self.buffer.filter(lease_id, "zero_variance")
+        else:
+            self.buffer.complete(lease_id, group)
+
+    # --- weight updates --------------------------------------------------------------------------
+    def abort_all(self) -> int:
+        """Abort every in-flight request; groups go back to the buffer with their partial samples (prefix
+        tokens, logprobs and versions) when partial rollouts are on, else to restart. Returns groups requeued."""
+        with self._lock:
+            if self.requests:
+                self.engine.abort_request(list(self.requests))
+                self.engine.step()  # applies the aborts; their last deltas are dropped: only visible tokens count
+            now = time.monotonic()
+            for req in self.requests.values():
+                keep = req.visible(now)
+                req.sample.append(req.ids[:keep], req.logprobs[:keep], req.versions[:keep], trainable=True)
+                req.sample.status = ABORTED
+            self.requests.clear()
+            n = 0
+            for lease_id, (_, group) in list(self.groups.items()):
+                if all(s.done for s in group):
+                    continue
+                del self.groups[lease_id]
+                self.buffer.requeue(lease_id, group if self.cfg.partial_rollout else None)
+                self.stats["aborted_groups"] += 1
+                n += 1
+            self._finish_ready(now)
+            return n
+
+    def update_weights(self, state_dict: dict, version: int) -> None:
+        """Load new weights by the configured mode; requests issued afterwards carry `version`."""
+        mode = self.cfg.update_mode
+        if mode == "drain":
+            self._leasing = False
+            try:
+                while True:
+                    with self._lock:
+                        if not self.requests:
+                            self.engine.update_weights(state_dict, version)
+                            break
+                        self.step()
+            finally:
+                self._leasing = True
+            return
+        with self._lock:
+            if mode == "abort":
+                self.abort_all()
+            self.engine.update_weights(state_dict, version)
+
+    def sync_weights(self, transport: Any, version: int) -> None:
+        """Fetch `version` from a WeightTransport and load it (see update_weights)."""
+        state, got = transport.fetch(version)
+        self.update_weights(state, got)
+
+    @property
+    def version(self) -> int:
+        return self.engine.weight_version
+
+    # --- background mode -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Generate continuously on a background thread (the asynchronous mode)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"rollout-{self.worker}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.step()
+                time.sleep(0 if busy and self.engine.has_unfinished_requests() else 0.001)
+        except BaseException as exc:  # surfaced to the controller by check()
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise the background thread's error, if any."""
+        if self.error is not None:
+            raise RuntimeError(f"rollout worker {self.worker} failed: {self.error!r}") from self.error
+
+    def stop(self, requeue: bool = True) -> None:
+        """Stop the background thread; in-flight groups are requeued (partial) so none is lost."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if requeue:
+            self.abort_all()
+
+    def metrics(self) -> dict[str, float]:
+        times, rewards = sorted(self.gen_seconds), self._rewards
+        self.gen_seconds, self._rewards = [], []
+        out = {f"rollout_{k}": float(v) for k, v in self.stats.items()}
+        if rewards:  # every scored sample since the last call, before the dynamic filter (unbiased)
+            out["rollout_reward"] = sum(rewards) / len(rewards)
+        if times:
+            out["gen_time_p50"] = times[len(times) // 2]
+            out["gen_time_max"] = times[-1]
+        return out
+
+
+def evaluate_policy(engine: Any, prompts: list[dict[str, Any]], reward_fn: Callable[[str, dict], float], *,
+                    max_new_tokens: int, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply,
+                    env: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, accuracy,
+    abstention rate and hallucination rate (unanswerable questions answered instead of declined)."""
+    from glm5.data.tasks import is_abstention
+    from glm5.rl.buffer import BufferConfig, DataBuffer
+
+    buffer = DataBuffer(prompts, BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1,
+                                              shuffle=False))  # fmt: skip
+    cfg = RolloutConfig(n_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, filter_zero_variance=False)
+    manager = RolloutManager(engine, buffer, reward_fn, cfg, tokenizer=tokenizer, reply_fn=reply_fn, env=env,
+                             worker="eval")  # fmt: skip
+    manager.run_until(lambda: buffer.num_ready() == len(prompts))
+    samples = [g[0] for g in buffer.get_batch(len(prompts))]
+    replies = [str(s.metadata.get("reply", "")) for s in samples]
+    unanswerable = [is_abstention(r) for s, r in zip(samples, replies) if s.metadata.get("answer") is None]
+    return {
+        "reward": sum(float(s.reward) for s in samples) / len(samples),
+        "accuracy": sum(float(s.reward) >= 1.0 for s in samples) / len(samples),
+        "abstention_rate": sum(is_abstention(r) for r in replies) / len(samples),
+        "hallucination_rate": 1 - sum(unanswerable) / len(unanswerable) if unanswerable else None,
+        "num_prompts": len(samples), "version": engine.weight_version,
+        "examples": [{"prompt_id": s.prompt_id, "reply": r, "answer": s.metadata.get("answer"), "reward": s.reward}
+                     for s, r in zip(samples[:6], replies[:6])],
+    }  # fmt: skip
