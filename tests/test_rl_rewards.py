@@ -3,6 +3,7 @@ path, and the calculator tool environment round trip in the exact GLM-5 chat for
 
 from __future__ import annotations
 
+import logging
 import re
 import sysconfig
 import threading
@@ -67,6 +68,27 @@ def test_math_reward_works_off_the_main_thread():
     worker.start()
     worker.join()
     assert results == [1.0]
+
+
+def test_scoring_off_the_main_thread_emits_no_timeout_warning(monkeypatch, caplog, recwarn):
+    """Rollout threads score with math-verify's SIGALRM timeout off (bounded input instead): its "Timeout is
+    disabled" notice would be printed by every worker process, so it is silenced, and nothing else is."""
+    import math_verify.grader
+    import math_verify.parser
+
+    for module in (math_verify.parser, math_verify.grader):  # as in a fresh process: the notice is not shown yet
+        monkeypatch.setattr(module, "TIMEOUT_WARNING_SHOWN", False)
+    long_reply = "Let me think about it step by step. " * 3000 + "So the answer is 1/2."
+    results: list[float] = []
+    with caplog.at_level(logging.DEBUG):
+        worker = threading.Thread(target=lambda: results.extend(
+            [math_reward("1/2", {"answer": "0.5"}), math_reward(long_reply, {"answer": "0.5"})]))  # fmt: skip
+        worker.start()
+        worker.join()
+        logging.getLogger("math_verify.grader").warning("another warning")  # other records still get through
+    assert results == [1.0, 1.0]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["another warning"] and not recwarn.list
 
 
 # ---------------------------------------------------------------------------- abstention

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,13 +30,32 @@ RewardFn = Callable[[str, dict[str, Any]], float]
 MAX_REPLY_CHARS = 4000
 """Only the tail of a reply is parsed (the answer comes last): bounds sympy's work on a rambling policy."""
 VERIFY_TIMEOUT_S = 5
-"""math-verify's timeout; it uses SIGALRM, so it only applies on the main thread (elsewhere: no timeout)."""
+"""math-verify's timeout; it uses SIGALRM, so it only applies on the main thread (elsewhere: no timeout, and
+the work is bounded by MAX_REPLY_CHARS instead)."""
 OBSERVATION, ASSISTANT = "<|observation|>", "<|assistant|>"
 TURN_ENDS = ("<|user|>", "<|endoftext|>")
 """Stop tokens other than <|observation|>: a turn ending with one asked for no tool response."""
 
 
 # ---------------------------------------------------------------------------- answer checking
+class _NoTimeoutNotice(logging.Filter):
+    """Drops math-verify's "Timeout is disabled ..." warning: off the main thread we turn the SIGALRM timeout
+    off on purpose (and bound the input instead), so the notice is noise from every rollout worker."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
+_NO_TIMEOUT_NOTICE = _NoTimeoutNotice()
+
+
+def _silence_timeout_notice() -> None:
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logger = logging.getLogger(name)
+        if _NO_TIMEOUT_NOTICE not in logger.filters:
+            logger.addFilter(_NO_TIMEOUT_NOTICE)
+
+
 def answers_match(reply: str, answer: str) -> bool:
     """Whether the reply's final answer equals ``answer`` by math-verify ("1/2" == "0.5", "1,000" == "1000",
     "\\boxed{3}" == "3"); the last answer-like expression of the reply counts. A gold answer that math-verify
@@ -43,6 +63,8 @@ def answers_match(reply: str, answer: str) -> bool:
     from math_verify import parse, verify
 
     timeout = VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:
+        _silence_timeout_notice()
     reply = reply[-MAX_REPLY_CHARS:]
     gold = parse(answer, parsing_timeout=timeout)
     if not gold:

@@ -7,6 +7,10 @@ decoded only for the reward and the environment. One manager drives one engine, 
 the synchronous loop) or from a background thread (`start`/`stop`, the asynchronous one); weight updates
 take the same lock as a scheduling round, so they land between engine steps.
 
+The zero-variance filter is bounded (`max_filtered_per_step`): past the cap, such groups are trained with zero
+advantage instead, so a policy turned deterministic cannot starve the trainer. Rewards are scored inline or, with
+`reward_workers`, on a thread pool whose pending judges an abort cancels (the group is requeued and judged again).
+
 Long tails are emulated with `delay_fn(sample) -> seconds per token`: a request's k-th token becomes visible
 `(k+1) * delay` after submission (the engine itself runs at full speed), so a slow request holds its group
 back exactly as a long generation would, and an abort keeps only the tokens visible so far.
@@ -20,6 +24,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +49,21 @@ class RolloutConfig:
     """Nucleus sampling (1 = off: the reported logprobs are then exactly mu's)."""
     filter_zero_variance: bool = True
     """DAPO dynamic sampling: drop groups whose rewards are all equal (they carry no GRPO signal)."""
+    max_filtered_per_step: int | None = 64
+    """Most zero-variance groups the filter drops per weight version; past it they are kept (zero advantage, so
+    no policy gradient) and counted as `zero_variance_kept`, so a policy turned deterministic cannot starve the
+    trainer by having every group filtered forever. None = no cap."""
     partial_rollout: bool = True
     """Aborted samples keep their prefix (tokens, logprobs, versions) and continue; False = restart from scratch."""
     update_mode: str = "abort"
     """At a weight update: drain (finish in-flight first), abort (requeue partial groups) or in_place."""
     max_groups_per_round: int = 64
     """Most groups leased per scheduling round."""
+    reward_workers: int = 0
+    """Threads that score finished groups (0 = inline, in the scheduling round). With workers, generation goes on
+    while a slow judge (a reward model, a sandbox) scores, and `abort_all` cancels the pending scoring: the group
+    goes back to the buffer at once (a judge already running finishes in the background, its result ignored).
+    A weight update does not wait for judges, nor throw their work away."""
     seed: int = 0
     """Base seed: every request's generator is derived from (seed, sample uid, position)."""
 
@@ -58,6 +72,10 @@ class RolloutConfig:
             raise ValueError(f"rollout update_mode must be one of {UPDATE_MODES}, got {self.update_mode!r}")
         if self.n_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("rollout n_samples and max_new_tokens must be >= 1")
+        if self.reward_workers < 0:
+            raise ValueError(f"rollout reward_workers must be >= 0, got {self.reward_workers}")
+        if self.max_filtered_per_step is not None and self.max_filtered_per_step < 0:
+            raise ValueError(f"rollout max_filtered_per_step must be >= 0 or None, got {self.max_filtered_per_step}")
 
 
 class _Request:
@@ -121,9 +139,13 @@ class RolloutManager:
         self.stop_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or engine.eos_ids)
         self.groups: dict[int, tuple[Lease, list[Sample]]] = {}
         self.requests: dict[str, _Request] = {}
+        self.scoring: dict[int, tuple[Future, Lease, list[Sample], list[str | None]]] = {}  # groups being judged
+        self._judges = ThreadPoolExecutor(self.cfg.reward_workers, thread_name_prefix=f"reward-{worker}") \
+            if self.cfg.reward_workers else None  # fmt: skip
         self.stats: Counter[str] = Counter()
         self.gen_seconds: list[float] = []
         self._rewards: list[float] = []
+        self._filtered_at = (-1, 0)  # (weight version, zero-variance groups filtered at it)
         self._ids = 0
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -143,7 +165,8 @@ class RolloutManager:
                 for out in self.engine.step():
                     self._collect(out)
             self._finish_ready(time.monotonic())
-            return bool(self.groups)
+            self._collect_scores()
+            return bool(self.groups or self.scoring)
 
     def run_until(self, done: Callable[[], bool], timeout: float = 600.0) -> None:
         """Drive the engine inline (the synchronous loop) until `done()`; idle rounds sleep briefly."""
@@ -203,7 +226,9 @@ class RolloutManager:
             self.gen_seconds.append(now - req.submitted)
             if req.finish_reason == "stop" and self.env is not None:
                 turn = s.metadata.get("turn", 0)
-                obs = self.env.observe(self.tokenizer.decode(req.ids), turn)  # stop token kept: the env reads it
+                # the whole turn, stop token kept (the env reads it): a resumed partial rollout's request holds
+                # only the continuation, the turn may have started (even its tool call) before the abort
+                obs = self.env.observe(self.tokenizer.decode(self._last_turn(s)), turn)
                 if obs:
                     s.metadata["turn"] = turn + 1
                     s.append(list(obs), [0.0] * len(obs), [self.engine.weight_version] * len(obs), trainable=False)
@@ -211,7 +236,12 @@ class RolloutManager:
                     continue
             s.status = {"stop": COMPLETED, "length": TRUNCATED}.get(req.finish_reason, FAILED)
         for lease_id in [i for i, (_, group) in self.groups.items() if all(s.done for s in group)]:
-            self._score_group(lease_id)
+            lease, group = self.groups.pop(lease_id)
+            replies = self._replies(group)
+            if self._judges is None:
+                self._score_group(lease, group, replies, self._judge(group, replies))
+            else:
+                self.scoring[lease_id] = (self._judges.submit(self._judge, group, replies), lease, group, replies)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.stop_ids])
@@ -223,22 +253,61 @@ class RolloutManager:
             start -= 1
         return s.response_ids[start:]
 
-    def _score_group(self, lease_id: int) -> None:
-        lease, group = self.groups.pop(lease_id)
+    def _replies(self, group: list[Sample]) -> list[str | None]:
+        """The final reply of each sample still to be scored (None: already scored)."""
+        replies: list[str | None] = []
         for s in group:
-            if s.reward is None:
-                text = self._decode(self._last_turn(s))
-                reply = self.env.final_reply(text) if self.env is not None else self.reply_fn(text, s.metadata)
-                s.reward = float(self.reward_fn(reply, s.metadata)) if s.status != FAILED else 0.0
-                s.metadata["reply"] = reply
+            if s.reward is not None:
+                replies.append(None)
+                continue
+            text = self._decode(self._last_turn(s))
+            replies.append(self.env.final_reply(text) if self.env is not None else self.reply_fn(text, s.metadata))
+        return replies
+
+    def _judge(self, group: list[Sample], replies: list[str | None]) -> list[float | None]:
+        """The rewards of the replies (on a reward worker when there are any: it reads the samples, never writes)."""
+        rewards: list[float | None] = []
+        for s, reply in zip(group, replies):
+            if reply is None:
+                rewards.append(None)  # scored before
+            else:
+                rewards.append(float(self.reward_fn(reply, s.metadata)) if s.status != FAILED else 0.0)
+        return rewards
+
+    def _collect_scores(self) -> None:
+        for lease_id in [i for i, (future, *_) in self.scoring.items() if future.done()]:
+            future, lease, group, replies = self.scoring.pop(lease_id)
+            rewards = future.result()  # a judge's exception surfaces here, like an inline one
+            self._score_group(lease, group, replies, rewards)
+
+    def _score_group(self, lease: Lease, group: list[Sample], replies: list[str | None],
+                     rewards: list[float | None]) -> None:  # fmt: skip
+        lease_id = lease.lease_id
+        for s, reply, reward in zip(group, replies, rewards):
+            if reward is not None:
+                s.reward, s.metadata["reply"] = reward, reply
         self.stats["groups"] += 1
         self.stats["samples"] += len(group)
         self._rewards += [float(s.reward) for s in group]
         if self.cfg.filter_zero_variance and len({s.reward for s in group}) == 1:
-            self.stats["filtered"] += 1
-            self.buffer.filter(lease_id, "zero_variance")
-        else:
-            self.buffer.complete(lease_id, group)
+            if self._may_filter():
+                self.stats["filtered"] += 1
+                self.buffer.filter(lease_id, "zero_variance")
+                return
+            self.stats["zero_variance_kept"] += 1
+            for s in group:
+                s.metadata["zero_variance_kept"] = True
+        self.buffer.complete(lease_id, group)
+
+    def _may_filter(self) -> bool:
+        """Whether the filter may drop one more group at the engine's weight version (and count it if so)."""
+        cap, version = self.cfg.max_filtered_per_step, self.engine.weight_version
+        seen, count = self._filtered_at
+        count = count if seen == version else 0
+        if cap is not None and count >= cap:
+            return False
+        self._filtered_at = (version, count + 1)
+        return True
 
     # --- weight updates --------------------------------------------------------------------------
     def abort_all(self) -> int:
@@ -255,6 +324,12 @@ class RolloutManager:
                 req.sample.status = ABORTED
             self.requests.clear()
             n = 0
+            for lease_id, (future, _, group, _) in list(self.scoring.items()):
+                future.cancel()  # a judge not started never runs; a running one is ignored
+                del self.scoring[lease_id]
+                self.buffer.requeue(lease_id, group if self.cfg.partial_rollout else None)
+                self.stats["scoring_cancelled"] += 1
+                n += 1
             for lease_id, (_, group) in list(self.groups.items()):
                 if all(s.done for s in group):
                     continue

@@ -88,6 +88,8 @@ class Sample:
         del self.tokens[self.prompt_len :]
         self.loss_mask, self.behavior_logprobs, self.token_versions = [], [], []
         self.reward, self.status = None, PENDING
+        for key in ("turn", "reply"):  # episode notes of the dropped response (the tool budget starts over)
+            self.metadata.pop(key, None)
 
     def check(self) -> None:
         """Internal invariants: one mask, logprob and version per response token; versions never decrease."""
