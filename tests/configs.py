@@ -9,3 +9,31 @@ MICRO = GLM5Config.from_preset("tiny").replace(
     v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
     n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
 )  # fmt: skip
+
+FRONTEND = MICRO.replace(
+    vocab_size=1024, num_hidden_layers=2, index_topk_pattern=None, max_position_embeddings=512, torch_dtype="float32"
+)
+"""The model behind the front-end tests (LLM, server, lm-eval): a vocabulary for a tokenizer trained on the fly."""
+
+
+def stdlib_tokenizer(vocab_size: int = 1024, num_files: int = 10):
+    """A BPE tokenizer with the GLM special tokens, trained in about a second on a few stdlib modules."""
+    import sysconfig
+    from pathlib import Path
+
+    from glm5.tokenizer import GLM5Tokenizer
+    from glm5.tokenizer.tokenizer import default_corpus_files
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in default_corpus_files() if f.parent == root][:num_files]
+    return GLM5Tokenizer.train(files, vocab_size=vocab_size)
+
+
+def random_model(cfg, tok, seed: int = 0):  # noqa: ANN001, ANN201
+    """An eval-mode model of `cfg` with random weights (seeded) and the tokenizer's eos ids."""
+    import torch
+
+    from glm5 import GLM5ForCausalLM
+
+    torch.manual_seed(seed)
+    return GLM5ForCausalLM(cfg.replace(eos_token_id=tok.eos_token_ids)).eval()

@@ -9,30 +9,23 @@ import asyncio
 import json
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
+from configs import FRONTEND, random_model, stdlib_tokenizer
 
-from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5 import GLM5ForCausalLM
 from glm5.serve import ServerConfig, ServerThread, build_engine, create_app
 from glm5.tokenizer import GLM5Tokenizer
-from glm5.tokenizer.tokenizer import default_corpus_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB = 1024
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=16, max_position_embeddings=512, torch_dtype="float32",
-)  # fmt: skip
+VOCAB = FRONTEND.vocab_size
+CFG = FRONTEND
 KEY = "sk-test-key"
 MODEL = "tiny-glm5"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
@@ -54,8 +47,7 @@ SCRIPT = [
 
 
 def train_tokenizer() -> GLM5Tokenizer:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return GLM5Tokenizer.train([f for f in default_corpus_files() if f.parent == root][:10], vocab_size=VOCAB)
+    return stdlib_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +57,7 @@ def tok() -> GLM5Tokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok) -> GLM5ForCausalLM:
-    torch.manual_seed(0)
-    return GLM5ForCausalLM(CFG.replace(eos_token_id=tok.eos_token_ids)).eval()
+    return random_model(CFG, tok)
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,16 @@ server still serves afterwards."""
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
-
 import httpx
 import pytest
 import schemathesis
-import torch
+from configs import random_model, stdlib_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5 import GLM5Config
 from glm5.serve import ServerConfig, ServerThread, build_engine, create_app
-from glm5.tokenizer import GLM5Tokenizer
-from glm5.tokenizer.tokenizer import default_corpus_files
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -36,10 +31,8 @@ EXAMPLES = {"POST /v1/chat/completions": 40, "POST /v1/completions": 40}
 
 @pytest.fixture(scope="module")
 def server():
-    root = Path(sysconfig.get_paths()["stdlib"])
-    tok = GLM5Tokenizer.train([f for f in default_corpus_files() if f.parent == root][:4], vocab_size=VOCAB)
-    torch.manual_seed(0)
-    model = GLM5ForCausalLM(CFG.replace(eos_token_id=tok.eos_token_ids)).eval()
+    tok = stdlib_tokenizer(VOCAB, num_files=4)
+    model = random_model(CFG, tok)
     # a short context bounds the work any valid request can ask for (max_tokens, n)
     engine = build_engine(model, tok, block_size=4, max_model_len=48)
     app = create_app(engine, ServerConfig(model_name="fuzz", api_key=KEY, max_body_bytes=64 << 10))

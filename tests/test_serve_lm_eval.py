@@ -6,26 +6,17 @@ scripted answers must be exact."""
 from __future__ import annotations
 
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
+from configs import FRONTEND, random_model, stdlib_tokenizer
 
-from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.serve import ServerConfig, ServerThread, build_engine, create_app
-from glm5.tokenizer import GLM5Tokenizer
-from glm5.tokenizer.tokenizer import default_corpus_files
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-VOCAB = 1024
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=16, max_position_embeddings=512, torch_dtype="float32",
-)  # fmt: skip
+VOCAB = FRONTEND.vocab_size
+CFG = FRONTEND
 KEY = "sk-eval"
 GEN_DOCS = [{"question": "What is 2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris"},
             {"question": "Colour of the sky?", "answer": "blue"}]  # fmt: skip
@@ -71,10 +62,8 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = Path(sysconfig.get_paths()["stdlib"])
-    tok = GLM5Tokenizer.train([f for f in default_corpus_files() if f.parent == root][:10], vocab_size=VOCAB)
-    torch.manual_seed(0)
-    model = GLM5ForCausalLM(CFG.replace(eos_token_id=tok.eos_token_ids)).eval()
+    tok = stdlib_tokenizer(VOCAB)
+    model = random_model(CFG, tok)
     engine = build_engine(model, tok, scripted=SCRIPT, block_size=4)
     app = create_app(engine, ServerConfig(model_name="tiny-glm5", api_key=KEY))
     folder = tmp_path_factory.mktemp("tasks")

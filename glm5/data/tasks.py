@@ -143,6 +143,23 @@ def arithmetic_tasks(count: int, seed: int) -> list[Task]:
     return tasks
 
 
+def easy_arithmetic_tasks(count: int, seed: int) -> list[Task]:
+    """One addition or subtraction of single digits (reasoning-gym `basic_arithmetic`, no parentheses or
+    negation): a model of a few million parameters gets some right after minutes of training, so RL has a signal."""
+    tasks = []
+    items = _reasoning_gym("basic_arithmetic", count, seed, min_terms=2, max_terms=2, min_digits=1, max_digits=1,
+                           operators=("+", "-"), allow_parentheses=False, allow_negation=False)  # fmt: skip
+    for item in items:
+        expression = item["metadata"]["expression"]
+        value = format_number(evaluate_expression(expression))
+        messages = [
+            {"role": "user", "content": item["question"]},
+            {"role": "assistant", "reasoning_content": f"{expression} = {value}.", "content": value},
+        ]
+        tasks.append(Task("easy_arithmetic", messages, value, meta={"expression": expression}))
+    return tasks
+
+
 def word_problem_tasks(count: int, seed: int) -> list[Task]:
     """reasoning-gym `gsm_symbolic` (GSM8K-style word problems); its worked solution is the thinking."""
     tasks = []
@@ -229,6 +246,7 @@ def unanswerable_tasks(count: int, seed: int) -> list[Task]:
 
 TASK_GENERATORS: dict[str, Callable[[int, int], list[Task]]] = {
     "arithmetic": arithmetic_tasks,
+    "easy_arithmetic": easy_arithmetic_tasks,
     "word_problem": word_problem_tasks,
     "calculator": calculator_tasks,
     "unanswerable": unanswerable_tasks,

@@ -10,6 +10,7 @@ from glm5.data.tasks import (
     arithmetic_tasks,
     calculator_tasks,
     check_answer,
+    easy_arithmetic_tasks,
     is_abstention,
     unanswerable_tasks,
     word_problem_tasks,
@@ -17,6 +18,7 @@ from glm5.data.tasks import (
 
 QA_TASKS: dict[str, Callable[[int, int], list[Task]]] = {
     "arithmetic": arithmetic_tasks,
+    "easy_arithmetic": easy_arithmetic_tasks,
     "unanswerable": unanswerable_tasks,
     "tool_use": calculator_tasks,
     "word_problem": word_problem_tasks,

@@ -186,37 +186,29 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         return _error(500, f"internal server error: {type(exc).__name__}: {exc}", "internal_error")
 
     # --- generation ------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def generate(request: Request, stream: bool, prep: Any, run: Any, run_sse: Any) -> Response:
+        """Admit the request, then stream it (SSE) or answer it whole; a client that disconnects is aborted."""
         state = st()
-        prep = chat.prepare_chat(state, body)
         ticket = state.admit()
-        if body.stream:
-            return _sse(chat.chat_sse(state, prep, ticket), ticket)
+        if stream:
+            return _sse(run_sse(state, prep, ticket), ticket)
         try:
-            result = await unless_disconnected(request, chat.chat_completion(state, prep),
-                                               state.config.disconnect_poll_s)  # fmt: skip
+            result = await unless_disconnected(request, run(state, prep), state.config.disconnect_poll_s)
         except ClientDisconnected:
             return Response(status_code=499)
         finally:
             ticket.release()
         return JSONResponse(result)
 
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        prep = chat.prepare_chat(st(), body)
+        return await generate(request, body.stream, prep, chat.chat_completion, chat.chat_sse)
+
     @app.post("/v1/completions", response_model=None)
     async def completions_(body: CompletionRequest, request: Request) -> Response:
-        state = st()
-        prep = completions.prepare_completion(state, body)
-        ticket = state.admit()
-        if body.stream:
-            return _sse(completions.completion_sse(state, prep, ticket), ticket)
-        try:
-            result = await unless_disconnected(request, completions.completion(state, prep),
-                                               state.config.disconnect_poll_s)  # fmt: skip
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            ticket.release()
-        return JSONResponse(result)
+        prep = completions.prepare_completion(st(), body)
+        return await generate(request, body.stream, prep, completions.completion, completions.completion_sse)
 
     # --- models, tokenizer, health, metrics ----------------------------------------------------
     @app.get("/v1/models", response_model=ModelList)

@@ -241,7 +241,19 @@ def _smoke() -> TrainRecipe:
     )  # fmt: skip
 
 
-RECIPES = {"tiny": _tiny, "smoke": _smoke}
+def _demo() -> TrainRecipe:
+    # `make demo`'s pre-training: the tiny model with a 4K vocabulary, a 1 MB slice of the stdlib and a chat-heavy
+    # task mix (single-digit sums the RL stage then trains on, abstentions, calculator calls), fitted to a time limit.
+    return TrainRecipe(
+        vocab_size=4096, bias_update_rate=1e-2, steps=2000, time_limit_minutes=4.5, eval_every=0,
+        checkpoint_every=0, sample_tokens=48,
+        eval_tasks={"easy_arithmetic": 8, "arithmetic": 4, "unanswerable": 8, "calculator": 4},
+        data=DataSpec(max_corpus_bytes=1_000_000,
+                      chat_tasks={"easy_arithmetic": 3000, "arithmetic": 500, "calculator": 1500, "unanswerable": 2000}),
+    )  # fmt: skip
+
+
+RECIPES = {"tiny": _tiny, "demo": _demo, "smoke": _smoke}
 """Named recipes (`glm5 train --preset NAME`)."""
 
 

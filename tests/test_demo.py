@@ -1,0 +1,42 @@
+"""`make demo` in its reduced-steps smoke mode: every stage runs and leaves its artefacts and numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm5 import GLM5ForCausalLM
+from glm5.demo import main
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["--smoke", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # the planner's published GLM-5 figures
+    assert summary["plan"]["total_params"] == 743_911_199_232
+    assert summary["plan"]["active_params"] == 39_881_544_192
+    assert round(summary["plan"]["bf16_gb"]) == 1488 and round(summary["plan"]["fp8_gb"]) == 746
+    # pre-training, RL and the exports produced loadable checkpoints
+    assert summary["pretrain"]["step"] > 0 and summary["pretrain"]["val_lm"] > 0
+    assert summary["rl"]["steps"] == 2 and summary["rl"]["buffer"]["trained"] > 0
+    assert 0.4 < summary["export"]["fp8_bytes"] / summary["export"]["hf_bytes"] < 0.6
+    GLM5ForCausalLM.from_pretrained(out / "export-fp8", fp8="keep")
+    # evaluation before and after, compared
+    for name in ("eval-before", "eval-after"):
+        results = json.loads((out / name / "results.json").read_text())
+        assert {"easy_arithmetic", "unanswerable", "tool_use", "overall"} <= set(results["metrics"])
+        assert results["perplexity"]["perplexity"] > 1
+    assert (out / "eval-compare" / "comparison.png").stat().st_size > 0
+    # the server answered the openai SDK: a streamed completion and a tool-call request
+    serve = summary["serve"]
+    assert serve["streamed"]["completion_tokens"] > 0
+    assert serve["tool"]["finish_reason"] in ("tool_calls", "length", "stop")
+    report = (out / "report.md").read_text()
+    for heading in ("Pre-training", "Evaluation before and after RL", "Serving"):
+        assert heading in report
+    for png in ("pretrain/loss.png", "rl/rl.png", "eval-compare/comparison.png"):
+        assert (out / png).is_file() and f"({png})" in report
+    assert "glm5 demo: the GLM-5 lifecycle" in capsys.readouterr().out
