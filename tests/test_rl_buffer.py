@@ -185,3 +185,27 @@ def test_late_result_of_a_released_lease_is_ignored():
 def test_bad_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="policy must be one of"):
         BufferConfig(policy="fifo")
+
+
+def test_outcome_rates_use_the_eval_definitions() -> None:
+    """Correct = abstaining on an unanswerable question or the full reward otherwise; hallucination rate =
+    wrong / (wrong + abstentions) over the replies that are not correct."""
+    from glm5.rl.controller import outcome_rates
+
+    def sample(answer, reply: str, reward: float) -> Sample:  # noqa: ANN001
+        return Sample("u", 0, "g", 0, [1, 2], 1, reward=reward, metadata={"answer": answer, "reply": reply})
+
+    samples = [
+        sample("4", "4", 1.0),  # right
+        sample("4", "5", -1.0),  # wrong
+        sample("4", "I don't know.", 0.0),  # abstained on an answerable question
+        sample(None, "I don't know.", 1.0),  # right: abstained on an unanswerable question
+        sample(None, "Paris", -1.0),  # wrong: answered an unanswerable question
+    ]
+    rates = outcome_rates(samples)
+    assert rates["accuracy"] == 2 / 5
+    assert rates["abstention_rate"] == 2 / 5
+    assert rates["hallucination_rate"] == 2 / 3  # 2 wrong, 1 abstention among the 3 not correct
+    # with the plain math reward an abstention on an unanswerable question earns 0 but is still correct
+    assert outcome_rates([sample(None, "I don't know.", 0.0)])["accuracy"] == 1.0
+    assert outcome_rates([sample("4", "4", 1.0)])["hallucination_rate"] is None

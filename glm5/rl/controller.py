@@ -22,21 +22,31 @@ from glm5.rl.buffer import staleness_histogram
 from glm5.rl.types import Sample
 
 
-def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:
-    """Reward, accuracy (reward at its maximum 1), abstention and hallucination rates, lengths, staleness."""
+def outcome_rates(samples: list[Sample]) -> dict[str, Any]:
+    """Accuracy, abstention and hallucination rates of finished samples, as glm5.eval defines them: a reply is
+    correct when it abstains on an unanswerable question or earns the full reward (1) otherwise; hallucination
+    rate = wrong / (wrong + abstentions) over the replies that are not correct (None when all are)."""
     from glm5.data.tasks import is_abstention
+    from glm5.eval.metrics import hallucination_rate
 
+    replies = [str(s.metadata.get("reply", "")) for s in samples]
+    abstained = [is_abstention(r) for r in replies]
+    correct = [a if "answer" in s.metadata and s.metadata["answer"] is None else float(s.reward) >= 1.0
+               for s, a in zip(samples, abstained)]  # fmt: skip
+    n = max(len(samples), 1)
+    return {"accuracy": sum(correct) / n, "abstention_rate": sum(abstained) / n,
+            "hallucination_rate": hallucination_rate(correct, abstained)}  # fmt: skip
+
+
+def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:
+    """Reward, accuracy, abstention and hallucination rates (`outcome_rates`), lengths, staleness."""
     samples = [s for g in groups for s in g]
     n = max(len(samples), 1)
-    abstained = [is_abstention(str(s.metadata.get("reply", ""))) for s in samples]
-    unanswerable = [a for s, a in zip(samples, abstained) if s.metadata.get("kind") == "unanswerable"]
     hist = staleness_histogram(groups, version)
     versions = [v for s in samples for v in s.trained_versions()]
     return {
         "reward": sum(float(s.reward) for s in samples) / n,
-        "accuracy": sum(float(s.reward) >= 1.0 for s in samples) / n,
-        "abstention_rate": sum(abstained) / n,
-        "hallucination_rate": (1 - sum(unanswerable) / len(unanswerable)) if unanswerable else None,
+        **outcome_rates(samples),
         "response_len": sum(sum(s.loss_mask) for s in samples) / n,
         "staleness": {str(k): v for k, v in hist.items()},
         "staleness_mean": sum(k * v for k, v in hist.items()) / max(sum(hist.values()), 1),

@@ -415,10 +415,10 @@ class RolloutManager:
 def evaluate_policy(engine: Any, prompts: list[dict[str, Any]], reward_fn: Callable[[str, dict], float], *,
                     max_new_tokens: int, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply,
                     env: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, accuracy,
-    abstention rate and hallucination rate (unanswerable questions answered instead of declined)."""
-    from glm5.data.tasks import is_abstention
+    """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, and the
+    accuracy, abstention and hallucination rates of `glm5.rl.controller.outcome_rates`."""
     from glm5.rl.buffer import BufferConfig, DataBuffer
+    from glm5.rl.controller import outcome_rates
 
     buffer = DataBuffer(prompts, BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1,
                                               shuffle=False))  # fmt: skip
@@ -428,12 +428,9 @@ def evaluate_policy(engine: Any, prompts: list[dict[str, Any]], reward_fn: Calla
     manager.run_until(lambda: buffer.num_ready() == len(prompts))
     samples = [g[0] for g in buffer.get_batch(len(prompts))]
     replies = [str(s.metadata.get("reply", "")) for s in samples]
-    unanswerable = [is_abstention(r) for s, r in zip(samples, replies) if s.metadata.get("answer") is None]
     return {
         "reward": sum(float(s.reward) for s in samples) / len(samples),
-        "accuracy": sum(float(s.reward) >= 1.0 for s in samples) / len(samples),
-        "abstention_rate": sum(is_abstention(r) for r in replies) / len(samples),
-        "hallucination_rate": 1 - sum(unanswerable) / len(unanswerable) if unanswerable else None,
+        **outcome_rates(samples),
         "num_prompts": len(samples), "version": engine.weight_version,
         "examples": [{"prompt_id": s.prompt_id, "reply": r, "answer": s.metadata.get("answer"), "reward": s.reward}
                      for s, r in zip(samples[:6], replies[:6])],
