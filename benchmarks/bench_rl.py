@@ -58,6 +58,10 @@ def throughput(mode: str, steps: int) -> dict:
             "final_rollout_reward": records[-1].get("rollout_reward")}  # fmt: skip
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def hallucination(steps: int, sft_steps: int) -> dict:
     from glm5.rl.controller import build_local, run_loop
     from glm5.rl.recipes import build_task, recipe_preset
@@ -98,13 +102,14 @@ def markdown(r: dict) -> str:
                      f"{row['staleness_mean']:.2f} / {row['staleness_max']} | {row['train_s']:.1f} s | {row['wait_s']:.1f} s |")  # fmt: skip
     lines += ["", f"**fully-async speedup: {r['speedup']:.2f}x** (target >= 1.5x)", ""]
     h = r["hallucination"]
-    lines += ["Hallucination rate on held-out unanswerable questions (greedy), tiny warm-started chat policy, "
-              f"{m['rl_steps']} RL steps from the same weights:", "",
+    lines += ["Held-out questions (one-digit sums and unanswerable questions, greedy), tiny warm-started chat "
+              f"policy, {m['rl_steps']} RL steps from the same weights. Hallucination rate = wrong / (wrong + "
+              "abstentions) over the replies that are not correct (glm5.eval's definition):", "",
               "| reward | hallucination before | after | accuracy before | after | abstention after |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, row in h.items():
         b, a2 = row["before"], row["after"]
-        lines.append(f"| {name} | {b['hallucination_rate']:.0%} | {a2['hallucination_rate']:.0%} | {b['accuracy']:.0%} "
+        lines.append(f"| {name} | {pct(b['hallucination_rate'])} | {pct(a2['hallucination_rate'])} | {b['accuracy']:.0%} "
                      f"| {a2['accuracy']:.0%} | {a2['abstention_rate']:.0%} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
