@@ -92,7 +92,7 @@ def reinforce(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
     from glm5.rl.recipes import recipe_preset
 
     recipe = recipe_preset("math-abstain")
-    recipe = recipe.replace(steps=2, eval_prompts=4) if smoke else recipe.replace(steps=24, eval_prompts=24)
+    recipe = recipe.replace(steps=2, eval_prompts=4) if smoke else recipe.replace(steps=24, eval_prompts=12)
     return run_rl(recipe, out, init=str(init))
 
 
