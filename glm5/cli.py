@@ -179,7 +179,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from glm5.plan import HARDWARE, PlanSettings, format_plan, get_hardware, load_hardware_file, plan
+    from glm5.hardware import HARDWARE, get_hardware, load_hardware_file
+    from glm5.plan import PlanSettings, format_plan, plan
 
     if args.list_hardware:
         for hw in HARDWARE.values():

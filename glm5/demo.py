@@ -49,7 +49,8 @@ class Timer:
 def plan_glm5() -> dict[str, Any]:
     """The planner's headline figures for GLM-5 in FP8 on H200, 200K context x 32 users."""
     from glm5.config import GLM5Config
-    from glm5.plan import PlanSettings, get_hardware, parameter_table, plan
+    from glm5.hardware import get_hardware
+    from glm5.plan import PlanSettings, parameter_table, plan
 
     cfg = GLM5Config.from_preset("glm-5")
     table = parameter_table(cfg)

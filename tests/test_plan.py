@@ -251,16 +251,13 @@ import json as _json  # noqa: E402
 import math  # noqa: E402
 
 from glm5.cli import main as cli_main  # noqa: E402
+from glm5.hardware import HARDWARE, get_hardware, hardware_from_dict, load_hardware_file  # noqa: E402
 from glm5.plan import (  # noqa: E402
-    HARDWARE,
     PlanSettings,
     choose_layout,
     decode_roofline,
     device_memory,
     expected_distinct_experts,
-    get_hardware,
-    hardware_from_dict,
-    load_hardware_file,
     min_devices_bound,
     plan,
     prefill_flops_per_token,
