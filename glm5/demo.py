@@ -175,11 +175,18 @@ def eval_row(result: Any, task: str, key: str) -> float | None:
     return result.metrics.get(task, {}).get(key)
 
 
-def summary_table(s: dict[str, Any], before: Any, after: Any) -> Table:
-    t = Table(title="glm5 demo: the GLM-5 lifecycle on this machine", title_justify="left")
-    t.add_column("stage")
-    t.add_column("result")
-    t.add_column("time", justify="right")
+class _Rows:
+    """(stage, result, time) rows: printed as a rich table and written as Markdown in the report."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+
+    def add_row(self, *row: str) -> None:
+        self.rows.append(row)
+
+
+def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, str, str]]:
+    t = _Rows()
     times = s["times"]
     plan = s["plan"]
     t.add_row("plan GLM-5 (H200, FP8, 200K x 32)",
@@ -213,7 +220,22 @@ def summary_table(s: dict[str, Any], before: Any, after: Any) -> Table:
               f"chars); tool call: {short(calls[0]['name'] + calls[0]['arguments']) if calls else 'none parsed'}",
               f"{times['serve']:.0f} s")  # fmt: skip
     t.add_row("total", "", f"{s['total_s'] / 60:.1f} min")
+    return t.rows
+
+
+def summary_table(rows: list[tuple[str, str, str]]) -> Table:
+    t = Table(title="glm5 demo: the GLM-5 lifecycle on this machine", title_justify="left")
+    t.add_column("stage")
+    t.add_column("result")
+    t.add_column("time", justify="right")
+    for row in rows:
+        t.add_row(*row)
     return t
+
+
+def summary_markdown(rows: list[tuple[str, str, str]]) -> str:
+    lines = ["| stage | result | time |", "|---|---|---:|"]
+    return "\n".join(lines + [f"| {a} | {b.replace('|', '/')} | {c} |" for a, b, c in rows])
 
 
 def write_report(out: Path, s: dict[str, Any], before: Any, after: Any) -> Path:
@@ -222,7 +244,7 @@ def write_report(out: Path, s: dict[str, Any], before: Any, after: Any) -> Path:
     cmp = compare(before, after, out_dir=out / "eval-compare", labels=("before RL", "after RL"))
     sv = s["serve"]
     lines = [
-        "# glm5 demo report", "",
+        "# glm5 demo report", "", summary_markdown(summary_rows(s, before, after)), "",
         f"Total wall time {s['total_s'] / 60:.1f} min on this machine. Stage times (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in s["times"].items()) + ".", "",
         "## GLM-5 on H200 (planner)", "", "```", json.dumps(s["plan"], indent=1), "```", "",
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     s["total_s"] = timer.total
     report = write_report(out, s, before, after)
-    console.print(summary_table(s, before, after))
+    console.print(summary_table(summary_rows(s, before, after)))
     console.print(f"report: {report}")
     return 0
 

@@ -35,6 +35,7 @@ def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> 
     assert serve["streamed"]["completion_tokens"] > 0
     assert serve["tool"]["finish_reason"] in ("tool_calls", "length", "stop")
     report = (out / "report.md").read_text()
+    assert "| stage | result | time |" in report and "| total |" in report  # the summary table
     for heading in ("Pre-training", "Evaluation before and after RL", "Serving"):
         assert heading in report
     for png in ("pretrain/loss.png", "rl/rl.png", "eval-compare/comparison.png"):
