@@ -42,7 +42,7 @@ class RLRecipe:
     """Prompt source: "math" (easy arithmetic + unanswerable chat tasks), "tool" (calculator episodes) or
     "digits" (the token-level toy)."""
     task_counts: dict[str, int] = field(default_factory=lambda: {"easy_arithmetic": 240, "unanswerable": 80})
-    """Chat tasks per kind ("easy_arithmetic" or a glm5.data.tasks generator name)."""
+    """Chat tasks per kind (glm5.data.tasks generator names)."""
     num_prompts: int = 200
     """Prompts of the digits task."""
     reward: str = "math"
@@ -181,33 +181,6 @@ def digits_reward(reply: str, metadata: dict[str, Any]) -> float:
 
 
 # --- chat tasks ---------------------------------------------------------------------------------------------
-def easy_arithmetic_tasks(count: int, seed: int) -> list[Any]:
-    """One-operation sums and differences of small numbers (a tiny model can get some right)."""
-    from glm5.data.tasks import Task
-
-    rng = random.Random(seed)
-    tasks = []
-    for _ in range(count):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        op = rng.choice("+-")
-        value = a + b if op == "+" else a - b
-        question = rng.choice(("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"))
-        messages = [{"role": "user", "content": question.format(a=a, op=op, b=b)},
-                    {"role": "assistant", "reasoning_content": f"{a} {op} {b} = {value}.", "content": str(value)}]  # fmt: skip
-        tasks.append(Task("arithmetic", messages, str(value), meta={"expression": f"{a} {op} {b}"}))
-    return tasks
-
-
-def chat_tasks(counts: dict[str, int], seed: int) -> list[Any]:
-    from glm5.data.tasks import generate_tasks
-
-    easy = counts.get("easy_arithmetic", 0)
-    rest = {k: v for k, v in counts.items() if k != "easy_arithmetic"}
-    tasks = easy_arithmetic_tasks(easy, seed) + (generate_tasks(rest, seed) if rest else [])
-    random.Random(seed).shuffle(tasks)
-    return tasks
-
-
 def task_prompts(tasks: list[Any], tokenizer: Any) -> list[dict[str, Any]]:
     from glm5.rl.rewards import task_metadata
 
@@ -246,6 +219,7 @@ def load_init(folder: str | Path) -> tuple[Any, Any]:
 
 def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str, Any]:
     """Model, tokenizer, prompts (train and held-out), reward, reply extraction and environment of a recipe."""
+    from glm5.data.tasks import generate_tasks
     from glm5.rl.rewards import CalculatorEnvironment, get_reward_fn
     from glm5.rl.rollout import chat_reply, plain_reply
 
@@ -260,8 +234,8 @@ def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str
                 "reply_fn": plain_reply, "env": None}  # fmt: skip
     if recipe.task not in ("math", "tool"):
         raise ValueError(f"recipe task must be math, tool or digits, got {recipe.task!r}")
-    tasks = chat_tasks(recipe.task_counts, recipe.seed)
-    held_out = chat_tasks({k: max(1, v * recipe.eval_prompts // max(1, sum(recipe.task_counts.values())))
+    tasks = generate_tasks(recipe.task_counts, recipe.seed)
+    held_out = generate_tasks({k: max(1, v * recipe.eval_prompts // max(1, sum(recipe.task_counts.values())))
                            for k, v in recipe.task_counts.items()}, recipe.seed + 7919)  # fmt: skip
     if init is not None:
         model, tok = load_init(init)
