@@ -175,31 +175,23 @@ def eval_row(result: Any, task: str, key: str) -> float | None:
     return result.metrics.get(task, {}).get(key)
 
 
-class _Rows:
-    """(stage, result, time) rows: printed as a rich table and written as Markdown in the report."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []
-
-    def add_row(self, *row: str) -> None:
-        self.rows.append(row)
-
-
 def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, str, str]]:
-    t = _Rows()
+    """(stage, result, time) rows: printed as a rich table and written as Markdown in the report."""
+    rows: list[tuple[str, str, str]] = []
+    add = lambda *row: rows.append(row)  # noqa: E731
     times = s["times"]
     plan = s["plan"]
-    t.add_row("plan GLM-5 (H200, FP8, 200K x 32)",
+    add("plan GLM-5 (H200, FP8, 200K x 32)",
               f"{plan['total_params'] / 1e9:.1f}B params, {plan['active_params'] / 1e9:.1f}B active, BF16 "
               f"{plan['bf16_gb']:,.0f} GB, FP8 {plan['fp8_gb']:,.0f} GB -> {plan['devices']} x H200 "
               f"({plan['layout']}), {plan['decode_tok_s_per_user']:.0f} tok/s/user at 60% of the bandwidth roofline", f"{times['plan']:.0f} s")
     pt = s["pretrain"]
-    t.add_row("pre-train tiny GLM-5 (MLA+DSA+MoE+MTP)",
+    add("pre-train tiny GLM-5 (MLA+DSA+MoE+MTP)",
               f"{pt['step']} steps, val loss {pt['val_lm']:.2f} vs unigram {pt['unigram_baseline']:.2f} nats",
               f"{times['pretrain']:.0f} s")
     for label, res, key in (("eval before RL", before, "eval_before"), ("eval after RL", after, "eval_after")):
         ppl = (res.perplexity or {}).get("perplexity")
-        t.add_row(label,
+        add(label,
                   f"1-digit sums {pct(eval_row(res, 'easy_arithmetic', 'accuracy'))} right, "
                   f"{pct(eval_row(res, 'easy_arithmetic', 'abstention_rate'))} abstained; unanswerable "
                   f"{pct(eval_row(res, 'unanswerable', 'accuracy'))} abstained; hallucination "
@@ -208,19 +200,19 @@ def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, 
                   f"{times[key]:.0f} s")  # fmt: skip
     rl = s["rl"]
     b = rl["buffer"]
-    t.add_row("async RL, abstention reward", f"{rl['steps']} updates ({rl['mode']}): {b['trained']} groups trained, "
+    add("async RL, abstention reward", f"{rl['steps']} updates ({rl['mode']}): {b['trained']} groups trained, "
               f"{b['filtered']} filtered (zero variance), {b['requeued']} requeued", f"{times['rl']:.0f} s")
     ex = s["export"]
-    t.add_row("export HF + FP8", f"{ex['hf_bytes'] / 1e6:.1f} MB -> {ex['fp8_bytes'] / 1e6:.1f} MB FP8 "
+    add("export HF + FP8", f"{ex['hf_bytes'] / 1e6:.1f} MB -> {ex['fp8_bytes'] / 1e6:.1f} MB FP8 "
               f"({ex['fp8_bytes'] / ex['hf_bytes']:.2f}x)", f"{times['export']:.0f} s")
     sv = s["serve"]
     calls = sv["tool"]["calls"]
-    t.add_row("serve FP8 + openai SDK",
+    add("serve FP8 + openai SDK",
               f"streamed {sv['streamed']['completion_tokens']} tokens (thinking {len(sv['streamed']['reasoning'])} "
               f"chars); tool call: {short(calls[0]['name'] + calls[0]['arguments']) if calls else 'none parsed'}",
               f"{times['serve']:.0f} s")  # fmt: skip
-    t.add_row("total", "", f"{s['total_s'] / 60:.1f} min")
-    return t.rows
+    add("total", "", f"{s['total_s'] / 60:.1f} min")
+    return rows
 
 
 def summary_table(rows: list[tuple[str, str, str]]) -> Table:
