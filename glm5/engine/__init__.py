@@ -3,11 +3,9 @@
 Exports load lazily, so `glm5.engine.cli` (imported by `glm5 --help`) does not pull in torch.
 """
 
-from __future__ import annotations
+from glm5._lazy import lazy_exports
 
-import importlib
-
-_EXPORTS = {
+_HOMES = {
     "LLM": "glm5.engine.llm",
     "AsyncLLMEngine": "glm5.engine.async_engine",
     "EngineConfig": "glm5.engine.engine",
@@ -19,10 +17,4 @@ _EXPORTS = {
     "SamplingParams": "glm5.engine.sampling",
     "SpecMetrics": "glm5.engine.speculative",
 }
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'glm5.engine' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("glm5.engine", _HOMES)

@@ -6,20 +6,13 @@ through a local checkpoint (the glm5 engine) or any OpenAI-compatible endpoint; 
     write_report(result, "eval-out")
 """
 
-import importlib
-from typing import Any
+from glm5._lazy import lazy_exports
 
-_EXPORTS = {
+_HOMES = {name: f"glm5.eval.{module}" for name, module in {
     "GenerationOptions": "backends", "LocalBackend": "backends", "OpenAIBackend": "backends", "Reply": "backends",
     "abstention_rate": "metrics", "accuracy": "metrics", "hallucination_rate": "metrics",
     "mean_pass_at_k": "metrics", "pass_at_k": "metrics", "summarize": "metrics", "wilson_interval": "metrics",
     "compare": "report", "markdown_report": "report", "plot_metrics": "report", "write_report": "report",
     "EvalResult": "runner", "evaluate": "runner",
-}  # fmt: skip
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:  # lazy: `glm5 eval`'s parser must not import torch (via glm5.data)
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"glm5.eval.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'glm5.eval' has no attribute {name!r}")
+}.items()}  # fmt: skip
+__getattr__, __all__ = lazy_exports("glm5.eval", _HOMES)

@@ -3,11 +3,9 @@
 Exports load lazily, so `glm5.serve.cli` (imported by `glm5 --help`) pulls in neither torch nor fastapi.
 """
 
-from __future__ import annotations
+from glm5._lazy import lazy_exports
 
-import importlib
-
-_EXPORTS = {
+_HOMES = {
     "create_app": "glm5.serve.app",
     "ServerConfig": "glm5.serve.core",
     "ServerThread": "glm5.serve.server",
@@ -16,10 +14,4 @@ _EXPORTS = {
     "ScriptedOutputs": "glm5.serve.scripted",
     "load_script": "glm5.serve.scripted",
 }
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'glm5.serve' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("glm5.serve", _HOMES)
