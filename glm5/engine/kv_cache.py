@@ -420,17 +420,24 @@ class PagedLatentCache:
     def update(
         self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, index_k: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        kv_all, idx_all = self.update_latent(layer_idx, torch.cat([c_kv, k_pe], dim=-1), index_k)
+        return kv_all[..., : self.rank], kv_all[..., self.rank :], idx_all
+
+    def update_latent(
+        self, layer_idx: int, latent: torch.Tensor, index_k: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`update` with the latent already joined: latent [B, T, r+R] -> (every row's [c_kv; k_pe] [B, S, r+R],
+        indexer keys [B, S, Di] or None). The fused decode step (glm5.engine.fused) writes through this."""
         b = self._batch
         assert b is not None, "call prepare() before the forward"
         local = self._local[layer_idx]
-        B, T, _ = c_kv.shape
-        new = torch.cat([c_kv, k_pe], dim=-1).reshape(B * T, self.kv_width).to(self.dtype)
-        kv_all = b.write_and_gather(self.kv[local], new)
+        B, T, _ = latent.shape
+        kv_all = b.write_and_gather(self.kv[local], latent.reshape(B * T, self.kv_width).to(self.dtype))
         idx_store = self.index_k[local]
         idx_all = None
         if idx_store is not None and index_k is not None:
             idx_all = b.write_and_gather(idx_store, index_k.reshape(B * T, -1).to(self.dtype))
-        return kv_all[..., : self.rank], kv_all[..., self.rank :], idx_all
+        return kv_all, idx_all
 
     def advance(self, num_tokens: int) -> None:
         b = self._batch

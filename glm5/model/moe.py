@@ -49,6 +49,12 @@ class Router(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K] fp32, expert ids [N, K], sigmoid scores [N, E] fp32)."""
         scores = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        weights, topk_idx = self.route(scores)
+        return weights, topk_idx, scores
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmoid scores [N, E] fp32 -> (weights [N, K] fp32, expert ids [N, K]): bias-corrected (group-limited)
+        top-k choice, weights from the uncorrected scores."""
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
@@ -60,7 +66,7 @@ class Router(nn.Module):
         weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, topk_idx, scores
+        return weights * self.routed_scaling_factor, topk_idx
 
 
 class Experts(nn.Module):

@@ -1,0 +1,287 @@
+"""The decode step with fused weights: one new token per sequence in far fewer, larger operations.
+
+At decode a GLM-5 layer multiplies a handful of vectors by small matrices, so on a CPU the time goes into
+operator dispatch (~600 eager ops per step of the 4-layer bench model), not arithmetic. `FusedDecoder` runs the
+same step as `GLM5ForCausalLM.forward` with a cache and T = 1, rearranged:
+
+- every projection that reads the same input is one matrix: [q_a; kv_a; indexer wk; indexer weights_proj]
+  from the layer input, [q_b; indexer wq_b] from the query latent, [router; shared gate; shared up] (or the
+  dense MLP's [gate; up]) from the post-attention input;
+- the RMSNorm weight in front of a fused matrix is folded into its columns and the 1/rms factor is applied to
+  the (narrower) product: W (w * x * s) = s * (W diag(w)) x; constant scales (softmax, 1/sqrt(H) of the
+  indexer head weights, 1/sqrt(d) of its scores) are folded into the matrices too;
+- RoPE for the position of each row is one small matrix product (a [R, R] rotation built once per step,
+  shared by every layer), also for the indexer, whose rotation leaves its non-rope dims alone;
+- attention is the weight-absorbed MLA over the top-k latent entries (or all entries up to index_topk), the
+  same arithmetic as `sparse_latent_attention`, with no masks when every row sees all of its keys.
+
+The packed matrices are copies (the experts, kv_b, o_proj, embedding and lm_head are used in place): about
+1% more weight memory on GLM-5. They are rebuilt automatically when any source parameter changes (its
+tensor or its in-place version counter), so `update_weights`, an RL trainer sharing the model and
+`load_state_dict` all keep the fused step exact. Supported: float32 models of nn.Linear layers (not FP8
+"keep" weights), the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)`
+says why not otherwise and the engine then uses the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.model.attention import MLAttention
+from glm5.model.moe import MoE
+
+
+def rotation_matrices(
+    cos: torch.Tensor, sin: torch.Tensor, interleave: bool, width: int | None = None
+) -> torch.Tensor:
+    """cos, sin [P, R/2] -> M [P, W, W] with x @ M[p] == apply_rope(x[..., :R]) (then x[..., R:] unchanged).
+
+    Rows of M are source dims, columns output dims: output i < R/2 is x1_i cos_i - x2_i sin_i and output
+    R/2 + i is x2_i cos_i + x1_i sin_i, where (x1, x2) are the even/odd dims (interleave, GLM-5's layout) or
+    the two halves. W defaults to R; dims R..W-1 pass through (the indexer ropes only its first R dims).
+    """
+    P, half = cos.shape
+    R = 2 * half
+    W = R if width is None else width
+    i = torch.arange(half, device=cos.device)
+    x1, x2 = (2 * i, 2 * i + 1) if interleave else (i, half + i)
+    M = cos.new_zeros(P, W, W)
+    M[:, x1, i] = cos
+    M[:, x2, i] = -sin
+    M[:, x2, half + i] = cos
+    M[:, x1, half + i] = sin
+    if W > R:
+        rest = torch.arange(R, W, device=cos.device)
+        M[:, rest, rest] = 1.0
+    return M
+
+
+def _rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim (the part of RMSNorm that is not the weight)."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's packed weights and the modules used in place."""
+
+    attn: MLAttention
+    w_in: torch.Tensor  # [q_lora + r + R (+ Di + Hi), D], input_layernorm folded in
+    b_in: torch.Tensor | None
+    in_eps: float
+    w_q: torch.Tensor  # [H*(nope+R) (+ Hi*Di), q_lora], q_a_layernorm folded in
+    q_eps: float
+    w_uk: torch.Tensor  # [H, nope, r] * softmax scale
+    w_uv_t: torch.Tensor  # [H, r, v]
+    ffn_in: torch.Tensor  # [E + 2F, D] (router, shared gate, shared up) or [2F, D]; post norm folded in
+    ffn_eps: float
+    post_norm_w: torch.Tensor
+    moe: MoE | None
+    down: nn.Linear | None  # shared expert's or dense MLP's down_proj (used in place)
+
+
+class FusedDecoder:
+    """A decode step (one new token per row) of a GLM5ForCausalLM over a PagedLatentCache; see the module doc."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the fused decode step does not support this model: {reason}")
+        self.model = model
+        cfg = model.config
+        self.cfg = cfg
+        self.H, self.nope, self.R, self.v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                            cfg.v_head_dim)  # fmt: skip
+        self.rank, self.Hi, self.Di = cfg.kv_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+        self.layers: list[_Layer] = []
+        self._stamp: list[tuple[int, int]] = []
+        self.num_builds = 0
+
+    @staticmethod
+    def unsupported(model: nn.Module) -> str | None:
+        """Why the fused step cannot run this model (None: it can)."""
+        if not all(p.dtype == torch.float32 for p in model.parameters()):
+            return "weights that are not all float32 (FP8 or bf16)"
+        if model.attention.impl != "sparse":
+            return f"attention impl {model.attention.impl!r} (the fused step is the sparse one)"
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            linears = [attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
+            if attn.indexer is not None:
+                linears += [attn.indexer.wq_b, attn.indexer.wk, attn.indexer.weights_proj]
+            if not all(type(m) is nn.Linear for m in linears):
+                return "projections that are not plain nn.Linear"
+        return None
+
+    # --- packing ---------------------------------------------------------------------------------
+    def _sources(self) -> list[torch.Tensor]:
+        """Every tensor the packs are made of, looked up afresh (load_state_dict(assign=True) replaces them)."""
+        out = []
+        for layer in self.model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            mods = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_a_layernorm, attn.q_a_proj,
+                    attn.kv_a_proj_with_mqa, attn.q_b_proj, attn.kv_b_proj]  # fmt: skip
+            if attn.indexer is not None:
+                mods += [attn.indexer.wk, attn.indexer.weights_proj, attn.indexer.wq_b]
+            if isinstance(mlp, MoE):
+                mods += [mlp.gate] + ([] if mlp.shared_experts is None else [mlp.shared_experts])
+            else:
+                mods.append(mlp)
+            for m in mods:
+                out += [t for name, t in m.named_parameters() if "down_proj" not in name]
+            if isinstance(mlp, MoE):
+                out.append(mlp.gate.e_score_correction_bias)
+        return out
+
+    def _fresh(self) -> bool:
+        return bool(self.layers) and self._stamp == [(t.data_ptr(), t._version) for t in self._sources()]
+
+    @torch.no_grad()
+    def _build(self) -> None:
+        self.layers = []
+        for layer in self.model.model.layers:
+            attn, idx = layer.self_attn, layer.self_attn.indexer
+            norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+            rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
+            q_rows = [attn.q_b_proj.weight]
+            if idx is not None:
+                idx_scale = (
+                    self.Hi**-0.5 * idx.scale
+                )  # head-weight scale and score scale (ReLU is homogeneous)
+                rows += [idx.wk.weight, idx.weights_proj.weight * idx_scale]
+                q_rows += [idx.wq_b.weight]
+            b_in = None
+            if attn.q_a_proj.bias is not None:
+                b_in = torch.cat([attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias,
+                                  *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)])])  # fmt: skip
+            w_uk, w_uv = attn._kv_b()
+            mlp = layer.mlp
+            if isinstance(mlp, MoE):
+                shared = mlp.shared_experts
+                ffn_rows = [mlp.gate.weight] + (
+                    [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
+                )
+                down = None if shared is None else shared.down_proj
+                moe = mlp
+            else:
+                ffn_rows = [mlp.gate_proj.weight, mlp.up_proj.weight]
+                down, moe = mlp.down_proj, None
+            self.layers.append(_Layer(
+                attn=attn,
+                w_in=torch.cat(rows) * norm_in.weight,
+                b_in=b_in,
+                in_eps=norm_in.eps,
+                w_q=torch.cat(q_rows) * attn.q_a_layernorm.weight,
+                q_eps=attn.q_a_layernorm.eps,
+                w_uk=(w_uk * attn.scale).contiguous(),
+                w_uv_t=w_uv.transpose(1, 2).contiguous(),
+                ffn_in=torch.cat(ffn_rows) * norm_post.weight,
+                ffn_eps=norm_post.eps,
+                post_norm_w=norm_post.weight,
+                moe=moe,
+                down=down,
+            ))  # fmt: skip
+        self._stamp = [(t.data_ptr(), t._version) for t in self._sources()]
+        self.num_builds += 1
+
+    # --- the step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """input_ids [B] (one new token per row, the rows `cache.prepare` set) -> (logits [B, vocab], final-norm
+        hidden states [B, D]); the cache advances by one."""
+        if not self._fresh():
+            self._build()
+        model, cfg = self.model, self.cfg
+        pos, _ = cache.begin(1)
+        q_pos = pos.q_pos[:, 0]  # [P]: P = 1 when every row sits at the same position
+        ragged = q_pos.shape[0] > 1
+        h = model.model.embed_tokens(input_ids)  # [B, D]
+        cos, sin = model.rotary(q_pos, h.dtype)
+        rot = rotation_matrices(cos, sin, cfg.rope_interleave)  # [P, R, R]
+        rot_q = rot * cfg.softmax_scale  # the query's rope part carries the softmax scale
+        rot_idx = rotation_matrices(cos, sin, cfg.indexer_rope_interleave, self.Di)
+        topk = None
+        for layer in self.layers:
+            h, topk = self._layer(layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, topk)
+        hidden = model.model.norm(h)
+        logits = model.lm_head(hidden)
+        cache.advance(1)
+        return logits, hidden
+
+    def _layer(self, L: _Layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, prev_topk):  # noqa: ANN001
+        B = h.shape[0]
+        H, nope, R, rank, Hi, Di = self.H, self.nope, self.R, self.rank, self.Hi, self.Di
+        attn, has_idx = L.attn, L.attn.indexer is not None
+
+        # --- projections of the layer input (input_layernorm folded in)
+        proj = F.linear(h, L.w_in) * _rms_factor(h, L.in_eps)
+        if L.b_in is not None:
+            proj = proj + L.b_in
+        q_lora = L.w_q.shape[1]
+        c_q, kv = proj[:, :q_lora], proj[:, q_lora : q_lora + rank + R]
+        qq = F.linear(c_q, L.w_q) * _rms_factor(c_q, L.q_eps)
+        q = qq[:, : H * (nope + R)].view(B, H, nope + R)
+        q_lat = torch.cat([
+            torch.bmm(q[..., :nope].transpose(0, 1), L.w_uk).transpose(0, 1),  # absorbed: q_nope W_UK (scaled)
+            torch.matmul(q[..., nope:], rot_q),
+        ], dim=-1)  # fmt: skip  # [B, H, r+R]
+        c_kv = attn.kv_a_layernorm(kv[:, :rank])
+        k_pe = torch.matmul(kv[:, None, rank:], rot)[:, 0]
+        idx_k = None
+        if has_idx:
+            ix = attn.indexer
+            wk_end = q_lora + rank + R + Di
+            idx_k = torch.matmul(F.layer_norm(proj[:, None, q_lora + rank + R : wk_end], (Di,), ix.k_norm.weight,
+                                              ix.k_norm.bias, ix.k_norm.eps), rot_idx)  # fmt: skip  # [B,1,Di]
+        kv_all, idx_all = cache.update_latent(attn.layer_idx, torch.cat([c_kv, k_pe], -1)[:, None], idx_k)
+        S = kv_all.shape[1]
+
+        # --- key selection (DSA) and absorbed attention over the selected latents
+        K = min(attn.topk, S)
+        topk = None
+        if self.model.attention.dsa and S > attn.topk:
+            if has_idx:
+                idx_q = torch.matmul(qq[:, H * (nope + R) :].view(B, Hi, Di), rot_idx)  # [B, Hi, Di]
+                idx_w = proj[:, None, wk_end:]  # [B, 1, Hi], both scales folded in
+                per_head = torch.bmm(idx_q, idx_all.transpose(1, 2)).relu_()  # [B, Hi, S]
+                scores = torch.bmm(idx_w, per_head)  # [B, 1, S]
+                if ragged:  # shorter rows: their padding keys are never chosen
+                    future = torch.arange(S, device=h.device) > q_pos[:, None]
+                    scores = scores.masked_fill(future[:, None], float("-inf"))
+                topk = scores.topk(K, dim=-1).indices[:, 0]  # [B, K]
+            else:
+                topk = prev_topk
+            if B == 1:
+                keys = kv_all[0].index_select(0, topk[0])[None]
+            else:
+                flat = topk + (torch.arange(B, device=h.device) * S)[:, None]
+                keys = kv_all.reshape(B * S, -1).index_select(0, flat.reshape(-1)).view(B, K, -1)
+            hidden_keys = (topk > q_pos[:, None]) if ragged else None  # rows with fewer than K visible keys
+        else:
+            keys = kv_all
+            hidden_keys = (torch.arange(S, device=h.device) > q_pos[:, None]) if ragged else None
+        scores = torch.bmm(q_lat, keys.transpose(1, 2))  # [B, H, K or S], softmax scale folded into q_lat
+        if hidden_keys is not None:
+            scores = scores.masked_fill(hidden_keys[:, None], float("-inf"))
+        o_lat = torch.bmm(torch.softmax(scores, dim=-1), keys[..., :rank])  # [B, H, r]
+        o = torch.bmm(o_lat.transpose(0, 1), L.w_uv_t).transpose(0, 1).reshape(B, H * self.v)
+        h = h + attn.o_proj(o)
+
+        # --- feed-forward (post_attention_layernorm folded into the fused input matrix)
+        s = _rms_factor(h, L.ffn_eps)
+        m = F.linear(h, L.ffn_in) * s
+        if L.moe is not None:
+            E = L.moe.gate.num_experts
+            weights, expert_idx = L.moe.gate.route(m[:, :E].sigmoid())
+            y = L.moe.experts(h * s * L.post_norm_w, expert_idx, weights)
+            if L.down is not None:
+                gate, up = m[:, E:].chunk(2, dim=-1)
+                y = y + L.down(F.silu(gate) * up)
+        else:
+            gate, up = m.chunk(2, dim=-1)
+            y = L.down(F.silu(gate) * up)
+        return h + y, topk

@@ -1,0 +1,148 @@
+"""The fused decode step (glm5.engine.fused) against the model's own forward on twin paged caches: same logits and
+hidden states for one and many rows, ragged and equal lengths, below and above index_topk, IndexCache shared
+layers, biases, group-limited routing, no shared expert, DSA off; rebuilt after weight changes; the engine picks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from configs import MICRO
+
+from glm5 import GLM5ForCausalLM
+from glm5.engine import LLM, SamplingParams
+from glm5.engine.engine import EngineConfig, LLMEngine
+from glm5.engine.fused import FusedDecoder, rotation_matrices
+from glm5.engine.kv_cache import PagedLatentCache
+from glm5.model.layers import apply_rope
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VARIANTS = {
+    "micro": MICRO,
+    "bias": MICRO.replace(attention_bias=True),
+    "groups-no-shared": MICRO.replace(n_group=2, topk_group=1, n_shared_experts=0),
+    "half-split-rope": MICRO.replace(rope_interleave=False, indexer_rope_interleave=False),
+}
+
+
+def noisy_model(cfg, seed: int = 0) -> GLM5ForCausalLM:  # noqa: ANN001
+    """Random weights, with norms and biases moved off their 1 / 0 initialisation so folding them is tested."""
+    torch.manual_seed(seed)
+    model = GLM5ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def twin_caches(model, lengths: list[int], seed: int = 0):  # noqa: ANN001
+    """Two paged caches holding the same prompts (prefilled by the model), with non-consecutive blocks."""
+    cfg = model.config
+    layers = list(range(cfg.num_hidden_layers))
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    caches = []
+    for _ in range(2):
+        cache = PagedLatentCache(cfg, num_blocks=96, block_size=4, layers=layers)
+        for i in range(len(rows)):  # interleaved chunks below: each sequence's blocks are scattered
+            cache.add_sequence(i)
+        for start in range(0, max(lengths), 5):
+            for i, row in enumerate(rows):
+                if start < len(row):
+                    cache.prepare([i], [row[start : start + 5]])
+                    with torch.no_grad():
+                        model(torch.tensor([row[start : start + 5]]), cache)
+        caches.append(cache)
+    return caches
+
+
+@pytest.mark.parametrize("lengths", [[5], [30], [3, 17, 30], [20, 20], [7, 9]])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_step_equals_the_model_forward(variant: str, lengths: list[int]) -> None:
+    model = noisy_model(VARIANTS[variant])
+    ref_cache, fused_cache = twin_caches(model, lengths)
+    fused = FusedDecoder(model)
+    ids = list(range(len(lengths)))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):  # crosses index_topk = 8 for the short rows
+        nxt = torch.randint(1, model.config.vocab_size, (len(lengths),), generator=g)
+        for cache in (ref_cache, fused_cache):
+            cache.prepare(ids, [[t] for t in nxt.tolist()])
+        with torch.no_grad():
+            ref = model(nxt[:, None], ref_cache, return_hidden=True)
+        logits, hidden = fused(nxt, fused_cache)
+        torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, ref.hidden_states[:, -1], rtol=1e-4, atol=1e-4)
+    for i in ids:  # the cached entries agree too
+        slots = [
+            [c.seqs[i].blocks[p // 4] * 4 + p % 4 for p in range(c.length(i))]
+            for c in (ref_cache, fused_cache)
+        ]
+        for layer in range(model.config.num_hidden_layers):
+            torch.testing.assert_close(
+                ref_cache.kv[layer][slots[0]], fused_cache.kv[layer][slots[1]], atol=1e-5, rtol=1e-5
+            )
+    assert fused.num_builds == 1
+
+
+def test_fused_step_with_dsa_off_attends_to_every_key() -> None:
+    model = noisy_model(MICRO)
+    model.configure_attention(dsa=False)
+    ref_cache, fused_cache = twin_caches(model, [25, 11])
+    nxt = torch.tensor([3, 4])
+    for cache in (ref_cache, fused_cache):
+        cache.prepare([0, 1], [[3], [4]])
+    with torch.no_grad():
+        ref = model(nxt[:, None], ref_cache)
+    torch.testing.assert_close(
+        FusedDecoder(model)(nxt, fused_cache)[0], ref.logits[:, -1], rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rotation_matrices_apply_rope(interleave: bool) -> None:
+    cos, sin = torch.randn(3, 4), torch.randn(3, 4)
+    x = torch.randn(3, 5, 12)
+    M = rotation_matrices(cos, sin, interleave, width=12)
+    expected = torch.cat([apply_rope(x[..., :8], cos[:, None], sin[:, None], interleave), x[..., 8:]], -1)
+    torch.testing.assert_close(x @ M, expected)
+
+
+def test_packed_weights_follow_in_place_updates_and_replaced_tensors() -> None:
+    model = noisy_model(MICRO)
+    fused = FusedDecoder(model)
+    other = noisy_model(MICRO, seed=5)
+
+    def step_matches() -> None:
+        ref_cache, fused_cache = twin_caches(model, [12])
+        for cache in (ref_cache, fused_cache):
+            cache.prepare([0], [[9]])
+        with torch.no_grad():
+            ref = model(torch.tensor([[9]]), ref_cache).logits[:, -1]
+        torch.testing.assert_close(fused(torch.tensor([9]), fused_cache)[0], ref, rtol=1e-4, atol=1e-4)
+
+    step_matches()
+    with torch.no_grad():  # in place, as update_weights and optimizers do
+        model.model.layers[1].self_attn.q_a_proj.weight.copy_(other.model.layers[1].self_attn.q_a_proj.weight)
+        model.model.layers[2].mlp.gate.e_score_correction_bias.add_(0.3)
+    step_matches()
+    model.load_state_dict(other.state_dict(), assign=True)  # new tensors altogether
+    step_matches()
+    assert fused.num_builds == 3
+
+
+def test_engine_uses_the_fused_step_on_cpu_and_falls_back_when_unsupported() -> None:
+    model = noisy_model(MICRO)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    fused_llm, plain_llm = LLM(model, block_size=4), LLM(model, block_size=4, fused_decode=False)
+    assert fused_llm.engine.fused is not None and plain_llm.engine.fused is None
+    fused_out = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, params)]
+    assert fused_out == [o.outputs[0].token_ids for o in plain_llm.generate(prompts, params)]
+    masked = LLMEngine(model, None, EngineConfig(attention_impl="mask"))
+    assert masked.fused is None  # the dense reference runs unfused
+    with pytest.raises(ValueError, match=r"fused_decode=True\) cannot run this model: attention impl 'mask'"):
+        LLMEngine(model, None, EngineConfig(attention_impl="mask", fused_decode=True))
