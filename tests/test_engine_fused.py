@@ -1,8 +1,14 @@
-"""The fused decode step (glm5.engine.fused) against the model's own forward on twin paged caches: same logits and
-hidden states for one and many rows, ragged and equal lengths, below and above index_topk, IndexCache shared
-layers, biases, group-limited routing, no shared expert, DSA off; rebuilt after weight changes; the engine picks it."""
+"""The fused decode step (glm5.engine.fused), in torch ops and through the native C kernel, against the model's own
+forward on twin paged caches: same logits, hidden states and cache entries for one and many rows, ragged and equal
+lengths, below and above index_topk, IndexCache shared layers, biases, group-limited routing, no shared expert,
+other indexer widths, DSA off; rebuilt after weight changes; the engine picks it; the kernel builds once."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from glm5.engine import LLM, SamplingParams
 from glm5.engine.engine import EngineConfig, LLMEngine
 from glm5.engine.fused import FusedDecoder, rotation_matrices
 from glm5.engine.kv_cache import PagedLatentCache
+from glm5.kernels import native
 from glm5.model.layers import apply_rope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +29,16 @@ VARIANTS = {
     "bias": MICRO.replace(attention_bias=True),
     "groups-no-shared": MICRO.replace(n_group=2, topk_group=1, n_shared_experts=0),
     "half-split-rope": MICRO.replace(rope_interleave=False, indexer_rope_interleave=False),
+    "indexer-width-24": MICRO.replace(index_head_dim=24),  # the kernel's generic (non-unrolled) scan
 }
+KERNELS = [
+    "torch",
+    pytest.param("native", marks=pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")),
+]
+
+
+def decoder(model, kernel: str) -> FusedDecoder:  # noqa: ANN001
+    return FusedDecoder(model, native_kernel=kernel == "native")
 
 
 def noisy_model(cfg, seed: int = 0) -> GLM5ForCausalLM:  # noqa: ANN001
@@ -61,10 +77,11 @@ def twin_caches(model, lengths: list[int], seed: int = 0):  # noqa: ANN001
 
 @pytest.mark.parametrize("lengths", [[5], [30], [3, 17, 30], [20, 20], [7, 9]])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_step_equals_the_model_forward(variant: str, lengths: list[int]) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_step_equals_the_model_forward(kernel: str, variant: str, lengths: list[int]) -> None:
     model = noisy_model(VARIANTS[variant])
     ref_cache, fused_cache = twin_caches(model, lengths)
-    fused = FusedDecoder(model)
+    fused = decoder(model, kernel)
     ids = list(range(len(lengths)))
     g = torch.Generator().manual_seed(1)
     for _ in range(6):  # crosses index_topk = 8 for the short rows
@@ -88,7 +105,8 @@ def test_fused_step_equals_the_model_forward(variant: str, lengths: list[int]) -
     assert fused.num_builds == 1
 
 
-def test_fused_step_with_dsa_off_attends_to_every_key() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_step_with_dsa_off_attends_to_every_key(kernel: str) -> None:
     model = noisy_model(MICRO)
     model.configure_attention(dsa=False)
     ref_cache, fused_cache = twin_caches(model, [25, 11])
@@ -98,7 +116,7 @@ def test_fused_step_with_dsa_off_attends_to_every_key() -> None:
     with torch.no_grad():
         ref = model(nxt[:, None], ref_cache)
     torch.testing.assert_close(
-        FusedDecoder(model)(nxt, fused_cache)[0], ref.logits[:, -1], rtol=1e-4, atol=1e-4
+        decoder(model, kernel)(nxt, fused_cache)[0], ref.logits[:, -1], rtol=1e-4, atol=1e-4
     )
 
 
@@ -111,9 +129,10 @@ def test_rotation_matrices_apply_rope(interleave: bool) -> None:
     torch.testing.assert_close(x @ M, expected)
 
 
-def test_packed_weights_follow_in_place_updates_and_replaced_tensors() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_weights_follow_in_place_updates_and_replaced_tensors(kernel: str) -> None:
     model = noisy_model(MICRO)
-    fused = FusedDecoder(model)
+    fused = decoder(model, kernel)
     other = noisy_model(MICRO, seed=5)
 
     def step_matches() -> None:
@@ -146,3 +165,32 @@ def test_engine_uses_the_fused_step_on_cpu_and_falls_back_when_unsupported() -> 
     assert masked.fused is None  # the dense reference runs unfused
     with pytest.raises(ValueError, match=r"fused_decode=True\) cannot run this model: attention impl 'mask'"):
         LLMEngine(model, None, EngineConfig(attention_impl="mask", fused_decode=True))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_native_kernel_builds_once_per_machine_and_can_be_turned_off(tmp_path) -> None:  # noqa: ANN001
+    code = "from glm5.kernels import native; lib = native.load(); print(lib is not None, native.load_error())"
+    env = {**os.environ, "GLM5_CACHE_DIR": str(tmp_path)}
+
+    def run(**extra: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run() == "True None"
+    (built,) = (tmp_path / "kernels").glob("glm5_decode_*.so")
+    stamp = built.stat().st_mtime_ns
+    assert run() == "True None" and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert run(GLM5_NATIVE="0") == "False disabled by GLM5_NATIVE=0"
+    assert run(CC="/nonexistent/cc", GLM5_CACHE_DIR=str(tmp_path / "other")).startswith("False")
+
+
+def test_engine_runs_unfused_when_the_kernel_is_unavailable(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(native, "load", lambda: None)
+    monkeypatch.setattr(native, "load_error", lambda: "no C compiler (test)")
+    model = noisy_model(MICRO)
+    assert FusedDecoder(model).lib is None  # falls back to the torch ops
+    with pytest.raises(RuntimeError, match="native decode kernel is unavailable: no C compiler"):
+        FusedDecoder(model, native_kernel=True)

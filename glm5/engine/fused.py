@@ -25,12 +25,14 @@ says why not otherwise and the engine then uses the model's own forward.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5.kernels import native
 from glm5.model.attention import MLAttention
 from glm5.model.moe import MoE
 
@@ -82,23 +84,31 @@ class _Layer:
     post_norm_w: torch.Tensor
     moe: MoE | None
     down: nn.Linear | None  # shared expert's or dense MLP's down_proj (used in place)
+    args: native.LayerArgs | None = None  # the native kernel's arguments (pointers into the tensors above)
 
 
 class FusedDecoder:
     """A decode step (one new token per row) of a GLM5ForCausalLM over a PagedLatentCache; see the module doc."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, native_kernel: bool | None = None) -> None:
         reason = self.unsupported(model)
         if reason is not None:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model = model
+        self.lib = None
+        if native_kernel is not False and model.lm_head.weight.device.type == "cpu":
+            self.lib = native.load()
+        if native_kernel and self.lib is None:
+            raise RuntimeError(f"the native decode kernel is unavailable: {native.load_error()}")
         cfg = model.config
         self.cfg = cfg
         self.H, self.nope, self.R, self.v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                             cfg.v_head_dim)  # fmt: skip
         self.rank, self.Hi, self.Di = cfg.kv_lora_rank, cfg.index_n_heads, cfg.index_head_dim
         self.layers: list[_Layer] = []
-        self._stamp: list[tuple[int, int]] = []
+        self._held: list[torch.Tensor] = []  # the source tensors of the packs, kept alive (see _fresh)
+        self._versions: list[int] = []
+        self._slots: list[tuple[dict, str]] = []
         self.num_builds = 0
 
     @staticmethod
@@ -119,26 +129,26 @@ class FusedDecoder:
 
     # --- packing ---------------------------------------------------------------------------------
     def _sources(self) -> list[torch.Tensor]:
-        """Every tensor the packs are made of, looked up afresh (load_state_dict(assign=True) replaces them)."""
-        out = []
-        for layer in self.model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            mods = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_a_layernorm, attn.q_a_proj,
-                    attn.kv_a_proj_with_mqa, attn.q_b_proj, attn.kv_b_proj]  # fmt: skip
-            if attn.indexer is not None:
-                mods += [attn.indexer.wk, attn.indexer.weights_proj, attn.indexer.wq_b]
-            if isinstance(mlp, MoE):
-                mods += [mlp.gate] + ([] if mlp.shared_experts is None else [mlp.shared_experts])
-            else:
-                mods.append(mlp)
-            for m in mods:
-                out += [t for name, t in m.named_parameters() if "down_proj" not in name]
-            if isinstance(mlp, MoE):
-                out.append(mlp.gate.e_score_correction_bias)
-        return out
+        """Every tensor the packs are made of or point at, looked up afresh in their modules' dicts
+        (load_state_dict(assign=True) replaces them; in-place updates bump their version counters)."""
+        if not self._slots:  # (owner dict, name) of every parameter and buffer of the layers, found once
+            for layer in self.model.model.layers:
+                for m in layer.modules():
+                    self._slots += [(m._parameters, n) for n, t in m._parameters.items() if t is not None]
+                    self._slots += [(m._buffers, n) for n, t in m._buffers.items() if t is not None]
+        return [d[n] for d, n in self._slots]
 
     def _fresh(self) -> bool:
-        return bool(self.layers) and self._stamp == [(t.data_ptr(), t._version) for t in self._sources()]
+        """Same tensor objects at the same in-place versions as at the last build. Holding the old objects
+        keeps their memory from being reused, so identity is enough (and the kernel's pointers stay valid)."""
+        held, versions = self._held, self._versions
+        if not held:
+            return False
+        for i, (d, n) in enumerate(self._slots):
+            t = d[n]
+            if t is not held[i] or t._version != versions[i]:
+                return False
+        return True
 
     @torch.no_grad()
     def _build(self) -> None:
@@ -149,9 +159,7 @@ class FusedDecoder:
             rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
             q_rows = [attn.q_b_proj.weight]
             if idx is not None:
-                idx_scale = (
-                    self.Hi**-0.5 * idx.scale
-                )  # head-weight scale and score scale (ReLU is homogeneous)
+                idx_scale = self.Hi**-0.5 * idx.scale  # head-weight and score scales (ReLU is homogeneous)
                 rows += [idx.wk.weight, idx.weights_proj.weight * idx_scale]
                 q_rows += [idx.wq_b.weight]
             b_in = None
@@ -185,8 +193,59 @@ class FusedDecoder:
                 moe=moe,
                 down=down,
             ))  # fmt: skip
-        self._stamp = [(t.data_ptr(), t._version) for t in self._sources()]
+        if self.lib is not None:
+            for L in self.layers:
+                L.args = self._native_args(L)
+        self._held = self._sources()
+        self._versions = [t._version for t in self._held]
         self.num_builds += 1
+
+    def _native_args(self, L: _Layer) -> native.LayerArgs:
+        """The C kernel's arguments for one layer: sizes, flags and weight pointers (per-step fields set later)."""
+        cfg, attn, idx = self.cfg, L.attn, L.attn.indexer
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            assert t.is_contiguous() and t.dtype == torch.float32, (
+                "native kernel inputs are contiguous float32"
+            )
+            return t.data_ptr()
+
+        a = native.LayerArgs(
+            D=cfg.hidden_size, q_lora=L.w_q.shape[1], rank=self.rank, R=self.R, H=self.H, nope=self.nope, v=self.v,
+            Hi=self.Hi, Di=self.Di, topk=attn.topk, n_in=L.w_in.shape[0], n_q=L.w_q.shape[0],
+            has_indexer=idx is not None, rope_interleave=cfg.rope_interleave,
+            idx_rope_interleave=cfg.indexer_rope_interleave, in_eps=L.in_eps, q_eps=L.q_eps,
+            kv_eps=attn.kv_a_layernorm.eps, ffn_eps=L.ffn_eps, softmax_scale=attn.scale,
+            w_in=ptr(L.w_in), b_in=ptr(L.b_in), w_q=ptr(L.w_q), kv_norm_w=ptr(attn.kv_a_layernorm.weight),
+            w_uk=ptr(L.w_uk), w_uv_t=ptr(L.w_uv_t), o_w=ptr(attn.o_proj.weight), o_b=ptr(attn.o_proj.bias),
+            ffn_in=ptr(L.ffn_in), post_norm_w=ptr(L.post_norm_w),
+            down_w=None if L.down is None else ptr(L.down.weight),
+            ffn_inter=0 if L.down is None else L.down.weight.shape[1], is_moe=L.moe is not None,
+        )  # fmt: skip
+        if idx is not None:
+            a.idx_ln_eps, a.idx_ln_w, a.idx_ln_b = (
+                idx.k_norm.eps,
+                ptr(idx.k_norm.weight),
+                ptr(idx.k_norm.bias),
+            )
+        if L.moe is not None:
+            gate, experts = L.moe.gate, L.moe.experts
+            a.E, a.top_k, a.n_group, a.topk_group = (
+                gate.num_experts,
+                gate.top_k,
+                gate.n_group,
+                gate.topk_group,
+            )
+            a.Fe, a.norm_topk, a.route_scale = (
+                experts.down_proj.shape[-1],
+                gate.norm_topk_prob,
+                gate.routed_scaling_factor,
+            )
+            a.e_bias, a.gate_up, a.down_e = (ptr(gate.e_score_correction_bias), ptr(experts.gate_up_proj),
+                                             ptr(experts.down_proj))  # fmt: skip
+        return a
 
     # --- the step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,6 +254,8 @@ class FusedDecoder:
         hidden states [B, D]); the cache advances by one."""
         if not self._fresh():
             self._build()
+        if self.lib is not None and hasattr(cache, "decode_tables"):
+            return self._native_step(input_ids, cache)
         model, cfg = self.model, self.cfg
         pos, _ = cache.begin(1)
         q_pos = pos.q_pos[:, 0]  # [P]: P = 1 when every row sits at the same position
@@ -207,6 +268,44 @@ class FusedDecoder:
         topk = None
         for layer in self.layers:
             h, topk = self._layer(layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, topk)
+        hidden = model.model.norm(h)
+        logits = model.lm_head(hidden)
+        cache.advance(1)
+        return logits, hidden
+
+    def _native_step(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        model = self.model
+        pos, _ = cache.begin(1)
+        q_pos = pos.q_pos[:, 0]
+        write, gather, lengths = cache.decode_tables()
+        B = input_ids.shape[0]
+        h = model.model.embed_tokens(input_ids).contiguous()  # a fresh tensor: the kernel updates it in place
+        cos, sin = (t.contiguous() for t in model.rotary(q_pos, h.dtype))
+        topk_idx = torch.empty(B, self.cfg.index_topk, dtype=torch.long)
+        topk_count = torch.zeros(B, dtype=torch.long)
+        for L in self.layers:
+            kv, idx = cache.stores(L.attn.layer_idx)
+            a = L.args
+            a.B, a.h, a.cos, a.sin, a.rope_stride = (
+                B,
+                h.data_ptr(),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                (0 if q_pos.shape[0] == 1 else self.R // 2),
+            )
+            a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
+            a.write_slot, a.gather, a.gather_stride = write.data_ptr(), gather.data_ptr(), gather.shape[1]
+            a.lengths, a.topk_idx, a.topk_count = (
+                lengths.data_ptr(),
+                topk_idx.data_ptr(),
+                topk_count.data_ptr(),
+            )
+            a.dsa = model.attention.dsa
+            rc = self.lib.glm5_decode_layer(ctypes.byref(a))
+            if rc:
+                raise RuntimeError(
+                    f"native decode kernel failed in layer {L.attn.layer_idx}: {native.ERRORS[rc]}"
+                )
         hidden = model.model.norm(h)
         logits = model.lm_head(hidden)
         cache.advance(1)

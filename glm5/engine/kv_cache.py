@@ -439,6 +439,25 @@ class PagedLatentCache:
             idx_all = b.write_and_gather(idx_store, index_k.reshape(B * T, -1).to(self.dtype))
         return kv_all, idx_all
 
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a prepared batch of one new token per row: (slot of each row's new entry [B], slots of every row's
+        key positions [B, S] (rows past their length point at the null block), keys per row [B]), all int64.
+        What a fused kernel needs to write and read the cache itself (glm5/kernels/decode_layer.c)."""
+        b = self._require_batch(1)
+        B = len(b.seq_ids)
+        if b.write_slots is None:  # one sequence whose slots are one run
+            write = torch.tensor([b.write_start], device=self.device)
+            gather = torch.arange(b.gather_start, b.gather_start + b.end, device=self.device)[None]
+        else:
+            write, gather = b.write_slots, b.gather_slots
+        lengths = (b.positions.q_pos[:, 0] + 1).expand(B).contiguous()
+        return write, gather.contiguous(), lengths
+
+    def stores(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flat storage of a layer: latents [slots, r+R] and indexer keys [slots, Di] (None: shared layer)."""
+        local = self._local[layer_idx]
+        return self.kv[local], self.index_k[local]
+
     def advance(self, num_tokens: int) -> None:
         b = self._batch
         assert b is not None and num_tokens == b.T

@@ -1,0 +1,120 @@
+"""The native decode-layer kernel (decode_layer.c): built with the system C compiler on first use, loaded with ctypes.
+
+No Python headers and no torch extension machinery: `cc -O3 -march=native -fopenmp -shared` takes about a second
+(OpenMP is dropped if the compiler lacks it; the OpenMP runtime is the one torch already loaded), and the
+library is cached under `$GLM5_CACHE_DIR` (default `~/.cache/glm5`) keyed by the source, the compiler flags and
+this CPU, so each machine builds once. Without a compiler, on a failed build, or with `GLM5_NATIVE=0`,
+`load()` returns None (the reason is in `load_error()`) and callers use their torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("decode_layer.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class LayerArgs(ctypes.Structure):
+    """Mirror of the C `LayerArgs` (same field order and types)."""
+
+    _fields_ = [
+        *[(n, _i64) for n in "B D q_lora rank R H nope v Hi Di topk n_in n_q".split()],
+        *[(n, _i64) for n in "has_indexer dsa rope_interleave idx_rope_interleave".split()],
+        *[(n, _f32) for n in "in_eps q_eps kv_eps idx_ln_eps ffn_eps softmax_scale".split()],
+        *[(n, _ptr) for n in "w_in b_in w_q kv_norm_w w_uk w_uv_t o_w o_b idx_ln_w idx_ln_b".split()],
+        *[(n, _ptr) for n in "ffn_in post_norm_w down_w".split()],
+        *[(n, _i64) for n in "ffn_inter is_moe E top_k n_group topk_group Fe norm_topk".split()],
+        ("route_scale", _f32),
+        *[(n, _ptr) for n in "e_bias gate_up down_e h cos sin".split()],
+        ("rope_stride", _i64),
+        *[(n, _ptr) for n in "kv_store idx_store write_slot gather".split()],
+        ("gather_stride", _i64),
+        *[(n, _ptr) for n in "lengths topk_idx topk_count".split()],
+    ]
+
+
+ERRORS = {
+    1: "out of memory for the kernel's scratch buffers",
+    2: "more than 256 routed experts, 256 experts per token or 64 expert groups",
+    3: "a layer that shares the top-k of a previous layer, but none selected it",
+}
+
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLM5_CACHE_DIR") or Path.home() / ".cache" / "glm5") / "kernels"
+
+
+def _cpu_tag() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))), "")
+    except OSError:
+        model = ""
+    return f"{platform.machine()}|{platform.processor()}|{model}"
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile decode_layer.c (or reuse the cached build) and return the library's path; raises on failure."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"glm5_decode_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        for extra in (["-fopenmp"], []):  # OpenMP if the compiler has it (the kernel is correct without)
+            cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: concurrent builders each install a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, building it on first use; None when disabled or unavailable (see `load_error`)."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("GLM5_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+        _error = "disabled by GLM5_NATIVE=0"
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _error = str(e)
+        return None
+    lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
+    lib.glm5_decode_layer.restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+def load_error() -> str | None:
+    """Why `load()` returned None (None if it has not been called or succeeded)."""
+    return _error
