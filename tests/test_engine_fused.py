@@ -194,3 +194,24 @@ def test_engine_runs_unfused_when_the_kernel_is_unavailable(monkeypatch) -> None
     assert FusedDecoder(model).lib is None  # falls back to the torch ops
     with pytest.raises(RuntimeError, match="native decode kernel is unavailable: no C compiler"):
         FusedDecoder(model, native_kernel=True)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("lengths", [[6], [30], [3, 17, 30]])
+def test_native_kernel_verifies_several_tokens_per_row_in_causal_order(lengths: list[int]) -> None:
+    # 16 indexer heads: a key whose every head ReLU is 0 (an exact tie at score 0, which the kernel and
+    # torch.topk break differently) is ~1e-5 likely instead of the ~4e-3 of MICRO's 8 heads
+    model = noisy_model(MICRO.replace(index_n_heads=16))
+    ref_cache, fused_cache = twin_caches(model, lengths)
+    fused = decoder(model, "native")
+    ids = list(range(len(lengths)))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):  # 4 tokens per row (1 + 3 drafts), crossing index_topk = 8
+        new = torch.randint(1, model.config.vocab_size, (len(lengths), 4), generator=g)
+        for cache in (ref_cache, fused_cache):
+            cache.prepare(ids, new.tolist())
+        with torch.no_grad():
+            ref = model(new, ref_cache, return_hidden=True)
+        logits, hidden = fused(new, fused_cache)
+        torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, ref.hidden_states, rtol=1e-4, atol=1e-4)

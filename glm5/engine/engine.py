@@ -630,7 +630,7 @@ class LLMEngine:
         rows = [[s.tokens[-1]] for s in seqs]
         self.cache.prepare([s.seq_id for s in seqs], rows)
         ids = torch.tensor(rows, device=self.device)
-        if self.fused is not None and self.model.attention.impl == "sparse":
+        if self._fused_now():
             logits, hidden = self.fused(ids[:, 0], self.cache)
         else:
             out = self.model(ids, self.cache, return_hidden=self.drafter is not None)
@@ -653,23 +653,32 @@ class LLMEngine:
         draft_list = drafts.tolist()
         rows = [[s.tokens[-1]] + d for s, d in zip(seqs, draft_list)]
         self.cache.prepare([s.seq_id for s in seqs], rows)
-        out = self.model(torch.tensor(rows, device=self.device), self.cache, return_hidden=True)
-        accepted, tokens = verify(drafts, draft_probs, out.logits, batch, u[:, k : 2 * k], u[:, 2 * k])
+        ids = torch.tensor(rows, device=self.device)
+        if self._fused_now() and self.fused.lib is not None:  # the kernel verifies k + 1 tokens per row too
+            logits, hidden = self.fused(ids, self.cache)
+        else:
+            out = self.model(ids, self.cache, return_hidden=True)
+            logits, hidden = out.logits, out.hidden_states
+        accepted, tokens = verify(drafts, draft_probs, logits, batch, u[:, k : 2 * k], u[:, 2 * k])
         accepted_list, token_list = accepted.tolist(), tokens.tolist()
-        lp = self._logprobs(seqs, out.logits, tokens, k + 1)
+        lp = self._logprobs(seqs, logits, tokens, k + 1)
         self.drafter.metrics.record(k, accepted_list)
         for b, (seq, a) in enumerate(zip(seqs, accepted_list)):
             seq.request.metrics.num_draft_tokens += k
             seq.request.metrics.num_accepted_tokens += a
             self.cache.truncate(seq.seq_id, seq.num_cached + a + 1)
             seq.num_cached += a + 1
-            seq.pending_hidden = out.hidden_states[b, : a + 1].clone()
+            seq.pending_hidden = hidden[b, : a + 1].clone()
             for j in range(a + 1):
                 if seq.status is Status.FINISHED:
                     break
                 self._append(seq, token_list[b][j], None if lp is None else lp[b][j])
 
     # --- sampling and bookkeeping ----------------------------------------------------------------
+    def _fused_now(self) -> bool:
+        """The fused step applies (it is the sparse attention path; the "mask" reference runs the model)."""
+        return self.fused is not None and self.model.attention.impl == "sparse"
+
     def _batch_sampling(self, seqs: list[Seq], positions: int) -> BatchSampling:
         bans = []
         for s in seqs:

@@ -251,11 +251,14 @@ class FusedDecoder:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         """input_ids [B] (one new token per row, the rows `cache.prepare` set) -> (logits [B, vocab], final-norm
-        hidden states [B, D]); the cache advances by one."""
+        hidden states [B, D]); the cache advances by one. With the native kernel also [B, T] (a few tokens per
+        row, e.g. speculative drafts) -> [B, T, vocab], [B, T, D]."""
         if not self._fresh():
             self._build()
         if self.lib is not None and hasattr(cache, "decode_tables"):
             return self._native_step(input_ids, cache)
+        if input_ids.dim() != 1:
+            raise ValueError("the torch fused step takes one token per row; several need the native kernel")
         model, cfg = self.model, self.cfg
         pos, _ = cache.begin(1)
         q_pos = pos.q_pos[:, 0]  # [P]: P = 1 when every row sits at the same position
@@ -274,25 +277,25 @@ class FusedDecoder:
         return logits, hidden
 
     def _native_step(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """Through the C kernel. input_ids [B] or [B, T]: T > 1 new tokens of a row (speculative verification)
+        become T kernel rows in order, each writing its entry and then attending up to it, so the causal order
+        inside the row holds; -> logits and hidden states of every new token, [B, (T,) ...]."""
         model = self.model
-        pos, _ = cache.begin(1)
-        q_pos = pos.q_pos[:, 0]
-        write, gather, lengths = cache.decode_tables()
-        B = input_ids.shape[0]
-        h = model.model.embed_tokens(input_ids).contiguous()  # a fresh tensor: the kernel updates it in place
-        cos, sin = (t.contiguous() for t in model.rotary(q_pos, h.dtype))
-        topk_idx = torch.empty(B, self.cfg.index_topk, dtype=torch.long)
-        topk_count = torch.zeros(B, dtype=torch.long)
+        B, T = input_ids.shape[0], 1 if input_ids.dim() == 1 else input_ids.shape[1]
+        pos, _ = cache.begin(T)
+        write, gather, lengths = cache.decode_tables(T)
+        rows = B * T
+        h = model.model.embed_tokens(input_ids.reshape(rows)).contiguous()  # fresh: the kernel updates it
+        cos, sin = model.rotary(pos.q_pos, h.dtype)  # [P, T, R/2]
+        shared = pos.q_pos.shape[0] == 1 and T == 1  # one position for every row
+        cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
+        topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
+        topk_count = torch.zeros(rows, dtype=torch.long)
         for L in self.layers:
             kv, idx = cache.stores(L.attn.layer_idx)
             a = L.args
-            a.B, a.h, a.cos, a.sin, a.rope_stride = (
-                B,
-                h.data_ptr(),
-                cos.data_ptr(),
-                sin.data_ptr(),
-                (0 if q_pos.shape[0] == 1 else self.R // 2),
-            )
+            a.B, a.h, a.cos, a.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
+            a.rope_stride = 0 if shared else self.R // 2
             a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
             a.write_slot, a.gather, a.gather_stride = write.data_ptr(), gather.data_ptr(), gather.shape[1]
             a.lengths, a.topk_idx, a.topk_count = (
@@ -306,9 +309,11 @@ class FusedDecoder:
                 raise RuntimeError(
                     f"native decode kernel failed in layer {L.attn.layer_idx}: {native.ERRORS[rc]}"
                 )
+        if T > 1:
+            h = h.view(B, T, -1)
         hidden = model.model.norm(h)
         logits = model.lm_head(hidden)
-        cache.advance(1)
+        cache.advance(T)
         return logits, hidden
 
     def _layer(self, L: _Layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, prev_topk):  # noqa: ANN001

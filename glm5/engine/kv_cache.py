@@ -439,19 +439,25 @@ class PagedLatentCache:
             idx_all = b.write_and_gather(idx_store, index_k.reshape(B * T, -1).to(self.dtype))
         return kv_all, idx_all
 
-    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a prepared batch of one new token per row: (slot of each row's new entry [B], slots of every row's
-        key positions [B, S] (rows past their length point at the null block), keys per row [B]), all int64.
-        What a fused kernel needs to write and read the cache itself (glm5/kernels/decode_layer.c)."""
-        b = self._require_batch(1)
+    def decode_tables(self, num_new_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a prepared batch of T new tokens per row, one kernel row per new token (row-major): (slot of its
+        entry [B*T], slots of its sequence's key positions [B*T, S] (rows past their length point at the null
+        block), keys it sees, itself included [B*T]), all int64. What a fused kernel needs to write and read the
+        cache itself (glm5/kernels/decode_layer.c)."""
+        T = num_new_tokens
+        b = self._require_batch(T)
         B = len(b.seq_ids)
+        if b.src_rows is not None:
+            raise ValueError("decode_tables needs the same number of new tokens in every row")
         if b.write_slots is None:  # one sequence whose slots are one run
-            write = torch.tensor([b.write_start], device=self.device)
+            write = torch.arange(b.write_start, b.write_start + T, device=self.device)
             gather = torch.arange(b.gather_start, b.gather_start + b.end, device=self.device)[None]
         else:
             write, gather = b.write_slots, b.gather_slots
-        lengths = (b.positions.q_pos[:, 0] + 1).expand(B).contiguous()
-        return write, gather.contiguous(), lengths
+        if T > 1:
+            gather = gather.repeat_interleave(T, dim=0) if gather.shape[0] > 1 else gather.expand(B * T, -1)
+        lengths = (b.positions.q_pos + 1).expand(B, T).reshape(B * T)
+        return write, gather.contiguous(), lengths.contiguous()
 
     def stores(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The flat storage of a layer: latents [slots, r+R] and indexer keys [slots, Di] (None: shared layer)."""

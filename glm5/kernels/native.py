@@ -61,7 +61,9 @@ def cache_dir() -> Path:
 def _cpu_tag() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
-        model = next((ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))), "")
+        model = next(
+            (ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))), ""
+        )
     except OSError:
         model = ""
     return f"{platform.machine()}|{platform.processor()}|{model}"
@@ -69,7 +71,9 @@ def _cpu_tag() -> str:
 
 def build(compiler: str | None = None) -> Path:
     """Compile decode_layer.c (or reuse the cached build) and return the library's path; raises on failure."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = (
+        compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    )
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
     source = SOURCE.read_bytes()
