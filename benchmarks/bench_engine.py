@@ -12,7 +12,9 @@ Workloads (PERFORMANCE.md, issue 6):
   token / ~25 GB/s, PERFORMANCE.md).
 
 HF decodes from a prefilled cache: `generate(input_ids, past_key_values=...)` after one prefill forward, so its
-decode rate is not diluted by prefill; glm5 is timed from its first token to its last.
+decode rate is not diluted by prefill; glm5 is timed from its first token to its last. The decode rows also run
+glm5's engine with `fused_decode=False` ("model forward only": every decode step is GLM5ForCausalLM.forward), to
+show what the fused step and its native kernel (glm5/engine/fused.py, glm5/kernels/decode_layer.c) add.
 
     python benchmarks/bench_engine.py               # the full run (~30-40 minutes on 2 cores: HF's 16K prefill)
     python benchmarks/bench_engine.py --quick       # contexts 32 / 2K, 1 / 8 sequences, short MTP training
@@ -54,12 +56,13 @@ def prompts_for(cfg, count: int, length: int, seed: int) -> list[list[int]]:
 @torch.no_grad()
 def run_decode(impl: str, ctx: int, new: int, weights: str, threads: int) -> dict:
     """Batch-1 greedy decode after a ctx-token prompt: time to first token, then tokens/s over `new` tokens."""
-    cfg, model = build(impl, weights, threads)
+    cfg, model = build("glm5" if impl.startswith("glm5") else impl, weights, threads)
     (prompt,) = prompts_for(cfg, 1, ctx, seed=ctx)
-    if impl == "glm5":
+    if impl.startswith("glm5"):
         from glm5.engine import LLM, SamplingParams
 
-        engine = LLM(model).engine
+        # "glm5-model": the engine without its fused decode step (every decode step is the model's forward)
+        engine = LLM(model, fused_decode=impl == "glm5").engine
         start = time.perf_counter()
         engine.add_request("r", prompt, SamplingParams(max_tokens=new + 1, temperature=0.0, ignore_eos=True))
         seq = None
@@ -250,19 +253,25 @@ def markdown(results: dict) -> str:
         f"glm5/HF logits max diff "
         f"{meta['parity_max_abs_diff']:.1e}.",
         "",
-        "| workload | HF | glm5 | glm5 / HF | HF peak RSS | glm5 peak RSS |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| workload | HF | glm5 | glm5 / HF | glm5, model forward only | HF peak RSS | glm5 peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         hf, ours = row["hf"], row["glm5"]
         if "error" in hf or "error" in ours:
-            lines.append(f"| {row['name']} | {hf.get('error', '')} | {ours.get('error', '')} | | | |")
+            lines.append(f"| {row['name']} | {hf.get('error', '')} | {ours.get('error', '')} | | | | |")
             continue
         key, unit, fmt = row["metric"]
         ratio = ours[key] / hf[key] if key == "tokens_per_s" else hf[key] / ours[key]
+        plain = row.get("glm5-model")
+        plain_cell = (
+            ""
+            if not plain or "error" in plain or row["kind"] != "decode"
+            else f"{fmt.format(plain[key])} {unit}"
+        )
         lines.append(
             f"| {row['name']} | {fmt.format(hf[key])} {unit} | {fmt.format(ours[key])} {unit} | "
-            f"**{ratio:.1f}x** | {hf['peak_rss'] / 1e9:.2f} GB | {ours['peak_rss'] / 1e9:.2f} GB |"
+            f"**{ratio:.1f}x** | {plain_cell} | {hf['peak_rss'] / 1e9:.2f} GB | {ours['peak_rss'] / 1e9:.2f} GB |"
         )
     mtp = results.get("mtp")
     if mtp and "error" not in mtp:
@@ -306,8 +315,10 @@ def plot(results: dict, path: Path) -> None:
     ):
         rows = [r for r in results["rows"] if r["kind"] == kind and ok(r)]
         xs = [r["size"] for r in rows]
-        for impl, style in (("hf", "o--"), ("glm5", "s-")):
-            ax.plot(xs, [r[impl]["tokens_per_s"] for r in rows], style, label=impl)
+        for impl, style in (("hf", "o--"), ("glm5", "s-"), ("glm5-model", "^:")):
+            if all(impl in r and "error" not in r[impl] for r in rows):
+                label = "glm5, model forward only" if impl == "glm5-model" else impl
+                ax.plot(xs, [r[impl]["tokens_per_s"] for r in rows], style, label=label)
         ax.set(xlabel=xlabel, ylabel="tokens/s", title=title, yscale="log")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
@@ -380,12 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         meta["parity_max_abs_diff"] = check_parity(weights, args.threads)
         repeats = args.repeats or (1 if args.quick else 3)
         meta["repeats"] = repeats
-        task = progress.add_task("benchmark", total=len(work) * 2 * repeats + 2)
+        runs_per_repeat = sum(3 if w[3] == "decode" else 2 for w in work)
+        task = progress.add_task("benchmark", total=runs_per_repeat * repeats + 2)
         for fn, size, name, kind, metric, fn_args in work:
             row = {"name": name, "kind": kind, "size": size, "metric": metric}
-            runs: dict[str, list[dict]] = {"hf": [], "glm5": []}
+            impls = ("hf", "glm5", "glm5-model") if kind == "decode" else ("hf", "glm5")
+            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
             for _ in range(repeats):
-                for impl in ("hf", "glm5"):  # interleaved: machine drift hits both sides alike
+                for impl in impls:  # interleaved: machine drift hits every side alike
                     progress.update(task, description=f"{name}: {impl}")
                     key = (fn, impl, fn_args)
                     if key not in measured:  # the TTFT rows reuse the decode runs

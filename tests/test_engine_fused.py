@@ -215,3 +215,28 @@ def test_native_kernel_verifies_several_tokens_per_row_in_causal_order(lengths: 
         logits, hidden = fused(new, fused_cache)
         torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(hidden, ref.hidden_states, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_native_mtp_layer_equals_the_models_mtp_forward() -> None:
+    model = noisy_model(MICRO.replace(index_n_heads=16))  # no exact indexer ties (see above)
+    mtp_layer = model.config.num_hidden_layers
+    caches = [
+        PagedLatentCache(model.config, num_blocks=64, block_size=4, layers=[mtp_layer]) for _ in range(2)
+    ]
+    fused = decoder(model, "native")
+    g = torch.Generator().manual_seed(3)
+    D = model.config.hidden_size
+    for cache in caches:
+        for i in range(2):
+            cache.add_sequence(i)
+    for depth, T in [(0, 6), (0, 3), (1, 1), (2, 1), (0, 4)]:  # prompt catch-up, accepted drafts, draft steps
+        hidden = torch.randn(2, T, D, generator=g)
+        ids = torch.randint(1, model.config.vocab_size, (2, T), generator=g)
+        for cache in caches:
+            cache.prepare([0, 1], ids.tolist())
+        with torch.no_grad():
+            ref_h, ref_logits = model.mtp_forward(hidden, ids, caches[0], depth=depth)
+        h, logits = fused.mtp_forward(hidden, ids, caches[1], depth=depth)
+        torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ host sync per step is the `.tolist()` of the sampled ids (plus logprobs when ask
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -191,8 +192,8 @@ class LLMEngine:
         self.mtp_cache = (
             make(mtp_layers) if k else None
         )  # the MTP layer's entries lag one position: own cache
-        self.drafter = MTPDrafter(model, self.mtp_cache, k) if k else None
         self.fused = self._make_fused(cfg.fused_decode)
+        self.drafter = MTPDrafter(model, self.mtp_cache, k, self.fused) if k else None
         capacity = (num_blocks - 1) * cfg.block_size - (k + 1)
         self.max_model_len = min(
             cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings, capacity
@@ -364,10 +365,11 @@ class LLMEngine:
             prefill, decode = self._schedule()
             if decode:
                 k = self.config.num_speculative_tokens
-                if k and all(len(s.tokens) + k <= self.max_model_len for s in decode):
-                    self._speculative_step(decode)
-                else:
-                    self._decode_step(decode)
+                with self.fused.step() if self.fused is not None else contextlib.nullcontext():
+                    if k and all(len(s.tokens) + k <= self.max_model_len for s in decode):
+                        self._speculative_step(decode)
+                    else:
+                        self._decode_step(decode)
             for group in self._group_chunks(prefill):
                 self._prefill_step(group)
             self.num_steps += 1

@@ -25,7 +25,9 @@ says why not otherwise and the engine then uses the model's own forward.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +108,10 @@ class FusedDecoder:
                                             cfg.v_head_dim)  # fmt: skip
         self.rank, self.Hi, self.Di = cfg.kv_lora_rank, cfg.index_n_heads, cfg.index_head_dim
         self.layers: list[_Layer] = []
+        self.mtp_layers: list[_Layer] = []
         self._held: list[torch.Tensor] = []  # the source tensors of the packs, kept alive (see _fresh)
         self._versions: list[int] = []
+        self._trusted = False  # inside `step()`: the packs were checked at its start
         self._slots: list[tuple[dict, str]] = []
         self.num_builds = 0
 
@@ -132,7 +136,7 @@ class FusedDecoder:
         """Every tensor the packs are made of or point at, looked up afresh in their modules' dicts
         (load_state_dict(assign=True) replaces them; in-place updates bump their version counters)."""
         if not self._slots:  # (owner dict, name) of every parameter and buffer of the layers, found once
-            for layer in self.model.model.layers:
+            for layer in (*self.model.model.layers, *getattr(self.model, "mtp", ())):
                 for m in layer.modules():
                     self._slots += [(m._parameters, n) for n, t in m._parameters.items() if t is not None]
                     self._slots += [(m._buffers, n) for n, t in m._buffers.items() if t is not None]
@@ -150,55 +154,73 @@ class FusedDecoder:
                 return False
         return True
 
+    def _ensure_fresh(self) -> None:
+        if not (self._trusted and self.layers) and not self._fresh():
+            self._build()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Check the packs once for several calls that the weights cannot change between (an engine step
+        holds its lock): the check walks every parameter, ~0.1 ms on an 8-layer model."""
+        self._ensure_fresh()
+        self._trusted = True
+        try:
+            yield
+        finally:
+            self._trusted = False
+
     @torch.no_grad()
     def _build(self) -> None:
-        self.layers = []
-        for layer in self.model.model.layers:
-            attn, idx = layer.self_attn, layer.self_attn.indexer
-            norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
-            rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
-            q_rows = [attn.q_b_proj.weight]
-            if idx is not None:
-                idx_scale = self.Hi**-0.5 * idx.scale  # head-weight and score scales (ReLU is homogeneous)
-                rows += [idx.wk.weight, idx.weights_proj.weight * idx_scale]
-                q_rows += [idx.wq_b.weight]
-            b_in = None
-            if attn.q_a_proj.bias is not None:
-                b_in = torch.cat([attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias,
-                                  *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)])])  # fmt: skip
-            w_uk, w_uv = attn._kv_b()
-            mlp = layer.mlp
-            if isinstance(mlp, MoE):
-                shared = mlp.shared_experts
-                ffn_rows = [mlp.gate.weight] + (
-                    [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
-                )
-                down = None if shared is None else shared.down_proj
-                moe = mlp
-            else:
-                ffn_rows = [mlp.gate_proj.weight, mlp.up_proj.weight]
-                down, moe = mlp.down_proj, None
-            self.layers.append(_Layer(
-                attn=attn,
-                w_in=torch.cat(rows) * norm_in.weight,
-                b_in=b_in,
-                in_eps=norm_in.eps,
-                w_q=torch.cat(q_rows) * attn.q_a_layernorm.weight,
-                q_eps=attn.q_a_layernorm.eps,
-                w_uk=(w_uk * attn.scale).contiguous(),
-                w_uv_t=w_uv.transpose(1, 2).contiguous(),
-                ffn_in=torch.cat(ffn_rows) * norm_post.weight,
-                ffn_eps=norm_post.eps,
-                post_norm_w=norm_post.weight,
-                moe=moe,
-                down=down,
-            ))  # fmt: skip
+        self.layers = [self._pack(layer) for layer in self.model.model.layers]
+        self.mtp_layers = [self._pack(layer) for layer in getattr(self.model, "mtp", ())]
         if self.lib is not None:
-            for L in self.layers:
+            for L in self.layers + self.mtp_layers:
                 L.args = self._native_args(L)
         self._held = self._sources()
         self._versions = [t._version for t in self._held]
         self.num_builds += 1
+
+    def _pack(self, layer: nn.Module) -> _Layer:
+        """One decoder layer (main or MTP) as packed matrices plus the modules used in place."""
+        attn, idx = layer.self_attn, layer.self_attn.indexer
+        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
+        q_rows = [attn.q_b_proj.weight]
+        if idx is not None:
+            idx_scale = self.Hi**-0.5 * idx.scale  # head-weight and score scales (ReLU is homogeneous)
+            rows += [idx.wk.weight, idx.weights_proj.weight * idx_scale]
+            q_rows += [idx.wq_b.weight]
+        b_in = None
+        if attn.q_a_proj.bias is not None:
+            b_in = torch.cat([attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias,
+                              *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)])])  # fmt: skip
+        w_uk, w_uv = attn._kv_b()
+        mlp = layer.mlp
+        if isinstance(mlp, MoE):
+            shared = mlp.shared_experts
+            ffn_rows = [mlp.gate.weight] + (
+                [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
+            )
+            down = None if shared is None else shared.down_proj
+            moe = mlp
+        else:
+            ffn_rows = [mlp.gate_proj.weight, mlp.up_proj.weight]
+            down, moe = mlp.down_proj, None
+        return _Layer(
+            attn=attn,
+            w_in=torch.cat(rows) * norm_in.weight,
+            b_in=b_in,
+            in_eps=norm_in.eps,
+            w_q=torch.cat(q_rows) * attn.q_a_layernorm.weight,
+            q_eps=attn.q_a_layernorm.eps,
+            w_uk=(w_uk * attn.scale).contiguous(),
+            w_uv_t=w_uv.transpose(1, 2).contiguous(),
+            ffn_in=torch.cat(ffn_rows) * norm_post.weight,
+            ffn_eps=norm_post.eps,
+            post_norm_w=norm_post.weight,
+            moe=moe,
+            down=down,
+        )  # fmt: skip
 
     def _native_args(self, L: _Layer) -> native.LayerArgs:
         """The C kernel's arguments for one layer: sizes, flags and weight pointers (per-step fields set later)."""
@@ -253,8 +275,7 @@ class FusedDecoder:
         """input_ids [B] (one new token per row, the rows `cache.prepare` set) -> (logits [B, vocab], final-norm
         hidden states [B, D]); the cache advances by one. With the native kernel also [B, T] (a few tokens per
         row, e.g. speculative drafts) -> [B, T, vocab], [B, T, D]."""
-        if not self._fresh():
-            self._build()
+        self._ensure_fresh()
         if self.lib is not None and hasattr(cache, "decode_tables"):
             return self._native_step(input_ids, cache)
         if input_ids.dim() != 1:
@@ -281,17 +302,61 @@ class FusedDecoder:
         become T kernel rows in order, each writing its entry and then attending up to it, so the causal order
         inside the row holds; -> logits and hidden states of every new token, [B, (T,) ...]."""
         model = self.model
-        B, T = input_ids.shape[0], 1 if input_ids.dim() == 1 else input_ids.shape[1]
+        T = 1 if input_ids.dim() == 1 else input_ids.shape[1]
+        h = model.model.embed_tokens(input_ids.reshape(-1)).contiguous()  # fresh: the kernel updates it
+        h = self._run_kernel(h, self.layers, cache, T)
+        if input_ids.dim() == 2:
+            h = h.view(*input_ids.shape, -1)
+        hidden = self._rms_norm(h, model.model.norm)
+        return model.lm_head(hidden), hidden
+
+    @torch.no_grad()
+    def mtp_forward(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache,
+        depth: int = 0,  # noqa: ANN001
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`GLM5ForCausalLM.mtp_forward` with the MTP decoder layer in the native kernel: hidden [B, T, D],
+        next_ids [B, T] (every row T new tokens) -> (MTP output [B, T, D], logits [B, T, vocab]); the MTP
+        cache advances by T. None when the kernel is not loaded (the caller runs the model's own)."""
+        if self.lib is None or not hasattr(cache, "decode_tables") or self.model.attention.impl != "sparse":
+            return None
+        self._ensure_fresh()
+        model = self.model
+        index = min(depth, len(model.mtp) - 1)  # one module, applied recursively
+        module = model.mtp[index]
+        emb = model.model.embed_tokens(next_ids)
+        u = module.eh_proj(
+            torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)
+        )
+        h = self._run_kernel(u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache,
+                             next_ids.shape[1]).view_as(u)  # fmt: skip
+        return h, model.lm_head(self._rms_norm(h, module.shared_head.norm))
+
+    def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """RMSNorm `norm` of x in the kernel library (one call instead of F.rms_norm's eight ops)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        D = x.shape[-1]
+        self.lib.glm5_rms_norm(
+            x.data_ptr(), norm.weight.data_ptr(), x.numel() // D, D, norm.eps, out.data_ptr()
+        )
+        return out
+
+    def _run_kernel(self, h: torch.Tensor, layers: list[_Layer], cache, T: int) -> torch.Tensor:  # noqa: ANN001
+        """The residual stream h [B*T, D] (row-major over the batch's T new tokens per row) through `layers`,
+        in place; writes their cache entries and advances the cache by T."""
         pos, _ = cache.begin(T)
         write, gather, lengths = cache.decode_tables(T)
-        rows = B * T
-        h = model.model.embed_tokens(input_ids.reshape(rows)).contiguous()  # fresh: the kernel updates it
-        cos, sin = model.rotary(pos.q_pos, h.dtype)  # [P, T, R/2]
+        rows, B = h.shape[0], h.shape[0] // T
+        cos, sin = self.model.rotary(pos.q_pos, h.dtype)  # [P, T, R/2]
         shared = pos.q_pos.shape[0] == 1 and T == 1  # one position for every row
         cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
         topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
         topk_count = torch.zeros(rows, dtype=torch.long)
-        for L in self.layers:
+        for L in layers:
             kv, idx = cache.stores(L.attn.layer_idx)
             a = L.args
             a.B, a.h, a.cos, a.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
@@ -303,18 +368,14 @@ class FusedDecoder:
                 topk_idx.data_ptr(),
                 topk_count.data_ptr(),
             )
-            a.dsa = model.attention.dsa
+            a.dsa = self.model.attention.dsa
             rc = self.lib.glm5_decode_layer(ctypes.byref(a))
             if rc:
                 raise RuntimeError(
                     f"native decode kernel failed in layer {L.attn.layer_idx}: {native.ERRORS[rc]}"
                 )
-        if T > 1:
-            h = h.view(B, T, -1)
-        hidden = model.model.norm(h)
-        logits = model.lm_head(hidden)
         cache.advance(T)
-        return logits, hidden
+        return h
 
     def _layer(self, L: _Layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, prev_topk):  # noqa: ANN001
         B = h.shape[0]

@@ -146,7 +146,7 @@ class MTPDrafter:
     tokens are the sequence's last t tokens).
     """
 
-    def __init__(self, model: Any, cache: PagedLatentCache, num_tokens: int) -> None:
+    def __init__(self, model: Any, cache: PagedLatentCache, num_tokens: int, fused: Any = None) -> None:
         if not 1 <= num_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"speculative tokens must be 1..{MAX_DRAFT_TOKENS}, got {num_tokens}")
         if not len(getattr(model, "mtp", ())):
@@ -156,6 +156,8 @@ class MTPDrafter:
         self.model = model
         self.cache = cache
         self.k = num_tokens
+        self.fused = fused
+        """A glm5.engine.fused.FusedDecoder: runs the MTP layer in the native kernel when rows are even."""
         self.metrics = SpecMetrics()
 
     def prefill(
@@ -188,10 +190,18 @@ class MTPDrafter:
         hidden = pad_sequence(h_rows, batch_first=True)
         dev = hidden.device
         ids = pad_sequence([torch.tensor(r, device=dev) for r in next_rows], batch_first=True)
-        h, logits = self.model.mtp_forward(hidden, ids, self.cache, depth=depth)
+        h, logits = self._mtp(hidden, ids, depth, even=len({len(r) for r in next_rows}) == 1)
         last = torch.tensor([len(r) - 1 for r in next_rows], device=dev)
         rows = torch.arange(len(seqs), device=dev)
         return h[rows, last], logits[rows, last]
+
+    def _mtp(
+        self, hidden: torch.Tensor, ids: torch.Tensor, depth: int, even: bool
+    ) -> tuple[torch.Tensor, ...]:
+        out = None
+        if self.fused is not None and even:  # the kernel takes the same number of new tokens in every row
+            out = self.fused.mtp_forward(hidden, ids, self.cache, depth=depth)
+        return out if out is not None else self.model.mtp_forward(hidden, ids, self.cache, depth=depth)
 
     def propose(
         self, seqs: Sequence[Any], batch: BatchSampling, uniforms: torch.Tensor
@@ -217,7 +227,7 @@ class MTPDrafter:
             drafts.append(d)
             if i + 1 < self.k:  # placeholder ids: these entries are never hashed and are rolled back below
                 self.cache.prepare([s.seq_id for s in seqs], [[-1]] * len(seqs), register=False)
-                h, logits = self.model.mtp_forward(h[:, None], d[:, None], self.cache, depth=i + 1)
+                h, logits = self._mtp(h[:, None], d[:, None], i + 1, even=True)
                 h, logits = h[:, -1], logits[:, -1]
         for s, n in zip(seqs, exact_len):
             self.cache.truncate(s.seq_id, n)

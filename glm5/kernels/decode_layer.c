@@ -355,3 +355,11 @@ int glm5_decode_layer(const LayerArgs *a) {
     free(q_lat); free(o_lat); free(idx_q); free(scratch); free(all_keys); free(r);
     return 0;
 }
+
+/* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (the final and the MTP norms). */
+void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        float f = rms_factor(x + r * D, D, eps);
+        for (int64_t i = 0; i < D; i++) out[r * D + i] = x[r * D + i] * f * w[i];
+    }
+}

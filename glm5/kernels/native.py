@@ -115,6 +115,8 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     lib.glm5_decode_layer.restype = ctypes.c_int
+    lib.glm5_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
+    lib.glm5_rms_norm.restype = None
     _lib = lib
     return lib
 
