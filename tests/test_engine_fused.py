@@ -240,3 +240,22 @@ def test_native_mtp_layer_equals_the_models_mtp_forward() -> None:
         h, logits = fused.mtp_forward(hidden, ids, caches[1], depth=depth)
         torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_non_contiguous_parameter_turns_the_kernel_off_not_the_answer() -> None:
+    model = noisy_model(MICRO)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.weight = torch.nn.Parameter(
+        o_proj.weight.detach().t().contiguous().t()
+    )  # same values, transposed layout
+    ref_cache, fused_cache = twin_caches(model, [12])
+    for cache in (ref_cache, fused_cache):
+        cache.prepare([0], [[9]])
+    with torch.no_grad():
+        ref = model(torch.tensor([[9]]), ref_cache).logits[:, -1]
+    fused = FusedDecoder(model)
+    with pytest.warns(UserWarning, match="native decode kernel disabled: .* not contiguous"):
+        logits, _ = fused(torch.tensor([9]), fused_cache)
+    assert fused.lib is None
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)

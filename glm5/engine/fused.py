@@ -21,6 +21,12 @@ tensor or its in-place version counter), so `update_weights`, an RL trainer shar
 `load_state_dict` all keep the fused step exact. Supported: float32 models of nn.Linear layers (not FP8
 "keep" weights), the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)`
 says why not otherwise and the engine then uses the model's own forward.
+
+With the native kernel (glm5/kernels/decode_layer.c, built and loaded by glm5.kernels.native; the default on a
+CPU with a C compiler) each decoder layer -- main or MTP -- is one C call on these packs: it writes the layer's
+paged-cache entries itself, runs the indexer over the context and attends over the selected latents. A row
+may also bring several new tokens (speculative verification: row-major, each attends up to itself), and the
+MTP layer drafts through it (`mtp_forward`). Without the kernel the step runs as the packed torch ops below.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import operator
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,7 +133,7 @@ class FusedDecoder:
             return "weights that are not all float32 (FP8 or bf16)"
         if model.attention.impl != "sparse":
             return f"attention impl {model.attention.impl!r} (the fused step is the sparse one)"
-        for layer in model.model.layers:
+        for layer in (*model.model.layers, *getattr(model, "mtp", ())):
             attn = layer.self_attn
             linears = [attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
             if attn.indexer is not None:
@@ -178,8 +185,12 @@ class FusedDecoder:
         self.layers = [self._pack(layer) for layer in self.model.model.layers]
         self.mtp_layers = [self._pack(layer) for layer in getattr(self.model, "mtp", ())]
         if self.lib is not None:
-            for L in self.layers + self.mtp_layers:
-                L.args = self._native_args(L)
+            try:
+                for L in self.layers + self.mtp_layers:
+                    L.args = self._native_args(L)
+            except ValueError as e:  # e.g. a non-contiguous parameter: the torch ops handle any layout
+                warnings.warn(f"native decode kernel disabled: {e}", stacklevel=2)
+                self.lib = None
         self._held = self._sources()
         self._versions = [t._version for t in self._held]
         self.num_builds += 1
@@ -233,9 +244,8 @@ class FusedDecoder:
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
                 return None
-            assert t.is_contiguous() and t.dtype == torch.float32, (
-                "native kernel inputs are contiguous float32"
-            )
+            if not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError(f"a {tuple(t.shape)} {t.dtype} tensor is not contiguous float32")
             return t.data_ptr()
 
         a = native.LayerArgs(
