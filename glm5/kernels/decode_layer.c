@@ -205,7 +205,7 @@ static void route(const LayerArgs *a, const float *scores, int64_t *ids, float *
 
 int glm5_decode_layer(const LayerArgs *a) {
     const int64_t B = a->B, D = a->D, rank = a->rank, R = a->R, H = a->H, nope = a->nope, Hi = a->Hi, Di = a->Di;
-    const int64_t W = rank + R, q_lora = a->q_lora, qk = nope + R, half = R / 2;
+    const int64_t W = rank + R, q_lora = a->q_lora, qk = nope + R;
     if (a->E > 256 || a->n_group > 64 || a->top_k > 256) return 2;
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = a->lengths[b] > max_len ? a->lengths[b] : max_len;
@@ -316,27 +316,23 @@ int glm5_decode_layer(const LayerArgs *a) {
 
     /* --- feed-forward (post_attention_layernorm folded into ffn_in) */
     linear(a->ffn_in, n_ffn, D, a->h, D, B, m, n_ffn);
+    const int64_t K = a->is_moe ? a->top_k : 0, Fe = a->Fe;
+    int64_t *ids = malloc(sizeof(int64_t) * (B * K + 1)), *rows = malloc(sizeof(int64_t) * (B * K + 1));
+    float *wts = malloc(sizeof(float) * (B * K + 1)), *xn = malloc(sizeof(float) * B * D);
+    float *xe = malloc(sizeof(float) * B * D), *gu = malloc(sizeof(float) * (B * 2 * Fe + 1));
+    float *ye = malloc(sizeof(float) * B * D);
+    if (!ids || !rows || !wts || !xn || !xe || !gu || !ye) return 1;
     for (int64_t b = 0; b < B; b++) {
         float f = rms_factor(a->h + b * D, D, a->ffn_eps);
-        float *mb = m + b * n_ffn, *y = tmp + b * D, *x = a->h + b * D;
+        float *mb = m + b * n_ffn, *x = a->h + b * D;
         for (int64_t i = 0; i < n_ffn; i++) mb[i] *= f;
-        memset(y, 0, D * sizeof(float));
+        memset(tmp + b * D, 0, D * sizeof(float));
         const float *gate_up_shared = mb;
         if (a->is_moe) {
-            int64_t ids[256];
-            float weights[256], sc[256], choice[256];
+            float sc[256], choice[256];
             for (int64_t e = 0; e < a->E; e++) sc[e] = 1.0f / (1.0f + expf(-mb[e]));
-            route(a, sc, ids, weights, choice);
-            float *xn = scratch;   /* the normalised input the experts read */
-            for (int64_t i = 0; i < D; i++) xn[i] = x[i] * f * a->post_norm_w[i];
-            float *gu = act + b * (inter + 2 * a->Fe), *ea = gu + 2 * a->Fe;
-            for (int64_t j = 0; j < a->top_k; j++) {
-                int64_t e = ids[j];
-                linear(a->gate_up + e * 2 * a->Fe * D, 2 * a->Fe, D, xn, D, 1, gu, 2 * a->Fe);
-                for (int64_t i = 0; i < a->Fe; i++) ea[i] = silu(gu[i]) * gu[a->Fe + i];
-                const float *dw = a->down_e + e * D * a->Fe;
-                for (int64_t i = 0; i < D; i++) y[i] += weights[j] * dot(dw + i * a->Fe, ea, a->Fe);
-            }
+            route(a, sc, ids + b * K, wts + b * K, choice);
+            for (int64_t i = 0; i < D; i++) xn[b * D + i] = x[i] * f * a->post_norm_w[i];  /* what experts read */
             gate_up_shared = mb + a->E;
         }
         if (a->ffn_inter > 0) {
@@ -344,6 +340,24 @@ int glm5_decode_layer(const LayerArgs *a) {
             for (int64_t i = 0; i < a->ffn_inter; i++) sa[i] = silu(gate_up_shared[i]) * gate_up_shared[a->ffn_inter + i];
         }
     }
+    /* routed experts, one at a time over every row that chose it: each expert's weights are read once per
+       step, not once per row (a batch, or the k + 1 tokens of a speculative verification) */
+    for (int64_t e = 0; e < (a->is_moe ? a->E : 0); e++) {
+        int64_t n = 0;
+        for (int64_t t = 0; t < B * K; t++)
+            if (ids[t] == e) {
+                rows[n] = t;
+                memcpy(xe + n * D, xn + (t / K) * D, D * sizeof(float));
+                n++;
+            }
+        if (n == 0) continue;
+        linear(a->gate_up + e * 2 * Fe * D, 2 * Fe, D, xe, D, n, gu, 2 * Fe);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t c = 0; c < Fe; c++) gu[i * 2 * Fe + c] = silu(gu[i * 2 * Fe + c]) * gu[i * 2 * Fe + Fe + c];
+        linear(a->down_e + e * D * Fe, D, Fe, gu, 2 * Fe, n, ye, D);
+        for (int64_t i = 0; i < n; i++) axpy(tmp + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
+    }
+    free(ids); free(rows); free(wts); free(xn); free(xe); free(gu); free(ye);
     if (a->ffn_inter > 0) {   /* the shared expert's / dense MLP's down projection, for all rows at once */
         float *down = m;      /* m is no longer needed */
         linear(a->down_w, D, a->ffn_inter, act, inter + 2 * a->Fe, B, down, D);
