@@ -30,6 +30,10 @@ VARIANTS = {
     "groups-no-shared": MICRO.replace(n_group=2, topk_group=1, n_shared_experts=0),
     "half-split-rope": MICRO.replace(rope_interleave=False, indexer_rope_interleave=False),
     "indexer-width-24": MICRO.replace(index_head_dim=24),  # the kernel's generic (non-unrolled) scan
+    # GLM-5's widths where the kernel has fixed-size buffers: 32 x 128 indexer, 256 experts, 8 per token
+    "glm5-widths": MICRO.replace(
+        index_n_heads=32, index_head_dim=128, n_routed_experts=256, num_experts_per_tok=8
+    ),
 }
 KERNELS = [
     "torch",

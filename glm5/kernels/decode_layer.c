@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void indexer_scores_nv(
     const float *q, const float *w, int64_t Hi, const int64_t nv, const float *store, const int64_t *slots,
     int64_t n, float *score) {
     const int64_t Di = 8 * nv;
-    v8 qv[256];  /* the queries, loaded once (Hi * Di <= 2048 floats) */
+    v8 qv[512];  /* the queries, loaded once (Hi * Di <= 4096 floats: GLM-5's 32 heads x 128) */
     for (int64_t i = 0; i < Hi * nv; i++) memcpy(&qv[i], q + 8 * i, 32);
     /* long contexts: the keys are split over the OpenMP threads (torch's pool: torch.set_num_threads) */
     #pragma omp parallel for schedule(static) if (n * Hi * Di >= (1 << 18))
@@ -125,7 +125,7 @@ static inline __attribute__((always_inline)) void indexer_scores_nv(
 
 static void indexer_scores(const float *q, const float *w, int64_t Hi, int64_t Di, const float *store,
                            const int64_t *slots, int64_t n, float *score) {
-    if (Hi * Di <= 2048) {
+    if (Hi * Di <= 4096) {
         switch (Di) {
             case 8: indexer_scores_nv(q, w, Hi, 1, store, slots, n, score); return;
             case 16: indexer_scores_nv(q, w, Hi, 2, store, slots, n, score); return;
