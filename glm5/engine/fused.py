@@ -172,7 +172,8 @@ class FusedDecoder:
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         """Check the packs once for several calls that the weights cannot change between (an engine step
-        holds its lock): the check walks every parameter, ~0.1 ms on an 8-layer model."""
+        holds its lock; speculative decoding makes several kernel calls per step): the check walks every
+        parameter, ~25 us for the 190 tensors of an 8-layer model."""
         self._ensure_fresh()
         self._trusted = True
         try:
