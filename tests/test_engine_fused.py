@@ -139,21 +139,13 @@ def test_packed_weights_follow_in_place_updates_and_replaced_tensors(kernel: str
     fused = decoder(model, kernel)
     other = noisy_model(MICRO, seed=5)
 
-    def step_matches() -> None:
-        ref_cache, fused_cache = twin_caches(model, [12])
-        for cache in (ref_cache, fused_cache):
-            cache.prepare([0], [[9]])
-        with torch.no_grad():
-            ref = model(torch.tensor([[9]]), ref_cache).logits[:, -1]
-        torch.testing.assert_close(fused(torch.tensor([9]), fused_cache)[0], ref, rtol=1e-4, atol=1e-4)
-
-    step_matches()
+    _step_matches(model, fused)
     with torch.no_grad():  # in place, as update_weights and optimizers do
         model.model.layers[1].self_attn.q_a_proj.weight.copy_(other.model.layers[1].self_attn.q_a_proj.weight)
         model.model.layers[2].mlp.gate.e_score_correction_bias.add_(0.3)
-    step_matches()
+    _step_matches(model, fused)
     model.load_state_dict(other.state_dict(), assign=True)  # new tensors altogether
-    step_matches()
+    _step_matches(model, fused)
     assert fused.num_builds == 3
 
 
@@ -263,3 +255,50 @@ def test_a_non_contiguous_parameter_turns_the_kernel_off_not_the_answer() -> Non
         logits, _ = fused(torch.tensor([9]), fused_cache)
     assert fused.lib is None
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def _step_matches(model, fused) -> None:  # noqa: ANN001
+    ref_cache, fused_cache = twin_caches(model, [12])
+    for cache in (ref_cache, fused_cache):
+        cache.prepare([0], [[9]])
+    with torch.no_grad():
+        ref = model(torch.tensor([[9]]), ref_cache).logits[:, -1]
+    torch.testing.assert_close(fused(torch.tensor([9]), fused_cache)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_swapped_storage_is_seen_and_writes_through_data_need_invalidate(kernel: str) -> None:
+    model = noisy_model(MICRO)
+    fused = decoder(model, kernel)
+    _step_matches(model, fused)
+    experts = model.model.layers[2].mlp.experts
+    experts.gate_up_proj.data = (
+        experts.gate_up_proj.data * 1.5
+    )  # new storage, no version bump: caught by address
+    _step_matches(model, fused)
+    model.share_memory()  # every storage moves to shared memory
+    _step_matches(model, fused)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_a_proj.weight.data.mul_(
+            0.5
+        )  # through .data: invisible to the checks
+    fused.invalidate()
+    _step_matches(model, fused)
+    assert fused.num_builds == 4
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_model_made_under_inference_mode_runs_fused(kernel: str) -> None:
+    with torch.inference_mode():
+        model = noisy_model(MICRO)
+        fused = decoder(model, kernel)
+        _step_matches(model, fused)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_model_beyond_the_kernels_limits_runs_the_torch_back_end() -> None:
+    model = noisy_model(MICRO.replace(n_routed_experts=288, num_experts_per_tok=2))
+    fused = FusedDecoder(model)
+    with pytest.warns(UserWarning, match="n_routed_experts.*beyond the kernel's limits"):
+        _step_matches(model, fused)
+    assert fused.lib is None

@@ -332,6 +332,8 @@ class LLMEngine:
             self.cache.reset_prefix_cache()
             if self.mtp_cache is not None:
                 self.mtp_cache.reset_prefix_cache()
+            if self.fused is not None:
+                self.fused.invalidate()
             self.weight_version = self.weight_version + 1 if version is None else int(version)
             return self.weight_version
 

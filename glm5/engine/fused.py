@@ -17,8 +17,9 @@ same step as `GLM5ForCausalLM.forward` with a cache and T = 1, rearranged:
 
 The packed matrices are copies (the experts, kv_b, o_proj, embedding and lm_head are used in place): about
 1% more weight memory on GLM-5. They are rebuilt automatically when any source parameter changes (its
-tensor or its in-place version counter), so `update_weights`, an RL trainer sharing the model and
-`load_state_dict` all keep the fused step exact. Supported: float32 models of nn.Linear layers (not FP8
+tensor, its storage or its in-place version counter), so `update_weights`, in-place optimizer steps on a
+shared model and `load_state_dict` all keep the fused step exact; writes through `.data` and replaced modules
+need `invalidate()`. Supported: float32 models of nn.Linear layers (not FP8
 "keep" weights), the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)`
 says why not otherwise and the engine then uses the model's own forward.
 
@@ -73,6 +74,9 @@ def rotation_matrices(
 
 
 _VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+KERNEL_LIMITS = {"n_routed_experts": 256, "num_experts_per_tok": 256, "n_group": 64}
+"""Sizes the C kernel's fixed buffers allow; a model beyond them runs the torch back end."""
 
 
 def _rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,6 +126,8 @@ class FusedDecoder:
         self.mtp_layers: list[_Layer] = []
         self._held: list[torch.Tensor] = []  # the source tensors of the packs, kept alive (see _fresh)
         self._versions: list[int] = []
+        self._ptrs: list[int] = []
+        self._tracked: list[torch.Tensor] = []
         self._trusted = False  # inside `step()`: the packs were checked at its start
         self._slots: list[tuple[dict, str]] = []
         self.num_builds = 0
@@ -154,16 +160,24 @@ class FusedDecoder:
         return [d[n] for d, n in self._slots]
 
     def _fresh(self) -> bool:
-        """Same tensor objects at the same in-place versions as at the last build. Holding the old objects
-        keeps their memory from being reused, so identity is enough (and the kernel's pointers stay valid).
-        C-level iteration (map/operator): ~30 us for a few hundred tensors."""
+        """Same tensor objects, at the same addresses and in-place versions, as at the last build. Holding the
+        old objects keeps their memory from being reused; the address check catches a swapped storage
+        (`p.data = t`, `share_memory()`), so the kernel never reads freed memory. C-level iteration: ~40 us
+        for a few hundred tensors. Writes through `.data` leave no trace: call `invalidate()` after them."""
         held = self._held
         if not held:
             return False
         current = [d[n] for d, n in self._slots]
         if any(map(operator.is_not, current, held)):
             return False
-        return list(map(_VERSION, held)) == self._versions
+        return (
+            list(map(_DATA_PTR, held)) == self._ptrs and list(map(_VERSION, self._tracked)) == self._versions
+        )
+
+    def invalidate(self) -> None:
+        """Rebuild the packs before the next step (after changes the checks cannot see: writes through
+        `.data`, or modules replaced by new ones)."""
+        self._held, self._slots, self.layers = [], [], []
 
     def _ensure_fresh(self) -> None:
         if not (self._trusted and self.layers) and not self._fresh():
@@ -193,7 +207,9 @@ class FusedDecoder:
                 warnings.warn(f"native decode kernel disabled: {e}", stacklevel=2)
                 self.lib = None
         self._held = self._sources()
-        self._versions = [t._version for t in self._held]
+        self._ptrs = list(map(_DATA_PTR, self._held))
+        self._tracked = [t for t in self._held if not t.is_inference()]  # inference tensors have no versions
+        self._versions = list(map(_VERSION, self._tracked))
         self.num_builds += 1
 
     def _pack(self, layer: nn.Module) -> _Layer:
@@ -267,6 +283,9 @@ class FusedDecoder:
                 ptr(idx.k_norm.weight),
                 ptr(idx.k_norm.bias),
             )
+        over = {k: getattr(cfg, k) for k, most in KERNEL_LIMITS.items() if getattr(cfg, k) > most}
+        if over:
+            raise ValueError(f"{over} is beyond the kernel's limits {KERNEL_LIMITS}")
         if L.moe is not None:
             gate, experts = L.moe.gate, L.moe.experts
             a.E, a.top_k, a.n_group, a.topk_group = (
@@ -373,6 +392,8 @@ class FusedDecoder:
         topk_count = torch.zeros(rows, dtype=torch.long)
         for L in layers:
             kv, idx = cache.stores(L.attn.layer_idx)
+            if kv.dtype != torch.float32 or not kv.is_contiguous():
+                raise ValueError(f"the native kernel needs a contiguous float32 cache, got {kv.dtype}")
             a = L.args
             a.B, a.h, a.cos, a.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
             a.rope_stride = 0 if shared else self.R // 2

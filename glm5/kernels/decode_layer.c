@@ -142,8 +142,9 @@ static void indexer_scores(const float *q, const float *w, int64_t Hi, int64_t D
     }
 }
 
-/* Indices of the k largest of score[0:n] (any order), by a min-heap of size k; of equal scores the earlier
-   key is kept (torch.topk breaks such exact ties its own way: toy models with few indexer heads have them). */
+/* Indices of the k largest of score[0:n] (any order), by a min-heap of size k. Exactly equal scores at the
+   boundary are broken by heap order, not as torch.topk breaks them (only toy models with few indexer heads
+   have such ties; either choice is a valid top-k). */
 static void top_k(const float *score, int64_t n, int64_t k, int64_t *out, float *heap_v) {
     int64_t size = 0;
     for (int64_t s = 0; s < n; s++) {
@@ -212,14 +213,15 @@ int glm5_decode_layer(const LayerArgs *a) {
     int64_t n_ffn = a->is_moe ? a->E + 2 * a->ffn_inter : 2 * a->ffn_inter;
     int64_t inter = a->Fe > a->ffn_inter ? a->Fe : a->ffn_inter;
     int64_t keys_cap = max_len > a->topk ? max_len : a->topk;
+    int64_t sel_cap = a->dsa ? a->topk : keys_cap;   /* keys one row attends to: top-k, or all up to index_topk */
 
     float *proj = malloc(sizeof(float) * B * a->n_in), *qq = malloc(sizeof(float) * B * a->n_q);
     float *o = malloc(sizeof(float) * B * H * a->v), *tmp = malloc(sizeof(float) * B * (D > n_ffn ? D : n_ffn));
     float *m = malloc(sizeof(float) * B * (n_ffn > D ? n_ffn : D)), *act = malloc(sizeof(float) * B * (inter + 2 * a->Fe));
-    float *scores = malloc(sizeof(float) * keys_cap), *att = malloc(sizeof(float) * H * keys_cap);
+    float *scores = malloc(sizeof(float) * keys_cap), *att = malloc(sizeof(float) * H * sel_cap);
     float *q_lat = malloc(sizeof(float) * H * W), *o_lat = malloc(sizeof(float) * H * rank);
     float *idx_q = malloc(sizeof(float) * (Hi * Di + 1)), *scratch = malloc(sizeof(float) * (D + W + Di + 512));
-    int64_t *all_keys = malloc(sizeof(int64_t) * keys_cap);
+    int64_t *all_keys = malloc(sizeof(int64_t) * sel_cap);
     float *r = malloc(sizeof(float) * B);
     if (!proj || !qq || !o || !tmp || !m || !act || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !all_keys || !r)
         return 1;

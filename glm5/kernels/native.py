@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_layer.c")
@@ -52,6 +53,7 @@ ERRORS = {
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
+_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -59,14 +61,18 @@ def cache_dir() -> Path:
 
 
 def _cpu_tag() -> str:
+    """The CPU model and its feature flags: a `-march=native` build must not be reused on a CPU lacking some."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))), ""
-        )
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        model = ""
-    return f"{platform.machine()}|{platform.processor()}|{model}"
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    seen: dict[str, str] = {}
+    for ln in lines:
+        key = ln.split(":", 1)[0].strip()
+        if key in wanted and key not in seen:
+            seen[key] = ln
+    return "|".join([platform.machine(), platform.processor(), *(seen[k] for k in sorted(seen))])
 
 
 def build(compiler: str | None = None) -> Path:
@@ -100,7 +106,13 @@ def build(compiler: str | None = None) -> Path:
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None when disabled or unavailable (see `load_error`)."""
+    """The kernel library, building it on first use; None when disabled or unavailable (see `load_error`).
+    Thread-safe: concurrent first callers wait for the one build."""
+    with _lock:
+        return _load()
+
+
+def _load() -> ctypes.CDLL | None:
     global _lib, _error, _tried
     if _tried:
         return _lib
