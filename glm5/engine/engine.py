@@ -83,7 +83,8 @@ class EngineConfig:
     attention_impl: str | None = None
     """Override the model's attention path ("sparse" or the dense "mask" reference)."""
     fused_decode: bool | None = None
-    """Decode steps through glm5.engine.fused.FusedDecoder (packed projections, folded norms, ~4x fewer ops).
+    """Decode steps (and speculative verification / MTP drafting) through glm5.engine.fused.FusedDecoder: packed
+    projections and folded norms, each layer one call into the native C kernel where a C compiler exists.
     None: on for float32 models on a CPU, where dispatch dominates decode; the model's own forward otherwise
     (or when the model is unsupported: FP8 "keep" weights, the "mask" attention). True asks for it anywhere."""
     force_token: Callable[[list[int], list[int]], int | None] | None = None
