@@ -204,29 +204,73 @@ static void route(const LayerArgs *a, const float *scores, int64_t *ids, float *
         weights[j] = (a->norm_topk ? weights[j] / (sum + 1e-20f) : weights[j]) * a->route_scale;
 }
 
-int glm5_decode_layer(const LayerArgs *a) {
+/* Row b's keys (DSA top-k of the indexer scores, the previous layer's, or every key) and its absorbed attention
+   over their latents (values = c_kv): q_lat [H, r+R] -> o_row [H * v]. Returns a nonzero code on error. */
+static inline __attribute__((always_inline)) int attend_row(
+    const LayerArgs *a, int64_t b, const float *q_lat, const float *idx_q, const float *idx_w, float *scores,
+    float *att, int64_t *all_keys, float *o_lat, float *o_row) {  /* inlined: measured ~10% faster at 8K */
+    const int64_t H = a->H, rank = a->rank, W = a->rank + a->R, len = a->lengths[b];
+    const int64_t *slots = a->gather + b * a->gather_stride, *keys = all_keys;
+    int64_t nk = len;
+    if (a->dsa && len > a->topk) {
+        int64_t *sel = a->topk_idx + b * a->topk;
+        if (a->has_indexer) {
+            indexer_scores(idx_q, idx_w, a->Hi, a->Di, a->idx_store, slots, len, scores);
+            top_k(scores, len, a->topk, sel, att);
+            a->topk_count[b] = a->topk;
+        } else if (a->topk_count[b] != a->topk) {
+            return 3;  /* a shared layer with no selection before it */
+        }
+        keys = sel;
+        nk = a->topk;
+    } else {
+        for (int64_t s = 0; s < len; s++) all_keys[s] = s;
+        if (a->has_indexer) a->topk_count[b] = 0;
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        const float *lat = a->kv_store + slots[keys[j]] * W;
+        for (int64_t hh = 0; hh < H; hh++) att[hh * nk + j] = dot(q_lat + hh * W, lat, W);
+    }
+    for (int64_t hh = 0; hh < H; hh++) {
+        float *row = att + hh * nk, mx = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < nk; j++) mx = row[j] > mx ? row[j] : mx;
+        for (int64_t j = 0; j < nk; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+        for (int64_t j = 0; j < nk; j++) row[j] /= sum;
+    }
+    memset(o_lat, 0, H * rank * sizeof(float));
+    for (int64_t j = 0; j < nk; j++) {
+        const float *lat = a->kv_store + slots[keys[j]] * W;
+        for (int64_t hh = 0; hh < H; hh++) axpy(o_lat + hh * rank, att[hh * nk + j], lat, rank);
+    }
+    for (int64_t hh = 0; hh < H; hh++) {  /* o_h = o_lat_h W_UV^T */
+        float *oh = o_row + hh * a->v;
+        memset(oh, 0, a->v * sizeof(float));
+        for (int64_t i = 0; i < rank; i++) axpy(oh, o_lat[hh * rank + i], a->w_uv_t + (hh * rank + i) * a->v, a->v);
+    }
+    return 0;
+}
+
+/* h += Attention(input_layernorm(h)) for every row; each row's new latent entry and indexer key are written to
+   the cache before it attends, so the rows of one sequence (speculative verification) see each other in order. */
+static int attention(const LayerArgs *a) {
     const int64_t B = a->B, D = a->D, rank = a->rank, R = a->R, H = a->H, nope = a->nope, Hi = a->Hi, Di = a->Di;
     const int64_t W = rank + R, q_lora = a->q_lora, qk = nope + R;
-    if (a->E > 256 || a->n_group > 64 || a->top_k > 256) return 2;
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = a->lengths[b] > max_len ? a->lengths[b] : max_len;
-    int64_t n_ffn = a->is_moe ? a->E + 2 * a->ffn_inter : 2 * a->ffn_inter;
-    int64_t inter = a->Fe > a->ffn_inter ? a->Fe : a->ffn_inter;
-    int64_t keys_cap = max_len > a->topk ? max_len : a->topk;
-    int64_t sel_cap = a->dsa ? a->topk : keys_cap;   /* keys one row attends to: top-k, or all up to index_topk */
-
+    const int64_t keys_cap = max_len > a->topk ? max_len : a->topk;
+    const int64_t sel_cap = a->dsa ? a->topk : keys_cap;  /* keys one row attends to: top-k, or all up to index_topk */
+    int rc = 1;
     float *proj = malloc(sizeof(float) * B * a->n_in), *qq = malloc(sizeof(float) * B * a->n_q);
-    float *o = malloc(sizeof(float) * B * H * a->v), *tmp = malloc(sizeof(float) * B * (D > n_ffn ? D : n_ffn));
-    float *m = malloc(sizeof(float) * B * (n_ffn > D ? n_ffn : D)), *act = malloc(sizeof(float) * B * (inter + 2 * a->Fe));
+    float *o = malloc(sizeof(float) * B * H * a->v), *out = malloc(sizeof(float) * B * D);
     float *scores = malloc(sizeof(float) * keys_cap), *att = malloc(sizeof(float) * H * sel_cap);
     float *q_lat = malloc(sizeof(float) * H * W), *o_lat = malloc(sizeof(float) * H * rank);
-    float *idx_q = malloc(sizeof(float) * (Hi * Di + 1)), *scratch = malloc(sizeof(float) * (D + W + Di + 512));
-    int64_t *all_keys = malloc(sizeof(int64_t) * sel_cap);
+    float *idx_q = malloc(sizeof(float) * (Hi * Di + 1)), *scratch = malloc(sizeof(float) * (W + Di + 512));
     float *r = malloc(sizeof(float) * B);
-    if (!proj || !qq || !o || !tmp || !m || !act || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !all_keys || !r)
-        return 1;
+    int64_t *all_keys = malloc(sizeof(int64_t) * sel_cap);
+    if (!proj || !qq || !o || !out || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !r || !all_keys)
+        goto done;
 
-    /* --- projections of the layer input: [c_q | kv | indexer k | indexer head weights] */
+    /* projections of the layer input: [c_q | kv | indexer k | indexer head weights], then the query latent's */
     linear(a->w_in, a->n_in, D, a->h, D, B, proj, a->n_in);
     for (int64_t b = 0; b < B; b++) {
         float f = rms_factor(a->h + b * D, D, a->in_eps);
@@ -269,78 +313,47 @@ int glm5_decode_layer(const LayerArgs *a) {
             memcpy(ql + rank, qn + nope, R * sizeof(float));
             rope(ql + rank, cs, sn, R, a->rope_interleave, a->softmax_scale, scratch);
         }
-
-        /* --- key selection: DSA top-k of the indexer scores, the previous layer's, or every key */
-        const int64_t len = a->lengths[b], *slots = a->gather + b * a->gather_stride;
-        const int64_t *keys = all_keys;
-        int64_t nk = len;
-        if (a->dsa && len > a->topk) {
-            int64_t *sel = a->topk_idx + b * a->topk;
-            if (a->has_indexer) {
-                indexer_scores(idx_q, idx_w, Hi, Di, a->idx_store, slots, len, scores);
-                top_k(scores, len, a->topk, sel, att);
-                a->topk_count[b] = a->topk;
-            } else if (a->topk_count[b] != a->topk) {
-                return 3;  /* a shared layer with no selection before it */
-            }
-            keys = sel;
-            nk = a->topk;
-        } else {
-            for (int64_t s = 0; s < len; s++) all_keys[s] = s;
-            if (a->has_indexer) a->topk_count[b] = 0;
-        }
-        /* --- attention over the chosen latents (values = c_kv) */
-        for (int64_t j = 0; j < nk; j++) {
-            const float *lat = a->kv_store + slots[keys[j]] * W;
-            for (int64_t hh = 0; hh < H; hh++) att[hh * nk + j] = dot(q_lat + hh * W, lat, W);
-        }
-        for (int64_t hh = 0; hh < H; hh++) {
-            float *row = att + hh * nk, mx = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j < nk; j++) mx = row[j] > mx ? row[j] : mx;
-            for (int64_t j = 0; j < nk; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
-            for (int64_t j = 0; j < nk; j++) row[j] /= sum;
-        }
-        memset(o_lat, 0, H * rank * sizeof(float));
-        for (int64_t j = 0; j < nk; j++) {
-            const float *lat = a->kv_store + slots[keys[j]] * W;
-            for (int64_t hh = 0; hh < H; hh++) axpy(o_lat + hh * rank, att[hh * nk + j], lat, rank);
-        }
-        /* per head: o_h = o_lat_h W_UV^T */
-        for (int64_t hh = 0; hh < H; hh++) {
-            float *oh = o + b * H * a->v + hh * a->v;
-            memset(oh, 0, a->v * sizeof(float));
-            for (int64_t i = 0; i < rank; i++) axpy(oh, o_lat[hh * rank + i], a->w_uv_t + (hh * rank + i) * a->v, a->v);
-        }
+        rc = attend_row(a, b, q_lat, idx_q, idx_w, scores, att, all_keys, o_lat, o + b * H * a->v);
+        if (rc) goto done;
     }
-    linear(a->o_w, D, H * a->v, o, H * a->v, B, tmp, D);
+    linear(a->o_w, D, H * a->v, o, H * a->v, B, out, D);
     for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < D; i++) a->h[b * D + i] += tmp[b * D + i] + (a->o_b ? a->o_b[i] : 0.0f);
+        for (int64_t i = 0; i < D; i++) a->h[b * D + i] += out[b * D + i] + (a->o_b ? a->o_b[i] : 0.0f);
+    rc = 0;
+done:
+    free(proj); free(qq); free(o); free(out); free(scores); free(att);
+    free(q_lat); free(o_lat); free(idx_q); free(scratch); free(r); free(all_keys);
+    return rc;
+}
 
-    /* --- feed-forward (post_attention_layernorm folded into ffn_in) */
-    linear(a->ffn_in, n_ffn, D, a->h, D, B, m, n_ffn);
-    const int64_t K = a->is_moe ? a->top_k : 0, Fe = a->Fe;
+/* h += FFN(post_attention_layernorm(h)) for every row: the router and the routed experts, the shared expert (or
+   the dense MLP). ffn_in = [router; shared gate; shared up] (MoE) or [gate; up] (dense), norm folded in. */
+static int feed_forward(const LayerArgs *a) {
+    const int64_t B = a->B, D = a->D, F = a->ffn_inter, Fe = a->Fe, K = a->is_moe ? a->top_k : 0;
+    const int64_t n_ffn = a->is_moe ? a->E + 2 * F : 2 * F;
+    int rc = 1;
+    float *m = malloc(sizeof(float) * B * (n_ffn > D ? n_ffn : D)), *y = malloc(sizeof(float) * B * D);
+    float *act = malloc(sizeof(float) * (B * F + 1)), *wts = malloc(sizeof(float) * (B * K + 1));
+    float *xn = malloc(sizeof(float) * B * D), *xe = malloc(sizeof(float) * B * D), *ye = malloc(sizeof(float) * B * D);
+    float *gu = malloc(sizeof(float) * (B * 2 * Fe + 1));
     int64_t *ids = malloc(sizeof(int64_t) * (B * K + 1)), *rows = malloc(sizeof(int64_t) * (B * K + 1));
-    float *wts = malloc(sizeof(float) * (B * K + 1)), *xn = malloc(sizeof(float) * B * D);
-    float *xe = malloc(sizeof(float) * B * D), *gu = malloc(sizeof(float) * (B * 2 * Fe + 1));
-    float *ye = malloc(sizeof(float) * B * D);
-    if (!ids || !rows || !wts || !xn || !xe || !gu || !ye) return 1;
+    if (!m || !y || !act || !wts || !xn || !xe || !ye || !gu || !ids || !rows) goto done;
+
+    linear(a->ffn_in, n_ffn, D, a->h, D, B, m, n_ffn);
     for (int64_t b = 0; b < B; b++) {
         float f = rms_factor(a->h + b * D, D, a->ffn_eps);
         float *mb = m + b * n_ffn, *x = a->h + b * D;
         for (int64_t i = 0; i < n_ffn; i++) mb[i] *= f;
-        memset(tmp + b * D, 0, D * sizeof(float));
-        const float *gate_up_shared = mb;
+        memset(y + b * D, 0, D * sizeof(float));
+        const float *gate_up = mb;  /* the shared expert's (or dense MLP's) gate and up */
         if (a->is_moe) {
             float sc[256], choice[256];
             for (int64_t e = 0; e < a->E; e++) sc[e] = 1.0f / (1.0f + expf(-mb[e]));
             route(a, sc, ids + b * K, wts + b * K, choice);
             for (int64_t i = 0; i < D; i++) xn[b * D + i] = x[i] * f * a->post_norm_w[i];  /* what experts read */
-            gate_up_shared = mb + a->E;
+            gate_up = mb + a->E;
         }
-        if (a->ffn_inter > 0) {
-            float *sa = act + b * (inter + 2 * a->Fe);
-            for (int64_t i = 0; i < a->ffn_inter; i++) sa[i] = silu(gate_up_shared[i]) * gate_up_shared[a->ffn_inter + i];
-        }
+        for (int64_t i = 0; i < F; i++) act[b * F + i] = silu(gate_up[i]) * gate_up[F + i];
     }
     /* routed experts, one at a time over every row that chose it: each expert's weights are read once per
        step, not once per row (a batch, or the k + 1 tokens of a speculative verification) */
@@ -357,19 +370,23 @@ int glm5_decode_layer(const LayerArgs *a) {
         for (int64_t i = 0; i < n; i++)
             for (int64_t c = 0; c < Fe; c++) gu[i * 2 * Fe + c] = silu(gu[i * 2 * Fe + c]) * gu[i * 2 * Fe + Fe + c];
         linear(a->down_e + e * D * Fe, D, Fe, gu, 2 * Fe, n, ye, D);
-        for (int64_t i = 0; i < n; i++) axpy(tmp + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
+        for (int64_t i = 0; i < n; i++) axpy(y + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
     }
-    free(ids); free(rows); free(wts); free(xn); free(xe); free(gu); free(ye);
-    if (a->ffn_inter > 0) {   /* the shared expert's / dense MLP's down projection, for all rows at once */
-        float *down = m;      /* m is no longer needed */
-        linear(a->down_w, D, a->ffn_inter, act, inter + 2 * a->Fe, B, down, D);
-        for (int64_t b = 0; b < B; b++) axpy(tmp + b * D, 1.0f, down + b * D, D);
+    if (F > 0) {  /* the shared expert's / dense MLP's down projection, for all rows at once (into m, now free) */
+        linear(a->down_w, D, F, act, F, B, m, D);
+        for (int64_t b = 0; b < B; b++) axpy(y + b * D, 1.0f, m + b * D, D);
     }
-    for (int64_t b = 0; b < B; b++) axpy(a->h + b * D, 1.0f, tmp + b * D, D);
+    for (int64_t b = 0; b < B; b++) axpy(a->h + b * D, 1.0f, y + b * D, D);
+    rc = 0;
+done:
+    free(m); free(y); free(act); free(wts); free(xn); free(xe); free(ye); free(gu); free(ids); free(rows);
+    return rc;
+}
 
-    free(proj); free(qq); free(o); free(tmp); free(m); free(act); free(scores); free(att);
-    free(q_lat); free(o_lat); free(idx_q); free(scratch); free(all_keys); free(r);
-    return 0;
+int glm5_decode_layer(const LayerArgs *a) {
+    if (a->E > 256 || a->n_group > 64 || a->top_k > 256) return 2;
+    int rc = attention(a);
+    return rc ? rc : feed_forward(a);
 }
 
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (the final and the MTP norms). */
