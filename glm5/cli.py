@@ -1,8 +1,10 @@
 """The `glm5` command line: argparse subcommands that parse arguments and call library functions.
 
-Each subcommand sets `func`, a callable taking the parsed arguments and returning an exit code. User errors
-(`ValueError`, `OSError`) become one red line on stderr and exit code 2, without a traceback. Command groups of
-other packages register themselves (`glm5.tokenizer.cli.register(subparsers)`).
+Each subcommand sets `func`, a callable taking the parsed arguments and returning an exit code. Every user error
+is one `glm5: error: ...` line on stderr and exit code 2, without a traceback: a bad flag value (the `type=`
+validators of `glm5.argtypes` reject it while parsing, before anything loads or is written), an argparse usage
+error, and a `ValueError` / `OSError` a command raises (its message names the flag, file or tensor and the fix).
+Command groups of other packages register themselves (`glm5.tokenizer.cli.register(subparsers)`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import os
 import sys
 
 from glm5 import __version__
+from glm5.argtypes import (
+    existing_file,
+    float_range,
+    fraction,
+    nonnegative_float,
+    output_path,
+    positive_int,
+    print_error,
+    text,
+)
 from glm5.config import PRESETS, GLM5Config
 
 EXIT_USAGE = 2
@@ -21,11 +33,15 @@ COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli", "gl
 """Modules with a `register(subparsers)` adding their subcommands; each must import without torch."""
 
 
-def _error(message: str) -> None:
-    from rich.console import Console
-    from rich.text import Text
+_error = print_error
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text(f"glm5: error: {message}", style="red"))
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `glm5: error: ...` line pointing at --help (subparsers inherit it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _error(f"{message} (see: {self.prog} --help)")
+        raise SystemExit(EXIT_USAGE)
 
 
 def _load_config(preset: str | None, path: str | None) -> tuple[GLM5Config, str]:
@@ -143,6 +159,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_size(value: str) -> str:
+    """--max-shard-size: a positive size like 5GB (checked while parsing; the checkpoint code reads it again)."""
+    from glm5.checkpoint.files import parse_size  # imports torch: only `glm5 convert ...` gets here
+
+    try:
+        parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("max_shard_size", "the size")) from None
+    return value
+
+
 def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     convert = subparsers.add_parser(
         "convert",
@@ -150,10 +177,12 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         description="Stream a checkpoint folder into the published BF16 (zai-org/GLM-5) or block-FP8 "
         "(zai-org/GLM-5-FP8) layout, tensor by tensor. Other files (tokenizer, ...) are copied.",
     )
-    convert.add_argument("src", metavar="SRC", help="checkpoint folder to read")
-    convert.add_argument("dst", metavar="DST", help="folder to write (replaced atomically when it exists)")
+    convert.add_argument("src", metavar="SRC", type=text, help="checkpoint folder to read")
+    convert.add_argument("dst", metavar="DST", type=output_path,
+                         help="folder to write (written beside it, then renamed into place: a failure leaves nothing)")  # fmt: skip
     convert.add_argument("--to", required=True, choices=("fp8", "bf16"), help="target format")
-    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard size limit (default 5GB)")
+    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE", type=_shard_size,
+                         help="shard size limit, e.g. 5GB, 500MB, 2GiB (default 5GB)")  # fmt: skip
     convert.set_defaults(func=cmd_convert)
 
 
@@ -201,8 +230,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = plan(cfg, hw, settings, preset=label)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
-    else:
-        Console().print(format_plan(result))
+        return 0
+    table = format_plan(result)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: no screen width to respect, so never wrap or cut a cell
+        caption, table.caption = table.caption, None  # the caption is prose: it may wrap to the table's width
+        natural = Console(width=10_000).measure(table).maximum
+        table.caption = caption
+        console = Console(width=max(console.width, natural))
+    console.print(table)
     return 0
 
 
@@ -222,32 +258,31 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("path", nargs="?", metavar="PATH", help="a config.json or a checkpoint folder")
     p.add_argument("--hardware", default="h200", metavar="NAME",
                    help="h100, h200, b200, ascend-910b, ascend-910c, cloudmatrix-384 (default h200)")  # fmt: skip
-    p.add_argument("--hardware-file", metavar="FILE", help="a JSON file describing your own device (overrides --hardware)")
+    p.add_argument("--hardware-file", metavar="FILE", type=existing_file,
+                   help="a JSON file describing your own device (overrides --hardware)")  # fmt: skip
     p.add_argument("--list-hardware", action="store_true", help="print the hardware catalog and exit")
     p.add_argument("--dtype", choices=("bf16", "fp8"), default="fp8", help="stored weights (default fp8)")
     p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="MLA latent cache (default bf16)")
-    p.add_argument("--context", type=int, default=200_000, help="tokens per sequence (default 200000)")
-    p.add_argument("--concurrency", type=int, default=32, help="sequences decoded at once (default 32)")
-    p.add_argument("--devices", type=int, help="use this many devices (default: the smallest power of two that fits)")
-    p.add_argument("--attn-tp", type=int, help="attention tensor parallelism (default: least memory)")
-    p.add_argument("--mtp-accept", type=float, metavar="L",
+    p.add_argument("--context", type=positive_int, default=200_000, help="tokens per sequence (default 200000)")
+    p.add_argument("--concurrency", type=positive_int, default=32, help="sequences decoded at once (default 32)")
+    p.add_argument("--devices", type=positive_int, help="use this many devices (default: the smallest power of two that fits)")
+    p.add_argument("--attn-tp", type=positive_int, help="attention tensor parallelism (default: least memory)")
+    p.add_argument("--mtp-accept", type=float_range(1.0, name="acceptance"), metavar="L",
                    help="enable MTP speculative decoding with this acceptance length (tokens per step, e.g. 3.5)")  # fmt: skip
-    p.add_argument("--mtp-steps", type=int, default=3, help="MTP draft tokens per step with --mtp-accept (default 3)")
-    p.add_argument("--bandwidth-efficiency", type=float, default=DEFAULT_BANDWIDTH_EFFICIENCY,
+    p.add_argument("--mtp-steps", type=positive_int, default=3, help="MTP draft tokens per step with --mtp-accept (default 3)")
+    p.add_argument("--bandwidth-efficiency", type=fraction, default=DEFAULT_BANDWIDTH_EFFICIENCY,
                    help=f"share of peak HBM bandwidth decode reaches (default {DEFAULT_BANDWIDTH_EFFICIENCY})")  # fmt: skip
-    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"prefill MFU (default {DEFAULT_MFU})")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+    p.add_argument("--mfu", type=fraction, default=DEFAULT_MFU, help=f"prefill MFU (default {DEFAULT_MFU})")
+    p.add_argument("--margin", type=float_range(0.0, 1.0, high_open=True, name="margin"), default=DEFAULT_MARGIN,
                    help=f"share of device memory kept for activations etc. (default {DEFAULT_MARGIN})")  # fmt: skip
-    p.add_argument("--price-per-hour", type=float, metavar="X", help="price of one device-hour, for cost per 1M tokens")
+    p.add_argument("--price-per-hour", type=nonnegative_float, metavar="X", help="price of one device-hour, for cost per 1M tokens")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `glm5` argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="glm5", description="GLM-5: model, checkpoints, planning and serving."
-    )
+    parser = _Parser(prog="glm5", description="GLM-5: model, checkpoints, planning and serving.")
     parser.add_argument("--version", action="version", version=f"glm5 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)

@@ -636,6 +636,12 @@ class Plan:
     prefill_flops_per_token: float
     prefill_tokens_per_s: float
     implied: list[dict]
+    parameters: int = 0
+    """Main-model parameters (without the MTP modules)."""
+    mtp_parameters: int = 0
+    """Unique parameters of the MTP modules (they share the embedding and head)."""
+    active_parameters: int = 0
+    """Main-model parameters one token uses, without embed_tokens and lm_head."""
 
     @property
     def decode_per_user(self) -> float:
@@ -667,6 +673,7 @@ class Plan:
             "cost_per_million": {"output": self.cost_per_million(self.decode_aggregate),
                                  "input": self.cost_per_million(self.prefill_tokens_per_s)},
             "implied": self.implied,
+            "parameters": {"main": self.parameters, "mtp": self.mtp_parameters, "active": self.active_parameters},
         }  # fmt: skip
 
 
@@ -730,7 +737,8 @@ def plan(cfg: GLM5Config, hw: Hardware, settings: PlanSettings, preset: str = ""
                 latent * cfg.num_hidden_layers + key * table.num_indexer_layers,
                 min_devices_bound(table, hw, settings), devices, attn_tp, memory,
                 decode_roofline(table, hw, settings, devices, attn_tp), prefill, prefill_rate,
-                implied_figures(table, settings, hw, devices, attn_tp))  # fmt: skip
+                implied_figures(table, settings, hw, devices, attn_tp), table.total_main, table.mtp_params,
+                table.active_no_embed)  # fmt: skip
 
 
 def _rate(x: float) -> str:
@@ -750,10 +758,16 @@ def format_plan(p: Plan) -> Table:
     mtp = f", MTP {s.mtp_steps} steps accepting {s.mtp_accept:g}" if s.mtp_steps else ""
     title = (f"{p.preset} on {p.devices} x {hw.name}{approx}: {s.dtype} weights, {s.context:,}-token context x "
              f"{s.concurrency} sequences{mtp}")  # fmt: skip
+    if p.parameters:  # what is planned: the model's size and what a token uses
+        extra = f" (+ {human_count(p.mtp_parameters)} MTP)" if p.mtp_parameters else ""
+        title = (f"{p.preset}: {human_count(p.parameters)} parameters{extra}, {human_count(p.active_parameters)} "
+                 f"active per token\n{title}")  # fmt: skip
     out = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    out.add_column("", no_wrap=True)
+    # Narrow consoles wrap the label and note cells rather than cut them (`glm5 plan` prints piped output at
+    # the table's full width, so nothing wraps there).
+    out.add_column("", overflow="fold", min_width=20)
     out.add_column("value", justify="right", no_wrap=True)
-    out.add_column("note")
+    out.add_column("note", overflow="fold", min_width=20)
     w = p.weights
     weights_all = w.total + (w.mtp_total if s.mtp_steps else 0)
     out.add_row(f"weights ({s.dtype}{' incl. MTP' if s.mtp_steps else ''})", human_bytes(weights_all),

@@ -1,13 +1,16 @@
 """Checkpoint conversion BF16 <-> block FP8, streaming tensor by tensor, and a summary of what a folder holds.
 
-`convert_checkpoint` reads one tensor at a time from the source shards (memory-mapped, one open at a time) and
-writes the destination in the published layout through the same atomic shard writer as `save_pretrained`.
-No model is built, so converting the 744B checkpoint needs memory for about one output shard.
+`convert_checkpoint` first checks every tensor's name, shape and dtype against the layout its config.json implies
+(from the shard headers; the same checks as loading), then reads one tensor at a time from the source shards
+(memory-mapped, one open at a time) and writes the destination in the published layout through the same atomic
+shard writer as `save_pretrained` (a temporary folder renamed into place: a failure leaves nothing). No model is
+built, so converting the 744B checkpoint needs memory for about one output shard.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ from glm5.checkpoint.files import (
     write_checkpoint,
 )
 from glm5.checkpoint.hf import is_glm5_name, is_shared_copy
+from glm5.checkpoint.pretrained import _match, _without_absent_mtp
+from glm5.checkpoint.synthetic import list_tensors
 from glm5.config import GLM5Config
 
 TARGETS = ("fp8", "bf16")
@@ -103,6 +108,7 @@ def convert_checkpoint(
     for info in folder.tensors.values():
         if not is_glm5_name(info.name, cfg) and not is_shared_copy(info.name, cfg):
             raise CheckpointError(f"{os.path.join(folder.path, info.file)}: unknown tensor {info.name!r}")
+    check_layout(folder, cfg)
     config = dict(folder.config)
     config.pop("quantization_config", None)
     if to == "fp8":
@@ -114,6 +120,17 @@ def convert_checkpoint(
         if on_start is not None:
             on_start(len(specs), sum(s.nbytes for s in specs))
         return write_checkpoint(dst, config, specs, max_shard_size, progress=progress, keep_files_from=folder.path)
+
+
+def check_layout(folder: CheckpointFolder, cfg: GLM5Config) -> None:
+    """CheckpointError naming the file and tensor unless every tensor the config implies is there with its shape
+    (and a float dtype, or e4m3 with a well-shaped scale) and nothing else is: what loading checks, from the
+    shard headers alone. A checkpoint saved without its MTP layer (as transformers saves) passes as one without."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing MTP layer is reported by loading, not by conversion
+        cfg = _without_absent_mtp(cfg, folder)
+    expected = {name: (shape, dtype) for name, shape, dtype in list_tensors(cfg.replace(torch_dtype="bfloat16"))}
+    _match(folder, expected, cfg)
 
 
 @dataclass

@@ -14,7 +14,37 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from glm5.argtypes import (
+    existing_dir,
+    existing_file,
+    float_range,
+    int_range,
+    nonnegative_float,
+    positive_int,
+    text,
+)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMMANDS = "/reset, /think on|off, /exit"
+"""The chat REPL's commands (any other line starting with / is refused, not sent to the model)."""
+
+
+def _token_ids(value: str) -> list[int]:
+    """--prompt-ids: comma-separated non-negative integers."""
+    try:
+        ids = [int(t) for t in value.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,3, got {value!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"must be one or more token ids >= 0, got {value!r}")
+    return ids
+
+
+def _stop_string(value: str) -> str:
+    text(value)
+    if not value:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,36 +57,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", metavar="TEXT", help="prompt text (raw, no chat template)")
-    source.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
+    source.add_argument("--prompt", metavar="TEXT", type=text, help="prompt text (raw, no chat template)")
+    source.add_argument("--prompt-ids", metavar="IDS", type=_token_ids, help="comma-separated token ids, e.g. 1,2,3")
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap --prompt as one user turn of the GLM chat format"
     )
     gen.add_argument("--no-thinking", action="store_true", help="with --chat-template: thinking off")
     _add_sampling_args(gen, max_tokens=256, temperature=0.0)
-    gen.add_argument("--stop", nargs="+", metavar="STR", help="stop strings")
+    gen.add_argument("--stop", nargs="+", metavar="STR", type=_stop_string, help="stop strings")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the eos ids")
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser(
         "chat",
         help="interactive chat in the GLM-5 chat format",
-        description="A chat REPL: thinking is shown dimmed, tool calls parsed. Commands: /reset, "
-        "/think on|off, /exit. Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt exits.",
+        description=f"A chat REPL: thinking is shown dimmed, tool calls parsed. Commands: {COMMANDS}. Ctrl-C "
+        "stops a reply; Ctrl-C or Ctrl-D at the prompt exits.",
     )
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=1024, temperature=0.7)
-    chat.add_argument("--system", metavar="TEXT", help="system message")
-    chat.add_argument("--tools", metavar="FILE", help="JSON file with an OpenAI tools list")
+    chat.add_argument("--system", metavar="TEXT", type=text, help="system message")
+    chat.add_argument("--tools", metavar="FILE", type=existing_file, help="JSON file with an OpenAI tools list")
     chat.add_argument("--no-thinking", action="store_true", help="start with thinking off")
     chat.set_defaults(func=run_chat)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json + *.safetensors)")
+    source.add_argument("--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)")
     source.add_argument("--preset", metavar="NAME", help="randomly initialised preset (smoke tests)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)")
     p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
     p.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)"
@@ -64,22 +94,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
     )
-    p.add_argument(
-        "--speculative-tokens", type=int, default=0, metavar="K", help="MTP draft tokens per step (1-3)"
-    )
-    p.add_argument("--init-seed", type=int, default=0, help="weight init seed for --preset")
+    p.add_argument("--speculative-tokens", type=int_range(0, 3, name="draft_tokens"), default=0, metavar="K",
+                   help="MTP draft tokens per step, 1-3 (default 0: off)")  # fmt: skip
+    p.add_argument("--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default {max_tokens}")
-    p.add_argument(
-        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
-    )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--max-tokens", type=positive_int, default=max_tokens, help=f"default {max_tokens}")
+    p.add_argument("--temperature", type=nonnegative_float, default=temperature,
+                   help=f"0 = greedy (default {temperature})")  # fmt: skip
+    p.add_argument("--top-p", type=float_range(0.0, 1.0, low_open=True, name="top_p"), default=1.0,
+                   help="nucleus sampling, in (0, 1] (default 1: off)")  # fmt: skip
+    p.add_argument("--top-k", type=int_range(-1, name="top_k"), default=0, help="keep the k likeliest (default 0: off)")
+    p.add_argument("--min-p", type=float_range(0.0, 1.0, name="min_p"), default=0.0, help="in [0, 1] (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float_range(0.0, low_open=True, name="penalty"), default=1.0,
+                   help="> 0 (default 1: off)")  # fmt: skip
+    p.add_argument("--seed", type=int_range(0, name="seed"), default=None, help="sampling seed")
 
 
 def build_llm(args: argparse.Namespace) -> Any:
@@ -137,15 +167,11 @@ def stream(engine: Any, prompt: str | list[int], params: Any, on_delta: Callable
 
 def run_generate(args: argparse.Namespace) -> int:
     """`glm5 generate`: stream a completion to stdout."""
+    params = _sampling(args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False)  # before loading
     llm = build_llm(args)
     tok = llm.tokenizer
     if args.prompt_ids is not None:
-        try:
-            prompt: str | list[int] = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise ValueError(
-                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
-            ) from None
+        prompt: str | list[int] = args.prompt_ids
     elif args.chat_template:
         if tok is None:
             raise ValueError("--chat-template needs a tokenizer (--tokenizer PATH)")
@@ -158,7 +184,6 @@ def run_generate(args: argparse.Namespace) -> int:
         if tok is None:
             raise ValueError("this model has no tokenizer: pass --prompt-ids, or --tokenizer PATH")
         prompt = args.prompt
-    params = _sampling(args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False)
     start = time.perf_counter()
     first: list[float] = []
     count = [0]
@@ -203,17 +228,18 @@ def run_chat(args: argparse.Namespace) -> int:
     """`glm5 chat`: read user turns, stream replies (thinking dimmed, tool calls parsed), keep the history."""
     from rich.console import Console
 
+    tools = _read_tools(args.tools)
+    _sampling(args)  # bad sampling flags fail before the model loads
     llm = build_llm(args)
     tok = llm.tokenizer
     if tok is None:
         raise ValueError(
             "chat needs a tokenizer: the checkpoint has no tokenizer.json; pass --tokenizer PATH"
         )
-    tools = _read_tools(args.tools)
     console = Console(highlight=False, soft_wrap=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict[str, Any]] = list(system)
-    thinking = not args.no_thinking
+    state = {"thinking": not args.no_thinking}
     console.print(
         "[dim]glm5 chat: /reset clears the history, /think on|off, /exit quits; Ctrl-C stops a reply[/dim]"
     )
@@ -226,22 +252,44 @@ def run_chat(args: argparse.Namespace) -> int:
         cmd = line.strip()
         if not cmd:
             continue
-        if cmd in ("/exit", "/quit"):
-            return 0
-        if cmd == "/reset":
-            messages = list(system)
-            console.print("[dim]history cleared[/dim]")
-            continue
-        if cmd.startswith("/think"):
-            thinking = cmd.split()[-1] != "off"
-            console.print(f"[dim]thinking {'on' if thinking else 'off'}[/dim]")
+        if cmd.startswith("/"):
+            action, reply = chat_command(cmd, state)
+            if reply:
+                console.print(f"[dim]{reply}[/dim]", markup=True)
+            if action == "exit":
+                return 0
+            if action == "reset":
+                messages = list(system)
             continue
         messages.append({"role": "user", "content": line})
-        reply = _chat_turn(llm, console, messages, tools, thinking, args)
+        reply = _chat_turn(llm, console, messages, tools, state["thinking"], args)
         if reply is None:
             messages.pop()  # interrupted: forget the unanswered turn
         else:
             messages.append(reply)
+
+
+def chat_command(line: str, state: dict[str, Any]) -> tuple[str | None, str]:
+    """One REPL command: (action for the loop: "exit", "reset" or None, message to show). Changes
+    state["thinking"] for /think on|off; anything unknown is refused with the list of commands."""
+    from rich.markup import escape
+
+    name, _, arg = line.partition(" ")
+    arg = arg.strip().lower()
+    if name in ("/exit", "/quit") and not arg:
+        return "exit", ""
+    if name == "/reset" and not arg:
+        return "reset", "history cleared"
+    if name == "/think":
+        if arg in ("on", "off"):
+            state["thinking"] = arg == "on"
+            return None, f"thinking {arg}"
+        now = "on" if state["thinking"] else "off"
+        said = f"; got {escape(arg)!r}" if arg else ""
+        return None, f"/think takes on or off{said} (thinking is {now})"
+    if name == "/help":
+        return None, f"commands: {COMMANDS}"
+    return None, f"unknown command {escape(line)}; commands: {COMMANDS}"
 
 
 def _chat_turn(

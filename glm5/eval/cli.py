@@ -6,6 +6,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from glm5.argtypes import existing_dir, int_range, nonnegative_float, output_path, positive_int, text
+
+TASKS = ("arithmetic", "easy_arithmetic", "unanswerable", "tool_use", "word_problem", "perplexity")
+"""Every task name (glm5.eval.tasks.ALL_TASKS, spelled out: importing it here would slow every `glm5` command)."""
+
+
+def _k_list(value: str) -> list[int]:
+    """--k: comma-separated integers >= 1."""
+    try:
+        ks = [int(k) for k in value.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1 such as 1,5, got {value!r}")
+    return ks
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -25,8 +41,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from glm5.eval.tasks import PERPLEXITY, QA_TASKS, parse_task_list
 
     tasks = parse_task_list(args.tasks)
-    if args.samples < 1 or args.num < 1:
-        raise ValueError("--num and --samples must be >= 1")
     if args.model:
         backend = LocalBackend(args.model)
     else:
@@ -38,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
     options = GenerationOptions(max_tokens=args.max_tokens, temperature=temperature, seed=args.seed,
                                 thinking=not args.no_thinking)  # fmt: skip
-    ks = [int(k) for k in args.k.split(",")] if args.k else None
+    ks = args.k
     console = Console(stderr=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("questions"),
                TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
@@ -77,23 +91,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "DIR/report.md and DIR/metrics.png.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="PATH", help="a checkpoint folder (config.json, safetensors, tokenizer.json)")
-    source.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    source.add_argument("--model", metavar="PATH", type=existing_dir, help="a checkpoint folder (config.json, safetensors, tokenizer.json)")
+    source.add_argument("--base-url", metavar="URL", type=text, help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", metavar="K", help="API key for --base-url (default $OPENAI_API_KEY)")
     p.add_argument("--served-model", metavar="NAME", help="model name at the endpoint (default: the first listed)")
-    p.add_argument("--tasks", default="arithmetic,unanswerable,tool_use,perplexity",
-                   help="comma-separated: arithmetic, unanswerable, tool_use, word_problem, perplexity")  # fmt: skip
-    p.add_argument("--num", type=int, default=20, help="questions per task (default 20)")
-    p.add_argument("--seed", type=int, default=12_345, help="question and sampling seed (default 12345)")
-    p.add_argument("--samples", type=int, default=1, help="samples per question, for pass@k (default 1)")
-    p.add_argument("--k", metavar="K1,K2", help="pass@k values (default: 1 and --samples)")
-    p.add_argument("--temperature", type=float, help="default 0 (greedy) with one sample, 1.0 with more")
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens per model turn (default 256)")
+    p.add_argument("--tasks", default="arithmetic,unanswerable,tool_use,perplexity", type=text,
+                   help=f"comma-separated, from: {', '.join(TASKS)} (default arithmetic,unanswerable,tool_use,"
+                   "perplexity)")  # fmt: skip
+    p.add_argument("--num", type=positive_int, default=20, help="questions per task (default 20)")
+    p.add_argument("--seed", type=int_range(0, name="seed"), default=12_345,
+                   help="question and sampling seed (default 12345)")  # fmt: skip
+    p.add_argument("--samples", type=positive_int, default=1, help="samples per question, for pass@k (default 1)")
+    p.add_argument("--k", metavar="K1,K2", type=_k_list, help="pass@k values (default: 1 and --samples)")
+    p.add_argument("--temperature", type=nonnegative_float, help="default 0 (greedy) with one sample, 1.0 with more")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per model turn (default 256)")
     p.add_argument("--no-thinking", action="store_true", help="ask for replies without a thinking block")
-    p.add_argument("--concurrency", type=int, default=8, help="parallel requests to an endpoint (default 8)")
-    p.add_argument("--data", metavar="PATH", help="perplexity data: a token folder with val.json, or a text file "
+    p.add_argument("--concurrency", type=positive_int, default=8, help="parallel requests to an endpoint (default 8)")
+    p.add_argument("--data", metavar="PATH", type=text, help="perplexity data: a token folder with val.json, or a text file "
                    "(default: MODEL/../data when it exists)")  # fmt: skip
-    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length (default 256)")
-    p.add_argument("--windows", type=int, default=32, help="perplexity windows (default 32)")
-    p.add_argument("--out", default="eval-results", metavar="DIR", help="output folder (default eval-results)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="perplexity window length (default 256)")
+    p.add_argument("--windows", type=positive_int, default=32, help="perplexity windows (default 32)")
+    p.add_argument("--out", default="eval-results", metavar="DIR", type=output_path, help="output folder (default eval-results)")
     p.set_defaults(func=cmd_eval)

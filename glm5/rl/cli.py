@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glm5.argtypes import existing_dir, output_path, positive_int
+
 RECIPES = ("math-sync", "math-async", "math-abstain", "tool-use", "digits-sync", "digits-async")
 
 
@@ -28,10 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in DIR/model.",
     )
     p.add_argument("--recipe", required=True, choices=RECIPES, help="named RL recipe")
-    p.add_argument("--init", metavar="CHECKPOINT", help="a `glm5 train` output folder (HF layout + tokenizer); "
+    p.add_argument("--init", metavar="CHECKPOINT", type=existing_dir, help="a `glm5 train` output folder (HF layout + tokenizer); "
                    "without it a tiny model is built and warm-started on the spot")  # fmt: skip
-    p.add_argument("--out", metavar="DIR", help="output folder (default runs/rl-RECIPE); resumed if it has a checkpoint")
-    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the recipe's)")
+    p.add_argument("--out", metavar="DIR", type=output_path, help="output folder (default runs/rl-RECIPE); resumed if it has a checkpoint")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (default: the recipe's)")
     p.add_argument("--ray", action="store_true", help="run buffer, rollout worker and trainer as Ray actors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_rl_command)
@@ -42,13 +44,27 @@ def run_rl_command(args: argparse.Namespace) -> int:
 
     recipe = recipe_preset(args.recipe)
     if args.steps is not None:
-        if args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
         recipe = recipe.replace(steps=args.steps)
+    if args.init is not None:
+        check_init(args.init, recipe)
     out = Path(args.out or f"runs/rl-{args.recipe}")
     summary = run_rl(recipe, out, init=args.init, quiet=args.quiet, use_ray=args.ray)
     _print_summary(summary, out)
     return 0
+
+
+def check_init(init: str, recipe: Any) -> None:
+    """--init must be a `glm5 train` output (or its model/ folder) and the recipe must take one: checked before
+    anything loads or --out is made."""
+    folder = Path(init)
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"--init {init}: no {' or '.join(missing)} there; pass a `glm5 train` output folder (or "
+                         "its model/ subfolder)")  # fmt: skip
+    if recipe.task == "digits":
+        raise ValueError(f"--init: recipe {recipe.name} uses its own 16-symbol vocabulary; run it without --init")
 
 
 def _console(quiet: bool) -> Any:
@@ -68,10 +84,10 @@ def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = 
     from glm5.train.metrics import MetricsLog
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     console = _console(quiet)
     torch.manual_seed(recipe.seed)
-    task = build_task(recipe, init, log=console.print)
+    task = build_task(recipe, init, log=console.print)  # loads --init: a failure here leaves no --out folder
+    out.mkdir(parents=True, exist_ok=True)
     system = build_local(recipe, task, str(out))
     if use_ray:
         from glm5.rl.actors import build_ray

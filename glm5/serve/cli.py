@@ -7,6 +7,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+
+from glm5.argtypes import (
+    existing_dir,
+    existing_file,
+    float_range,
+    int_range,
+    port,
+    positive_float,
+    positive_int,
+    text,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,34 +33,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "thinking are parsed; Ctrl-C / SIGTERM drain in-flight requests before exiting.",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="PATH", help="checkpoint folder (config.json + *.safetensors)")
+    source.add_argument("--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)")
     source.add_argument("--preset", metavar="NAME", help="randomly initialised preset (smoke tests)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: the checkpoint's)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--host", default="127.0.0.1", type=text, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GLM5_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GLM5_API_KEY, else none)")  # fmt: skip
-    p.add_argument("--served-model-name", metavar="NAME", help="model id clients send (default: the folder name)")
-    p.add_argument("--max-model-len", type=int, metavar="N", help="longest sequence, prompt + output")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together (default 256)")
-    p.add_argument("--max-pending", type=int, default=512, metavar="N",
+    p.add_argument("--served-model-name", metavar="NAME", type=text, help="model id clients send (default: the folder name)")
+    p.add_argument("--max-model-len", type=int_range(2, name="length"), metavar="N",
+                   help="longest sequence, prompt + output (default and most: the model's max_position_embeddings)")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together (default 256)")
+    p.add_argument("--max-pending", type=positive_int, default=512, metavar="N",
                    help="requests admitted at once; more get 429 + Retry-After (default 512)")  # fmt: skip
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
+    p.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body in MiB (default 16)")
     p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize")
-    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K", help="MTP draft tokens per step (1-3)")
+    p.add_argument("--speculative-tokens", type=int_range(0, 3, name="draft_tokens"), default=0, metavar="K",
+                   help="MTP draft tokens per step, 1-3 (default 0: off)")  # fmt: skip
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    p.add_argument("--scripted-outputs", metavar="FILE",
+    p.add_argument("--allow-special-tokens-in-prompt", action="store_true",
+                   help="parse <|user|>, [gMASK], ... in /v1/completions and /tokenize text prompts into special "
+                        "ids, as vLLM does (default: such text is plain text; chat content always is)")  # fmt: skip
+    p.add_argument("--scripted-outputs", metavar="FILE", type=existing_file,
                    help='JSON list of {"match": text | null, "output": text | [ids]}: replay these outputs '
                    "(testing tool calls / thinking with random weights)")  # fmt: skip
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to drain on shutdown (default 30)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--graceful-timeout", type=float_range(0.0, name="seconds"), default=30.0,
+                   help="seconds to drain on shutdown (default 30)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """`glm5 serve`: check what needs no weights (config, context length, address), load, then serve until
+    interrupted."""
+    from rich.console import Console
+
+    from glm5.config import GLM5Config
+
+    console = Console(stderr=True, highlight=False)
+    if args.model is not None:
+        try:
+            cfg = GLM5Config.from_hf_config(args.model)
+        except ValueError as e:
+            raise ValueError(f"--model {args.model}: {e}") from None
+        name, what = os.path.basename(os.path.normpath(args.model)), args.model
+    else:
+        if args.tokenizer is None:
+            raise ValueError("--preset has no tokenizer: pass --tokenizer PATH")
+        cfg, name, what = GLM5Config.from_preset(args.preset), args.preset, f"preset {args.preset} (random weights)"
+    check_max_model_len(args.max_model_len, cfg.max_position_embeddings, args.model or f"preset {args.preset}")
+    check_address(args.host, args.port)
+
+    import time
+
     import torch
 
     from glm5.device import default_dtype, pick_device
@@ -63,18 +103,47 @@ def run_serve(args: argparse.Namespace) -> int:
                "enable_prefix_caching": not args.no_prefix_caching}  # fmt: skip
     if args.max_model_len is not None:
         options["max_model_len"] = args.max_model_len
-    if args.model is not None:
-        model, name = args.model, os.path.basename(os.path.normpath(args.model))
-    else:
-        from glm5 import GLM5Config, GLM5ForCausalLM
+    console.print(f"loading {what} on {device} ({str(dtype).removeprefix('torch.')})…")
+    start = time.perf_counter()
+    model = args.model
+    if model is None:
+        from glm5 import GLM5ForCausalLM
 
-        model, name = GLM5ForCausalLM(GLM5Config.from_preset(args.preset)), args.preset
-        if args.tokenizer is None:
-            raise ValueError("--preset has no tokenizer: pass --tokenizer PATH")
+        model = GLM5ForCausalLM(cfg)
     engine = build_engine(model, args.tokenizer, scripted=args.scripted_outputs, dtype=dtype, device=device,
                           fp8=args.fp8, **options)  # fmt: skip
-    config = ServerConfig(model_name=args.served_model_name or name, model_path=args.model, api_key=args.api_key,
-                          max_pending_requests=args.max_pending, max_body_bytes=int(args.max_body_mb * (1 << 20)))  # fmt: skip
+    served = args.served_model_name or name
+    config = ServerConfig(model_name=served, model_path=args.model, api_key=args.api_key,
+                          max_pending_requests=args.max_pending, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                          allow_special_tokens_in_prompt=args.allow_special_tokens_in_prompt)  # fmt: skip
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    console.print(f"loaded in {time.perf_counter() - start:.1f} s")
+    console.print(f"serving on http://{host}:{args.port} (model {served}); Ctrl-C stops")
     serve(engine, config, host=args.host, port=args.port, graceful_timeout_s=args.graceful_timeout,
           log_level=args.log_level)  # fmt: skip
     return 0
+
+
+def check_max_model_len(max_model_len: int | None, max_position_embeddings: int, source: str) -> None:
+    """--max-model-len must fit the model's context (the engine would otherwise shorten it silently)."""
+    if max_model_len is not None and max_model_len > max_position_embeddings:
+        raise ValueError(f"--max-model-len {max_model_len:,} is beyond the model's context: {source} has "
+                         f"max_position_embeddings = {max_position_embeddings:,}; pass at most that, or leave the "
+                         "flag out")  # fmt: skip
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind (host, port) for a moment, as uvicorn will, so a taken port fails before minutes of loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} is not an address of this machine ({e.strerror}); try 127.0.0.1 or "
+                         "0.0.0.0") from None  # fmt: skip
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); choose another --port "
+                             "or stop the program using it") from None  # fmt: skip

@@ -20,13 +20,41 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from glm5.argtypes import output_path, positive_int, print_error
 from glm5.tokenizer.chat import render_chat
 from glm5.tokenizer.tokenizer import SPECIAL_TOKENS, GLM5Tokenizer, default_corpus_files, expand_corpus_paths
+
+MAX_VOCAB_SIZE = 1 << 20
+"""Largest --vocab-size: 2^20 ids is 5x GLM-5's 154,880. Ids the corpus cannot fill with merges are padded with
+reserved tokens, each held in memory and in tokenizer.json, so a larger number only costs memory."""
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""256 byte symbols and the GLM special tokens."""
+
+
+def _vocab_size(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if n < MIN_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_VOCAB_SIZE} (256 byte symbols + "
+                                         f"{len(SPECIAL_TOKENS)} special tokens), got {n:,}")  # fmt: skip
+    if n > MAX_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_VOCAB_SIZE:,} (2^20; GLM-5 has 154,880): ids no merge fills are padded with "
+            f"reserved tokens that only take memory, got {n:,}"
+        )
+    return n
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``tokenizer train`` and ``chat-template`` to a parent parser's subparsers."""
-    tok = subparsers.add_parser("tokenizer", help="train or inspect a GLM-5 tokenizer")
+    tok = subparsers.add_parser(
+        "tokenizer",
+        help="train a GLM-5 tokenizer (byte-level BPE + the GLM special tokens)",
+        description="Tokenizer commands. `glm5 tokenizer train` trains a byte-level BPE with every GLM-5 special "
+        "token as one id; `glm5 chat-template` prints the prompt a messages file renders to.",
+    )
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
     train = tok_sub.add_parser(
         "train",
@@ -41,16 +69,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--vocab-size",
-        type=int,
+        type=_vocab_size,
         required=True,
         metavar="N",
-        help=f"total vocabulary size, {len(SPECIAL_TOKENS)} special tokens included",
+        help=f"total vocabulary size, {len(SPECIAL_TOKENS)} special tokens included "
+        f"({MIN_VOCAB_SIZE}-{MAX_VOCAB_SIZE:,})",
     )
     train.add_argument(
-        "--out", required=True, metavar="DIR", help="folder for tokenizer.json + tokenizer_config.json"
-    )
+        "--out", required=True, metavar="DIR", type=output_path,
+        help="folder for tokenizer.json + tokenizer_config.json",
+    )  # fmt: skip
     train.add_argument(
-        "--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)"
+        "--min-frequency", type=positive_int, default=2, help="minimum pair count for a merge (default 2)"
     )
     train.set_defaults(func=run_train)
 
@@ -73,14 +103,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``glm5 tokenizer train``: train, save, print a summary table."""
+    """``glm5 tokenizer train``: train, save, print a summary table (a bad corpus: one error line, exit code 2)."""
     console = Console(stderr=True)
     try:
         files = expand_corpus_paths(args.corpus) if args.corpus else default_corpus_files()
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        print_error(f"--corpus: {exc}")
         return 2
     total = sum(f.stat().st_size for f in files)
+    if total == 0:
+        print_error(f"--corpus: the {len(files)} file(s) given hold no text (0 bytes); pass files with text")
+        return 2
     start = time.perf_counter()
     columns = (
         TextColumn("{task.description}"),
@@ -97,13 +130,9 @@ def run_train(args: argparse.Namespace) -> int:
             if progress.tasks[task].completed >= total:
                 progress.update(task, description="computing merges")
 
-        try:
-            tokenizer = GLM5Tokenizer.train(
-                files, args.vocab_size, min_frequency=args.min_frequency, on_bytes=on_bytes
-            )
-        except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            return 2
+        tokenizer = GLM5Tokenizer.train(
+            files, args.vocab_size, min_frequency=args.min_frequency, on_bytes=on_bytes
+        )
         progress.update(task, description="done")
     out = tokenizer.save_pretrained(args.out)
     seconds = time.perf_counter() - start
@@ -137,7 +166,7 @@ def _load_json(path: str, what: str) -> Any:
 
 
 def run_chat_template(args: argparse.Namespace) -> int:
-    """``glm5 chat-template``: print the render of a messages file."""
+    """``glm5 chat-template``: print the render of a messages file (bad input: one error line, exit code 2)."""
     try:
         data = _load_json(args.messages, "messages")
         tools = data.get("tools") if isinstance(data, dict) else None
@@ -152,7 +181,7 @@ def run_chat_template(args: argparse.Namespace) -> int:
             add_generation_prompt=not args.no_generation_prompt,
         )
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 2
     sys.stdout.write(text + "\n")
     return 0

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.console import Console
 
 from glm5.data.dataset import build_dataset, corpus_texts
 from glm5.data.packing import IGNORE, Batch, BatchOrder, PackedSequences
@@ -126,9 +129,13 @@ class Trainer:
         if recipe.batch_size % (self.world * recipe.grad_accum):
             raise ValueError(f"batch_size {recipe.batch_size} must divide into {self.world} processes x "
                              f"{recipe.grad_accum} micro-batches")  # fmt: skip
+        self.console = Console(quiet=quiet or self.rank != 0)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.tok = self._tokenizer()
-        self.train_data, self.val_data, self.train_file = self._data()
+        cached = (self.out / "tokenizer" / "tokenizer.json").is_file()
+        with self.phase("loading the tokenizer" if cached else f"training a {recipe.vocab_size}-id tokenizer"):
+            self.tok = self._tokenizer()
+        with self.phase("preparing token files"):
+            self.train_data, self.val_data, self.train_file = self._data()
         self.order = BatchOrder(len(self.train_data), recipe.batch_size, recipe.data.seed)
         self.model = self._model()
         self.optimizer = build_optimizer(self.model, recipe, distributed=ctx is not None)
@@ -142,6 +149,24 @@ class Trainer:
         self.val_batches = ev.val_indices(self.val_data, recipe.eval_batches, recipe.batch_size)
 
     # --- set-up ----------------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        """Say what a long step outside the progress bar is doing (a spinner on a terminal, a line in a log),
+        then how long it took; nothing when quiet or on other processes than rank 0."""
+        start, console = time.perf_counter(), self.console
+        if not console.is_terminal:  # a log: "what… 1.2 s" on one line, its start written before the wait
+            console.print(f"{what}…", end=" ", highlight=False)
+            try:
+                yield
+            except BaseException:
+                console.print("failed", highlight=False)
+                raise
+            console.print(f"{time.perf_counter() - start:.1f} s", highlight=False)
+            return
+        with console.status(f"{what}…"):
+            yield
+        console.print(f"[green]✓[/green] {what} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
     def _barrier(self) -> None:
         if self.ctx is not None:
             dist.barrier()
@@ -360,12 +385,14 @@ class Trainer:
                 if log is not None and (record["step"] % r.log_every == 0 or "skipped" in record or "val_lm" in record):
                     log.write(record)
                 bar.update(record, self.total_steps)
-        self.save()
+        with self.phase("saving the final checkpoint"):
+            self.save()
         return records
 
     def finish(self) -> dict[str, Any]:
         """Validation loss vs the unigram baseline, samples, plots and the HF export (rank 0 writes)."""
-        val = self.validation_loss()
+        with self.phase(f"evaluating: validation loss on {sum(map(len, self.val_batches))} windows"):
+            val = self.validation_loss()
         full = full_state_dict(self.model, self.ctx)
         summary: dict[str, Any] = {}
         if self.rank == 0:
@@ -373,16 +400,19 @@ class Trainer:
             model.load_state_dict(full)
             model.configure_attention(dsa=self.recipe.stages[-1].dsa)
             model.eval()
-            baseline = ev.unigram_baseline(self.train_file, self.val_data, self.val_batches, self.tok.vocab_size)
-            samples = ev.evaluate_samples(model, self.tok, self.recipe.sample_tokens, self.recipe.eval_tasks)
-            ev.export_hf(model, self.tok, self.out / EXPORT_DIR)
-            summary = {"step": self.step, "val_lm": val, "unigram_baseline": baseline,
-                       "val_perplexity": ev.perplexity(val), "skipped_steps": self.skipped,
-                       "expert_load": self.last_load.tolist(), **samples}  # fmt: skip
-            MetricsLog(self.out / METRICS_FILE).write({"kind": "eval", "step": self.step, "val_lm": val,
-                                                      "baseline": baseline})  # fmt: skip
-            self._plots(baseline)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            tasks = sum(self.recipe.eval_tasks.values())
+            with self.phase(f"evaluating: unigram baseline, samples and {tasks} held-out chat tasks"):
+                baseline = ev.unigram_baseline(self.train_file, self.val_data, self.val_batches, self.tok.vocab_size)
+                samples = ev.evaluate_samples(model, self.tok, self.recipe.sample_tokens, self.recipe.eval_tasks)
+            with self.phase(f"exporting the model to {self.out / EXPORT_DIR}, plots and summary.json"):
+                ev.export_hf(model, self.tok, self.out / EXPORT_DIR)
+                summary = {"step": self.step, "val_lm": val, "unigram_baseline": baseline,
+                           "val_perplexity": ev.perplexity(val), "skipped_steps": self.skipped,
+                           "expert_load": self.last_load.tolist(), **samples}  # fmt: skip
+                MetricsLog(self.out / METRICS_FILE).write({"kind": "eval", "step": self.step, "val_lm": val,
+                                                          "baseline": baseline})  # fmt: skip
+                self._plots(baseline)
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self._barrier()
         return summary
 
