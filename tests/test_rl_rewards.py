@@ -258,11 +258,13 @@ def test_a_whole_episode_round_trips_to_the_final_reply_and_its_reward(tok):
     env = CalculatorEnvironment(tok)
     prompt_ids, _ = tokenize_chat(tok, task.prompt_messages, task.tools)
     first = tok.encode(
-        "Large numbers; use the tool.</think>" + _call(task.meta["expression"]) + "<|observation|>"
+        "Large numbers; use the tool.</think>" + _call(task.meta["expression"]) + "<|observation|>",
+        allow_special=True,  # the model's output: its markers are special ids
     )
     observation = env.observe(tok.decode(first), turn=0)
     assert f"<tool_response>{_exact(task.meta['expression'])}</tool_response>" in tok.decode(observation)
-    second = tok.encode(f"It returned the result.</think>{task.meta['expression']} = {task.answer}<|user|>")
+    second = tok.encode(f"It returned the result.</think>{task.meta['expression']} = {task.answer}<|user|>",
+                        allow_special=True)
     episode = tok.decode(prompt_ids + first + observation + second)
     assert env.observe(episode, turn=1) is None
     reply = env.final_reply(episode)

@@ -68,11 +68,15 @@ def test_special_ids_keep_the_real_glm5_offsets_from_the_first_special(tok):
         assert tok.token_to_id(token) - first == real_id - GLM5_FIRST_SPECIAL_ID, token
 
 
-def test_every_special_token_encodes_to_one_id_inside_text(tok):
+def test_every_special_token_inside_text_is_plain_bytes_unless_allow_special(tok):
+    specials = set(tok.special_token_ids.values())
     for token in SPECIAL_TOKENS:
-        ids = tok.encode(f"ab{token}cd")
-        assert tok.token_to_id(token) in ids
+        literal = tok.encode(f"ab{token}cd")
+        assert not specials & set(literal) and tok.decode(literal) == f"ab{token}cd", token
+        ids = tok.encode(f"ab{token}cd", allow_special=True)
         assert ids == tok.encode("ab") + [tok.token_to_id(token)] + tok.encode("cd")
+        assert tok.encode_batch([f"ab{token}cd"]) == [literal]
+        assert tok.encode_batch([f"ab{token}cd"], allow_special=True) == [ids]
 
 
 def test_eos_and_pad_ids_are_the_glm_stop_tokens(tok):
@@ -89,7 +93,8 @@ def test_decode_of_encode_is_the_original_text(tok, text):
 
 def test_round_trip_keeps_code_unicode_and_special_tokens(tok):
     text = "def f(x):\n\treturn x  # 你好 🤖\r\n<think>why</think><|user|>  trailing  "
-    ids = tok.encode(text)
+    assert tok.decode(tok.encode(text)) == text == tok.decode(tok.encode(text), skip_special_tokens=True)
+    ids = tok.encode(text, allow_special=True)
     assert tok.decode(ids) == text
     assert tok.decode(ids, skip_special_tokens=True) == text.replace("<think>", "").replace(
         "</think>", ""
@@ -139,7 +144,8 @@ def test_hf_transformers_reads_the_saved_folder_and_encodes_identically(tok, tmp
     out = tok.save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "for i in range(10):\n    print(i)  # 你好<tool_call>x</tool_call>"
-    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text, allow_special=True)
+    assert hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == tok.encode(text)
     assert hf.eos_token_id == tok.eos_token_id and hf.pad_token_id == tok.pad_token_id
 
 

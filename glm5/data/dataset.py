@@ -23,7 +23,7 @@ from glm5.data.tokens import TokenFile
 from glm5.tokenizer import GLM5Tokenizer
 from glm5.tokenizer.tokenizer import default_corpus_files, expand_corpus_paths
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: corpus text and chat content are encoded literally (special-token strings = bytes)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _documents(tok: GLM5Tokenizer, spec: DataSpec) -> tuple[list, list]:
     files = corpus_files(spec)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     docs = []
-    for path, ids in zip(files, tok.encode_batch(texts)):
+    for path, ids in zip(files, tok.encode_batch(texts, allow_special=False)):  # a '<|user|>' in a file is text
         ids = np.asarray(ids + [eos], dtype=np.int64)
         key = "/".join(Path(path).parts[-3:])  # machine-independent: the split must not depend on the prefix
         docs.append((f"file:{key}:{len(ids)}", ids, np.ones(len(ids), dtype=np.uint8)))

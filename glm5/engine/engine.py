@@ -56,6 +56,10 @@ from glm5.engine.sampling import (
 from glm5.engine.speculative import MTPDrafter, SpecMetrics, verify
 
 Prompt = str | list[int]
+"""Text or token ids. Text is encoded literally (`tokenizer.encode(text)`): a `<|user|>` or `[gMASK]` spelled in it is
+plain text, never the special id (vLLM parses them; here text from users, tools or corpora cannot forge control
+tokens). A prompt that needs special tokens is given as ids: `apply_chat_template(...)`, or
+`tokenizer.encode(text, allow_special=True)` for template text you wrote yourself."""
 
 
 @dataclass
@@ -247,7 +251,8 @@ class LLMEngine:
     def add_request(
         self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Safe to call from any thread."""
+        """Queue a prompt (text, encoded literally, or token ids: see `Prompt`); returns its request id. Safe to
+        call from any thread."""
         request = self.make_request(request_id, prompt, params)
         self.submit(request)
         return request.request_id

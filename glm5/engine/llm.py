@@ -63,7 +63,10 @@ class LLM:
         *,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """One `RequestOutput` per prompt, in order; prompts are strings or token-id lists (or one of either)."""
+        """One `RequestOutput` per prompt, in order; prompts are strings or token-id lists (or one of either).
+
+        Strings are encoded literally: special-token strings in them are plain text (see `glm5.engine.engine.Prompt`).
+        """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):

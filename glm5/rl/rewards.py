@@ -207,9 +207,10 @@ class CalculatorEnvironment:
 
     def observation_ids(self, results: list[str], *, include_observation_token: bool = True) -> list[int]:
         """Token ids of the tool-response turn for ``results`` followed by the next generation prompt, exactly as
-        ``chat.tokenize_chat`` renders ``{"role": "tool"}`` messages after an assistant turn (special tokens as
-        single ids). ``include_observation_token=False`` leaves out the leading ``<|observation|>``, for a
-        generated turn that already ended with it (the policy's stop token)."""
+        ``chat.tokenize_chat`` renders ``{"role": "tool"}`` messages after an assistant turn (the template's markers
+        as single ids, the results literally: a tool output spelling ``<|assistant|>`` cannot forge a turn).
+        ``include_observation_token=False`` leaves out the leading ``<|observation|>``, for a generated turn that
+        already ended with it (the policy's stop token)."""
         messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ""}]
         messages += [{"role": "tool", "content": r} for r in results]
         segs = chat_segments(messages, enable_thinking=self.enable_thinking, add_generation_prompt=True)
@@ -218,7 +219,7 @@ class CalculatorEnvironment:
         special = self.tokenizer.require_special_ids(s.text for s in segs if s.special)
         ids: list[int] = []
         for seg in segs:
-            ids += [special[seg.text]] if seg.special else self.tokenizer.encode(seg.text)
+            ids += [special[seg.text]] if seg.special else self.tokenizer.encode(seg.text, allow_special=False)
         return ids
 
     def observe(self, response_text: str, turn: int) -> list[int] | None:

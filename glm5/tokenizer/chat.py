@@ -16,15 +16,22 @@ that ends with an assistant turn and has no generation prompt, an ``<|endoftext|
 ids (not to the text) so that training teaches the model to stop. ``[gMASK]<sop>``, role markers,
 the ``<think>`` opener and the lone ``</think>`` separator (both part of the generation prompt at
 inference), system/user text and tool results are 0.
+
+Only the template's own markers become special ids. Every text segment (message content, reasoning,
+tool names, argument keys and values, tool results, the tools' JSON) is encoded literally, so a
+``<|assistant|>`` or ``</tool_response>`` written inside a message is ordinary text to the model and
+cannot forge a turn. The tools instructions' own example (``<tool_call>{function-name}<arg_key>...``)
+is template text, so its tags are special ids, as when HF tokenizes the rendered template.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from glm5.tokenizer.tokenizer import ENDOFTEXT
+from glm5.tokenizer.tokenizer import ENDOFTEXT, SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from glm5.tokenizer.tokenizer import GLM5Tokenizer
@@ -48,7 +55,8 @@ class Segment:
     text: str
     """The text (for a special token, its name, e.g. ``<|user|>``)."""
     special: bool
-    """True when ``text`` is one special token and must map to a single id."""
+    """True when ``text`` is one special token the template inserts (it maps to its single id); False
+    for text, which is encoded literally (special-token strings in it stay plain text)."""
     trainable: bool
     """Loss-mask value for every id of this piece."""
 
@@ -153,14 +161,27 @@ def normalize_messages(messages: Any) -> list[ChatMessage]:
     return out
 
 
-def _tools_block(tools: Any) -> str:
+def _template_pieces(text: str) -> list[tuple[str, bool]]:
+    """Template-owned ``text`` cut into (piece, is_special) at every special-token string it spells."""
+    pattern = "(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")"
+    return [(piece, k % 2 == 1) for k, piece in enumerate(re.split(pattern, text))]
+
+
+_FOOTER_PIECES = _template_pieces(TOOLS_FOOTER)
+
+
+def _tools_segments(tools: Any) -> list[Segment]:
+    """The tools system block after ``<|system|>``: the header and the tools' JSON lines are one literal
+    text run (client text), then the footer, whose example tags are the template's own special tokens."""
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError('tools must be a list of {"type": "function", "function": {...}} objects')
     try:
         lines = "".join(json.dumps(tool, ensure_ascii=False) + "\n" for tool in tools)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"tools must be JSON-serialisable: {exc}") from exc
-    return TOOLS_HEADER + lines + TOOLS_FOOTER
+    (footer_text, _), *footer = _FOOTER_PIECES
+    segs = [Segment(TOOLS_HEADER + lines + footer_text, False, False)]
+    return segs + [Segment(piece, special, False) for piece, special in footer]
 
 
 def _split_reasoning(msg: ChatMessage) -> tuple[str, str]:
@@ -209,7 +230,7 @@ def chat_segments(
     msgs = normalize_messages(messages)
     segs = [Segment("[gMASK]", True, False), Segment("<sop>", True, False)]
     if tools:
-        segs += [Segment("<|system|>", True, False), Segment(_tools_block(tools), False, False)]
+        segs += [Segment("<|system|>", True, False), *_tools_segments(tools)]
     last_user = max((i for i, m in enumerate(msgs) if m.role == "user"), default=-1)
     for i, msg in enumerate(msgs):
         after_assistant = i > 0 and msgs[i - 1].role == "assistant"
@@ -269,7 +290,7 @@ def tokenize_chat(
     )  # fmt: skip
     special = tokenizer.require_special_ids(s.text for s in segs if s.special)
     texts = [s.text for s in segs if not s.special]
-    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    encoded = iter(tokenizer.encode_batch(texts, allow_special=False) if texts else [])  # never a control id
     ids: list[int] = []
     mask: list[int] = []
     for seg in segs:

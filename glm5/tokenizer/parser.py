@@ -19,6 +19,13 @@ leading ``<think>`` is tolerated). Rules, shared by ``OutputParser`` (streaming)
 * A call with an empty name, or whose name never ends, is content, verbatim. A call cut off after
   its name (truncation) is kept, with the pairs seen so far and valid JSON.
 * ``<|user|>``, ``<|observation|>`` and ``<|endoftext|>`` end the output; what follows is ignored.
+* Every other GLM special token (``<|assistant|>``, ``<|system|>``, ``[gMASK]``, ``<sop>``,
+  ``<tool_response>``, the multimodal markers, ...: ``DROPPED_TAGS``) is a control token, not text,
+  and is dropped wherever it appears, so it never reaches reasoning, content, a tool name or an
+  argument (vLLM and SGLang get the same by decoding with ``skip_special_tokens``). The structural
+  tags above are kept as text where they are out of place (e.g. ``</think>`` in content), and a
+  malformed call stays content verbatim. Text is all the parser sees, so the same characters written
+  as plain bytes by the model are dropped too.
 * Partial tags are held back until they are disambiguated, and the parser never raises on output.
 
 Streaming deltas have the OpenAI shape: ``{"reasoning_content": s}``, ``{"content": s}``, a call
@@ -35,11 +42,16 @@ import json
 import uuid
 from typing import Any
 
+from glm5.tokenizer.tokenizer import SPECIAL_TOKENS
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 KEY_OPEN, KEY_CLOSE = "<arg_key>", "</arg_key>"
 VALUE_OPEN, VALUE_CLOSE = "<arg_value>", "</arg_value>"
 STOP_TAGS = ("<|user|>", "<|observation|>", "<|endoftext|>")
+_STRUCTURAL = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE)
+DROPPED_TAGS = tuple(t for t in SPECIAL_TOKENS if t not in _STRUCTURAL + STOP_TAGS)
+"""Special tokens that never appear in any parsed field (see the module docstring)."""
 
 
 class _S(enum.Enum):
@@ -67,7 +79,7 @@ _TAGS: dict[_S, tuple[str, ...]] = {
     _S.AFTER_VALUE: (KEY_OPEN, CALL_CLOSE),
     _S.BAD_CALL: (CALL_CLOSE,),
 }
-_TAGS = {state: tags + STOP_TAGS for state, tags in _TAGS.items()}
+_TAGS = {state: tags + STOP_TAGS + DROPPED_TAGS for state, tags in _TAGS.items()}
 _IN_CALL = frozenset([_S.KEY, _S.BEFORE_VALUE, _S.STR_VALUE, _S.RAW_VALUE, _S.AFTER_VALUE])
 """States inside a call whose header (id, name) has been sent."""
 
@@ -234,11 +246,14 @@ class OutputParser:
     def _run(self, final: bool) -> None:
         while self._state is not _S.DONE:
             if self._state is _S.START:
-                if self._buf.startswith(THINK_OPEN):  # tolerated even with thinking off
+                dropped = next((t for t in DROPPED_TAGS if self._buf.startswith(t)), "")
+                if dropped:  # e.g. a stray <sop>: the output may still open with <think>
+                    self._buf = self._buf[len(dropped) :]
+                elif self._buf.startswith(THINK_OPEN):  # tolerated even with thinking off
                     self._buf = self._buf[len(THINK_OPEN) :]
                     self._state = _S.REASONING
-                elif THINK_OPEN.startswith(self._buf) and not final:
-                    return  # could still become <think>
+                elif any(t.startswith(self._buf) for t in (THINK_OPEN, *DROPPED_TAGS)) and not final:
+                    return  # could still become <think> (or a dropped tag)
                 else:
                     self._state = _S.REASONING if self._thinking else _S.CONTENT
                 continue
@@ -308,6 +323,8 @@ class OutputParser:
 
     def _on_tag(self, tag: str) -> None:
         state = self._state
+        if tag in DROPPED_TAGS:
+            return  # a control token is never text: the run it interrupts simply goes on
         if tag in STOP_TAGS:
             self._finish()
         elif state in (_S.REASONING, _S.CONTENT):

@@ -16,6 +16,12 @@ So ``id - first_special_id`` is the same number here and in GLM-5.
 
 ``from_pretrained`` also reads any other HF ``tokenizer.json`` (a real GLM or Qwen file with
 ``added_tokens``); chat rendering then needs the GLM special tokens to be present.
+
+Text is encoded literally by default: a special-token string spelled inside it (``<|user|>``,
+``</think>``, ``[gMASK]``, ...) becomes the ordinary byte-level tokens of its characters, never the
+special id, so text from users, tools or a corpus cannot forge a turn, a tool result or reasoning.
+Only the chat template (``glm5.tokenizer.chat``) and callers that pass ``allow_special=True`` put
+special ids into a sequence.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -137,6 +144,15 @@ class GLM5Tokenizer:
         self._tok = tokenizer
         self.config: dict[str, Any] = dict(config or {})
         """Contents of tokenizer_config.json (written back by ``save_pretrained``)."""
+        self._literal: tuple[int, Tokenizer] | None = None  # (vocab size it was built for, backend copy)
+        self._literal_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the literal copy is rebuilt on demand; a lock cannot be pickled
+        return {"_tok": self._tok, "config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_tok"], state["config"])
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -303,22 +319,62 @@ class GLM5Tokenizer:
     def _prefix_ids(self) -> list[int]:
         return list(self.require_special_ids(PROMPT_PREFIX).values())
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings in it become their single ids.
+    def _literal_backend(self) -> Tokenizer:
+        """A copy of the backend that never matches an added token inside text.
 
-        ``add_special_tokens=True`` prepends the GLM prompt prefix ``[gMASK]<sop>``.
+        Every added token is marked special on this copy (a real tokenizer.json may flag ``<think>``
+        & co. ``special: false``, as Qwen3 does, and HF only splits special ones) and
+        ``encode_special_tokens`` is set, so text encodes as if the vocabulary had no added tokens.
+        The flag is set once on this private copy, never toggled on a shared instance, so concurrent
+        encodes from server threads are safe. Built on first use, and again if tokens are added to
+        the backend.
+        """
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        cached = self._literal
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        with self._literal_lock:
+            if self._literal is not None and self._literal[0] == size:
+                return self._literal[1]
+            spec = json.loads(self._tok.to_str())
+            for entry in spec.get("added_tokens") or []:
+                if isinstance(entry, dict):
+                    entry["special"] = True
+            literal = Tokenizer.from_str(json.dumps(spec))
+            literal.encode_special_tokens = True
+            self._literal = (size, literal)
+            return literal
+
+    def encode(
+        self, text: str, add_special_tokens: bool = False, *, allow_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``, read literally unless ``allow_special``.
+
+        By default special-token strings inside ``text`` (``<|user|>``, ``<think>``, ``[gMASK]``, any
+        added token of the tokenizer.json) are plain text: they encode to the byte-level tokens of their
+        characters, never to the special id. This is the safe choice for anything that came from a
+        user, a tool, a document or a model. ``allow_special=True`` parses them into their single ids
+        (what HF ``tokenizer(text)`` and vLLM do with raw text): only for text whose markers are
+        meant, e.g. a scripted model output or an expected id sequence written as template text.
+        Text without special-token strings encodes the same either way.
+
+        ``add_special_tokens=True`` prepends the GLM prompt prefix ``[gMASK]<sop>`` (as its two ids).
         """
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        backend = self._tok if allow_special else self._literal_backend()
+        ids = backend.encode(text, add_special_tokens=False).ids
         return self._prefix_ids() + ids if add_special_tokens else ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """``encode`` for many texts (parallel in the Rust backend)."""
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False, *, allow_special: bool = False
+    ) -> list[list[int]]:
+        """``encode`` for many texts (parallel in the Rust backend); literal unless ``allow_special``."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("encode_batch expects a list of str")
         prefix = self._prefix_ids() if add_special_tokens else []
-        return [prefix + e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        backend = self._tok if allow_special else self._literal_backend()
+        return [prefix + e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; special tokens are kept unless ``skip_special_tokens``."""
