@@ -1,29 +1,43 @@
 """The FastAPI app of the OpenAI-compatible server: routes, API key, body limit, OpenAI-style errors, lifespan.
 
-Routes: /v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize, /tokenizer_info (vLLM's
-shapes, which lm-eval's remote tokenizer uses), /health, /metrics (Prometheus). Every failure is answered as
-`{"error": {"message", "type", "param", "code"}}`: bad input is a 4xx (400 for invalid JSON or fields, 401
-without the API key, 404 for an unknown model, 413 for a body or context too large, 429 when the queue is full,
-503 while shutting down); only a server bug is a 500, and the server keeps serving.
+Routes: /v1/models, /v1/models/{id}, /v1/chat/completions, /v1/completions, /tokenize, /detokenize,
+/tokenizer_info (vLLM's shapes, which lm-eval's remote tokenizer uses), /health, /metrics (Prometheus). Every
+failure is answered as `{"error": {"message", "type", "param", "code"}}`, `param` named as OpenAI does
+(`messages[0].content`): bad input is a 4xx (400 for invalid JSON, fields or text, 401 without the API key, 404 for
+an unknown model, 413 for a body too large, declared or chunked, 415 for a POST body that is not
+`application/json`, 429 when the queue is full, 503 while shutting down); only a server bug is a 500, and the
+server keeps serving.
+
+Prompt rendering and tokenization run in worker threads (the tokenizer releases the GIL), so a huge prompt never
+stalls other clients, /health included; text longer than the context could hold is refused before tokenizing.
 
     app = create_app(AsyncLLMEngine.from_model("ckpt/"), ServerConfig(model_name="glm-5"))
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm5.engine.async_engine import AsyncLLMEngine
 from glm5.serve import chat, completions
-from glm5.serve.core import APIError, ClientDisconnected, ServerConfig, ServerState, unless_disconnected
+from glm5.serve.core import (
+    APIError,
+    ClientDisconnected,
+    ServerConfig,
+    ServerState,
+    check_text,
+    unless_disconnected,
+)
 from glm5.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,8 +57,15 @@ OPEN_PATHS = frozenset(["/health", "/metrics", "/openapi.json", "/docs", "/docs/
 """Reachable without the API key (probes and scrapers; the spec is public)."""
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 429, 503)
 }
+
+JSON_POSTS = frozenset(["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"])
+"""POST endpoints whose body must be JSON (`Content-Type: application/json`, else 415)."""
+
+DRAIN_IDLE_WAIT_S = 5.0
+"""At the lifespan's end, how long to wait for generations uvicorn's shutdown left (it has already waited out the
+graceful timeout and cancelled open responses) before the engine aborts them."""
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                  404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
@@ -59,8 +80,9 @@ def _error(status: int, message: str, type: str | None = None, param: str | None
 
 
 class _Guard:
-    """Outermost ASGI layer: counts answers per endpoint and status, checks the API key in constant time, and
-    refuses bodies over the limit (by Content-Length, or while reading a chunked body) with 413."""
+    """Outermost ASGI layer: counts answers per endpoint and status, checks the API key in constant time, refuses
+    POST bodies that are not JSON (415) and bodies over the limit (by Content-Length, or while reading a chunked
+    body) with 413."""
 
     def __init__(self, app: Any, state_ref: dict[str, ServerState]) -> None:
         self.app = app
@@ -71,7 +93,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         state = self.state_ref["state"]
         path = scope.get("path", "")
-        endpoint = path if path in _KNOWN_PATHS else "other"
+        endpoint = path if path in _KNOWN_PATHS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
         status_box = {"status": 500}
 
         async def counting_send(message: dict) -> None:
@@ -91,14 +113,11 @@ class _Guard:
                 message = await receive()
                 if message["type"] == "http.request":
                     seen["bytes"] += len(message.get("body", b""))
-                    if seen["bytes"] > limit:
-                        raise _BodyTooLarge()
+                    if seen["bytes"] > limit:  # FastAPI passes an HTTPException raised while reading the body on
+                        raise HTTPException(413, f"request body too large: more than {limit} bytes")
                 return message
 
-            try:
-                await self.app(scope, limited_receive, counting_send)
-            except _BodyTooLarge:
-                await _error(413, f"request body too large: more than {limit} bytes")(scope, receive, counting_send)
+            await self.app(scope, limited_receive, counting_send)
         finally:
             state.metrics.requests.labels(endpoint, str(status_box["status"])).inc()
 
@@ -111,6 +130,12 @@ class _Guard:
             if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
                 return _error(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if scope.get("method") == "POST" and path in JSON_POSTS:
+            given = headers.get("content-type", "")
+            kind = given.split(";", 1)[0].strip().lower()
+            if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+                return _error(415, f"the body must be JSON: send 'Content-Type: application/json' (got "
+                                   f"{given or 'no Content-Type'!r})", code="unsupported_media_type")  # fmt: skip
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
@@ -120,12 +145,35 @@ class _Guard:
         return None
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 _KNOWN_PATHS = frozenset(["/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
                           "/tokenizer_info", "/health", "/metrics", "/openapi.json"])  # fmt: skip
+
+
+_TYPE_TAGS = frozenset(["str", "int", "float", "bool", "bytes", "none", "any", "dict", "list"])
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names each alternative of a union in the location (`constrained-str`, `list[TextPart]`,
+    `function-after[...]`, `NamedToolChoice`); field names are snake_case identifiers."""
+    return part in _TYPE_TAGS or any(c in part for c in "[]-,") or part[:1].isupper()
+
+
+def openai_param(loc: Any, whole: bool = False) -> str | None:
+    """A pydantic error location as OpenAI names a field: ("body", "messages", 0, "content", "list[TextPart]", 0,
+    "text") -> `messages[0].content` (up to the first union alternative), or with `whole` the full path without
+    the alternatives' names, `messages[0].content[0].text`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out and part == "body":
+            continue
+        elif _is_union_tag(str(part)):
+            if not whole:
+                break
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -133,16 +181,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg', '')}", None
-    param = ".".join(loc) or None
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return "invalid request: " + "; ".join(parts) + more, param
+    param = openai_param(first.get("loc", ()))
+    # the deepest errors say most (a union's "should be a valid string" is the least helpful alternative)
+    ranked = sorted(errors, key=lambda e: -len(e.get("loc", ())))
+    parts: list[str] = []
+    for e in ranked:
+        part = f"{openai_param(e.get('loc', ()), whole=True) or 'body'}: {e.get('msg', 'invalid')}"
+        if part not in parts:
+            parts.append(part)
+    more = f" (and {len(parts) - 5} more)" if len(parts) > 5 else ""
+    return "invalid request: " + "; ".join(parts[:5]) + more, param
 
 
 def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> FastAPI:
@@ -154,9 +204,13 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         yield
-        # uvicorn has stopped accepting and waited for open responses; finish whatever is still generating
+        # uvicorn has drained (glm5.serve.server), stopped accepting and waited for open responses up to the
+        # graceful timeout; what is left was cancelled: give it a moment to release, then abort the rest
         state.draining = True
-        await state.idle.wait()
+        try:
+            await asyncio.wait_for(state.idle.wait(), DRAIN_IDLE_WAIT_S)
+        except TimeoutError:
+            log.warning("shutting down with %d sequences still admitted: aborting them", state.num_pending)
         await engine.shutdown()
 
     app = FastAPI(title="glm5 OpenAI-compatible server", version="1", lifespan=lifespan,
@@ -186,11 +240,20 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         return _error(500, f"internal server error: {type(exc).__name__}: {exc}", "internal_error")
 
     # --- generation ------------------------------------------------------------------------------
-    async def generate(request: Request, stream: bool, prep: Any, run: Any, run_sse: Any) -> Response:
-        """Admit the request, then stream it (SSE) or answer it whole; a client that disconnects is aborted."""
+    async def generate(request: Request, body: Any, num_seqs: int, what: str, prepare: Any, run: Any,
+                       run_sse: Any, param: str = "n") -> Response:  # fmt: skip
+        """Admit the request's sequences, prepare it (render + tokenize) in a worker thread, then stream it (SSE) or
+        answer it whole; a client that disconnects is aborted."""
         state = st()
-        ticket = state.admit()
-        if stream:
+        state.check_model(body.model)
+        state.check_num_seqs(num_seqs, what, param)
+        ticket = state.admit(num_seqs)
+        try:
+            prep = await run_in_threadpool(_prepare, prepare, state, body)
+        except BaseException:
+            ticket.release()
+            raise
+        if body.stream:
             return _sse(run_sse(state, prep, ticket), ticket)
         try:
             result = await unless_disconnected(request, run(state, prep), state.config.disconnect_poll_s)
@@ -202,30 +265,46 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prep = chat.prepare_chat(st(), body)
-        return await generate(request, body.stream, prep, chat.chat_completion, chat.chat_sse)
+        return await generate(request, body, body.n, f"n = {body.n}", chat.prepare_chat, chat.chat_completion,
+                              chat.chat_sse)  # fmt: skip
 
     @app.post("/v1/completions", response_model=None)
     async def completions_(body: CompletionRequest, request: Request) -> Response:
-        prep = completions.prepare_completion(st(), body)
-        return await generate(request, body.stream, prep, completions.completion, completions.completion_sse)
+        num_prompts = completions.num_prompts(body.prompt)
+        return await generate(request, body, num_prompts * body.n, f"{num_prompts} prompts x n {body.n}",
+                              completions.prepare_completion, completions.completion, completions.completion_sse,
+                              param="n" if body.n > 1 else "prompt")  # fmt: skip
 
     # --- models, tokenizer, health, metrics ----------------------------------------------------
+    def card(model_id: str) -> ModelCard:
+        # `root` is the served name, never the checkpoint's filesystem path
+        state = st()
+        return ModelCard(id=model_id, root=state.config.model_name, max_model_len=state.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
-        state = st()
-        return ModelList(data=[ModelCard(id=state.config.model_name, root=state.config.model_path,
-                                         max_model_len=state.max_model_len)])  # fmt: skip
+        return ModelList(data=[card(st().config.model_name)])
 
-    @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def model(model_id: str) -> ModelCard:
+        """One model (the openai SDK's `client.models.retrieve(id)`); 404 for a name this server does not serve."""
         state = st()
+        state.check_model(model_id)
+        served = {state.config.model_name, *state.config.aliases}
+        return card(model_id if model_id in served else state.config.model_name)
+
+    # sync routes: FastAPI runs them in worker threads, so long texts never stall the event loop
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        state = st()
+        check_text(body)
         state.check_model(body.model)
         tok = state.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
         if body.prompt is not None:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens,
+                             allow_special=state.config.allow_special_tokens_in_prompt)  # as /v1/completions
         else:
             kwargs = body.chat_template_kwargs or {}
             enable = kwargs.get("enable_thinking", True)
@@ -233,7 +312,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
             if not isinstance(enable, bool) or not isinstance(clear, bool):
                 raise APIError("chat_template_kwargs.enable_thinking / clear_thinking must be booleans",
                                param="chat_template_kwargs")  # fmt: skip
-            messages = [chat._message_dict(m) for m in body.messages]
+            messages = chat.message_dicts(body.messages)
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             try:
                 ids = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
@@ -245,7 +324,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         state = st()
         state.check_model(body.model)
         vocab = state.tokenizer.vocab_size
@@ -275,6 +354,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         return Response(st().metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _prepare(prepare: Any, state: ServerState, body: Any) -> Any:
+    """A request's validation, rendering and tokenization (run in a worker thread)."""
+    check_text(body)
+    return prepare(state, body)
 
 
 def _sse(stream: Any, ticket: Any) -> StreamingResponse:

@@ -9,6 +9,7 @@
   "required" and a named function prefill the assistant turn with `<tool_call>` (and the name), thinking off,
   so the answer starts with a call: a prefill, not a grammar, so the arguments are the model's own.
 * `response_format` json_object / json_schema is passed as an instruction in a system message (no grammar).
+* Text only: an `image_url` content part is a 400 ("image input is not supported").
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from glm5.serve.core import (
     sse,
     sse_error,
 )
-from glm5.serve.protocol import ChatCompletionRequest, ChatMessage, random_id
+from glm5.serve.protocol import ChatCompletionRequest, ChatMessage, ImagePart, random_id
 from glm5.tokenizer.parser import OutputParser, merge_deltas
 
 
@@ -49,10 +50,19 @@ class ChatPlan:
     """Text forced at the start of the assistant turn (part of the prompt; fed to the parser first)."""
 
 
-def _message_dict(m: ChatMessage) -> dict[str, Any]:
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The request's messages as the chat template takes them; a 400 naming the message for what it cannot take."""
+    return [_message_dict(m, i) for i, m in enumerate(messages)]
+
+
+def _message_dict(m: ChatMessage, index: int = 0) -> dict[str, Any]:
     role = "system" if m.role == "developer" else m.role
     content: Any = m.content
     if isinstance(content, list):
+        for j, part in enumerate(content):
+            if isinstance(part, ImagePart):
+                raise APIError("image input is not supported: this model reads text only; send text parts",
+                               param=f"messages[{index}].content[{j}]", code="image_input_not_supported")  # fmt: skip
         content = [{"type": "text", "text": p.text} for p in content]
     out: dict[str, Any] = {"role": role, "content": content}
     if role == "assistant":
@@ -64,7 +74,8 @@ def _message_dict(m: ChatMessage) -> dict[str, Any]:
                                                                     "arguments": c.function.arguments}}
                                  for c in m.tool_calls]  # fmt: skip
     elif content is None:
-        raise APIError(f"a {m.role} message needs 'content' (a string or a list of text parts)", param="messages")
+        raise APIError(f"a {m.role} message needs 'content' (a string or a list of text parts)",
+                       param=f"messages[{index}].content")  # fmt: skip
     return out
 
 
@@ -99,7 +110,7 @@ def _response_format_message(body: ChatCompletionRequest) -> dict[str, Any] | No
 
 def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     tok = state.tokenizer
-    messages = [_message_dict(m) for m in body.messages]
+    messages = message_dicts(body.messages)
     enable, clear = _thinking_switches(body)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
@@ -121,12 +132,17 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     if hint is not None:
         messages = [hint, *messages]
     try:
+        if state.max_prompt_chars is not None:  # rendering is cheap; refuse what cannot fit before tokenizing it
+            text = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
+                                           tokenize=False)  # fmt: skip
+            state.check_text_fits(text, "messages")
         ids = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
                                       return_loss_mask=False)  # fmt: skip
     except ValueError as exc:
         raise APIError(str(exc), param="messages") from None
-    if prefill:
-        ids = ids + tok.encode(prefill)
+    if prefill:  # the <tool_call> marker is the server's; the function name is client text (literal)
+        call_open = tok.require_special_ids(["<tool_call>"])["<tool_call>"]
+        ids = ids + [call_open] + tok.encode(prefill.removeprefix("<tool_call>"))
     return ChatPlan(ids, enable, tools, prefill)
 
 
@@ -164,8 +180,9 @@ class _Choice:
         return out
 
     def _entry(self, tok: int, logprob: float) -> dict[str, Any]:
-        s = self.state.token_str(tok)
-        return {"token": s, "logprob": max(logprob, -9999.0), "bytes": list(s.encode("utf-8"))}
+        s = self.state.token_str(tok)  # `<|id:N|>` (and no bytes) for an id past the tokenizer
+        raw = list(s.encode("utf-8")) if self.state.has_text(tok) else None
+        return {"token": s, "logprob": max(logprob, -9999.0), "bytes": raw}
 
     def reasoning_tokens(self) -> int:
         ids = self.token_ids
@@ -202,6 +219,8 @@ class PreparedChat:
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> PreparedChat:
     """Validate a request into its prompt and SamplingParams; every problem is an APIError (4xx)."""
     state.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
     plan = plan_chat(state, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.config.default_max_tokens
     max_tokens = state.check_prompt(plan.prompt_ids, max_tokens, "messages")

@@ -3,7 +3,12 @@
 `echo` with `logprobs` returns the prompt's tokens with their logprobs (the first is null) followed by the
 generated ones, in the legacy parallel-list shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`)
 that lm-evaluation-harness sums for loglikelihood tasks. `max_tokens: 0` with `echo` scores the prompt only.
-Choice `index` is `prompt_index * n + j`.
+Choice `index` is `prompt_index * n + j`. Text prompts are encoded literally (a `<|user|>` in them is plain
+text) unless the server runs with `allow_special_tokens_in_prompt` (`--allow-special-tokens-in-prompt`).
+
+A text prompt starts with GLM's `[gMASK]<sop>` (`add_special_tokens`, default true, as vLLM and /tokenize do);
+token-id prompts are used as given, and `echo` returns the text as given. Token ids past the tokenizer read as
+`<|id:N|>` in logprobs (see glm5/serve/core.py).
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ class PreparedCompletion:
     include_usage: bool = False
 
 
-def _prompts(state: ServerState, prompt: Any) -> list[tuple[str | None, list[int]]]:
+def num_prompts(prompt: Any) -> int:
+    """How many prompts a request's `prompt` holds (a text, texts, token ids or lists of token ids)."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return 1
+    return max(len(prompt), 1)
+
+
+def _prompts(state: ServerState, prompt: Any, add_special_tokens: bool = True) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -50,9 +62,11 @@ def _prompts(state: ServerState, prompt: Any) -> list[tuple[str | None, list[int
         raise APIError("prompt is empty: give a string, a list of strings, token ids or lists of token ids",
                        param="prompt")  # fmt: skip
     out = []
+    allow = state.config.allow_special_tokens_in_prompt  # off: special-token strings in text are plain text
     for p in prompt:
         if isinstance(p, str):
-            out.append((p, state.tokenizer.encode(p)))
+            state.check_text_fits(p, "prompt")
+            out.append((p, state.tokenizer.encode(p, add_special_tokens=add_special_tokens, allow_special=allow)))
         else:
             out.append((None, list(p)))
     return out
@@ -69,7 +83,7 @@ def prepare_completion(state: ServerState, body: CompletionRequest) -> PreparedC
     score_only = body.max_tokens == 0
     if score_only and not body.echo:
         raise APIError("max_tokens 0 only makes sense with echo (scoring the prompt)", param="max_tokens")
-    prompts = _prompts(state, body.prompt)
+    prompts = _prompts(state, body.prompt, body.add_special_tokens)
     params = []
     for _, ids in prompts:
         max_tokens = state.check_prompt(ids, 1 if score_only else body.max_tokens, "prompt")
@@ -138,7 +152,7 @@ class _Choice:
         text, lps = "", None
         if not self.echoed:  # prompt logprobs come with the first delta (prefill ends where sampling starts)
             given, ids = prep.prompts[p]
-            text = given if given is not None else state.tokenizer.decode(ids, skip_special_tokens=False)
+            text = given if given is not None else state.decode_prompt(ids)
             if self.legacy is not None:
                 plps = out.prompt_logprobs or [None] * len(ids)
                 lps = self.legacy.add(ids, plps)

@@ -53,6 +53,13 @@ class TextPart(_Request):
     text: str
 
 
+class ImagePart(_Request):
+    """An image content part: parsed so that the answer can say "image input is not supported" (400)."""
+
+    type: Literal["image_url"]
+    image_url: Any = None
+
+
 class FunctionCall(_Request):
     name: str
     arguments: str | dict[str, Any] | None = None
@@ -70,7 +77,7 @@ class ChatMessage(_Request):
     newer name) or inline `<think>...</think>` in `content`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -170,6 +177,8 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
     skip_special_tokens: bool = True
+    add_special_tokens: bool = True
+    """vLLM extra: start text prompts with GLM's `[gMASK]<sop>` (as /tokenize does by default)."""
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -314,6 +323,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "glm5"
     root: str | None = None
+    """The served model name (vLLM puts the weights' path here; this server does not reveal paths)."""
     max_model_len: int | None = None
 
 

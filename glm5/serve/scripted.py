@@ -58,8 +58,10 @@ class ScriptedOutputs:
 
     def __init__(self, entries: list[ScriptEntry], tokenizer: Any, cache_size: int = 1024) -> None:
         self.tokenizer = tokenizer
-        self.entries = [(e.match, e.output if isinstance(e.output, list) else tokenizer.encode(e.output))
-                        for e in entries]  # fmt: skip
+        self.entries: list[tuple[str | None, list[int]]] = []
+        for e in entries:  # a script stands for the model: its special-token strings are the ids it would emit
+            ids = e.output if isinstance(e.output, list) else tokenizer.encode(e.output, allow_special=True)
+            self.entries.append((e.match, ids))
         self.end_id = tokenizer.eos_token_id
         self._chosen: OrderedDict[tuple[int, ...], list[int] | None] = OrderedDict()
         self._cache_size = cache_size

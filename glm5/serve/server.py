@@ -1,8 +1,12 @@
 """Running the server: `serve(...)` (what `glm5 serve` calls: load, then uvicorn in the foreground) and
 `ServerThread` (uvicorn on a loopback socket in a background thread, for tests, benchmarks and notebooks).
 
-Shutdown is graceful: on SIGINT/SIGTERM uvicorn stops accepting, lets open responses (streams included) finish
-within `graceful_timeout_s`, then the app's lifespan waits for remaining generations and stops the engine.
+Shutdown drains, then exits. On the first SIGTERM/SIGINT (or `ServerThread.stop()`) the server keeps listening:
+/health answers 503 (load balancers take the replica out), new generation requests get 503 + Retry-After, and the
+admitted ones (streams included) run to the end. When none is left, or after `graceful_timeout_s`, uvicorn stops
+accepting, lets open responses end and the app's lifespan stops the engine. Generations still running at the
+timeout are aborted: their clients get 503 (a stream: an in-stream error event), so they can retry elsewhere.
+A second signal skips the wait; a third SIGINT forces the exit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import time
 from typing import Any
 
 from glm5.serve.core import ServerConfig
+
+ABORT_GRACE_S = 5.0
+"""After the graceful timeout, how long aborted requests get to send their 503 before uvicorn cancels them."""
 
 
 def build_engine(
@@ -55,13 +62,56 @@ def serve(engine: Any, config: ServerConfig, host: str = "127.0.0.1", port: int 
     from glm5.serve.app import create_app
 
     app = create_app(engine, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s)
+    uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                             timeout_graceful_shutdown=graceful_timeout_s)  # fmt: skip
+    draining_server(uconfig, app, graceful_timeout_s).run()
+
+
+def draining_server(config: Any, app: Any, graceful_timeout_s: float) -> Any:
+    """A `uvicorn.Server` that drains before it shuts down (see the module docstring)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.state = getattr(getattr(app, "state", None), "server", None)  # glm5's ServerState, if any
+            self.drain_deadline: float | None = None
+
+        def drain(self) -> None:
+            """Start draining (safe from a signal handler or another thread: it only sets flags)."""
+            if self.drain_deadline is None:
+                self.drain_deadline = time.monotonic() + graceful_timeout_s
+            if self.state is not None:
+                self.state.draining = True
+            else:
+                self.should_exit = True
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.drain_deadline is None and not self.should_exit:
+                self._captured_signals.append(sig)  # uvicorn re-raises it after the shutdown, as usual
+                self.drain()
+            else:
+                super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_deadline is not None and not self.should_exit:
+                left = self.drain_deadline - time.monotonic()
+                if self.state.num_pending == 0:  # open responses (a stream's last bytes) get the time left
+                    self.config.timeout_graceful_shutdown = max(left, ABORT_GRACE_S)
+                    self.should_exit = True
+                elif left <= 0:
+                    await self.state.abort_all()
+                    self.config.timeout_graceful_shutdown = ABORT_GRACE_S
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer()
 
 
 class ServerThread:
     """`with ServerThread(app) as s: httpx.get(s.url + "/health")`: uvicorn on 127.0.0.1, a free port, in a thread.
 
-    `stop()` asks for the graceful shutdown (the same path as SIGTERM) and waits for it.
+    `stop()` drains and shuts down (the same path as SIGTERM: /health answers 503 meanwhile) and waits for it.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", graceful_timeout_s: float = 30.0) -> None:
@@ -74,7 +124,7 @@ class ServerThread:
         self.url = f"http://{self.host}:{self.port}"
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s,
                                 lifespan="on")  # fmt: skip
-        self.server = uvicorn.Server(config)
+        self.server = draining_server(config, app, graceful_timeout_s)
         self.thread = threading.Thread(target=self._run, name=f"glm5-serve-{self.port}", daemon=True)
         self.error: BaseException | None = None
 
@@ -96,7 +146,7 @@ class ServerThread:
         return self
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        self.server.should_exit = True
+        self.server.drain()
         self.thread.join(timeout_s)
         self.sock.close()
 
