@@ -580,3 +580,17 @@ def test_tokenize_and_completions_agree_on_the_gmask_sop_prefix(server, tok) -> 
     bare = raw_post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"]
     r = raw_post(server, "/v1/completions", {"prompt": text, "max_tokens": 1, "add_special_tokens": False}).json()
     assert bare == tokenized[2:] and r["usage"]["prompt_tokens"] == len(bare)
+
+
+def test_a_scripted_server_takes_prompt_ids_past_the_tokenizer(model, tok) -> None:
+    """Scripted mode matches on the prompt's text: a padding id (no text) in a token-id prompt must not fail the
+    engine step (and with it every request in flight)."""
+    engine = build_engine(model, tok, block_size=4, max_model_len=MAX_LEN,
+                          scripted=[{"match": "def add", "output": " return a + b"}])  # fmt: skip
+    app = create_app(engine, ServerConfig(model_name=MODEL, api_key=KEY))
+    with ServerThread(app) as s:
+        prompt = tok.encode("def add(a, b):")
+        r = raw_post(s, "/v1/completions", {"prompt": prompt[:2] + [TOKENIZER_SIZE + 3] + prompt[2:], "max_tokens": 8,
+                                            "temperature": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == " return a + b"

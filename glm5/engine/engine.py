@@ -403,6 +403,11 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; this engine holds at most {self.max_model_len} "
                 "per sequence (prompt + output). Shorten it or raise max_model_len / the cache size"
             )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n={params.n} completions exceed this engine's max_num_seqs={self.config.max_num_seqs} (all n run "
+                "together); lower n or raise max_num_seqs"
+            )
         if (params.stop and params.detokenize) and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
         request = Request(request_id, text, ids, params)
@@ -488,12 +493,17 @@ class LLMEngine:
             reserved = [reserved[0] + blocks[0], reserved[1] + blocks[1]]
             chunks.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # a waiting sequence with n > 1 forks its n - 1 siblings after prefill: admission counts all of them
+        occupied = sum(1 + len(s.children) for s in self.running)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if occupied + 1 + len(seq.children) > self.config.max_num_seqs:
+                break
             cached = self._admit(seq, reserved)
             if cached is None:
                 break
             self.waiting.popleft()
+            occupied += 1 + len(seq.children)
             n = min(len(seq.tokens) - cached, budget)
             blocks = self._blocks_for(seq, seq.num_cached + n)
             reserved = [reserved[0] + blocks[0], reserved[1] + blocks[1]]

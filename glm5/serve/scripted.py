@@ -71,7 +71,8 @@ class ScriptedOutputs:
         if key in self._chosen:
             self._chosen.move_to_end(key)
             return self._chosen[key]
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        size = self.tokenizer.vocab_size  # ids past the tokenizer (a padded model vocabulary) have no text
+        text = self.tokenizer.decode([t for t in prompt_ids if t < size], skip_special_tokens=False)
         chosen = next((ids for match, ids in self.entries if match is None or match in text), None)
         self._chosen[key] = chosen
         if len(self._chosen) > self._cache_size:
