@@ -57,7 +57,7 @@ def config_only(tmp_path) -> Path:
 @pytest.mark.parametrize(
     "flag, value",
     [("--port", "99999"), ("--port", "0"), ("--port", "http"), ("--max-body-mb", "-1"), ("--max-model-len", "-5"),
-     ("--max-pending", "0"), ("--threads", "0"), ("--graceful-timeout", "-1"), ("--max-num-seqs", "0"),
+     ("--max-pending", "0"), ("--max-seqs-per-request", "0"), ("--threads", "0"), ("--graceful-timeout", "-1"), ("--max-num-seqs", "0"),
      ("--speculative-tokens", "7"), ("--max-body-mb", "nan")],
 )  # fmt: skip
 def test_serve_rejects_bad_numbers_before_loading(config_only, capsys, flag, value):

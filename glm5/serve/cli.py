@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="longest sequence, prompt + output (default and most: the model's max_position_embeddings)")  # fmt: skip
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences decoded together (default 256)")
     p.add_argument("--max-pending", type=positive_int, default=512, metavar="N",
-                   help="requests admitted at once; more get 429 + Retry-After (default 512)")  # fmt: skip
+                   help="sequences (prompts x n) admitted at once; more get 429 + Retry-After (default 512)")  # fmt: skip
+    p.add_argument("--max-seqs-per-request", type=positive_int, default=256, metavar="N",
+                   help="most sequences (prompts x n) one request may ask for; more get 400 (default 256)")  # fmt: skip
     p.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body in MiB (default 16)")
     p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)")
@@ -114,7 +116,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           fp8=args.fp8, **options)  # fmt: skip
     served = args.served_model_name or name
     config = ServerConfig(model_name=served, model_path=args.model, api_key=args.api_key,
-                          max_pending_requests=args.max_pending, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                          max_pending_requests=args.max_pending, max_seqs_per_request=args.max_seqs_per_request,
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)),
                           allow_special_tokens_in_prompt=args.allow_special_tokens_in_prompt)  # fmt: skip
     host = f"[{args.host}]" if ":" in args.host else args.host
     console.print(f"loaded in {time.perf_counter() - start:.1f} s")
