@@ -1,11 +1,12 @@
 """The fused decode step (glm5.engine.fused), in torch ops and through the native C kernel, against the model's own
 forward on twin paged caches: same logits, hidden states and cache entries for one and many rows, ragged and equal
 lengths, below and above index_topk, IndexCache shared layers, biases, group-limited routing, no shared expert,
-other indexer widths, DSA off; rebuilt after weight changes; the engine picks it; the kernel builds once."""
+two shared experts, un-normalised top-k weights, other indexer widths, DSA off; rebuilt after weight changes; the engine picks it; the kernel builds once."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,9 @@ VARIANTS = {
     "micro": MICRO,
     "bias": MICRO.replace(attention_bias=True),
     "groups-no-shared": MICRO.replace(n_group=2, topk_group=1, n_shared_experts=0),
+    # the raw sigmoid scores (x 2.5) as weights: a kernel that normalises anyway is off by ~0.5 in the logits
+    "no-norm-topk": MICRO.replace(norm_topk_prob=False),
+    "two-shared-experts": MICRO.replace(n_shared_experts=2),  # one shared MLP of width 2 x moe_intermediate
     "half-split-rope": MICRO.replace(rope_interleave=False, indexer_rope_interleave=False),
     "indexer-width-24": MICRO.replace(index_head_dim=24),  # the kernel's generic (non-unrolled) scan
     # GLM-5's widths where the kernel has fixed-size buffers: 32 x 128 indexer, 256 experts, 8 per token
@@ -302,3 +306,66 @@ def test_a_model_beyond_the_kernels_limits_runs_the_torch_back_end() -> None:
     with pytest.warns(UserWarning, match="n_routed_experts.*beyond the kernel's limits"):
         _step_matches(model, fused)
     assert fused.lib is None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+MARCH_NEEDS = {"x86-64-v3": {"avx2", "fma", "bmi2"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}}
+MARCH_NODES = [  # fused-vs-model parity through the kernel: decode, several tokens per row, the MTP layer
+    "tests/test_engine_fused.py::test_fused_step_equals_the_model_forward[native-glm5-widths-lengths4]",
+    "tests/test_engine_fused.py::test_fused_step_equals_the_model_forward[native-no-norm-topk-lengths2]",
+    "tests/test_engine_fused.py::test_fused_step_equals_the_model_forward[native-two-shared-experts-lengths2]",
+    "tests/test_engine_fused.py::test_native_kernel_verifies_several_tokens_per_row_in_causal_order[lengths2]",
+    "tests/test_engine_fused.py::test_native_mtp_layer_equals_the_models_mtp_forward",
+    "tests/test_mtp_reference.py::test_the_engines_drafting_step_equals_the_reference[native]",
+]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v4"])
+def test_the_kernel_built_for_each_cpu_family_equals_the_model(march: str, tmp_path) -> None:  # noqa: ANN001
+    """GLM5_NATIVE_MARCH=x86-64-v3 builds the kernel without AVX-512 (AVX2 + FMA), x86-64-v4 with it, native for
+    this CPU: each build, in its own cache folder and process, passes the fused-vs-model parity tests. So one
+    AVX-512 machine covers the AVX2-only machines' code, and x86-64-v3 also runs on any AVX2 machine."""
+    if march != "native":
+        if not X86:
+            pytest.skip(f"-march={march} is an x86-64 level")
+        missing = MARCH_NEEDS[march] - _cpu_flags()
+        if missing:
+            pytest.skip(f"this CPU cannot run -march={march} code (lacks {sorted(missing)})")
+        probe = subprocess.run([shutil.which("cc"), f"-march={march}", "-E", "-x", "c", os.devnull],
+                               capture_output=True)  # fmt: skip
+        if probe.returncode:
+            pytest.skip(f"the C compiler does not know -march={march}")
+    env = {**os.environ, "GLM5_CACHE_DIR": str(tmp_path), native.MARCH_ENV: march, "GLM5_NATIVE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MARCH_NODES],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert f"{len(MARCH_NODES)} passed" in out.stdout, out.stdout[-2000:]
+    (built,) = (tmp_path / "kernels").glob("glm5_decode_*.so")  # built here, with this march
+    if march != "native" and shutil.which("objdump"):  # the flag took effect
+        asm = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout
+        if march == "x86-64-v3":
+            assert "zmm" not in asm and "ymm" in asm  # 256-bit AVX code, no AVX-512 register anywhere
+        else:
+            assert "zmm" in asm  # 512-bit AVX-512 code
+
+
+def test_the_kernels_march_comes_from_the_environment_and_is_checked(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv(native.MARCH_ENV, raising=False)
+    assert native.march() == "native" and "-march=native" in native.compile_flags()
+    monkeypatch.setenv(native.MARCH_ENV, "x86-64-v3")
+    assert "-march=x86-64-v3" in native.compile_flags() and "-march=native" not in native.compile_flags()
+    monkeypatch.setenv(native.MARCH_ENV, "native; rm -rf /")
+    with pytest.raises(RuntimeError, match="not a -march value"):
+        native.march()

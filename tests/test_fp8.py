@@ -235,3 +235,110 @@ def test_a_kept_fp8_model_saves_its_e4m3_weights_unchanged_or_dequantised(tmp_pa
     other = quantize_model(_model(RAGGED, seed=5, dtype=torch.bfloat16))
     other.load_hf_state_dict(kept.hf_state_dict())
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(other.state_dict().values(), kept.state_dict().values()))
+
+
+# --- an independent reference: one 128x128 block at a time ----------------------------------------------
+# Shapes of GLM-5 (MODEL_SPEC §12) scaled down where the real ones would be slow, always with non-square scale
+# grids (a transposed grid then reads the wrong scale, or fails) and both whole-block and ragged matrices.
+GLM5_LIKE = GLM5Config.from_preset("tiny").replace(
+    vocab_size=256, hidden_size=384, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=640,
+    num_attention_heads=2, num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
+    qk_rope_head_dim=32, v_head_dim=64, index_n_heads=2, index_head_dim=64, index_topk=16, n_routed_experts=4,
+    num_experts_per_tok=2, moe_intermediate_size=256,
+)  # fmt: skip
+"""Scale grids: experts gate/up 2x3 and down 3x2, dense MLP 5x3 / 3x5, o_proj 3x1, kv_b 2x1, indexer wq_b 1x2
+(whole blocks); kv_a 160x384 -> 2x3, q_b 192x256 -> 2x2, indexer wk 64x384 -> 1x3 (ragged)."""
+
+
+def dequantize_by_blocks(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """W[..., rows of block i, cols of block j] = W_fp8[...] * scale_inv[..., i, j], block by block (fp32)."""
+    B = 128
+    out = torch.full(q.shape, float("nan"))
+    for i in range(scale_inv.shape[-2]):
+        for j in range(scale_inv.shape[-1]):
+            rows, cols = slice(i * B, (i + 1) * B), slice(j * B, (j + 1) * B)  # the last ones may be ragged
+            out[..., rows, cols] = q[..., rows, cols].float() * scale_inv[..., i, j, None, None]
+    assert not out.isnan().any()
+    return out
+
+
+def _random_fp8(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(fp8.scale_shape(shape), generator=g) * 4 + 0.05  # every block its own multiplier
+    return q, scale
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3 * 128 + 40, 5 * 128 + 72),  # 4 x 6 grid, ragged in both directions
+        (2 * 128, 5 * 128),  # 2 x 5 grid of whole blocks (the path every real GLM-5 expert takes)
+        (5 * 128, 2 * 128),
+        (3 * 128, 3 * 128),  # square grid: a transposed grid has the right shape and wrong values
+        (3, 2 * 128, 3 * 128),  # stacked experts, whole blocks
+        (2, 136, 3 * 128),  # stacked experts, ragged rows
+        (576, 6144),  # GLM-5 kv_a_proj_with_mqa: 5 x 48, ragged rows
+        (128, 6144),  # GLM-5 indexer wk: 1 x 48
+        (2048, 6144),  # GLM-5 routed expert gate_proj: 16 x 48
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_dequantize_equals_the_per_block_reference(shape: tuple[int, ...]) -> None:
+    q, scale = _random_fp8(shape, seed=sum(shape))
+    ref = dequantize_by_blocks(q, scale)
+    torch.testing.assert_close(fp8.dequantize(q, scale, torch.float32), ref, rtol=0, atol=0)
+    torch.testing.assert_close(fp8.dequantize(q, scale, torch.bfloat16), ref.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_quantize_then_dequantize_by_blocks_recovers_whole_block_weights() -> None:
+    """quantize's scales are per block too: the reference dequantisation of its output is within the e4m3 bound."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2 * 128, 5 * 128, generator=g) * torch.logspace(-3, 1, 5).repeat_interleave(128)  # per block
+    q, s = fp8.quantize(w)
+    assert s.shape == (2, 5)
+    back = dequantize_by_blocks(q, s)
+    assert ((back - w).abs() <= 2**-4 * w.abs() + 2**-10 * s.repeat_interleave(128, 0).repeat_interleave(128, 1)).all()
+
+
+@pytest.fixture(scope="module")
+def glm5_like_fp8(tmp_path_factory) -> tuple:  # noqa: ANN001
+    """An FP8 save of GLM5_LIKE and its raw (e4m3, scale_inv) tensors as read from the files."""
+    path = tmp_path_factory.mktemp("glm5_like_fp8")
+    _model(GLM5_LIKE, dtype=torch.bfloat16).save_pretrained(path, fp8=True)
+    folder = CheckpointFolder(path)
+    with folder.reader() as r:
+        raw = {n: (r.get(n), r.get(fp8.scale_name(n))) for n, info in folder.tensors.items()
+               if info.dtype == torch.float8_e4m3fn}  # fmt: skip
+    grids = {tuple(s.shape) for _, s in raw.values()}
+    assert {(2, 3), (3, 2), (5, 3), (3, 5), (3, 1)} <= grids  # non-square grids of whole blocks are in there
+    return path, raw
+
+
+def test_an_fp8_checkpoint_loads_dequantised_as_the_per_block_reference(glm5_like_fp8) -> None:  # noqa: ANN001
+    path, raw = glm5_like_fp8
+    loaded = GLM5ForCausalLM.from_pretrained(path, dtype=torch.float32).hf_state_dict()
+    for name, (q, s) in raw.items():
+        torch.testing.assert_close(loaded[name], dequantize_by_blocks(q, s), rtol=0, atol=0, msg=name)
+
+
+def test_an_fp8_checkpoint_kept_in_e4m3_computes_with_the_per_block_reference(glm5_like_fp8) -> None:  # noqa: ANN001
+    path, raw = glm5_like_fp8
+    kept = GLM5ForCausalLM.from_pretrained(path, dtype=torch.float32, fp8="keep")
+    cfg, seen = kept.config, set()
+    from glm5.checkpoint.hf import internal_to_hf_name
+
+    for name, module in kept.named_modules():
+        if isinstance(module, FP8Linear):
+            hf = internal_to_hf_name(f"{name}.weight", cfg)
+            torch.testing.assert_close(module.weight, dequantize_by_blocks(*raw[hf]), rtol=0, atol=0, msg=hf)
+            seen.add(hf)
+        elif isinstance(module, FP8Experts):
+            prefix = internal_to_hf_name(name, cfg)
+            for e in range(module.num_experts):
+                gate_up, down = module.expert_weights(e, torch.float32)
+                ref = [dequantize_by_blocks(*raw[f"{prefix}.{e}.{p}_proj.weight"]) for p in ("gate", "up", "down")]
+                torch.testing.assert_close(gate_up, torch.cat(ref[:2]), rtol=0, atol=0)
+                torch.testing.assert_close(down, ref[2], rtol=0, atol=0)
+                seen |= {f"{prefix}.{e}.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert seen == set(raw)  # every quantised tensor of the checkpoint was checked

@@ -5,6 +5,10 @@ No Python headers and no torch extension machinery: `cc -O3 -march=native -fopen
 library is cached under `$GLM5_CACHE_DIR` (default `~/.cache/glm5`) keyed by the source, the compiler flags and
 this CPU, so each machine builds once. Without a compiler, on a failed build, or with `GLM5_NATIVE=0`,
 `load()` returns None (the reason is in `load_error()`) and callers use their torch path.
+
+`GLM5_NATIVE_MARCH` picks the target instead of `native` (read at the first `load()`, part of the cache key):
+e.g. `x86-64-v3` (AVX2 + FMA, no AVX-512) or `x86-64-v4` (AVX-512), to build and test the code paths of another
+CPU family than the one at hand, or a library for a fleet of mixed machines.
 """
 
 from __future__ import annotations
@@ -20,7 +24,22 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_layer.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+"""Compiler flags besides -march (see `compile_flags`)."""
+MARCH_ENV = "GLM5_NATIVE_MARCH"
+
+
+def march() -> str:
+    """The -march the kernel is built for: `$GLM5_NATIVE_MARCH`, default `native` (this CPU's instruction set)."""
+    value = os.environ.get(MARCH_ENV, "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in value):
+        raise RuntimeError(f"{MARCH_ENV}={value!r} is not a -march value (e.g. native, x86-64-v3, x86-64-v4)")
+    return value
+
+
+def compile_flags() -> list[str]:
+    """Every compiler flag of a build (OpenMP aside): FLAGS with `-march=<march()>`."""
+    return [*FLAGS, f"-march={march()}"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -83,7 +102,8 @@ def build(compiler: str | None = None) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH; install one or set CC")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
+    flags = compile_flags()
+    key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_tag()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"glm5_decode_{key}.so"
     if out.exists():
         return out
@@ -92,7 +112,7 @@ def build(compiler: str | None = None) -> Path:
     os.close(fd)
     try:
         for extra in (["-fopenmp"], []):  # OpenMP if the compiler has it (the kernel is correct without)
-            cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, *flags, *extra, str(SOURCE), "-o", tmp, "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 break
