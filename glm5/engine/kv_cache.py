@@ -11,6 +11,12 @@ block -- latent and indexer keys alike -- instead of recomputing it. Freed regis
 (least recently used evicted first) until the space is needed. A block is copied before a write whenever
 others share it or it is registered (copy-on-write), so cached content never changes under a reader.
 
+Accounting and storage are separable, so the engine's scheduler can own the first and its model runner the
+second (they may live in different processes): `BlockManager` is the accounting alone (pool, block tables,
+prefix hashes; no tensors); `PagedLatentCache` adds the storage and runs stand-alone (it allocates as it
+writes); `RunnerLatentCache` is the storage of a runner whose block tables come from a `BlockManager` elsewhere
+(`take_table_update` / `take_copies` there, `set_block_table` / `copy_blocks` here).
+
 `PagedLatentCache` implements the model's `LatentCache` protocol for a batch of sequences set by `prepare`.
 `update` scatters the new entries into their slots and gathers each row's blocks into the padded
 [B, S_max, ...] tensors the model attends over. That gather costs one copy of the batch's whole context per
@@ -154,54 +160,42 @@ class _Seq:
     """blocks[i] == blocks[0] + i for all i (enables the zero-copy path)."""
     cacheable: bool = True
     """False once the weights changed under it: its later blocks mix old and new weights, never registered."""
+    unsent: int | None = 0
+    """Blocks from this index on changed since `take_table_update` last sent the table (None: nothing did)."""
+
+    def changed(self, index: int) -> None:
+        self.unsent = index if self.unsent is None else min(self.unsent, index)
 
 
 def _chain(parent: int, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
-class PagedLatentCache:
-    """A paged latent + indexer-key cache over a set of layers, shared by many sequences (see module docstring).
+class BlockManager:
+    """Block accounting of a paged cache (see the module docstring): who holds which blocks, how many are free,
+    which are cached under a prefix hash. No tensors: the engine's scheduler keeps one per cache and tells the
+    runner, which holds the data, what changed (`take_table_update`, `take_copies`).
 
-    layers: the checkpoint layer indices stored here (default: the main model's layers; speculative decoding
-    keeps the MTP layer, index num_hidden_layers, in a cache of its own).
+    A write of positions [length, new_length) is `reserve(seq, new_length)` (blocks, and a private copy of a
+    shared block about to be written) then, once written, `commit(seq, tokens)` (length, prefix hashes).
     """
 
     def __init__(
         self,
-        cfg: GLM5Config,
         num_blocks: int,
         block_size: int = 16,
         *,
-        layers: Sequence[int] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
         enable_prefix_caching: bool = True,
+        bytes_per_block: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.cfg = cfg
         self.block_size = block_size
-        self.layers = list(range(cfg.num_hidden_layers) if layers is None else layers)
-        self._local = {layer: i for i, layer in enumerate(self.layers)}
-        has_indexer = cfg.indexer_types + ["full"] * cfg.num_nextn_predict_layers
-        self.kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.rank = cfg.kv_lora_rank
-        slots = num_blocks * block_size
-        self.kv = [torch.empty(slots, self.kv_width, dtype=dtype, device=device) for _ in self.layers]
-        self.index_k = [
-            torch.empty(slots, cfg.index_head_dim, dtype=dtype, device=device)
-            if has_indexer[layer] == "full"
-            else None
-            for layer in self.layers
-        ]
-        self.device = self.kv[0].device if self.kv else torch.device(device or "cpu")
-        self.dtype = dtype
         self.pool = BlockPool(num_blocks)
-        self._zero_block(NULL_BLOCK)
         self.enable_prefix_caching = enable_prefix_caching
         self.seqs: dict[int, _Seq] = {}
-        self._batch: _Batch | None = None
+        self._bytes_per_block = bytes_per_block
+        self._copies: list[tuple[int, int]] = []
 
     # --- accounting ------------------------------------------------------------------------------
     @property
@@ -210,16 +204,7 @@ class PagedLatentCache:
 
     @property
     def bytes_per_block(self) -> int:
-        per_token = sum(self.kv_width + (0 if k is None else k.shape[1]) for k in self.index_k)
-        return per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
-
-    @staticmethod
-    def block_bytes(cfg: GLM5Config, block_size: int, layers: Sequence[int], dtype: torch.dtype) -> int:
-        """Bytes one block takes for these layers (for sizing a cache before building it)."""
-        has_indexer = cfg.indexer_types + ["full"] * cfg.num_nextn_predict_layers
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        per_token = sum(width + (cfg.index_head_dim if has_indexer[i] == "full" else 0) for i in layers)
-        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+        return self._bytes_per_block
 
     @property
     def num_free_blocks(self) -> int:
@@ -251,6 +236,15 @@ class PagedLatentCache:
         have = 0 if seq_id is None else len(self.seqs[seq_id].blocks)
         return max(0, -(-new_length // self.block_size) - have)
 
+    def can_allocate(self, num_blocks: int) -> bool:
+        """Whether `num_blocks` more blocks are available (free or evictable)."""
+        return num_blocks <= self.pool.num_free
+
+    def num_unreferenced(self, blocks: Sequence[int]) -> int:
+        """How many of these (prefix-matched) blocks nobody references: attaching them takes them off the free
+        pool, so an admission must count them as allocations."""
+        return sum(self.pool.refcount[b] == 0 for b in blocks)
+
     # --- sequences -------------------------------------------------------------------------------
     def add_sequence(self, seq_id: int, hash_seed: int = 0) -> None:
         """Start an empty sequence. hash_seed enters every block hash: the MTP cache passes the first token,
@@ -261,6 +255,9 @@ class PagedLatentCache:
 
     def length(self, seq_id: int) -> int:
         return self.seqs[seq_id].length
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self.seqs[seq_id].blocks)
 
     def match_prefix(
         self, tokens: Sequence[int], hash_seed: int = 0, max_blocks: int | None = None
@@ -292,6 +289,7 @@ class PagedLatentCache:
         seq.registered = len(blocks)  # counts blocks, not positions
         seq.tokens = list(tokens[: seq.length])
         seq.contiguous = all(b == blocks[0] + i for i, b in enumerate(blocks))
+        seq.changed(0)
         return seq.length
 
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -308,6 +306,7 @@ class PagedLatentCache:
             parent.seed,
             parent.contiguous,
             parent.cacheable,
+            parent.unsent,  # a runner forks its copy of the parent's table too
         )
 
     def truncate(self, seq_id: int, length: int) -> None:
@@ -315,15 +314,25 @@ class PagedLatentCache:
         seq = self.seqs[seq_id]
         if length >= seq.length:
             return
-        keep = -(-length // self.block_size)
-        for block in seq.blocks[keep:]:
-            self.pool.decref(block)
-        del seq.blocks[keep:]
         seq.length = length
         del seq.tokens[length:]
         full = length // self.block_size
         del seq.hashes[full:]
         seq.registered = min(seq.registered, full)
+        self._drop_blocks(seq, -(-length // self.block_size))
+
+    def release_unused(self, seq_id: int) -> None:
+        """Give back blocks reserved past the sequence's length (e.g. for draft entries rolled back)."""
+        seq = self.seqs[seq_id]
+        self._drop_blocks(seq, -(-seq.length // self.block_size))
+
+    def _drop_blocks(self, seq: _Seq, keep: int) -> None:
+        if keep >= len(seq.blocks):
+            return
+        for block in seq.blocks[keep:]:
+            self.pool.decref(block)
+        del seq.blocks[keep:]
+        seq.changed(keep)
         if not seq.contiguous:
             seq.contiguous = all(b == seq.blocks[0] + i for i, b in enumerate(seq.blocks))
 
@@ -340,46 +349,75 @@ class PagedLatentCache:
         for seq in self.seqs.values():
             seq.cacheable = False
 
-    # --- block management ------------------------------------------------------------------------
-    def _zero_block(self, block: int) -> None:
-        lo, hi = block * self.block_size, (block + 1) * self.block_size
-        for kv, idx in zip(self.kv, self.index_k):
-            kv[lo:hi].zero_()
-            if idx is not None:
-                idx[lo:hi].zero_()
+    # --- writes ----------------------------------------------------------------------------------
+    def reserve(self, seq_id: int, new_length: int) -> None:
+        """Blocks for positions up to new_length, and a private copy of the block receiving the next write (a
+        block others share is copied first; one registered for prefix hits is unregistered)."""
+        seq = self.seqs[seq_id]
+        needed = -(-new_length // self.block_size) - len(seq.blocks)
+        if needed > 0 and needed > self.pool.num_free:
+            raise RuntimeError(f"paged KV cache needs {needed} more blocks, {self.pool.num_free} free")
+        self._reserve(seq, new_length)
 
-    def _copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
-        for kv, idx in zip(self.kv, self.index_k):
-            kv[dst * bs : (dst + 1) * bs] = kv[src * bs : (src + 1) * bs]
-            if idx is not None:
-                idx[dst * bs : (dst + 1) * bs] = idx[src * bs : (src + 1) * bs]
+    def commit(self, seq_id: int, tokens: Sequence[int], register: bool = True) -> None:
+        """Positions [length, length + len(tokens)) now hold the entries of `tokens`: the sequence grows, and
+        (register=True) its newly full blocks become prefix-cache entries."""
+        self._commit(self.seqs[seq_id], tokens, register)
+
+    def take_table_update(self, seq_id: int) -> tuple[int, list[int]] | None:
+        """What changed in the sequence's block table since the last call, as (start, block ids from start on):
+        a holder of the old table replaces its entries from `start` with these. None when nothing changed."""
+        seq = self.seqs[seq_id]
+        if seq.unsent is None:
+            return None
+        start, seq.unsent = seq.unsent, None
+        return start, seq.blocks[start:]
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write decisions since the last call: (source block, destination block), in order. The holder
+        of the data applies them before writing anything of the step that reserved them."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _on_fresh(self, block: int) -> None:
+        """A never-used block was handed out (the storage zeroes it)."""
+
+    def _on_copy(self, src: int, dst: int) -> None:
+        """Copy-on-write: dst must become a copy of src (the storage copies; the accounting alone records it)."""
+        self._copies.append((src, dst))
 
     def _new_block(self, seq: _Seq) -> int:
         prefer = seq.blocks[-1] + 1 if seq.blocks else None
         block, fresh = self.pool.allocate(prefer)
         if fresh:
-            self._zero_block(block)  # uninitialised memory may hold NaNs; padded rows read past their end
+            self._on_fresh(block)  # uninitialised memory may hold NaNs; padded rows read past their end
         return block
 
     def _reserve(self, seq: _Seq, new_length: int) -> None:
-        """Blocks for positions up to new_length, and a private copy of the block receiving the next write."""
         bs = self.block_size
         partial = seq.length // bs
         if seq.length % bs and partial < len(seq.blocks):
             block = seq.blocks[partial]
             if self.pool.refcount[block] > 1:  # shared (fork / prefix): copy before writing
                 copy = self._new_block(seq)
-                self._copy_block(block, copy)
+                self._on_copy(block, copy)
                 self.pool.decref(block)
                 seq.blocks[partial] = copy
+                seq.changed(partial)
                 seq.contiguous = all(b == seq.blocks[0] + i for i, b in enumerate(seq.blocks))
             elif block in self.pool.hash_of:  # registered content is about to change
                 self.pool.unregister(block)
         while len(seq.blocks) * bs < new_length:
             block = self._new_block(seq)
             seq.contiguous = seq.contiguous and (not seq.blocks or block == seq.blocks[-1] + 1)
+            seq.changed(len(seq.blocks))
             seq.blocks.append(block)
+
+    def _commit(self, seq: _Seq, tokens: Sequence[int], register: bool) -> None:
+        seq.length += len(tokens)
+        seq.tokens.extend(tokens)
+        if register and seq.cacheable and self.enable_prefix_caching:
+            self._register_full_blocks(seq)
 
     def _register_full_blocks(self, seq: _Seq) -> None:
         bs = self.block_size
@@ -393,6 +431,80 @@ class PagedLatentCache:
                 seq.hashes[i] = h
             self.pool.register(seq.blocks[i], h, chunk)
             seq.registered += 1
+
+
+class PagedLatentCache(BlockManager):
+    """A paged latent + indexer-key cache over a set of layers, shared by many sequences (see module docstring):
+    the accounting of `BlockManager` plus the storage, allocating as `prepare` asks for room.
+
+    layers: the checkpoint layer indices stored here (default: the main model's layers; speculative decoding
+    keeps the MTP layer, index num_hidden_layers, in a cache of its own).
+    """
+
+    def __init__(
+        self,
+        cfg: GLM5Config,
+        num_blocks: int,
+        block_size: int = 16,
+        *,
+        layers: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        super().__init__(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.cfg = cfg
+        self.layers = list(range(cfg.num_hidden_layers) if layers is None else layers)
+        self._local = {layer: i for i, layer in enumerate(self.layers)}
+        has_indexer = cfg.indexer_types + ["full"] * cfg.num_nextn_predict_layers
+        self.kv_width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.rank = cfg.kv_lora_rank
+        slots = num_blocks * block_size
+        self.kv = [torch.empty(slots, self.kv_width, dtype=dtype, device=device) for _ in self.layers]
+        self.index_k = [
+            torch.empty(slots, cfg.index_head_dim, dtype=dtype, device=device)
+            if has_indexer[layer] == "full"
+            else None
+            for layer in self.layers
+        ]
+        self.device = self.kv[0].device if self.kv else torch.device(device or "cpu")
+        self.dtype = dtype
+        self._zero_block(NULL_BLOCK)
+        self._batch: _Batch | None = None
+
+    @property
+    def bytes_per_block(self) -> int:
+        per_token = sum(self.kv_width + (0 if k is None else k.shape[1]) for k in self.index_k)
+        return per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
+
+    @staticmethod
+    def block_bytes(cfg: GLM5Config, block_size: int, layers: Sequence[int], dtype: torch.dtype) -> int:
+        """Bytes one block takes for these layers (for sizing a cache before building it)."""
+        has_indexer = cfg.indexer_types + ["full"] * cfg.num_nextn_predict_layers
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        per_token = sum(width + (cfg.index_head_dim if has_indexer[i] == "full" else 0) for i in layers)
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+    # --- storage ---------------------------------------------------------------------------------
+    def _on_fresh(self, block: int) -> None:
+        self._zero_block(block)
+
+    def _on_copy(self, src: int, dst: int) -> None:
+        self._copy_block(src, dst)
+
+    def _zero_block(self, block: int) -> None:
+        lo, hi = block * self.block_size, (block + 1) * self.block_size
+        for kv, idx in zip(self.kv, self.index_k):
+            kv[lo:hi].zero_()
+            if idx is not None:
+                idx[lo:hi].zero_()
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        for kv, idx in zip(self.kv, self.index_k):
+            kv[dst * bs : (dst + 1) * bs] = kv[src * bs : (src + 1) * bs]
+            if idx is not None:
+                idx[dst * bs : (dst + 1) * bs] = idx[src * bs : (src + 1) * bs]
 
     # --- the LatentCache protocol ----------------------------------------------------------------
     def prepare(
@@ -468,11 +580,7 @@ class PagedLatentCache:
         b = self._batch
         assert b is not None and num_tokens == b.T
         for s, toks in zip(b.seq_ids, self._batch_tokens):
-            seq = self.seqs[s]
-            seq.length += len(toks)
-            seq.tokens.extend(toks)
-            if b.register and seq.cacheable and self.enable_prefix_caching:
-                self._register_full_blocks(seq)
+            self._commit(self.seqs[s], toks, b.register)
         self._batch = None
 
     def _require_batch(self, T: int) -> _Batch:
@@ -482,6 +590,81 @@ class PagedLatentCache:
         if T != b.T:
             raise ValueError(f"forward of {T} tokens per row, but prepare() set {b.T}")
         return b
+
+
+class RunnerLatentCache(PagedLatentCache):
+    """The storage of a model runner whose block accounting lives in a `BlockManager` elsewhere (the engine's
+    scheduler, possibly in another process): tables arrive as `set_block_table` updates, copy-on-write as
+    `copy_blocks`; it never allocates, frees or hashes a block itself. Forwards, `truncate` (rollback of
+    speculative entries) and `fork` change only its own view of lengths and tables, mirroring what the
+    scheduler's manager does to its tables once it learns the step's outcome. A block is zeroed the first time
+    a table holds it (what the manager's fresh allocation would zero)."""
+
+    def __init__(self, cfg: GLM5Config, num_blocks: int, block_size: int = 16, **kwargs: object) -> None:
+        super().__init__(cfg, num_blocks, block_size, enable_prefix_caching=False, **kwargs)
+        self._zeroed = bytearray(num_blocks)
+        self._zeroed[NULL_BLOCK] = 1
+
+    def set_block_table(self, seq_id: int, start: int, blocks: Sequence[int]) -> None:
+        """Replace the sequence's table from index `start` on (a `BlockManager.take_table_update`); a sequence
+        not seen yet starts empty."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            seq = self.seqs[seq_id] = _Seq()
+        appended = start == len(seq.blocks)
+        seq.blocks[start:] = blocks
+        for b in blocks:
+            if not self._zeroed[b]:
+                self._zeroed[b] = 1
+                self._zero_block(b)
+        if appended and seq.contiguous:
+            first = seq.blocks[0] if seq.blocks else 0
+            seq.contiguous = all(seq.blocks[i] == first + i for i in range(start, len(seq.blocks)))
+        else:
+            seq.contiguous = all(b == seq.blocks[0] + i for i, b in enumerate(seq.blocks))
+
+    def set_length(self, seq_id: int, length: int) -> None:
+        """Positions the sequence holds (a prefill chunk's start: prefix-cache hits make it > 0 at admission)."""
+        self.seqs[seq_id].length = length
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int]]) -> None:
+        for src, dst in copies:
+            self._copy_block(src, dst)
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        parent = self.seqs[parent_id]
+        self.seqs[child_id] = _Seq(list(parent.blocks), parent.length, contiguous=parent.contiguous)
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        seq = self.seqs[seq_id]
+        if length >= seq.length:
+            return
+        seq.length = length
+        del seq.blocks[-(-length // self.block_size) :]
+
+    def free(self, seq_id: int) -> None:
+        self.seqs.pop(seq_id, None)
+
+    def prepare(
+        self, seq_ids: Sequence[int], new_tokens: Sequence[Sequence[int]], register: bool = True
+    ) -> None:
+        """`PagedLatentCache.prepare` without allocation: the scheduler reserved every position written."""
+        if len(seq_ids) != len(new_tokens) or not seq_ids:
+            raise ValueError("prepare needs one non-empty token list per sequence")
+        for s, toks in zip(seq_ids, new_tokens):
+            seq = self.seqs[s]
+            self._reserve(seq, seq.length + len(toks))
+        self._batch = _Batch.build(self, list(seq_ids), [len(t) for t in new_tokens], register)
+        self._batch_tokens = [list(t) for t in new_tokens]
+
+    def _reserve(self, seq: _Seq, new_length: int) -> None:
+        if len(seq.blocks) * self.block_size < new_length:
+            raise RuntimeError(
+                f"the scheduler reserved {len(seq.blocks)} blocks, but {new_length} positions are written"
+            )
+
+    def _commit(self, seq: _Seq, tokens: Sequence[int], register: bool) -> None:
+        seq.length += len(tokens)
 
 
 @dataclass

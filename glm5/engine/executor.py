@@ -1,0 +1,89 @@
+"""Executors: how the engine runs each step's `SchedulerOutput` on its model runner(s).
+
+`UniProcExecutor` is the single-process path: one `ModelRunner` in this process, called directly. A
+multi-process executor implements the same interface for a model sharded over several devices: it starts one
+worker per device, each with a `ModelRunner` over its shard of the model and its own cache storage; `execute`
+broadcasts the SchedulerOutput to every worker (it is plain, picklable data, and the only input a runner needs:
+the workers keep identical per-sequence state) and returns one worker's `ModelRunnerOutput` (the others
+sample the same tokens). `update_weights` sends each worker its shard. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from glm5.engine.config import EngineConfig
+from glm5.engine.runner import ModelRunner, ModelRunnerOutput
+from glm5.engine.scheduler import SchedulerOutput
+
+
+class Executor(abc.ABC):
+    """Runs SchedulerOutputs on the model. `num_blocks` and the bytes per block are the cache size the runners
+    allocated, which the scheduler plans with."""
+
+    num_blocks: int
+    bytes_per_block: int
+    """The main cache's bytes per block (every layer of it)."""
+    mtp_bytes_per_block: int
+    """The MTP layer's cache's (0 without speculative decoding)."""
+
+    @abc.abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step."""
+
+    @abc.abstractmethod
+    def update_weights(self, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
+        """Load new weights between steps (validated before anything changes)."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional: an in-process runner has nothing to release)
+        """Release the runners (worker processes, device memory)."""
+
+    # --- in-process introspection (executors whose runners live elsewhere return None) -------------
+    @property
+    def model(self) -> Any:
+        return None
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        return None
+
+    def seq_state(self, seq_id: int) -> Any:
+        """The runner's state of a sequence, when the runner is in this process (for tests and debugging)."""
+        return None
+
+
+class UniProcExecutor(Executor):
+    """One `ModelRunner` in this process: `execute` is a direct call."""
+
+    def __init__(self, model: Any, config: EngineConfig, num_blocks: int | None = None) -> None:
+        self._runner = ModelRunner(model, config, num_blocks)
+        self.num_blocks = self._runner.num_blocks
+        self.bytes_per_block = self._runner.cache.bytes_per_block
+        mtp = self._runner.mtp_cache
+        self.mtp_bytes_per_block = 0 if mtp is None else mtp.bytes_per_block
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self._runner.execute(scheduler_output)
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
+        self._runner.update_weights(state_dict, hf_names)
+
+    @property
+    def model(self) -> Any:
+        return self._runner.model
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+    def seq_state(self, seq_id: int) -> Any:
+        return self._runner.seqs.get(seq_id)
+
+
+def make_executor(model: Any, config: EngineConfig) -> Executor:
+    """The executor for this model and config: today always `UniProcExecutor`. (A multi-process executor for
+    sharded models is chosen here once it exists.)"""
+    return UniProcExecutor(model, config)
