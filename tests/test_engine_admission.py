@@ -42,3 +42,24 @@ def test_an_n_larger_than_max_num_seqs_is_refused_up_front() -> None:
     eng = engine(max_num_seqs=2)
     with pytest.raises(ValueError, match=r"n=3 .*max_num_seqs=2"):
         eng.add_request(None, [2, 3, 4], SamplingParams(max_tokens=2, n=3))
+
+
+def test_forked_completions_in_a_nearly_full_cache_preempt_instead_of_running_out_of_blocks() -> None:
+    """n > 1 siblings share the prompt's partly filled last block; each one's first write copies it. The scheduler
+    must count that copy, or a nearly full cache raised "out of blocks" mid-step. Tokens are those of a roomy cache
+    (seeded completions do not depend on preemption)."""
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(CFG).eval()
+    params = SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1, ignore_eos=True)
+    prompt = [[2, 3, 4, 5, 6, 7]]  # 1.5 blocks: the second is shared and partly filled after the fork
+
+    def completions(num_blocks: int):
+        llm = LLM(model, block_size=4, num_blocks=num_blocks)
+        return [c.token_ids for c in llm.generate(prompt, params)[0].outputs], llm.engine.num_preemptions
+
+    roomy, none = completions(64)
+    assert none == 0
+    for num_blocks in (4, 5, 6):
+        tokens, preemptions = completions(num_blocks)
+        assert preemptions > 0
+        assert tokens == [t[: len(tokens[0])] for t in roomy] and len(tokens[0]) >= 5

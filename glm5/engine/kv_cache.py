@@ -232,9 +232,18 @@ class BlockManager:
         }
 
     def blocks_needed(self, seq_id: int | None, new_length: int) -> int:
-        """Blocks a sequence must allocate to hold `new_length` positions (a new sequence when seq_id is None)."""
-        have = 0 if seq_id is None else len(self.seqs[seq_id].blocks)
-        return max(0, -(-new_length // self.block_size) - have)
+        """Blocks a sequence must allocate to hold `new_length` positions (a new sequence when seq_id is None),
+        counting the copy of a shared partly-filled last block (after an n > 1 fork or a prefix hit) that its
+        first write makes."""
+        if seq_id is None:
+            return -(-new_length // self.block_size)
+        seq = self.seqs[seq_id]
+        need = max(0, -(-new_length // self.block_size) - len(seq.blocks))
+        partial = seq.length // self.block_size
+        if (new_length > seq.length and seq.length % self.block_size and partial < len(seq.blocks)
+                and self.pool.refcount[seq.blocks[partial]] > 1):  # fmt: skip
+            need += 1
+        return need
 
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether `num_blocks` more blocks are available (free or evictable)."""
