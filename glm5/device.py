@@ -254,3 +254,13 @@ def has_grouped_mm(device: DeviceLike) -> bool:
         and torch.version.hip is None
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
+
+
+DIST_BACKENDS = {"cuda": "nccl", "npu": "hccl", "xpu": "xccl", "cpu": "gloo", "mps": "gloo"}
+"""torch.distributed backend per device type (multi-process inference: glm5.engine.multiproc)."""
+
+
+def dist_backend(device: DeviceLike) -> str:
+    """The collective backend for tensors on `device`: nccl (CUDA/ROCm), hccl (Ascend), xccl (Intel XPU), gloo (CPU)."""
+    kind = device if isinstance(device, str) and ":" not in device else _as_device(device).type
+    return DIST_BACKENDS.get(kind, "gloo")

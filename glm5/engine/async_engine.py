@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from glm5.engine.engine import LLMEngine, Prompt
+from glm5.engine.multiproc import EngineDeadError
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling import SamplingParams
 
@@ -30,6 +31,8 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self._closed = False
+        self.dead: BaseException | None = None
+        """The error that killed the engine (a multi-process engine's rank died: EngineDeadError), else None."""
 
     @classmethod
     def from_model(cls, model_or_path: Any, tokenizer: Any = None, **options: Any) -> AsyncLLMEngine:
@@ -43,6 +46,7 @@ class AsyncLLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas (new tokens / text / logprobs per completion); the last has finished=True."""
+        self.check_alive()
         if self._closed:
             raise RuntimeError("the engine has been shut down")
         request_id = request_id or f"async-{next(self._ids)}"
@@ -70,6 +74,25 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
                 self._wake.set()
 
+    def check_alive(self) -> None:
+        """Raise the engine's fatal error (EngineDeadError) if it has one; also polls a multi-process executor."""
+        if self.dead is None:
+            check = getattr(self.engine.executor, "check_alive", None)
+            if check is not None:
+                try:
+                    check()
+                except Exception as exc:  # noqa: BLE001 - kept and raised to every caller
+                    self._die(exc)
+        if self.dead is not None:
+            raise self.dead
+
+    def _die(self, exc: BaseException) -> None:
+        self.dead = exc
+        for queue in self._queues.values():
+            queue.put_nowait(exc)
+        if self._wake is not None:
+            self._wake.set()
+
     async def abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         if self._wake is not None:
@@ -96,11 +119,13 @@ class AsyncLLMEngine:
     async def shutdown(self) -> None:
         """Stop the background loop; running requests are aborted."""
         self._closed = True
-        self.engine.abort_request(list(self.engine.requests) + list(self._queues))
-        if self._task is not None:
-            self._wake.set()
-            await self._task
-            self._task = None
+        if self.dead is None:
+            self.engine.abort_request(list(self.engine.requests) + list(self._queues))
+            if self._task is not None:
+                self._wake.set()
+                await self._task
+                self._task = None
+        await asyncio.to_thread(self.engine.shutdown)  # worker processes of a multi-process engine
 
     # --- the loop --------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -112,7 +137,7 @@ class AsyncLLMEngine:
     async def _run(self) -> None:
         engine = self.engine
         while True:
-            if self._closed and not engine.has_unfinished_requests():
+            if self.dead is not None or (self._closed and not engine.has_unfinished_requests()):
                 return
             # paused: only queued adds/aborts are applied (a step does nothing else), so aborts free blocks
             if not engine.has_unfinished_requests() or (engine.paused and not engine.has_queued_work()):
@@ -121,6 +146,9 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = await asyncio.to_thread(engine.step)
+            except EngineDeadError as exc:  # a rank died: fail every stream, and the engine for good
+                self._die(exc)
+                return
             except Exception as exc:  # a bug or an out-of-memory: fail every waiting stream, keep serving
                 for queue in self._queues.values():
                     queue.put_nowait(exc)

@@ -97,6 +97,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tokens", type=int_range(0, 3, name="draft_tokens"), default=0, metavar="K",
                    help="MTP draft tokens per step, 1-3 (default 0: off)")  # fmt: skip
     p.add_argument("--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size/-tp and --expert-parallel-size/-ep (shared with `glm5 serve`)."""
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="T", dest="tensor_parallel_size",
+                   help="shard attention, dense MLPs and the vocabulary over T processes (default 1; a checkpoint "
+                   "folder is needed; under torchrun WORLD_SIZE must equal T x E)")  # fmt: skip
+    p.add_argument("--expert-parallel-size", "-ep", type=positive_int, default=1, metavar="E", dest="expert_parallel_size",
+                   help="T x E processes in all; the routed experts are divided over all of them (default 1)")  # fmt: skip
+
+
+def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
+    """Validate the layout against the model's config before anything is loaded (ValueError naming the rule);
+    returns the LLM options for it."""
+    tp, ep = args.tensor_parallel_size, args.expert_parallel_size
+    if tp * ep == 1:
+        return {}
+    if getattr(args, "model", None) is None:
+        raise ValueError(f"--tensor-parallel-size {tp} --expert-parallel-size {ep} needs --model PATH: every rank "
+                         "loads its own slices of a checkpoint folder (a --preset has none)")  # fmt: skip
+    from glm5.config import GLM5Config
+    from glm5.engine.sharding import LayoutError, ShardLayout, check_layout
+
+    cfg = cfg if cfg is not None else GLM5Config.from_hf_config(args.model)
+    try:
+        check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=getattr(args, "fp8", None) == "keep")
+    except LayoutError as e:
+        raise ValueError(f"--tensor-parallel-size {tp} --expert-parallel-size {ep} cannot shard {args.model}: {e}") from None
+    return {"tensor_parallel_size": tp, "expert_parallel_size": ep}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -121,9 +151,14 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     device = pick_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    options: dict[str, Any] = {"num_speculative_tokens": args.speculative_tokens}
+    options: dict[str, Any] = {"num_speculative_tokens": args.speculative_tokens, **check_parallel(args)}
     if args.model is not None:
-        return LLM(args.model, args.tokenizer, dtype=dtype, device=device, fp8=args.fp8, **options)
+        llm = LLM(args.model, args.tokenizer, dtype=dtype, device=device, fp8=args.fp8, **options)
+        if "tensor_parallel_size" in options:
+            import atexit
+
+            atexit.register(llm.shutdown)  # stop the worker processes when the command ends
+        return llm
     from glm5 import GLM5Config, GLM5ForCausalLM
 
     torch.manual_seed(args.init_seed)

@@ -65,7 +65,11 @@ class LLMEngine:
     """Continuous-batching engine over one model (see the module docstring). Thread-safe entry points:
     `add_request`, `abort_request`, `pause`, `resume`, `update_weights`; `step` runs on one thread at a time."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any = None, config: EngineConfig | None = None, executor: Executor | None = None
+    ) -> None:
+        """executor: where the model runs (default: `make_executor`, one runner in this process); a
+        `glm5.engine.multiproc.MultiProcExecutor` for a model sharded over processes (model: rank 0's shard)."""
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         if cfg.force_token is not None and cfg.num_speculative_tokens:
@@ -74,8 +78,10 @@ class LLMEngine:
             self.config = cfg = dataclasses.replace(cfg, num_speculative_tokens=0)
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if executor is not None and executor.model is not None:
+            model = executor.model
         self.model_config = mcfg = model.config
-        self.executor: Executor = make_executor(model, cfg)
+        self.executor: Executor = executor if executor is not None else make_executor(model, cfg)
         num_blocks, k = self.executor.num_blocks, cfg.num_speculative_tokens
         capacity = (num_blocks - 1) * cfg.block_size - (k + 1)
         self.max_model_len = min(

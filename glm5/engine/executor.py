@@ -5,7 +5,8 @@ multi-process executor implements the same interface for a model sharded over se
 worker per device, each with a `ModelRunner` over its shard of the model and its own cache storage; `execute`
 broadcasts the SchedulerOutput to every worker (it is plain, picklable data, and the only input a runner needs:
 the workers keep identical per-sequence state) and returns one worker's `ModelRunnerOutput` (the others
-sample the same tokens). `update_weights` sends each worker its shard. See docs/engine.md.
+sample the same tokens). `update_weights` sends each worker its shard. That is `MultiProcExecutor` in
+glm5/engine/multiproc.py. See docs/engine.md.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class UniProcExecutor(Executor):
 
 
 def make_executor(model: Any, config: EngineConfig) -> Executor:
-    """The executor for this model and config: today always `UniProcExecutor`. (A multi-process executor for
-    sharded models is chosen here once it exists.)"""
+    """The executor for an in-memory model: `UniProcExecutor`. (A sharded model's `MultiProcExecutor`,
+    glm5/engine/multiproc.py, is built from a checkpoint folder by `LLM(path, tensor_parallel_size=...)` and
+    handed to `LLMEngine(..., executor=...)`.)"""
     return UniProcExecutor(model, config)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +21,12 @@ class LLM:
     model_or_path: a checkpoint folder (config.json + safetensors, BF16 or block-FP8; a tokenizer.json there is
     loaded too) or an in-memory GLM5ForCausalLM. Engine options are the fields of `EngineConfig`
     (block_size, num_speculative_tokens, enable_prefix_caching, max_num_seqs, ...).
+
+    tensor_parallel_size / expert_parallel_size > 1: the model is sharded over tp x ep processes
+    (glm5.engine.multiproc.MultiProcExecutor): this process is rank 0 and spawns the others, or, under torchrun,
+    every rank runs the same program and ranks > 0 serve rank 0's steps inside this constructor, then exit.
+    Needs a checkpoint folder (each rank reads only its slices); the layout is checked against its config.json
+    before anything is loaded (`glm5.engine.sharding.LayoutError` names the rule).
     """
 
     def __init__(
@@ -29,8 +37,16 @@ class LLM:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         fp8: str | None = None,
+        tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
         **engine_options: Any,
     ) -> None:
+        tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
+        if tp < 1 or ep < 1:
+            raise ValueError(f"tensor_parallel_size={tp} and expert_parallel_size={ep} must be at least 1")
+        if tp * ep > 1:
+            self._init_sharded(model_or_path, tokenizer, tp, ep, dtype, device, fp8, engine_options)
+            return
         model = model_or_path
         if isinstance(model_or_path, (str, os.PathLike)):
             model, found = _load(model_or_path, dtype=dtype, device=device, fp8=fp8)
@@ -41,12 +57,46 @@ class LLM:
             from glm5.tokenizer import GLM5Tokenizer
 
             tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown LLM options {sorted(unknown)}; engine options are {list(EngineConfig.__dataclass_fields__)}"
-            )
-        self.engine = LLMEngine(model, tokenizer, EngineConfig(**engine_options))
+        self.engine = LLMEngine(model, tokenizer, _engine_config(engine_options))
+
+    def _init_sharded(self, path: Any, tokenizer: Any, tp: int, ep: int, dtype: Any, device: Any, fp8: str | None,
+                      engine_options: dict[str, Any]) -> None:  # fmt: skip
+        from glm5.config import GLM5Config
+        from glm5.engine.multiproc import MultiProcExecutor
+        from glm5.engine.sharding import ShardLayout, check_layout
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"tensor_parallel_size={tp} x expert_parallel_size={ep} needs a checkpoint folder: every "
+                             "rank loads its own slices of it; an in-memory model cannot be sharded over processes "
+                             "(save it with save_pretrained first)")  # fmt: skip
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            raise ValueError(f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors")
+        cfg = GLM5Config.from_hf_config(folder)
+        check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=fp8 == "keep")
+        config = _engine_config(engine_options)
+        if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            tokenizer = folder
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from glm5.tokenizer import GLM5Tokenizer
+
+            tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
+        executor = MultiProcExecutor(folder, config, tp, ep, dtype=dtype, device=device, fp8=fp8)
+        try:
+            self.engine = LLMEngine(None, tokenizer, config, executor=executor)
+        except BaseException:
+            executor.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (multi-process engines; a no-op otherwise)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
     @property
     def model(self) -> Any:
@@ -93,6 +143,20 @@ class LLM:
         self, state_dict: dict[str, torch.Tensor], version: int | None = None, hf_names: bool = False
     ) -> int:
         return self.engine.update_weights(state_dict, version, hf_names)
+
+
+def _engine_config(engine_options: dict[str, Any]) -> EngineConfig:
+    unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"unknown LLM options {sorted(unknown)}; engine options are {list(EngineConfig.__dataclass_fields__)}"
+        )
+    config = EngineConfig(**engine_options)
+    if config.force_token is not None and config.num_speculative_tokens:
+        warnings.warn("EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
+                      "since drafts are verified where the hook cannot apply", stacklevel=3)  # fmt: skip
+        config = dataclasses.replace(config, num_speculative_tokens=0)
+    return config
 
 
 def _progress(total: int) -> tuple[Any, Any]:

@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--graceful-timeout", type=float_range(0.0, name="seconds"), default=30.0,
                    help="seconds to drain on shutdown (default 30)")  # fmt: skip
+    from glm5.engine.cli import add_parallel_args
+
+    add_parallel_args(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run_serve)
 
@@ -87,6 +90,9 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError("--preset has no tokenizer: pass --tokenizer PATH")
         cfg, name, what = GLM5Config.from_preset(args.preset), args.preset, f"preset {args.preset} (random weights)"
     check_max_model_len(args.max_model_len, cfg.max_position_embeddings, args.model or f"preset {args.preset}")
+    from glm5.engine.cli import check_parallel
+
+    parallel = check_parallel(args, cfg)
     check_address(args.host, args.port)
 
     import time
@@ -102,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     options = {"num_speculative_tokens": args.speculative_tokens, "max_num_seqs": args.max_num_seqs,
-               "enable_prefix_caching": not args.no_prefix_caching}  # fmt: skip
+               "enable_prefix_caching": not args.no_prefix_caching, **parallel}  # fmt: skip
     if args.max_model_len is not None:
         options["max_model_len"] = args.max_model_len
     console.print(f"loading {what} on {device} ({str(dtype).removeprefix('torch.')})…")
@@ -122,8 +128,20 @@ def run_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     console.print(f"loaded in {time.perf_counter() - start:.1f} s")
     console.print(f"serving on http://{host}:{args.port} (model {served}); Ctrl-C stops")
-    serve(engine, config, host=args.host, port=args.port, graceful_timeout_s=args.graceful_timeout,
-          log_level=args.log_level)  # fmt: skip
+    from glm5.serve.server import EngineFailed
+
+    try:
+        serve(engine, config, host=args.host, port=args.port, graceful_timeout_s=args.graceful_timeout,
+              log_level=args.log_level)  # fmt: skip
+    except EngineFailed as exc:
+        from glm5.argtypes import print_error
+
+        print_error(str(exc))
+        return 1
+    finally:
+        inner = getattr(engine, "engine", None)  # the LLMEngine: stop a multi-process engine's workers (idempotent)
+        if hasattr(inner, "shutdown"):
+            inner.shutdown()
     return 0
 
 

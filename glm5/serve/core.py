@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from glm5.engine.async_engine import AsyncLLMEngine
+from glm5.engine.multiproc import EngineDeadError
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling import SamplingParams
 from glm5.serve.metrics import ServerMetrics
@@ -249,6 +250,10 @@ class ServerState:
 
     def admit(self, num_seqs: int = 1) -> Ticket:
         """Hold `num_seqs` of the queue's slots, or refuse: 503 while draining, 429 when they are not free."""
+        dead = getattr(self.engine, "dead", None)
+        if dead is not None:
+            self.metrics.rejected.labels("engine_dead").inc()
+            raise engine_dead_error(dead)
         if self.draining:
             self.metrics.rejected.labels("shutting_down").inc()
             raise APIError("the server is shutting down; retry on another replica", 503, "service_unavailable",
@@ -371,6 +376,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, **extra: Any) -> Samp
         raise APIError(str(exc), param=name if name.isidentifier() else None) from None
 
 
+def engine_dead_error(exc: BaseException) -> APIError:
+    """503 for a request that met a dead engine (a rank of a multi-process engine died)."""
+    return APIError(f"the engine failed and this server is shutting down ({exc}); retry on another replica", 503,
+                    "service_unavailable", code="engine_dead")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- streams
 async def metered(
     state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -408,6 +419,8 @@ async def metered(
                                    503, "service_unavailable", code="shutting_down",
                                    headers={"Retry-After": str(state.config.retry_after_s)})  # fmt: skip
                 yield out
+    except EngineDeadError as exc:
+        raise engine_dead_error(exc) from None
     finally:
         if not finished:  # closed early: the engine aborts it, and nobody reads the abort's output
             metrics.finished.labels("abort").inc()

@@ -12,6 +12,7 @@ A second signal skips the wait; a third SIGINT forces the exit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
@@ -19,6 +20,8 @@ import time
 from typing import Any
 
 from glm5.serve.core import ServerConfig
+
+log = logging.getLogger("glm5.serve")
 
 ABORT_GRACE_S = 5.0
 """After the graceful timeout, how long aborted requests get to send their 503 before uvicorn cancels them."""
@@ -64,7 +67,14 @@ def serve(engine: Any, config: ServerConfig, host: str = "127.0.0.1", port: int 
     app = create_app(engine, config)
     uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                              timeout_graceful_shutdown=graceful_timeout_s)  # fmt: skip
-    draining_server(uconfig, app, graceful_timeout_s).run()
+    server = draining_server(uconfig, app, graceful_timeout_s)
+    server.run()
+    if server.engine_dead is not None:
+        raise EngineFailed(server.engine_dead)
+
+
+class EngineFailed(RuntimeError):
+    """The engine died while serving (a rank of a multi-process engine): `glm5 serve` exits non-zero."""
 
 
 def draining_server(config: Any, app: Any, graceful_timeout_s: float) -> Any:
@@ -76,6 +86,7 @@ def draining_server(config: Any, app: Any, graceful_timeout_s: float) -> Any:
             super().__init__(config)
             self.state = getattr(getattr(app, "state", None), "server", None)  # glm5's ServerState, if any
             self.drain_deadline: float | None = None
+            self.engine_dead: BaseException | None = None
 
         def drain(self) -> None:
             """Start draining (safe from a signal handler or another thread: it only sets flags)."""
@@ -94,6 +105,17 @@ def draining_server(config: Any, app: Any, graceful_timeout_s: float) -> Any:
                 super().handle_exit(sig, frame)
 
         async def on_tick(self, counter: int) -> bool:
+            if self.engine_dead is None and self.state is not None:
+                check = getattr(self.state.engine, "check_alive", None)
+                try:
+                    if check is not None:
+                        check()
+                except Exception as exc:  # noqa: BLE001 - the engine is gone: answer 503 and exit non-zero
+                    self.engine_dead = exc
+                    log.error("the engine died (%s): answering 503 and shutting down", exc)
+                    self.state.draining = True
+                    self.config.timeout_graceful_shutdown = ABORT_GRACE_S
+                    self.should_exit = True
             if self.drain_deadline is not None and not self.should_exit:
                 left = self.drain_deadline - time.monotonic()
                 if self.state.num_pending == 0:  # open responses (a stream's last bytes) get the time left
