@@ -201,6 +201,9 @@ def test_update_weights_reaches_every_rank_then_a_killed_worker_makes_the_engine
             llm.engine.executor.check_alive()
     finally:
         llm.shutdown()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # no dead process group left behind for whatever runs next in this process
     import multiprocessing
 
     assert multiprocessing.active_children() == []

@@ -202,6 +202,16 @@ def _destroy(control: Any) -> None:
     dist.destroy_process_group()
 
 
+def _destroy_quietly() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - best effort after a rank died
+            log.warning("multi-process shutdown: destroying the process group: %s", exc)
+
+
 class _Caller:
     """A daemon thread that runs rank 0's work, so the caller can watch the workers while it waits."""
 
@@ -411,6 +421,8 @@ class MultiProcExecutor(Executor):
                     self._caller.submit(lambda: (self._broadcast(("stop",)), _destroy(self._control))).result(30)
                 except Exception as exc:  # noqa: BLE001 - the workers are killed below
                     log.warning("multi-process shutdown: %s", exc)
+            else:  # a rank is gone: no barrier to wait for, but leave no dead process group behind in this process
+                _destroy_quietly()
             for p in self.procs.values():
                 p.join(10 if alive else 0.5)
             for p in self.procs.values():
