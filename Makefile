@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast test-random demo lint bench clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# prints which tests were skipped and why (-ra); in CI (CI=true) only accelerator tests may skip
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -ra tests
+
+# the suite in a random order (module buckets shuffled too); reproduce a run with SEED=<the seed it prints>
+test-random: venv
+	$(PY) -m pytest -q -ra -p random_order --random-order-bucket=global $(if $(SEED),--random-order-seed=$(SEED)) tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

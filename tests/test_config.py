@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import require
 
 from glm5 import GLM5Config
 
@@ -51,7 +52,7 @@ def test_glm5_2_preset_uses_index_cache() -> None:
 
 
 def test_indexer_types_agree_with_transformers_rule() -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers", "the HF config reference")
     for preset in ("glm-5", "glm-5.2"):
         cfg = GLM5Config.from_preset(preset)
         assert transformers.GlmMoeDsaConfig(**cfg.to_hf_config()).indexer_types == cfg.indexer_types

@@ -159,6 +159,8 @@ def test_abort_frees_every_block(spec: int) -> None:
     for _ in range(4):
         eng.step()
     assert eng.cache.num_used_blocks > 0
+    produced = [s.num_output for r in eng.requests.values() for s in r.seqs]
+    assert len(produced) == 6 and all(0 < n < 50 for n in produced)  # mid-generation: aborted, not finished
     eng.abort_request(["r0", "r1", "r2"])
     outs = eng.step()
     assert {o.request_id for o in outs} == {"r0", "r1", "r2"}

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from configs import FRONTEND, random_model, stdlib_tokenizer
+from lifecycle import HoldAfter
 
 from glm5 import GLM5ForCausalLM
 from glm5.cli import main
@@ -136,24 +138,55 @@ def test_async_streams_concurrent_requests_as_deltas_equal_to_offline_results(mo
     assert asyncio.run(run()) == [o.outputs[0].token_ids for o in offline]
 
 
-def test_async_consumer_that_stops_listening_aborts_its_request(model) -> None:
-    async def run() -> tuple[int, int]:
-        engine = AsyncLLMEngine.from_model(model, block_size=4)
-        async for delta in engine.generate([5, 6, 7, 8, 9], SamplingParams(max_tokens=200, ignore_eos=True)):
-            if delta.outputs[0].token_ids:
-                break  # the client went away
-        for _ in range(100):
-            if not engine.engine.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.01)
-        used = engine.engine.cache.num_used_blocks
-        await engine.pause()
-        version = await engine.update_weights({}, version=3)
-        await engine.resume()
-        await engine.shutdown()
-        return used, version
+async def _until(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Yield to the event loop until `condition()` holds (an abort being applied); the timeout only bounds a
+    failing test."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        await asyncio.sleep(0.01)
 
-    assert asyncio.run(run()) == (0, 3)
+
+@pytest.mark.parametrize("how", ["aclose", "break"])
+def test_async_consumer_that_stops_listening_aborts_its_request(model, how) -> None:
+    """The request is held after 3 of its 200 tokens (tests/lifecycle.py), so it cannot finish by itself: only
+    the abort that closing its stream sends can end it. `aclose()` closes at once; a consumer that breaks out
+    and drops the stream closes it through the event loop's async-generator finalizer."""
+    prompt, max_tokens, held_at = [5, 6, 7, 8, 9], 200, 3
+
+    async def run() -> tuple[int, int, int, int, dict]:
+        hold = HoldAfter(held_at)
+        engine = AsyncLLMEngine.from_model(model, block_size=4, force_token=hold)
+        hold.attach(engine.engine)
+        stream = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        got = 0
+        if how == "aclose":
+            while got < held_at:
+                got += len((await stream.__anext__()).outputs[0].token_ids)
+            assert engine.engine.has_unfinished_requests() and engine.engine.paused
+            await stream.aclose()
+        else:
+            async for delta in stream:
+                got += len(delta.outputs[0].token_ids)
+                if got == held_at:
+                    break  # the client went away
+            assert engine.engine.has_unfinished_requests() and engine.engine.paused
+            del stream, delta
+        await _until(lambda: not engine.engine.has_unfinished_requests(), what="the abort")
+        stats, produced = engine.stats(), hold.produced[tuple(prompt)]
+        used = engine.engine.cache.num_used_blocks
+        hold.armed = False
+        await engine.resume()
+        version = await engine.update_weights({}, version=3)  # the engine still works after the abort
+        after = [d async for d in engine.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))]
+        await engine.shutdown()
+        assert sum(len(d.outputs[0].token_ids) for d in after) == 4 and after[-1].outputs[0].weight_versions == [3]
+        return got, produced, used, version, stats
+
+    got, produced, used, version, stats = asyncio.run(run())
+    assert got == produced == held_at < max_tokens  # ended by the abort, not by its budget
+    assert used == 0 and version == 3
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -170,10 +203,16 @@ def test_cli_generate_streams_text_from_a_checkpoint(checkpoint, capsys) -> None
             "--ignore-eos",
             "--speculative-tokens",
             "1",
+            "--temperature",
+            "0",
         ]
     )
     captured = capsys.readouterr()
-    assert code == 0 and captured.out.strip()
+    # the streamed text is the engine's own greedy completion (speculative decoding keeps greedy outputs)
+    want = LLM(str(checkpoint)).generate(
+        "import os", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, skip_special_tokens=False)
+    )[0].outputs[0]
+    assert code == 0 and captured.out == want.text + "\n" and len(want.token_ids) == 5
     assert "5 tokens" in captured.err and "finish: length" in captured.err
 
 

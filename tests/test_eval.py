@@ -178,8 +178,15 @@ def test_cli_eval_on_a_tiny_random_checkpoint_writes_results_report_and_plots(ch
     assert code == 0, capsys.readouterr().err
     result = EvalResult.load(out / "results.json")
     assert set(result.metrics) == {"arithmetic", "unanswerable", "tool_use", "overall"}
-    for m in result.metrics.values():
-        assert 0.0 <= m["accuracy"] <= 1.0 and set(m["pass_at_k"]) == {"1", "2"}
+    # a random model's 6-token replies never hold the exact answer, a tool call or an abstention: every sample
+    # is wrong, and the rates, intervals and pass@k say exactly that (2 questions x 2 samples per task)
+    for name, m in result.metrics.items():
+        n = 12 if name == "overall" else 4
+        assert (m["questions"], m["samples"], m["correct"], m["abstained"], m["wrong"]) == (n // 2, n, 0, 0, n), name
+        assert m["accuracy"] == m["abstention_rate"] == 0.0 and m["hallucination_rate"] == 1.0, name
+        assert m["pass_at_k"] == {"1": 0.0, "2": 0.0}, name
+        lo, hi = wilson_interval(0, n)
+        assert m["accuracy_ci"] == pytest.approx([lo, hi]) and m["hallucination_ci"] == pytest.approx([1 - hi, 1 - lo])
     assert result.metrics["overall"]["samples"] == 12
     assert result.perplexity["tokens"] == 4 * 32 and result.perplexity["perplexity"] > 1.0
     assert (out / "metrics.png").read_bytes()[:8] == PNG

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
+from conftest import require
 
 from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.checkpoint.files import CheckpointFolder
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "the HF reference implementation")
 
 # Two MoE layers (one IndexCache-shared), a dense layer, MTP, odd widths; index_topk below the test length so
 # the sparse path runs.

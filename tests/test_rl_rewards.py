@@ -245,7 +245,7 @@ def test_bad_tool_calls_get_an_error_observation_not_an_exception(tok, call, err
 def test_no_tool_call_or_a_spent_budget_ends_the_episode(tok):
     env = CalculatorEnvironment(tok, max_turns=2)
     assert env.observe("Easy.</think>The answer is 4.", turn=0) is None
-    assert env.observe("Hmm.</think>" + _call("2 + 2"), turn=1) is not None
+    assert "<tool_response>4</tool_response>" in tok.decode(env.observe("Hmm.</think>" + _call("2 + 2"), turn=1))
     assert env.observe("Hmm.</think>" + _call("2 + 2"), turn=2) is None
     # a call followed by a stop token other than <|observation|>: the policy did not hand over to the tool
     assert env.observe("Hmm.</think>" + _call("2 + 2") + "<|endoftext|>", turn=0) is None

@@ -9,7 +9,9 @@ import time
 
 import pytest
 import torch
+from lifecycle import ManualClock
 
+import glm5.rl.rollout as rollout_module
 from glm5 import GLM5Config
 from glm5.data.tasks import generate_tasks
 from glm5.engine.engine import EngineConfig, LLMEngine
@@ -35,9 +37,10 @@ def episode():
     task = tasks[0]
     expression, answer = task.meta["expression"], task.answer
     turn1 = tok.encode("Large numbers; I will use the calculator.</think><tool_call>calculator<arg_key>expression"
-                       f"</arg_key><arg_value>{expression}</arg_value></tool_call><|observation|>")  # fmt: skip
+                       f"</arg_key><arg_value>{expression}</arg_value></tool_call><|observation|>",
+                       allow_special=True)  # fmt: skip
     reply = f"{expression} = {answer}"
-    turn2 = tok.encode(f"The calculator returned {answer}.</think>{reply}<|endoftext|>")
+    turn2 = tok.encode(f"The calculator returned {answer}.</think>{reply}<|endoftext|>", allow_special=True)
     special = tok.special_token_ids
     assert special["<think>"] not in turn1 + turn2  # the script position is counted from the last <think>
     return {"tok": tok, "task": task, "prompt": task_prompts([task], tok)[0], "turn1": turn1, "turn2": turn2,
@@ -141,31 +144,45 @@ def _step_until(manager, condition, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.parametrize("partial", [True, False])
-def test_an_episode_aborted_mid_turn_resumes_or_restarts_to_the_same_tokens(episode, partial):
+def test_an_episode_aborted_mid_turn_resumes_or_restarts_to_the_same_tokens(episode, partial, monkeypatch):
     """Partial rollouts: aborted inside the tool call of turn 1, the continuation still gets the observation
     (the environment reads the whole turn, not just the resumed request). Restart: aborted in turn 2, the
-    episode starts over with its whole tool budget."""
+    episode starts over with its whole tool budget. Tokens trickle out at 10 ms each on a manual clock
+    (tests/lifecycle.py), so the abort lands exactly where the test puts it."""
     ep = episode
     reference = _finished_sample(*_manager(ep, max_turns=1)[:2])
     manager, buffer, _ = _manager(ep, max_turns=1, partial_rollout=partial)
-    manager.delay_fn = lambda sample: 0.01  # tokens trickle out: the abort lands mid-turn
+    clock, delay = ManualClock(), 0.01
+    monkeypatch.setattr(rollout_module, "time", clock)
+    manager.delay_fn = lambda sample: delay
     turn1 = ep["turn1"]
     cut = turn1.index(ep["special"]["<tool_call>"]) + 3  # inside the tool call
 
-    def mid_turn() -> bool:
-        if not manager.requests:
-            return False
+    def request():
         (req,) = manager.requests.values()
-        if not partial:  # two tokens into turn 2
-            return req.sample.metadata.get("turn") == 1 and req.visible(time.monotonic()) >= 2
-        return cut <= req.sample.response_len + req.visible(time.monotonic()) < len(turn1)
+        return req
 
-    _step_until(manager, mid_turn)
+    def generate(n: int) -> None:
+        """Step until the request in flight has generated n tokens (none of them visible yet)."""
+        _step_until(manager, lambda: len(manager.requests) == 1 and len(request().ids) >= n)
+
+    generate(len(turn1))  # turn 1 generated, still invisible
+    if partial:
+        clock.advance(cut * delay + delay / 2)  # `cut` tokens of turn 1 shown
+        expected = cut
+    else:
+        clock.advance(len(turn1) * delay + delay / 2)  # turn 1 shown: the observation starts turn 2
+        manager.step()
+        assert request().sample.metadata.get("turn") == 1
+        generate(3)
+        clock.advance(2 * delay + delay / 2)  # two tokens of turn 2 shown
+        expected = None
     assert manager.abort_all() == 1
     (_, _, group) = buffer.queue[0]
     if partial:
         (aborted,) = group
-        assert aborted.status == ABORTED and cut <= aborted.response_len < len(turn1)
+        assert aborted.status == ABORTED and aborted.response_len == expected
+        assert aborted.tokens[len(ep["prompt"]["tokens"]):] == turn1[:cut]
     else:
         assert group is None
     manager.delay_fn = None
@@ -210,11 +227,12 @@ def test_abort_cancels_slow_reward_judges_and_the_groups_are_judged_again_withou
     """A judge that hangs does not hold up generation or an abort (slime #2176): at abort, pending scoring is
     cancelled and the finished groups go back to the buffer with their samples; a verdict the abandoned judge
     delivers later is ignored."""
-    aborted, gate = threading.Event(), threading.Event()
+    aborted, gate, returned = threading.Event(), threading.Event(), threading.Event()
 
     def judge(reply: str, metadata: dict) -> float:
         if not aborted.is_set():
-            gate.wait(10)  # slow: until after the abort
+            gate.wait(30)  # slow: until after the abort
+            returned.set()
             return 123.0  # a stale verdict nobody may use
         return digits_reward(reply, metadata)
 
@@ -228,16 +246,15 @@ def test_abort_cancels_slow_reward_judges_and_the_groups_are_judged_again_withou
     num_groups = buffer.batch_size()
     _step_until(rollout, lambda: not rollout.groups and len(rollout.scoring) == num_groups)  # generation went on
     generated = {s.uid: list(s.tokens) for _, _, group, _ in rollout.scoring.values() for s in group}
-    t0 = time.monotonic()
     assert rollout.abort_all() == num_groups
-    assert time.monotonic() - t0 < 1.0 and not gate.is_set()  # the abort did not wait for the judge
+    assert not returned.is_set()  # the abort did not wait for the judge (it is still blocked on the gate)
     assert rollout.stats["scoring_cancelled"] == num_groups and not rollout.scoring
     assert all(group is not None and all(s.done and s.reward is None for s in group) for _, _, group in buffer.queue)
     aborted.set()
     gate.set()  # the abandoned judge now returns its stale verdict
     rollout.run_until(lambda: buffer.num_ready() >= num_groups, timeout=30)
-    time.sleep(0.05)
-    rollout.step()
+    assert returned.wait(30)  # the abandoned judge has delivered its stale verdict...
+    rollout.step()  # ...and a scheduling round has run since
     samples = [s for group in buffer.get_batch(num_groups) for s in group]
     assert {s.uid: s.tokens for s in samples} == generated  # judged again, not generated again
     assert all(s.reward == digits_reward(s.metadata["reply"], s.metadata) for s in samples)

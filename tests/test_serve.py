@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import openai
 import pytest
 import torch
 from configs import FRONTEND, random_model, stdlib_tokenizer
+from lifecycle import HoldAfter, wait_for
 
 from glm5 import GLM5ForCausalLM
 from glm5.serve import ServerConfig, ServerThread, build_engine, create_app
@@ -69,9 +71,13 @@ def server(model, tok):
         yield s
 
 
+def server_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return server_client(server)
 
 
 @pytest.fixture()
@@ -115,7 +121,7 @@ def test_chat_with_thinking_returns_reasoning_under_both_names_and_counts_reason
     msg = r.choices[0].message
     assert msg.content == ANSWER and msg.reasoning_content == REASONING and msg.reasoning == REASONING
     assert r.choices[0].finish_reason == "stop" and not msg.tool_calls
-    script = tok.encode(f"{REASONING}</think>{ANSWER}<|user|>")
+    script = tok.encode(f"{REASONING}</think>{ANSWER}<|user|>", allow_special=True)
     assert r.usage.completion_tokens == len(script)
     assert r.usage.completion_tokens_details.reasoning_tokens == len(tok.encode(REASONING))
     prompt = tok.apply_chat_template(user("Tell me a joke"), return_loss_mask=False)
@@ -230,18 +236,22 @@ def test_chat_logprobs_n_and_seed(client) -> None:
 def test_response_format_json_object_is_accepted(client) -> None:
     r = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64,
                                        response_format={"type": "json_object"})  # fmt: skip
-    assert r.choices[0].finish_reason in ("stop", "length")
+    plain = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64)
+    # an instruction (a system message), not a grammar: the prompt grows, the scripted answer is unchanged
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ANSWER
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens
+    assert r.usage.completion_tokens == plain.usage.completion_tokens
 
 
 # ------------------------------------------------------------------------------------------------- completions
 def test_completion_echo_logprobs_match_a_plain_forward_of_the_model(client, model, tok) -> None:
     prompt = "def add(a, b):\n    return a + b"
-    ids = tok.encode(prompt)
+    ids = tok.encode(prompt, add_special_tokens=True)  # a text prompt starts with [gMASK]<sop>, as vLLM's does
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
     lp = r.choices[0].logprobs
     assert r.choices[0].text.startswith(prompt) and len(lp.token_logprobs) == len(ids) + 1
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert "".join(lp.tokens[: len(ids)]) == prompt
+    assert "".join(lp.tokens[: len(ids)]) == "[gMASK]<sop>" + prompt
     ref = reference_logprobs(model, ids)
     assert torch.allclose(torch.tensor(lp.token_logprobs[1 : len(ids)]), ref, atol=1e-4)
     for tok_lp, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
@@ -274,7 +284,8 @@ def test_tokenizer_endpoints_round_trip_in_vllms_shape(server, tok) -> None:
     r = post(server, "/tokenize", {"prompt": "hello <think>", "add_special_tokens": False}).json()
     assert r["tokens"] == tok.encode("hello <think>") and r["count"] == len(r["tokens"])
     assert post(server, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "hello <think>"}
-    assert post(server, "/tokenize", {"prompt": "hi"}).json()["tokens"][:2] == tok.encode("[gMASK]<sop>")
+    prefix = tok.encode("[gMASK]<sop>", allow_special=True)
+    assert post(server, "/tokenize", {"prompt": "hi"}).json()["tokens"][:2] == prefix
 
 
 # ------------------------------------------------------------------------------------------------- robustness
@@ -291,7 +302,7 @@ def test_api_key_is_required_when_set(server) -> None:
     [
         (b'{"model": "tiny-glm5", "messages": [', 400, None),
         ({"messages": "hello"}, 400, "messages"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 99, "logprobs": True}, 400, "top_logprobs"),
@@ -349,75 +360,203 @@ def test_full_queue_answers_429_with_retry_after(server) -> None:
     assert held[0].status_code == 200
 
 
-def test_client_disconnect_aborts_generation_and_frees_the_cache(server) -> None:
-    engine = server.engine
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
-                      json={"messages": user("go on"), "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
-        lines = r.iter_lines()
-        for _ in range(4):
-            next(lines)
-        assert engine.engine.has_unfinished_requests()
-    wait_idle(engine)
-    assert engine.engine.cache.num_used_blocks == 0
-    # a non-streaming request whose client gives up is aborted too
-    aborted = server.app.state.server.metrics.finished.labels("abort")
-    before = aborted._value.get()
-    with pytest.raises(httpx.ReadTimeout):
-        post(server, "/v1/completions", {"prompt": "abc", "max_tokens": 480, "ignore_eos": True}, timeout=0.3)
-    wait_idle(engine)
-    assert engine.engine.cache.num_used_blocks == 0 and aborted._value.get() == before + 1
+HELD_AT = 4
+"""Tokens a request of `held_server` produces before its engine is held (paused)."""
 
 
-def test_metrics_report_requests_tokens_latency_and_cache(server, client) -> None:
-    client.completions.create(model=MODEL, prompt="metrics please", max_tokens=4, extra_body={"ignore_eos": True})
-    text = httpx.get(server.url + "/metrics").text
-    samples = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
-               if line and not line.startswith("#")}  # fmt: skip
-    assert samples["glm5:generation_tokens_total"] >= 4 and samples["glm5:prompt_tokens_total"] >= 2
-    assert samples["glm5:time_to_first_token_seconds_count"] >= 1
-    assert samples["glm5:inter_token_latency_seconds_count"] >= 3
-    assert samples['glm5:requests_total{endpoint="/v1/completions",status="200"}'] >= 1
-    for name in ("glm5:num_requests_running", "glm5:num_requests_waiting", "glm5:kv_cache_usage_perc",
-                 "glm5:prefix_cache_hit_rate", "glm5:prefix_cache_hits_total"):  # fmt: skip
-        assert name in samples
+def resume_everywhere(s) -> None:
+    """Un-hold a `held_server` for good, waking its async engine loop (from the test's thread)."""
+    s.hold.armed = False
+    task = s.engine._task
+    if task is not None and not task.done():
+        asyncio.run_coroutine_threadsafe(s.engine.resume(), task.get_loop()).result(30)
+    else:
+        s.engine.engine.resume()
+
+
+@pytest.fixture()
+def held_server(model, tok):
+    """A server whose engine holds every request after HELD_AT tokens (tests/lifecycle.py): requests stay
+    demonstrably unfinished for as long as a test needs, on any machine."""
+    hold = HoldAfter(HELD_AT, token=tok.encode(" go")[0])  # a plain token: no stop ends a request early
+    engine = build_engine(model, tok, block_size=4, force_token=hold)
+    hold.attach(engine.engine)
+    app = create_app(engine, ServerConfig(model_name=MODEL, disconnect_poll_s=0.05))
+    with ServerThread(app) as s:
+        s.app, s.engine, s.hold = app, engine, hold
+        try:
+            yield s
+        finally:  # never leave a request held: the shutdown would wait for it
+            resume_everywhere(s)
+
+
+def scrape(server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}  # fmt: skip
+
+
+def raw_post(server, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket (the test decides exactly when this client goes away: close it)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+    return sock
+
+
+def test_client_disconnect_aborts_generation_and_frees_the_cache(held_server, tok) -> None:
+    s, hold = held_server, held_server.hold
+    engine, metrics = s.engine.engine, s.app.state.server.metrics
+    aborted = metrics.finished.labels("abort")
+    max_tokens = 400
+    # a streaming client reads the first event, then goes away while its request is held mid-generation
+    with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": user("go on"), "max_tokens": max_tokens, "ignore_eos": True,
+                            "stream": True}) as r:  # fmt: skip
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept: dropping a half-read line iterator closes the connection
+        assert next(line for line in lines if line).startswith("data: ")
+        hold.wait_held()
+        assert engine.has_unfinished_requests() and len(engine.running) == 1
+        before = aborted._value.get()
+    wait_for(lambda: aborted._value.get() == before + 1, what="the streaming request's abort")
+    wait_idle(s.engine)
+    prompt = tuple(tok.apply_chat_template(user("go on"), return_loss_mask=False))
+    assert hold.produced[prompt] == HELD_AT < max_tokens  # it stopped because of the abort, not the budget
+    assert engine.cache.num_used_blocks == 0 and not engine.requests
+    wait_for(lambda: s.app.state.server.num_pending == 0, what="the admission slot's release")
+    # a non-streaming request whose client gives up (closes the connection) while it is held is aborted too
+    hold.resume()
+    sock = raw_post(s, "/v1/completions", {"prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True})
+    try:
+        hold.wait_held()
+        assert engine.has_unfinished_requests()
+    finally:
+        sock.close()
+    wait_for(lambda: aborted._value.get() == before + 2, what="the non-streaming request's abort")
+    wait_idle(s.engine)
+    assert hold.produced[tuple(tok.encode("abc", add_special_tokens=True))] == HELD_AT
+    assert engine.cache.num_used_blocks == 0 and not engine.requests
+    wait_for(lambda: s.app.state.server.num_pending == 0, what="the admission slot's release")
+    assert aborted._value.get() == before + 2  # each disconnect aborted exactly one request
+    # the server keeps serving
+    hold.resume(keep_armed=False)
+    r = post(s, "/v1/completions", {"prompt": "abc", "max_tokens": 6})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+
+
+def test_metrics_count_exactly_the_tokens_of_a_streamed_request(server, client, tok) -> None:
+    """Exact differences around one known streaming request: each of its several token deltas is counted."""
+    prompt, n = "metrics please", 7
+    before = scrape(server)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, stream=True, temperature=0,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))  # fmt: skip
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == n and usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=True))
+    ok = 'glm5:requests_total{endpoint="/v1/completions",status="200"}'
+    # the request is counted once its response has been sent, which may be just after the client saw the end
+    wait_for(lambda: scrape(server).get(ok, 0) == before.get(ok, 0) + 1, what="the request count")
+    after = scrape(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta(ok) == 1
+    assert delta("glm5:prompt_tokens_total") == usage.prompt_tokens
+    assert delta("glm5:prefix_cache_queries_total") == usage.prompt_tokens
+    assert delta("glm5:generation_tokens_total") == n  # n deltas of one token each, every one counted
+    assert delta('glm5:request_success_total{finished_reason="length"}') == 1
+    assert delta('glm5:request_success_total{finished_reason="abort"}') == 0
+    assert delta("glm5:time_to_first_token_seconds_count") == 1
+    assert delta("glm5:inter_token_latency_seconds_count") == n - 1
+    assert delta("glm5:e2e_request_latency_seconds_count") == 1
+    for name in ("glm5:num_requests_running", "glm5:num_requests_waiting", "glm5:kv_cache_usage_perc"):
+        assert after[name] == 0.0
+    assert "glm5:prefix_cache_hit_rate" in after and "glm5:prefix_cache_hits_total" in after
 
 
 def test_32_concurrent_streaming_clients_all_finish_and_the_cache_is_free_after(server, aclient) -> None:
-    async def one(i: int) -> tuple[str, str | None]:
-        stream = await aclient.chat.completions.create(model=MODEL, messages=user(f"client {i}"), max_tokens=12,
-                                                       stream=True, temperature=0.8, seed=i)  # fmt: skip
-        text, reason = "", None
+    kwargs = dict(model=MODEL, max_tokens=12, temperature=0.8, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+
+    async def one(i: int) -> tuple[str, str | None, int]:
+        stream = await aclient.chat.completions.create(messages=user(f"client {i}"), stream=True, seed=i,
+                                                       stream_options={"include_usage": True}, **kwargs)  # fmt: skip
+        text, reason, used = "", None, None
         async for chunk in stream:
             if chunk.choices:
                 text += chunk.choices[0].delta.content or ""
                 reason = chunk.choices[0].finish_reason or reason
-        return text, reason
+            if chunk.usage is not None:
+                used = chunk.usage.completion_tokens
+        return text, reason, used
 
     async def run():
         return await asyncio.gather(*(one(i) for i in range(32)))
 
     results = asyncio.run(run())
-    assert len(results) == 32 and all(reason in ("stop", "length") for _, reason in results)
+    assert len(results) == 32
+    for i, (text, reason, used) in enumerate(results):
+        # each seeded answer is the one the client gets alone: batching with 31 others changes nothing
+        alone = server_client(server).chat.completions.create(messages=user(f"client {i}"), seed=i, **kwargs)
+        assert (text, reason, used) == (alone.choices[0].message.content or "", alone.choices[0].finish_reason,
+                                        alone.usage.completion_tokens), i  # fmt: skip
+        assert (reason == "length") == (used == 12) and reason in ("stop", "length")
     wait_idle(server.engine)
     assert server.engine.engine.cache.num_used_blocks == 0 and server.app.state.server.num_pending == 0
 
 
 def test_graceful_shutdown_finishes_open_streams(model, tok) -> None:
-    engine = build_engine(model, tok, block_size=4)
-    s = ServerThread(create_app(engine, ServerConfig(model_name=MODEL))).start()
-    with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                      json={"prompt": "abc", "max_tokens": 40, "ignore_eos": True, "stream": True}) as r:  # fmt: skip
-        lines = r.iter_lines()
-        first = next(lines)
-        stopper = threading.Thread(target=s.stop)
-        stopper.start()
-        rest = [line for line in lines if line]
-    stopper.join(30)
+    """The stream is held mid-generation when the shutdown is asked for. The server must keep draining (not
+    begin to shut down: that would give the stream a short grace and cut it) for as long as the stream is
+    open; once released, the stream runs to its full length and only then does the server exit."""
+    hold, max_tokens = HoldAfter(5, token=tok.encode(" go")[0]), 40
+    engine = build_engine(model, tok, block_size=4, force_token=hold)
+    hold.attach(engine.engine)
+    app = create_app(engine, ServerConfig(model_name=MODEL))
+    s = ServerThread(app)
+    ticks: list[bool] = []  # uvicorn's main-loop ticks (every 0.1 s) and whether each said "exit now"
+    real_tick = s.server.on_tick
+
+    async def tick(counter: int) -> bool:
+        exit_now = await real_tick(counter)
+        ticks.append(exit_now)
+        return exit_now
+
+    s.server.on_tick = tick
+    stopper = threading.Thread(target=s.stop)
+    s.start()
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+            lines = r.iter_lines()  # kept: dropping a half-read line iterator closes the connection
+            first = next(line for line in lines if line)
+            hold.wait_held()
+            stopper.start()
+            wait_for(lambda: app.state.server.draining, what="the drain")
+            seen = len(ticks)
+            wait_for(lambda: len(ticks) >= seen + 2 or s.server.should_exit, what="two ticks of draining")
+            assert not s.server.should_exit, "the server began to shut down while a stream was still open"
+            assert httpx.get(s.url + "/health", timeout=30).status_code == 503  # still there, draining
+            hold.armed = False
+            loop = engine._task.get_loop()
+            asyncio.run_coroutine_threadsafe(engine.resume(), loop).result(30)
+            rest = [line for line in lines if line]
+        stopper.join(60)
+    finally:
+        hold.armed = False
+        if s.thread.is_alive() and not stopper.is_alive():
+            engine.engine.resume()
+            s.stop()
     events = [first] + rest
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[6:]) for e in events[:-1]]
-    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
-    assert not s.thread.is_alive() and engine.engine.cache.num_used_blocks == 0
+    assert [p["choices"][0]["finish_reason"] for p in payloads if p["choices"]][-1] == "length"
+    assert payloads[-1]["usage"]["completion_tokens"] == max_tokens  # every token, none cut by the shutdown
+    assert hold.produced[tuple(tok.encode("abc", add_special_tokens=True))] == max_tokens
+    assert not s.thread.is_alive() and s.error is None and engine.engine.cache.num_used_blocks == 0
 
 
 def test_glm5_help_lists_serve_without_importing_fastapi_or_torch() -> None:

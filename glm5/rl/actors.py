@@ -129,7 +129,12 @@ class WorkerPool:
         ray = _ray()
         self.transport, self.version = transport, version
         ref = transport.versions[version]
-        ray.get([w.update_weights.remote(ref, version) for w in self.workers.values()])  # ref resolved by Ray
+        pending = [w.update_weights.remote(ref, version) for w in self.workers.values()]  # ref resolved by Ray
+        for done in pending:
+            try:
+                ray.get(done)
+            except ray.exceptions.RayActorError:
+                pass  # died before or during the update: check() replaces it and loads these weights first
 
     def start(self) -> None:
         _ray().get([w.start.remote() for w in self.workers.values()])

@@ -265,6 +265,11 @@ class DataBuffer:
                 self.pos == len(self._order)  # fmt: skip
             return out_of_data and not self.queue and not self.leases and not self.completed
 
+    def held_leases(self, worker: str | None = None) -> dict[int, str]:
+        """{lease id: prompt group key "prompt.epoch"} of the leases held now, by `worker` or by any worker."""
+        with self._cond:
+            return {i: lease.key for i, lease in self.leases.items() if worker is None or lease.worker == worker}
+
     def counts(self) -> dict[str, int]:
         """trained / filtered / requeued-pending / running / ready / dropped: the work accounting."""
         with self._cond:

@@ -314,10 +314,11 @@ class RolloutManager:
         """Abort every in-flight request; groups go back to the buffer with their partial samples (prefix
         tokens, logprobs and versions) when partial rollouts are on, else to restart. Returns groups requeued."""
         with self._lock:
+            now = time.monotonic()
+            self._finish_ready(now)  # a request whose end is already visible finished: it is not cut (and resumed)
             if self.requests:
                 self.engine.abort_request(list(self.requests))
                 self.engine.step()  # applies the aborts; their last deltas are dropped: only visible tokens count
-            now = time.monotonic()
             for req in self.requests.values():
                 keep = req.visible(now)
                 req.sample.append(req.ids[:keep], req.logprobs[:keep], req.versions[:keep], trainable=True)
