@@ -51,6 +51,27 @@ def resolve_dtype(dtype: torch.dtype | str | None, cfg: GLM5Config) -> torch.dty
 
 
 # --- loading --------------------------------------------------------------------------------------
+def open_checkpoint(
+    path: str | os.PathLike[str], fp8: str, prepare: Callable | None
+) -> tuple[CheckpointFolder, GLM5Config]:
+    """Check the loading options, open the folder and read its config (quantization_config validated; an MTP
+    layer the shards lack dropped from the config). Shared by the one-process and the sharded loaders."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8={fp8!r}: choose one of {FP8_MODES}")
+    if fp8 == "keep" and prepare is None:
+        raise ValueError("fp8='keep' needs `prepare`, the function that swaps FP8 modules into the model")
+    folder = CheckpointFolder(path)
+    config_path = os.path.join(folder.path, CONFIG_FILE)
+    try:
+        cfg = GLM5Config.from_hf_config(folder.config)
+        fp8_format.parse_quantization_config(cfg.extra.get("quantization_config"), source=config_path)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    return folder, _without_absent_mtp(cfg, folder)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     build: Callable[[GLM5Config], nn.Module],
@@ -68,20 +89,7 @@ def load_pretrained(
       of the quantised split are quantised on the way in.
     Raises CheckpointError (a ValueError) naming the file and tensor for any mismatch.
     """
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8={fp8!r}: choose one of {FP8_MODES}")
-    if fp8 == "keep" and prepare is None:
-        raise ValueError("fp8='keep' needs `prepare`, the function that swaps FP8 modules into the model")
-    folder = CheckpointFolder(path)
-    config_path = os.path.join(folder.path, CONFIG_FILE)
-    try:
-        cfg = GLM5Config.from_hf_config(folder.config)
-        fp8_format.parse_quantization_config(cfg.extra.get("quantization_config"), source=config_path)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    cfg = _without_absent_mtp(cfg, folder)
+    folder, cfg = open_checkpoint(path, fp8, prepare)
     target_dtype = resolve_dtype(dtype, cfg)
 
     with torch.device("meta"):

@@ -31,15 +31,14 @@ import torch
 from torch import nn
 
 from glm5.checkpoint import fp8 as fp8_format
-from glm5.checkpoint.files import CONFIG_FILE, CheckpointError, CheckpointFolder, TensorInfo
+from glm5.checkpoint.files import CheckpointError, CheckpointFolder, TensorInfo
 from glm5.checkpoint.hf import _FUSED, internal_to_hf_name, to_hf_state_dict
 from glm5.checkpoint.pretrained import (
-    FP8_MODES,
     _match,
     _Read,
     _reset_non_persistent_buffers,
     _routers_to_fp32,
-    _without_absent_mtp,
+    open_checkpoint,
     resolve_dtype,
 )
 from glm5.config import GLM5Config
@@ -221,20 +220,7 @@ def load_pretrained_sharded(
     Peak resident memory: the kept tensors, one staging buffer of at most a few MB, and for a converted
     tensor (dtype cast, FP8 (de)quantisation) one temporary copy of its slice.
     """
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8={fp8!r}: choose one of {FP8_MODES}")
-    if fp8 == "keep" and prepare is None:
-        raise ValueError("fp8='keep' needs `prepare`, the function that swaps FP8 modules into the model")
-    folder = CheckpointFolder(path)
-    config_path = os.path.join(folder.path, CONFIG_FILE)
-    try:
-        cfg = GLM5Config.from_hf_config(folder.config)
-        fp8_format.parse_quantization_config(cfg.extra.get("quantization_config"), source=config_path)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    cfg = _without_absent_mtp(cfg, folder)
+    folder, cfg = open_checkpoint(path, fp8, prepare)
     if check is not None:
         check(cfg)
     target_dtype = resolve_dtype(dtype, cfg)
