@@ -187,6 +187,30 @@ def test_native_kernel_builds_once_per_machine_and_can_be_turned_off(tmp_path) -
     assert run(CC="/nonexistent/cc", GLM5_CACHE_DIR=str(tmp_path / "other")).startswith("False")
 
 
+def test_the_kernel_refuses_a_ctypes_struct_that_differs_from_the_c_struct(tmp_path) -> None:  # noqa: ANN001
+    """The C side exports sizeof(LayerArgs); the loader compares it with the ctypes mirror. A field added on one
+    side only turns the kernel off with the reason named (instead of every call reading garbage)."""
+    code = (
+        "import ctypes; from glm5.kernels import native\n"
+        "if DRIFT: native.LayerArgs = type('LayerArgs', (ctypes.Structure,), "
+        "{'_fields_': native.LayerArgs._fields_ + [('extra', ctypes.c_int64)]})\n"
+        "lib = native.load(); print(lib is not None, native.load_error())\n"
+        "if lib is not None: print(lib.glm5_layer_args_size(), ctypes.sizeof(native.LayerArgs))"
+    )
+    env = {**os.environ, "GLM5_CACHE_DIR": str(tmp_path)}
+
+    def run(drift: bool) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", f"DRIFT = {drift}\n" + code], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()
+
+    ok, sizes = run(False)
+    assert ok == "True None" and len(set(sizes.split())) == 1
+    (refused,) = run(True)
+    assert refused.startswith("False") and "LayerArgs is" in refused and "declarations differ" in refused
+
+
 def test_engine_runs_unfused_when_the_kernel_is_unavailable(monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(native, "load", lambda: None)
     monkeypatch.setattr(native, "load_error", lambda: "no C compiler (test)")

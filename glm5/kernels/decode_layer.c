@@ -383,6 +383,10 @@ done:
     return rc;
 }
 
+/* The argument struct's size as this compiler lays it out: the loader refuses the library unless it equals the
+   ctypes mirror's (glm5/kernels/native.py LayerArgs), so the two declarations cannot drift apart silently. */
+int64_t glm5_layer_args_size(void) { return (int64_t)sizeof(LayerArgs); }
+
 int glm5_decode_layer(const LayerArgs *a) {
     if (a->E > 256 || a->n_group > 64 || a->top_k > 256) return 2;
     int rc = attention(a);

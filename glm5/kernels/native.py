@@ -145,6 +145,13 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return None
+    lib.glm5_layer_args_size.argtypes = []
+    lib.glm5_layer_args_size.restype = _i64
+    c_size, py_size = lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)
+    if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
+        _error = (f"{SOURCE.name}'s LayerArgs is {c_size} bytes but native.LayerArgs is {py_size}: the two "
+                  "declarations differ; the native kernel is off (torch back end)")  # fmt: skip
+        return None
     lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     lib.glm5_decode_layer.restype = ctypes.c_int
     lib.glm5_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
