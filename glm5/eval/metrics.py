@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 
 def accuracy(correct: Sequence[bool]) -> float:
@@ -88,3 +89,20 @@ def summarize(correct: Sequence[Sequence[bool]], abstained: Sequence[Sequence[bo
         str(k): mean_pass_at_k([(len(q), sum(map(bool, q))) for q in correct], k) for k in ks if 1 <= k <= min_n
     }
     return out
+
+
+def outcome_rates(samples: Sequence[Any]) -> dict[str, Any]:
+    """Accuracy, abstention and hallucination rates of finished RL samples (anything with `.reward` and a
+    `.metadata` dict holding the "reply" and, for a task with a reference, the "answer"), as defined above: a
+    reply is correct when it abstains on an unanswerable question or earns the full reward (1) otherwise;
+    hallucination rate = wrong / (wrong + abstentions) over the replies that are not correct (None when all
+    are)."""
+    from glm5.data.tasks import is_abstention
+
+    replies = [str(s.metadata.get("reply", "")) for s in samples]
+    abstained = [is_abstention(r) for r in replies]
+    correct = [a if "answer" in s.metadata and s.metadata["answer"] is None else float(s.reward) >= 1.0
+               for s, a in zip(samples, abstained)]  # fmt: skip
+    n = max(len(samples), 1)
+    return {"accuracy": sum(correct) / n, "abstention_rate": sum(abstained) / n,
+            "hallucination_rate": hallucination_rate(correct, abstained)}  # fmt: skip

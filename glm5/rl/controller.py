@@ -18,24 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from glm5.eval.metrics import outcome_rates
 from glm5.rl.buffer import staleness_histogram
 from glm5.rl.types import Sample
-
-
-def outcome_rates(samples: list[Sample]) -> dict[str, Any]:
-    """Accuracy, abstention and hallucination rates of finished samples, as glm5.eval defines them: a reply is
-    correct when it abstains on an unanswerable question or earns the full reward (1) otherwise; hallucination
-    rate = wrong / (wrong + abstentions) over the replies that are not correct (None when all are)."""
-    from glm5.data.tasks import is_abstention
-    from glm5.eval.metrics import hallucination_rate
-
-    replies = [str(s.metadata.get("reply", "")) for s in samples]
-    abstained = [is_abstention(r) for r in replies]
-    correct = [a if "answer" in s.metadata and s.metadata["answer"] is None else float(s.reward) >= 1.0
-               for s, a in zip(samples, abstained)]  # fmt: skip
-    n = max(len(samples), 1)
-    return {"accuracy": sum(correct) / n, "abstention_rate": sum(abstained) / n,
-            "hallucination_rate": hallucination_rate(correct, abstained)}  # fmt: skip
 
 
 def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:

@@ -417,9 +417,9 @@ def evaluate_policy(engine: Any, prompts: list[dict[str, Any]], reward_fn: Calla
                     max_new_tokens: int, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply,
                     env: Any = None) -> dict[str, Any]:  # fmt: skip
     """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, and the
-    accuracy, abstention and hallucination rates of `glm5.rl.controller.outcome_rates`."""
+    accuracy, abstention and hallucination rates of `glm5.eval.metrics.outcome_rates`."""
+    from glm5.eval.metrics import outcome_rates
     from glm5.rl.buffer import BufferConfig, DataBuffer
-    from glm5.rl.controller import outcome_rates
 
     buffer = DataBuffer(prompts, BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1,
                                               shuffle=False))  # fmt: skip

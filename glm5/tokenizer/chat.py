@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from glm5.tokenizer.tokenizer import ENDOFTEXT, SPECIAL_TOKENS
+from glm5.tokenizer.special import ENDOFTEXT, SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from glm5.tokenizer.tokenizer import GLM5Tokenizer

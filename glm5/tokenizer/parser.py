@@ -42,7 +42,7 @@ import json
 import uuid
 from typing import Any
 
-from glm5.tokenizer.tokenizer import SPECIAL_TOKENS
+from glm5.tokenizer.special import SPECIAL_TOKENS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"

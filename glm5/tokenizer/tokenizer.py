@@ -37,27 +37,14 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ENDOFTEXT = "<|endoftext|>"
-
-SPECIAL_TOKENS: tuple[str, ...] = (
-    ENDOFTEXT, "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-    "<|begin_of_audio|>", "<|end_of_audio|>", "<|begin_of_transcription|>", "<|end_of_transcription|>",
-    "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>",
-    "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-    "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
-)  # fmt: skip
-"""Every GLM-5 special token, in vocabulary order (offset from the first special id = index)."""
-
-GLM5_FIRST_SPECIAL_ID = 154820
-"""Id of ``<|endoftext|>`` in the real GLM-5 tokenizer; the other specials follow at their offsets."""
-
-EOS_TOKENS: tuple[str, ...] = (ENDOFTEXT, "<|user|>", "<|observation|>")
-"""The model ends its turn with one of these (there is no end-of-turn token in the GLM format)."""
-
-PROMPT_PREFIX: tuple[str, ...] = ("[gMASK]", "<sop>")
-"""What every GLM prompt starts with; ``encode(..., add_special_tokens=True)`` prepends it."""
+from glm5.tokenizer.chat import render_chat, tokenize_chat
+from glm5.tokenizer.special import (  # noqa: F401 (re-exported: the tokenizer's public constants)
+    ENDOFTEXT,
+    EOS_TOKENS,
+    GLM5_FIRST_SPECIAL_ID,
+    PROMPT_PREFIX,
+    SPECIAL_TOKENS,
+)
 
 # GPT-4-style pre-split (digits in groups of up to three, as GLM-4 does), then byte-level symbols.
 _SPLIT_PATTERN = (
@@ -407,8 +394,6 @@ class GLM5Tokenizer:
         that ends its turn (the next ``<|user|>``/``<|observation|>``, or an ``<|endoftext|>`` appended
         to the ids when the conversation ends with an assistant turn and no generation prompt).
         """
-        from glm5.tokenizer.chat import render_chat, tokenize_chat
-
         if not tokenize:
             return render_chat(
                 messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
