@@ -42,29 +42,34 @@ class Executor(abc.ABC):
     def shutdown(self) -> None:  # noqa: B027 (optional: an in-process runner has nothing to release)
         """Release the runners (worker processes, device memory)."""
 
-    # --- in-process introspection (executors whose runners live elsewhere return None) -------------
+    # --- the runner in this process (rank 0's for a multi-process executor; None when all run elsewhere) ---
+    _runner: ModelRunner | None = None
+
+    def _adopt(self, runner: ModelRunner) -> None:
+        """Hold the in-process runner; the cache sizes the scheduler plans with are its."""
+        self._runner = runner
+        self.num_blocks = runner.num_blocks
+        self.bytes_per_block = runner.cache.bytes_per_block
+        self.mtp_bytes_per_block = 0 if runner.mtp_cache is None else runner.mtp_cache.bytes_per_block
+
     @property
     def model(self) -> Any:
-        return None
+        return None if self._runner is None else self._runner.model
 
     @property
     def runner(self) -> ModelRunner | None:
-        return None
+        return self._runner
 
     def seq_state(self, seq_id: int) -> Any:
         """The runner's state of a sequence, when the runner is in this process (for tests and debugging)."""
-        return None
+        return None if self._runner is None else self._runner.seqs.get(seq_id)
 
 
 class UniProcExecutor(Executor):
     """One `ModelRunner` in this process: `execute` is a direct call."""
 
     def __init__(self, model: Any, config: EngineConfig, num_blocks: int | None = None) -> None:
-        self._runner = ModelRunner(model, config, num_blocks)
-        self.num_blocks = self._runner.num_blocks
-        self.bytes_per_block = self._runner.cache.bytes_per_block
-        mtp = self._runner.mtp_cache
-        self.mtp_bytes_per_block = 0 if mtp is None else mtp.bytes_per_block
+        self._adopt(ModelRunner(model, config, num_blocks))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._runner.execute(scheduler_output)
@@ -72,16 +77,6 @@ class UniProcExecutor(Executor):
     def update_weights(self, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
         self._runner.update_weights(state_dict, hf_names)
 
-    @property
-    def model(self) -> Any:
-        return self._runner.model
-
-    @property
-    def runner(self) -> ModelRunner:
-        return self._runner
-
-    def seq_state(self, seq_id: int) -> Any:
-        return self._runner.seqs.get(seq_id)
 
 
 def make_executor(model: Any, config: EngineConfig) -> Executor:

@@ -300,7 +300,7 @@ class MultiProcExecutor(Executor):
                         os.environ[k] = v
             threading.Thread(target=self._monitor, name="glm5-rank-monitor", daemon=True).start()
         try:
-            self._control, self._runner = self._wait(
+            self._control, runner = self._wait(
                 lambda: _init_rank(self.spec, 0, 0, init), STARTUP_TIMEOUT_S, "start-up"
             )
         except BaseException:
@@ -309,10 +309,7 @@ class MultiProcExecutor(Executor):
                 p.kill()
                 p.join(5)
             raise
-        self.num_blocks = self._runner.num_blocks
-        self.bytes_per_block = self._runner.cache.bytes_per_block
-        mtp = self._runner.mtp_cache
-        self.mtp_bytes_per_block = 0 if mtp is None else mtp.bytes_per_block
+        self._adopt(runner)
 
     # --- fault handling ---------------------------------------------------------------------------
     def _worker_error(self, rank: int) -> str:
@@ -430,16 +427,6 @@ class MultiProcExecutor(Executor):
                     p.kill()
                     p.join(5)
 
-    @property
-    def model(self) -> Any:
-        return self._runner.model
-
-    @property
-    def runner(self) -> ModelRunner:
-        return self._runner
-
-    def seq_state(self, seq_id: int) -> Any:
-        return self._runner.seqs.get(seq_id)
 
     def pids(self) -> dict[int, int]:
         """The local worker processes' ids by rank."""
