@@ -72,6 +72,27 @@ def open_checkpoint(
     return folder, _without_absent_mtp(cfg, folder)
 
 
+def build_and_match(
+    folder: CheckpointFolder,
+    cfg: GLM5Config,
+    build: Callable,
+    dtype: torch.dtype | str | None,
+    fp8: str,
+    prepare: Callable | None,
+) -> tuple[nn.Module, list]:
+    """The model of `cfg` on the meta device, in the loading dtype (routers fp32, FP8 modules swapped in for
+    "keep"), and the checkpoint's tensors matched against its HF names, shapes and dtypes: every check that
+    needs no data, before anything is allocated. Shared by the one-process and the sharded loaders."""
+    with torch.device("meta"):
+        model = build(cfg)
+    model.to(resolve_dtype(dtype, cfg))
+    _routers_to_fp32(model)
+    if fp8 == "keep":
+        prepare(model)
+    expected = {n: (tuple(t.shape), t.dtype) for n, t in to_hf_state_dict(model.state_dict(), cfg).items()}
+    return model, _match(folder, expected, cfg)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     build: Callable[[GLM5Config], nn.Module],
@@ -90,16 +111,7 @@ def load_pretrained(
     Raises CheckpointError (a ValueError) naming the file and tensor for any mismatch.
     """
     folder, cfg = open_checkpoint(path, fp8, prepare)
-    target_dtype = resolve_dtype(dtype, cfg)
-
-    with torch.device("meta"):
-        model = build(cfg)
-    model.to(target_dtype)
-    _routers_to_fp32(model)
-    if fp8 == "keep":
-        prepare(model)
-    expected = {n: (tuple(t.shape), t.dtype) for n, t in to_hf_state_dict(model.state_dict(), cfg).items()}
-    reads = _match(folder, expected, cfg)  # every check that needs no data happens before allocating
+    model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)  # all checks before allocating
 
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
     targets = to_hf_state_dict(model.state_dict(keep_vars=True), cfg)

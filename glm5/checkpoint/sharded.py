@@ -34,12 +34,10 @@ from glm5.checkpoint import fp8 as fp8_format
 from glm5.checkpoint.files import CheckpointError, CheckpointFolder, TensorInfo
 from glm5.checkpoint.hf import _FUSED, internal_to_hf_name, to_hf_state_dict
 from glm5.checkpoint.pretrained import (
-    _match,
     _Read,
     _reset_non_persistent_buffers,
-    _routers_to_fp32,
+    build_and_match,
     open_checkpoint,
-    resolve_dtype,
 )
 from glm5.config import GLM5Config
 
@@ -223,16 +221,7 @@ def load_pretrained_sharded(
     folder, cfg = open_checkpoint(path, fp8, prepare)
     if check is not None:
         check(cfg)
-    target_dtype = resolve_dtype(dtype, cfg)
-
-    with torch.device("meta"):
-        model = build(cfg)
-    model.to(target_dtype)
-    _routers_to_fp32(model)
-    if fp8 == "keep":
-        prepare(model)
-    expected = {n: (tuple(t.shape), t.dtype) for n, t in to_hf_state_dict(model.state_dict(), cfg).items()}
-    reads = _match(folder, expected, cfg)  # the whole checkpoint is validated against the global model
+    model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)  # validated against the global model
 
     slices = shard(model)
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
