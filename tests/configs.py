@@ -37,3 +37,19 @@ def random_model(cfg, tok, seed: int = 0):  # noqa: ANN001, ANN201
 
     torch.manual_seed(seed)
     return GLM5ForCausalLM(cfg.replace(eos_token_id=tok.eos_token_ids)).eval()
+
+
+def biased_model(cfg, seed: int = 0):  # noqa: ANN001, ANN201
+    """An eval-mode model of `cfg` with random weights (seeded) and small non-zero router biases, so that the
+    bias-corrected expert choice is exercised."""
+    import torch
+
+    from glm5 import GLM5ForCausalLM
+
+    torch.manual_seed(seed)
+    model = GLM5ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0.0, 0.05)
+    return model

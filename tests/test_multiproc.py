@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from configs import FRONTEND, MICRO, stdlib_tokenizer
+from configs import FRONTEND, MICRO, biased_model, stdlib_tokenizer
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -43,21 +43,11 @@ ENGINE = dict(block_size=4, num_blocks=160, max_num_seqs=8)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _model(cfg, seed: int = 0) -> GLM5ForCausalLM:
-    torch.manual_seed(seed)
-    model = GLM5ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("multiproc")
-    _model(GROUPED).save_pretrained(str(folder / "grouped"))
-    _model(FP8_ALIGNED).save_pretrained(str(folder / "fp8"), fp8=True)
+    biased_model(GROUPED).save_pretrained(str(folder / "grouped"))
+    biased_model(FP8_ALIGNED).save_pretrained(str(folder / "fp8"), fp8=True)
     return folder
 
 
@@ -173,11 +163,11 @@ def test_torchrun_runs_one_rank_per_process(ckpts) -> None:
 
 @pytest.fixture()
 def tiny_model() -> GLM5ForCausalLM:
-    return _model(GROUPED)
+    return biased_model(GROUPED)
 
 
 def test_update_weights_reaches_every_rank_then_a_killed_worker_makes_the_engine_raise(ckpts) -> None:
-    new = _model(GROUPED, seed=1).state_dict()
+    new = biased_model(GROUPED, seed=1).state_dict()
     prompts, params = _prompts(GROUPED), _params(len(_prompts(GROUPED)))[:-1]
     ref = LLM(str(ckpts / "grouped"), **ENGINE)
     ref.update_weights(new)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from configs import MICRO
+from configs import MICRO, biased_model
 
 from glm5 import GLM5ForCausalLM
 from glm5.checkpoint.files import CheckpointFolder
@@ -56,16 +56,6 @@ BIG = MICRO.replace(
 CONFIGS = {"micro": MICRO, "grouped": GROUPED, "fp8_aligned": FP8_ALIGNED, "big": BIG}
 
 pytestmark = pytest.mark.dist
-
-
-def _model(cfg, seed: int = 0) -> GLM5ForCausalLM:
-    torch.manual_seed(seed)
-    model = GLM5ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
 
 
 # --- what every rank computes ----------------------------------------------------------------------
@@ -113,7 +103,7 @@ def _layout(tp: int, ep: int) -> ShardLayout:
 
 def task_forward(cfg: str, tp: int, ep: int, fp8: bool = False, topk_sync: str = "check") -> dict:
     config = CONFIGS[cfg]
-    model = _model(config)
+    model = biased_model(config)
     if fp8:
         quantize_model(model)
     ref = _run(model, config)
@@ -233,11 +223,11 @@ def _pool(folder: Path, world: int, tasks: list) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sharding")
-    _model(MICRO).save_pretrained(str(folder / "micro"))
-    _model(MICRO).save_pretrained(str(folder / "micro_fp8"), fp8=True)
-    _model(GROUPED).save_pretrained(str(folder / "grouped"))
-    _model(FP8_ALIGNED).save_pretrained(str(folder / "aligned_fp8"), fp8=True)
-    _model(BIG).save_pretrained(str(folder / "big"), max_shard_size="60MB")
+    biased_model(MICRO).save_pretrained(str(folder / "micro"))
+    biased_model(MICRO).save_pretrained(str(folder / "micro_fp8"), fp8=True)
+    biased_model(GROUPED).save_pretrained(str(folder / "grouped"))
+    biased_model(FP8_ALIGNED).save_pretrained(str(folder / "aligned_fp8"), fp8=True)
+    biased_model(BIG).save_pretrained(str(folder / "big"), max_shard_size="60MB")
     return folder
 
 
@@ -393,14 +383,14 @@ def test_range_reader_reads_row_and_column_slices_and_padding(checkpoints) -> No
 
 
 def test_one_rank_layout_changes_nothing() -> None:
-    model = _model(MICRO)
+    model = biased_model(MICRO)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = shard_model(model)
     assert plan.slices == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_per_rank_bytes_on_the_meta_device_match_the_promise() -> None:
-    model = _model(MICRO)
+    model = biased_model(MICRO)
     full_sd = model.state_dict()
     for tp, ep in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (1, 8), (2, 4)]:
         for rank in range(tp * ep):
@@ -409,7 +399,7 @@ def test_per_rank_bytes_on_the_meta_device_match_the_promise() -> None:
 
 def test_tied_embeddings_stay_tied_and_a_forward_without_process_groups_says_so() -> None:
     cfg = MICRO.replace(tie_word_embeddings=True)
-    model = _model(cfg)
+    model = biased_model(cfg)
     full_rows = model.model.embed_tokens.weight[128:].clone()
     shard_model(model, 1, 2)  # torch.distributed is not initialised here: no groups
     assert model.lm_head.weight is model.model.embed_tokens.weight
