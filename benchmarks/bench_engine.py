@@ -25,7 +25,6 @@ Writes benchmarks/results/bench_engine.{json,md,png} (--quick: bench_engine_quic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -37,7 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import CONFIG_PATH, RESULTS, build, run_in_fresh_process  # benchmarks/common.py
+from common import CONFIG_PATH, RESULTS, build, run_in_fresh_process, save_results  # benchmarks/common.py
 
 BANDWIDTH = 25e9
 """Bytes/s of weight streaming on the reference 2-core machine (PERFORMANCE.md: ~23-29 GB/s)."""
@@ -418,13 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(task, description="roofline: small preset")
         results["roofline"] = in_fresh_process("run_roofline", ("small", args.threads), 1800)
         progress.advance(task)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_engine_quick" if args.quick else "bench_engine"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
+    save_results(args.out, stem, results, markdown(results), plot)
     return 0
 
 

@@ -26,7 +26,6 @@ Writes benchmarks/results/bench_parallel.{json,md,png} (--quick: bench_parallel_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import RESULTS, run_in_fresh_process  # benchmarks/common.py
+from common import RESULTS, run_in_fresh_process, save_results  # benchmarks/common.py
 
 LAYOUTS = [  # (name, tp, ep, fused_decode)
     ("1 rank", 1, 1, False),
@@ -303,13 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"name": name, "tp": tp, "ep": ep, "fused": fused, "same_output": same, "result": res}
             )
     meta["total_s"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_parallel_quick" if args.quick else "bench_parallel"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    plot(results, args.out / f"{stem}.png")
-    print(table)
+    save_results(args.out, stem, results, markdown(results), plot)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import CONFIG_PATH, RESULTS  # benchmarks/common.py
+from common import CONFIG_PATH, RESULTS, save_results  # benchmarks/common.py
 
 LEVELS = (1, 8, 32)
 
@@ -207,12 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(1, 8000, (args.prompt_len,), generator=g).tolist() for _ in range(level * per_client)]
             row["engine_tok_s"] = engine_throughput(folder, prompts, max_tokens, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_serve_quick" if args.quick else "bench_serve"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / f"{stem}.md").write_text(table)
-    print(table)
+    save_results(args.out, stem, results, markdown(results))
     return 0
 
 

@@ -47,3 +47,16 @@ def run_in_fresh_process(target, args: tuple, timeout: float) -> dict:  # noqa: 
         proc.kill()
         return {"error": f"timed out after {timeout:.0f}s"}
     return queue.get() if not queue.empty() else {"error": f"worker exited with code {proc.exitcode}"}
+
+
+def save_results(out: Path, stem: str, results: dict, table: str, plot=None) -> None:  # noqa: ANN001
+    """Write `stem`.json (the raw results), `stem`.md (the table) and, given a `plot(results, path)`, `stem`.png
+    under `out`, and print the table."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table)
+    if plot is not None:
+        plot(results, out / f"{stem}.png")
+    print(table)
