@@ -1,5 +1,6 @@
 """Asynchronous RL post-training (slime-style): advantages and losses, rewards and tool environments, the
-rollout/buffer/trainer system. Design: /work/shared/design/RL.md (Part A)."""
+rollout/buffer/trainer system. Each module's docstring states its part of the design; the README's RL section
+says how they fit together."""
 
 from glm5._lazy import lazy_exports
 
