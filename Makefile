@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-random demo lint bench clean
+.PHONY: venv test test-fast test-random demo lint format bench clean
 
 venv: $(STAMP)
 
@@ -30,8 +30,14 @@ test-fast: venv
 demo: venv
 	$(PY) -m glm5.demo
 
+# formatting and lint rules: pyproject.toml [tool.ruff]; `make format` applies the formatter
 lint: venv
+	$(VENV)/bin/ruff format --check glm5 tests benchmarks
 	$(VENV)/bin/ruff check glm5 tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff format glm5 tests benchmarks
+	$(VENV)/bin/ruff check --fix glm5 tests benchmarks
 
 bench: venv
 	$(PY) benchmarks/bench_model.py

@@ -59,8 +59,14 @@ def worker(impl: str, path: str, warmup: str, fp8: str, threads: int, queue) -> 
     model = _load(impl, path, fp8)
     seconds = time.perf_counter() - start
     weights = weight_bytes(model)
-    queue.put({"seconds": seconds, "peak_above_baseline": (_status_kib("VmHWM") - baseline) * 1024,
-               "baseline": baseline * 1024, "weights_in_memory": weights})  # fmt: skip
+    queue.put(
+        {
+            "seconds": seconds,
+            "peak_above_baseline": (_status_kib("VmHWM") - baseline) * 1024,
+            "baseline": baseline * 1024,
+            "weights_in_memory": weights,
+        }
+    )
 
 
 def measure(impl: str, path: Path, warmup: Path, fp8: str = "dequantize", threads: int = 2) -> dict:
@@ -76,7 +82,9 @@ def measure(impl: str, path: Path, warmup: Path, fp8: str = "dequantize", thread
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable times on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable times on a shared machine)"
+    )
     parser.add_argument("--shard", default="20MB", help="max_shard_size of the written checkpoints")
     args = parser.parse_args()
 
@@ -91,8 +99,10 @@ def main() -> None:
             write_random_checkpoint(cfg, Path(tmp) / layout, fp8=layout == "fp8", max_shard_size=args.shard)
             tiny = GLM5Config.from_preset("tiny").replace(torch_dtype="bfloat16", num_nextn_predict_layers=0)
             write_random_checkpoint(tiny, Path(tmp) / f"warmup-{layout}", fp8=layout == "fp8")
-        size = {layout: sum(t.nbytes for t in CheckpointFolder(Path(tmp) / layout).tensors.values())
-                for layout in ("bf16", "fp8")}  # fmt: skip
+        size = {
+            layout: sum(t.nbytes for t in CheckpointFolder(Path(tmp) / layout).tensors.values())
+            for layout in ("bf16", "fp8")
+        }
         runs = [("glm5", "bf16", "dequantize"), ("glm5", "fp8", "keep"), ("glm5", "fp8", "dequantize")]
         try:
             import transformers  # noqa: F401
@@ -102,27 +112,44 @@ def main() -> None:
             pass
         for impl, layout, mode in runs:
             r = measure(impl, Path(tmp) / layout, Path(tmp) / f"warmup-{layout}", mode, args.threads)
-            r.update(impl=impl, layout=layout, fp8=mode, checkpoint_bytes=size[layout],
-                     peak_over_checkpoint=r["peak_above_baseline"] / size[layout])  # fmt: skip
+            r.update(
+                impl=impl,
+                layout=layout,
+                fp8=mode,
+                checkpoint_bytes=size[layout],
+                peak_over_checkpoint=r["peak_above_baseline"] / size[layout],
+            )
             rows.append(r)
-            print(f"{impl:5s} {layout:5s} {mode:10s} checkpoint {size[layout] / 1e6:8.1f} MB  peak +"
-                  f"{r['peak_above_baseline'] / 1e6:8.1f} MB ({r['peak_over_checkpoint']:.2f}x)  "
-                  f"weights {r['weights_in_memory'] / 1e6:8.1f} MB  {r['seconds']:.2f} s")  # fmt: skip
-    meta = {"preset": args.preset, "shard": args.shard, "torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
-            "python": sys.version.split()[0]}  # fmt: skip
+            print(
+                f"{impl:5s} {layout:5s} {mode:10s} checkpoint {size[layout] / 1e6:8.1f} MB  peak +"
+                f"{r['peak_above_baseline'] / 1e6:8.1f} MB ({r['peak_over_checkpoint']:.2f}x)  "
+                f"weights {r['weights_in_memory'] / 1e6:8.1f} MB  {r['seconds']:.2f} s"
+            )
+    meta = {
+        "preset": args.preset,
+        "shard": args.shard,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_checkpoint.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
     lines = [
-        f"{args.preset} config in bfloat16, {args.shard} shards, torch {meta['torch']}, {args.threads} threads; each load "
+        f"{args.preset} config in bfloat16, {args.shard} shards, torch {meta['torch']}, {args.threads} threads; "
+        "each load "
         "in a fresh process after a warm-up load of a tiny checkpoint; peak = VmHWM - VmRSS before loading.",
         "",
-        "| loader | checkpoint | mode | checkpoint bytes | peak RSS above baseline | peak / checkpoint | weights in memory | time |",
+        "| loader | checkpoint | mode | checkpoint bytes | peak RSS above baseline | peak / checkpoint "
+        "| weights in memory | time |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['impl']} | {r['layout']} | {r['fp8']} | {r['checkpoint_bytes'] / 1e6:,.1f} MB | "
-                     f"{r['peak_above_baseline'] / 1e6:,.1f} MB | **{r['peak_over_checkpoint']:.2f}x** | "
-                     f"{r['weights_in_memory'] / 1e6:,.1f} MB | {r['seconds']:.2f} s |")  # fmt: skip
+        lines.append(
+            f"| {r['impl']} | {r['layout']} | {r['fp8']} | {r['checkpoint_bytes'] / 1e6:,.1f} MB | "
+            f"{r['peak_above_baseline'] / 1e6:,.1f} MB | **{r['peak_over_checkpoint']:.2f}x** | "
+            f"{r['weights_in_memory'] / 1e6:,.1f} MB | {r['seconds']:.2f} s |"
+        )
     (RESULTS / "bench_checkpoint.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

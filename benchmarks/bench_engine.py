@@ -182,9 +182,15 @@ def run_mtp(steps: int, new: int, threads: int) -> dict:
     # 8 layers so that one MTP layer costs about what it costs in GLM-5 relative to the model (1 of 79 layers
     # there; on a CPU every layer costs about the same here, whatever its width)
     cfg = GLM5Config.from_preset("tiny").replace(
-        vocab_size=512, hidden_size=128, num_hidden_layers=8, intermediate_size=256, moe_intermediate_size=64,
-        q_lora_rank=64, kv_lora_rank=32, eos_token_id=[0],
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=8,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        eos_token_id=[0],
+    )
     torch.manual_seed(0)
     model = GLM5ForCausalLM(cfg)
     batch = phrase_corpus(cfg.vocab_size, num_phrases=48, phrase_len=8, seed=0)
@@ -199,8 +205,13 @@ def run_mtp(steps: int, new: int, threads: int) -> dict:
         # the drafter applies the module recursively the same way
         out = model(x[:, :-1], mtp_depth=3)
         lm = F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
-        mtp = sum(F.cross_entropy(lg[:, : 63 - d].flatten(0, 1), x[:, d + 2 :].flatten())
-                  for d, lg in enumerate(out.mtp_logits)) / 3  # fmt: skip
+        mtp = (
+            sum(
+                F.cross_entropy(lg[:, : 63 - d].flatten(0, 1), x[:, d + 2 :].flatten())
+                for d, lg in enumerate(out.mtp_logits)
+            )
+            / 3
+        )
         (lm + 0.3 * mtp).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -343,11 +354,16 @@ def workloads(quick: bool) -> list[tuple]:
     decode = ("tokens_per_s", "tok/s", "{:.1f}")
     work = [("run_decode", c, f"decode at context {c:,}", "decode", decode, (c, new)) for c in contexts]
     ttft = ("ttft_s", "s", "{:.3f}")
-    work += [("run_decode", c, f"time to first token, {c:,}-token prompt", "ttft", ttft, (c, new))
-             for c in contexts if c >= 2048]  # fmt: skip
+    work += [
+        ("run_decode", c, f"time to first token, {c:,}-token prompt", "ttft", ttft, (c, new))
+        for c in contexts
+        if c >= 2048
+    ]
     throughput = ("tokens_per_s", "tok/s", "{:.0f}")
-    work += [("run_throughput", n, f"throughput, {n} concurrent x 64 tokens", "throughput", throughput, (n, 64))
-             for n in ([1, 8] if quick else [1, 8, 32])]  # fmt: skip
+    work += [
+        ("run_throughput", n, f"throughput, {n} concurrent x 64 tokens", "throughput", throughput, (n, 64))
+        for n in ([1, 8] if quick else [1, 8, 32])
+    ]
     return work
 
 
@@ -378,12 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     work = workloads(args.quick)
-    meta = {"config": "bench-tiny", "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
-            "quick": args.quick, "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0]}  # fmt: skip
+    meta = {
+        "config": "bench-tiny",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "dtype": "float32",
+        "quick": args.quick,
+        "cpu": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+    }
     results: dict = {"meta": meta, "rows": []}
     measured: dict[tuple, dict] = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn()]  # fmt: skip
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    ]
     with tempfile.TemporaryDirectory() as tmp, Progress(*columns) as progress:
         weights = os.path.join(tmp, "weights.safetensors")
         meta["params"] = bench_weights(weights)

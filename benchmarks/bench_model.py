@@ -60,7 +60,9 @@ def worker(impl: str, workload: str, size: int, weights: str, threads: int, queu
             seconds = statistics.median(times[1:])
             tokens = 8 * size
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        queue.put({"seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss": peak, "rss_before": rss_before})
+        queue.put(
+            {"seconds": seconds, "tokens_per_s": tokens / seconds, "peak_rss": peak, "rss_before": rss_before}
+        )
     except Exception as e:  # report, don't hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
@@ -69,7 +71,9 @@ def check_parity(weights: str, threads: int) -> float:
     """Max |logits difference| at 2x index_topk tokens (so DSA is active): the two sides run the same model."""
     cfg, ours = build("glm5", weights, threads)
     _, ref = build("hf", weights, threads)
-    ids = torch.randint(0, cfg.vocab_size, (1, 2 * cfg.index_topk), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, cfg.vocab_size, (1, 2 * cfg.index_topk), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         return (logits_of("glm5", ours, ids) - logits_of("hf", ref, ids)).abs().max().item()
 
@@ -103,13 +107,19 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["workload"] == "prefill" and "error" not in r["hf"] and "error" not in r["glm5"]]
+    rows = [
+        r
+        for r in results["rows"]
+        if r["workload"] == "prefill" and "error" not in r["hf"] and "error" not in r["glm5"]
+    ]
     sizes = [r["size"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for impl, style in (("hf", "o--"), ("glm5", "s-")):
         ax1.plot(sizes, [r[impl]["seconds"] for r in rows], style, label=impl)
         ax2.plot(sizes, [r[impl]["peak_rss"] / 1e9 for r in rows], style, label=impl)
-    ax1.set(xlabel="prompt tokens", ylabel="prefill seconds", title="prefill time (bench-tiny, CPU)", yscale="log")
+    ax1.set(
+        xlabel="prompt tokens", ylabel="prefill seconds", title="prefill time (bench-tiny, CPU)", yscale="log"
+    )
     ax2.set(xlabel="prompt tokens", ylabel="peak RSS (GB)", title="prefill peak memory")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -139,17 +149,33 @@ def main(argv: list[str] | None = None) -> int:
     for module in model.modules():  # a realistic, non-zero router bias
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias.normal_(0.0, 0.01)
-    workloads = [("prefill", n, f"prefill 1 x {n:,}") for n in prefill_sizes] + [("train", 256, "train step 8 x 256")]
-    results = {"meta": {"config": "bench-tiny", "params": model.num_parameters(), "torch": torch.__version__,
-                        "threads": args.threads, "dtype": "float32", "repeats": repeats,
-                        "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0]},
-               "rows": []}  # fmt: skip
+    workloads = [("prefill", n, f"prefill 1 x {n:,}") for n in prefill_sizes] + [
+        ("train", 256, "train step 8 x 256")
+    ]
+    results = {
+        "meta": {
+            "config": "bench-tiny",
+            "params": model.num_parameters(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "dtype": "float32",
+            "repeats": repeats,
+            "cpu": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+        },
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
         save_file({k: v.contiguous() for k, v in model.hf_state_dict(fused_experts=True).items()}, weights)
         results["meta"]["parity_max_abs_diff"] = check_parity(weights, args.threads)
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns) as progress:
             task = progress.add_task("benchmark", total=len(workloads) * repeats * 2)
             for workload, size, name in workloads:
@@ -157,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(repeats):
                     for impl in ("hf", "glm5"):  # interleaved: machine drift hits both sides alike
                         progress.update(task, description=f"{name}: {impl}")
-                        runs[impl].append(run_in_fresh_process(worker, (impl, workload, size, weights, args.threads), 900))
+                        runs[impl].append(
+                            run_in_fresh_process(worker, (impl, workload, size, weights, args.threads), 900)
+                        )
                         progress.advance(task)
                 row = {"name": name, "workload": workload, "size": size}
                 for impl, got in runs.items():

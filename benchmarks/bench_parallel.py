@@ -93,8 +93,14 @@ def run_layout(folder: str, tp: int, ep: int, fused: bool, prompt_len: int, new:
     cfg = GLM5Config.from_hf_config(folder)
     base_rss = vm_hwm(os.getpid(), "VmRSS")  # torch + glm5 imported, nothing loaded
     start = time.perf_counter()
-    llm = LLM(folder, tensor_parallel_size=tp, expert_parallel_size=ep, fused_decode=fused,
-              enable_prefix_caching=False, kv_cache_memory=256 << 20)  # fmt: skip
+    llm = LLM(
+        folder,
+        tensor_parallel_size=tp,
+        expert_parallel_size=ep,
+        fused_decode=fused,
+        enable_prefix_caching=False,
+        kv_cache_memory=256 << 20,
+    )
     load_s = time.perf_counter() - start
     try:
         engine = llm.engine
@@ -114,14 +120,23 @@ def run_layout(folder: str, tp: int, ep: int, fused: bool, prompt_len: int, new:
     finally:
         llm.shutdown()
     return {
-        "tp": tp, "ep": ep, "world": tp * ep, "fused_decode": fused_on, "dtype": str(dtype).removeprefix("torch."),
-        "load_s": load_s, "rank0_rss_before_load": base_rss, "rank0_weight_bytes_measured": measured,
+        "tp": tp,
+        "ep": ep,
+        "world": tp * ep,
+        "fused_decode": fused_on,
+        "dtype": str(dtype).removeprefix("torch."),
+        "load_s": load_s,
+        "rank0_rss_before_load": base_rss,
+        "rank0_weight_bytes_measured": measured,
         "weight_bytes_promised": {str(r): b for r, b in promised.items()},
         "load_peak_rss": {str(r): b for r, b in load_rss.items()},
         "load_rss_after": {str(r): b for r, b in load_now.items()},
         "end_peak_rss": {str(r): b for r, b in end_rss.items()},
-        "tokens_per_s_b1": tps1, "tokens_per_s_b8": tps8, "outputs_b1": out1, "outputs_b8": out8,
-    }  # fmt: skip
+        "tokens_per_s_b1": tps1,
+        "tokens_per_s_b8": tps8,
+        "outputs_b1": out1,
+        "outputs_b8": out8,
+    }
 
 
 def worker(args: tuple, queue) -> None:  # noqa: ANN001
@@ -170,8 +185,8 @@ def markdown(results: dict) -> str:
         f"equal the 1-rank unfused output (in every run). Times: the median of {meta['repeats']} run(s) per layout, "
         "the layouts interleaved.",
         "",
-        "| layout | ranks | rank-0 weights measured (MB) | weights promised per rank (MB) | load peak RSS per rank (MB) "
-        "| load time (s) | batch 1 tok/s | batch 8 tok/s | same output |",
+        "| layout | ranks | rank-0 weights measured (MB) | weights promised per rank (MB) "
+        "| load peak RSS per rank (MB) | load time (s) | batch 1 tok/s | batch 8 tok/s | same output |",
         "|---|---:|---:|---|---|---:|---:|---:|:---:|",
     ]
     for row in results["rows"]:
@@ -198,8 +213,14 @@ def markdown(results: dict) -> str:
         "the unfused path's by float rounding. The machine may be shared with other work: the tokens/s "
         "carry that noise.",
     ]
-    one = next((row["result"] for row in results["rows"] if row["tp"] * row["ep"] == 1
-                and "error" not in row["result"]), None)  # fmt: skip
+    one = next(
+        (
+            row["result"]
+            for row in results["rows"]
+            if row["tp"] * row["ep"] == 1 and "error" not in row["result"]
+        ),
+        None,
+    )
     if one is not None:
         lines += [
             "",
@@ -260,9 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     preset = "tiny" if args.quick else "small"
     prompt_len = args.prompt_len or (32 if args.quick else 128)
     new = args.new_tokens or (16 if args.quick else 64)
-    meta = {"preset": preset, "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-            "prompt_len": prompt_len, "new_tokens": new, "quick": args.quick}  # fmt: skip
+    meta = {
+        "preset": preset,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "quick": args.quick,
+    }
     results: dict = {"meta": meta, "rows": []}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

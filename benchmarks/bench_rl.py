@@ -43,19 +43,35 @@ def throughput(mode: str, steps: int) -> dict:
     rollout = {**base.rollout, "max_new_tokens": 6, "filter_zero_variance": False}
     if mode == "async":
         rollout.update(update_mode="abort", partial_rollout=True)
-    recipe = base.replace(steps=steps, delay=DELAY, rollout=rollout,
-                          buffer={**base.buffer, "max_concurrent": 4 * base.buffer["batch_size"]})  # fmt: skip
+    recipe = base.replace(
+        steps=steps,
+        delay=DELAY,
+        rollout=rollout,
+        buffer={**base.buffer, "max_concurrent": 4 * base.buffer["batch_size"]},
+    )
     system = build_local(recipe, build_task(recipe, None, log=lambda *_: None))
     t0 = time.perf_counter()
-    records = run_loop(system["buffer"], system["rollout"], system["trainer"], system["transport"], steps=steps,
-                       overlap=recipe.overlap)  # fmt: skip
+    records = run_loop(
+        system["buffer"],
+        system["rollout"],
+        system["trainer"],
+        system["transport"],
+        steps=steps,
+        overlap=recipe.overlap,
+    )
     wall = time.perf_counter() - t0
-    return {"mode": mode, "steps": steps, "wall_s": wall, "s_per_update": wall / steps,
-            "samples": sum(r["num_samples"] for r in records),
-            "staleness_mean": sum(r["staleness_mean"] for r in records) / steps,
-            "staleness_max": max(r["staleness_max"] for r in records),
-            "train_s": sum(r["train_s"] for r in records), "wait_s": sum(r["wait_s"] for r in records),
-            "final_rollout_reward": records[-1].get("rollout_reward")}  # fmt: skip
+    return {
+        "mode": mode,
+        "steps": steps,
+        "wall_s": wall,
+        "s_per_update": wall / steps,
+        "samples": sum(r["num_samples"] for r in records),
+        "staleness_mean": sum(r["staleness_mean"] for r in records) / steps,
+        "staleness_max": max(r["staleness_max"] for r in records),
+        "train_s": sum(r["train_s"] for r in records),
+        "wait_s": sum(r["wait_s"] for r in records),
+        "final_rollout_reward": records[-1].get("rollout_reward"),
+    }
 
 
 def pct(x: float | None) -> str:
@@ -78,39 +94,62 @@ def hallucination(steps: int, sft_steps: int) -> dict:
         task["model"].load_state_dict(start)
         run_task = dict(task, reward_fn=get_reward_fn(reward))
         system = build_local(recipe, run_task)
-        kw = dict(max_new_tokens=recipe.configs()[1].max_new_tokens, tokenizer=task["tokenizer"],
-                  reply_fn=task["reply_fn"], env=None)  # fmt: skip
+        kw = dict(
+            max_new_tokens=recipe.configs()[1].max_new_tokens,
+            tokenizer=task["tokenizer"],
+            reply_fn=task["reply_fn"],
+            env=None,
+        )
         before = evaluate_policy(system["engine"], task["eval"], get_reward_fn("abstain"), **kw)
         t0 = time.perf_counter()
-        run_loop(system["buffer"], system["rollout"], system["trainer"], system["transport"], steps=steps,
-                 overlap=recipe.overlap)  # fmt: skip
+        run_loop(
+            system["buffer"],
+            system["rollout"],
+            system["trainer"],
+            system["transport"],
+            steps=steps,
+            overlap=recipe.overlap,
+        )
         after = evaluate_policy(system["engine"], task["eval"], get_reward_fn("abstain"), **kw)
         strip = ("examples",)
-        out[name] = {"before": {k: v for k, v in before.items() if k not in strip},
-                     "after": {k: v for k, v in after.items() if k not in strip}, "wall_s": time.perf_counter() - t0}  # fmt: skip
+        out[name] = {
+            "before": {k: v for k, v in before.items() if k not in strip},
+            "after": {k: v for k, v in after.items() if k not in strip},
+            "wall_s": time.perf_counter() - t0,
+        }
     return out
 
 
 def markdown(r: dict) -> str:
     m, s, a = r["meta"], r["sync"], r["async"]
-    lines = [f"Digits task on the glm5 engine, long-tailed per-token delays {DELAY}, {s['steps']} updates each, "
-             f"torch {m['torch']}, {m['threads']} thread(s), {m['cpu']}.", "",
-             "| mode | wall time | s / update | mean / max staleness | trainer busy | trainer waiting |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"Digits task on the glm5 engine, long-tailed per-token delays {DELAY}, {s['steps']} updates each, "
+        f"torch {m['torch']}, {m['threads']} thread(s), {m['cpu']}.",
+        "",
+        "| mode | wall time | s / update | mean / max staleness | trainer busy | trainer waiting |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in (s, a):
-        lines.append(f"| {row['mode']} | {row['wall_s']:.1f} s | {row['s_per_update']:.2f} | "
-                     f"{row['staleness_mean']:.2f} / {row['staleness_max']} | {row['train_s']:.1f} s | {row['wait_s']:.1f} s |")  # fmt: skip
+        lines.append(
+            f"| {row['mode']} | {row['wall_s']:.1f} s | {row['s_per_update']:.2f} | "
+            f"{row['staleness_mean']:.2f} / {row['staleness_max']} | {row['train_s']:.1f} s | {row['wait_s']:.1f} s |"
+        )
     lines += ["", f"**fully-async speedup: {r['speedup']:.2f}x** (target >= 1.5x)", ""]
     h = r["hallucination"]
-    lines += ["Held-out questions (one-digit sums and unanswerable questions, greedy), tiny warm-started chat "
-              f"policy, {m['rl_steps']} RL steps from the same weights. Hallucination rate = wrong / (wrong + "
-              "abstentions) over the replies that are not correct (glm5.eval's definition):", "",
-              "| reward | hallucination before | after | accuracy before | after | abstention after |",
-              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "Held-out questions (one-digit sums and unanswerable questions, greedy), tiny warm-started chat "
+        f"policy, {m['rl_steps']} RL steps from the same weights. Hallucination rate = wrong / (wrong + "
+        "abstentions) over the replies that are not correct (glm5.eval's definition):",
+        "",
+        "| reward | hallucination before | after | accuracy before | after | abstention after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, row in h.items():
         b, a2 = row["before"], row["after"]
-        lines.append(f"| {name} | {pct(b['hallucination_rate'])} | {pct(a2['hallucination_rate'])} | {b['accuracy']:.0%} "
-                     f"| {a2['accuracy']:.0%} | {a2['abstention_rate']:.0%} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {pct(b['hallucination_rate'])} | {pct(a2['hallucination_rate'])} | {b['accuracy']:.0%} "
+            f"| {a2['accuracy']:.0%} | {a2['abstention_rate']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     updates, rl_steps, sft = (6, 6, 100) if args.quick else (16, 30, 200)
-    result = {"meta": {"torch": torch.__version__, "threads": args.threads, "updates": updates, "rl_steps": rl_steps,
-                       "sft_steps": sft, "cpu": platform.processor() or platform.machine(), "delay": DELAY}}  # fmt: skip
+    result = {
+        "meta": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "updates": updates,
+            "rl_steps": rl_steps,
+            "sft_steps": sft,
+            "cpu": platform.processor() or platform.machine(),
+            "delay": DELAY,
+        }
+    }
     for mode in ("sync", "async"):
         print(f"throughput: {mode}", flush=True)
         result[mode] = throughput(mode, updates)

@@ -53,7 +53,9 @@ def make_checkpoint(folder: Path) -> None:
 
     cfg = GLM5Config.from_hf_config(CONFIG_PATH)
     root = Path(sysconfig.get_paths()["stdlib"])
-    tok = GLM5Tokenizer.train([f for f in default_corpus_files() if f.parent == root][:6], vocab_size=cfg.vocab_size)
+    tok = GLM5Tokenizer.train(
+        [f for f in default_corpus_files() if f.parent == root][:6], vocab_size=cfg.vocab_size
+    )
     torch.manual_seed(0)
     GLM5ForCausalLM(cfg.replace(eos_token_id=tok.eos_token_ids)).save_pretrained(str(folder))
     tok.save_pretrained(folder)
@@ -66,8 +68,24 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, port: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "glm5.cli", "serve", "--model", str(folder), "--host", "127.0.0.1", "--port",
-           str(port), "--threads", str(threads), "--log-level", "warning", "--max-model-len", "1024"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm5.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+        "--max-model-len",
+        "1024",
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -84,8 +102,14 @@ def start_server(folder: Path, port: int, threads: int) -> subprocess.Popen:
 
 
 async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
@@ -102,8 +126,12 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], max_tokens: 
             elif chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
-    return {"ttft": stamps[0] - start if stamps else end - start, "e2e": end - start, "tokens": tokens,
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])]}  # fmt: skip
+    return {
+        "ttft": stamps[0] - start if stamps else end - start,
+        "e2e": end - start,
+        "tokens": tokens,
+        "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+    }
 
 
 async def run_level(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
@@ -123,8 +151,14 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, max_to
     e2e = [r["e2e"] for r in results]
     itl = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
-    row = {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
-           "output_tok_s": tokens / wall, "requests_s": len(results) / wall}  # fmt: skip
+    row = {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "requests_s": len(results) / wall,
+    }
     for name, values in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
         for q in (50, 90, 99):
             row[f"{name}_p{q}_ms"] = percentile(values, q) * 1000
@@ -159,6 +193,7 @@ def markdown(results: dict) -> str:
         "|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in results["rows"]:
+
         def pct(k: str, r: dict = r) -> str:
             return " / ".join(f"{r[f'{k}_p{q}_ms']:.0f}" for q in (50, 90, 99))
 
@@ -181,9 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     per_client = args.requests_per_client or (2 if args.quick else 4)
-    results: dict = {"meta": {"prompt_len": args.prompt_len, "max_tokens": max_tokens, "threads": args.threads,
-                              "requests_per_client": per_client, "torch": torch.__version__,
-                              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, "rows": []}  # fmt: skip
+    results: dict = {
+        "meta": {
+            "prompt_len": args.prompt_len,
+            "max_tokens": max_tokens,
+            "threads": args.threads,
+            "requests_per_client": per_client,
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        },
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         make_checkpoint(folder)
@@ -192,20 +235,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             g = torch.Generator().manual_seed(0)
             for level in LEVELS:
-                prompts = [torch.randint(1, 8000, (args.prompt_len,), generator=g).tolist()
-                           for _ in range(level * per_client)]  # fmt: skip
+                prompts = [
+                    torch.randint(1, 8000, (args.prompt_len,), generator=g).tolist()
+                    for _ in range(level * per_client)
+                ]
                 warm = [[7] * args.prompt_len]  # shares no cached block with the measured prompts
                 asyncio.run(run_level(f"http://127.0.0.1:{port}", warm, 1, 4))
                 row = asyncio.run(run_level(f"http://127.0.0.1:{port}", prompts, level, max_tokens))
                 results["rows"].append(row)
-                print(f"{level} clients: {row['output_tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{level} clients: {row['output_tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms",
+                    flush=True,
+                )
         finally:
             server.terminate()
             server.wait(60)
         for row, level in zip(results["rows"], LEVELS):
             g = torch.Generator().manual_seed(0)
-            prompts = [torch.randint(1, 8000, (args.prompt_len,), generator=g).tolist() for _ in range(level * per_client)]
+            prompts = [
+                torch.randint(1, 8000, (args.prompt_len,), generator=g).tolist()
+                for _ in range(level * per_client)
+            ]
             row["engine_tok_s"] = engine_throughput(folder, prompts, max_tokens, args.threads)
     stem = "bench_serve_quick" if args.quick else "bench_serve"
     save_results(args.out, stem, results, markdown(results))

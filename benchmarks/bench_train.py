@@ -4,7 +4,8 @@ Same bench-tiny weights (benchmarks/configs/bench-tiny.json), same batch (8 x 25
 measured twice: on the same work as HF (LM loss only), and on the step `glm5 train` runs: LM + MTP (one MTP
 layer added to bench-tiny, depth 1) + the DSA indexer KL loss + the sequence-wise balance loss, clipping, and
 the aux-loss-free router-bias update. HF trains the LM loss only (it runs its indexer without gradients and
-has no MTP). Each measurement runs in a fresh process, the three interleaved. MFU = model FLOPs per token x tokens/s / the matmul peak measured in this run, where
+has no MTP). Each measurement runs in a fresh process, the three interleaved. MFU = model FLOPs per token x
+tokens/s / the matmul peak measured in this run, where
 model FLOPs = 6 x active main-model parameters (lm_head included, embedding lookup excluded) + causal
 attention (6 x layers x heads x (qk + v dims) x mean keys per query) — the same count for both sides, so the
 MTP and indexer work glm5 does on top is not credited.
@@ -76,7 +77,9 @@ def _glm5_step(model, opt, ids, recipe, routers):  # noqa: ANN001
     batch = Batch(ids[:, :-1], ids[:, 1:])
     counts = step_counts([batch], recipe.mtp_depth)
     out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True)
-    objective, _ = training_losses(out, batch, counts, recipe, Stage("sparse", 1.0, dsa=True), model.config.num_experts_per_tok)
+    objective, _ = training_losses(
+        out, batch, counts, recipe, Stage("sparse", 1.0, dsa=True), model.config.num_experts_per_tok
+    )
     objective.backward()
     clip_grad_norm([p for n, p in model.named_parameters() if ".indexer." not in n], 1.0)
     clip_grad_norm([p for n, p in model.named_parameters() if ".indexer." in n], 1.0)
@@ -113,7 +116,9 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
             model = GLM5ForCausalLM(cfg)
             model.load_hf_state_dict(state)
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True
+            )
             step = lambda: _hf_step(model, opt, ids, glm5=True)
         elif impl == "glm5":
             recipe = TrainRecipe(mtp_depth=1)
@@ -129,7 +134,9 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
             model = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**cfg.to_hf_config()))
             model.load_state_dict(state, strict=False)
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True
+            )
             step = lambda: _hf_step(model, opt, ids)
         step()  # warm-up (allocations)
         times = []
@@ -144,7 +151,9 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
 
 
 def peak_worker(threads: int, queue) -> None:  # noqa: ANN001
-    queue.put({"float32": matmul_peak(torch.float32, threads), "bfloat16": matmul_peak(torch.bfloat16, threads)})
+    queue.put(
+        {"float32": matmul_peak(torch.float32, threads), "bfloat16": matmul_peak(torch.bfloat16, threads)}
+    )
 
 
 def markdown(r: dict) -> str:
@@ -159,16 +168,23 @@ def markdown(r: dict) -> str:
         "| implementation | what it trains | step time | tokens/s | MFU (vs fp32 peak) | vs HF |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    sides = (("HF transformers", hf, "LM loss"), ("glm5", r["glm5-lm"], "LM loss (the same work as HF)"),
-             ("glm5", ours, "LM + MTP + indexer KL + balance (`glm5 train`)"))  # fmt: skip
+    sides = (
+        ("HF transformers", hf, "LM loss"),
+        ("glm5", r["glm5-lm"], "LM loss (the same work as HF)"),
+        ("glm5", ours, "LM + MTP + indexer KL + balance (`glm5 train`)"),
+    )
     for name, row, what in sides:
         if "error" in row:
             lines.append(f"| {name} | {what} | {row['error']} | | | |")
             continue
         ratio = row["tokens_per_s"] / hf["tokens_per_s"] if "error" not in hf else float("nan")
-        mfu = f"{row['mfu']:.1%}" + (f" ({row['mfu_with_mtp']:.1%} with MTP)" if "mfu_with_mtp" in row else "")
-        lines.append(f"| {name} | {what} | {row['seconds']:.2f} s | {row['tokens_per_s']:,.0f} | {mfu} | "
-                     f"**{ratio:.2f}x** |")  # fmt: skip
+        mfu = f"{row['mfu']:.1%}" + (
+            f" ({row['mfu_with_mtp']:.1%} with MTP)" if "mfu_with_mtp" in row else ""
+        )
+        lines.append(
+            f"| {name} | {what} | {row['seconds']:.2f} s | {row['tokens_per_s']:,.0f} | {mfu} | "
+            f"**{ratio:.2f}x** |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -204,12 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = GLM5ForCausalLM(cfg)
     mtp = GLM5ForCausalLM(cfg.replace(num_nextn_predict_layers=1))
-    result = {"meta": {"config": "bench-tiny", "params": model.num_parameters(),
-                       "mtp_params": mtp.num_parameters() - model.num_parameters(), "torch": torch.__version__,
-                       "threads": args.threads, "dtype": "float32", "repeats": repeats, "steps": steps,
-                       "batch": [BATCH, SEQ], "cpu": platform.processor() or platform.machine(),
-                       "flops_per_token": model_flops_per_token(cfg, SEQ),
-                       "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True)}}  # fmt: skip
+    result = {
+        "meta": {
+            "config": "bench-tiny",
+            "params": model.num_parameters(),
+            "mtp_params": mtp.num_parameters() - model.num_parameters(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "dtype": "float32",
+            "repeats": repeats,
+            "steps": steps,
+            "batch": [BATCH, SEQ],
+            "cpu": platform.processor() or platform.machine(),
+            "flops_per_token": model_flops_per_token(cfg, SEQ),
+            "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True),
+        }
+    }
     result["meta"]["peak_gflops"] = run_in_fresh_process(peak_worker, (args.threads,), timeout=300)
     runs: dict[str, list[dict]] = {"hf": [], "glm5-lm": [], "glm5": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(repeats):
             for impl in runs:  # interleaved: machine drift hits every side alike
                 print(f"repeat {i + 1}/{repeats}: {impl}", flush=True)
-                runs[impl].append(run_in_fresh_process(worker, (impl, weights, args.threads, steps), timeout=1800))
+                runs[impl].append(
+                    run_in_fresh_process(worker, (impl, weights, args.threads, steps), timeout=1800)
+                )
     peak = result["meta"]["peak_gflops"]["float32"] * 1e9
     for impl, got in runs.items():
         ok = [r for r in got if "error" not in r]

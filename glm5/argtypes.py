@@ -35,7 +35,9 @@ def _number(text: str, kind: type, what: str) -> int | float:
     return value
 
 
-def int_range(low: int | None = None, high: int | None = None, name: str | None = None) -> Callable[[str], int]:
+def int_range(
+    low: int | None = None, high: int | None = None, name: str | None = None
+) -> Callable[[str], int]:
     """An integer in [low, high] (either bound may be None: open)."""
     if low is not None and high is not None:
         what = f"an integer from {low} to {high}"
@@ -56,8 +58,13 @@ def int_range(low: int | None = None, high: int | None = None, name: str | None 
     return parse
 
 
-def float_range(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
-                name: str | None = None) -> Callable[[str], float]:  # fmt: skip
+def float_range(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    name: str | None = None,
+) -> Callable[[str], float]:
     """A finite float between low and high (each bound inclusive unless `*_open`; None: unbounded)."""
     parts = []
     if low is not None:
@@ -113,7 +120,9 @@ def output_path(value: str) -> str:
     """A folder to write into: it may exist (as a folder) or not, but must not be a file."""
     text(value)
     if os.path.exists(value) and not os.path.isdir(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is a file; name a folder (new, or one to resume/replace)")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is a file; name a folder (new, or one to resume/replace)"
+        )
     return value
 
 
@@ -131,6 +140,7 @@ def existing_file(value: str) -> str:
     """A file that exists."""
     text(value)
     if not os.path.isfile(value):
-        raise argparse.ArgumentTypeError(f"no such file {value!r}" if not os.path.exists(value) else
-                                         f"{value!r} is not a file")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"no such file {value!r}" if not os.path.exists(value) else f"{value!r} is not a file"
+        )
     return value

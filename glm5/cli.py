@@ -28,8 +28,14 @@ from glm5.argtypes import (
 from glm5.config import PRESETS, GLM5Config
 
 EXIT_USAGE = 2
-COMMAND_GROUPS = ("glm5.tokenizer.cli", "glm5.train.cli", "glm5.engine.cli", "glm5.eval.cli", "glm5.serve.cli",
-                  "glm5.rl.cli")
+COMMAND_GROUPS = (
+    "glm5.tokenizer.cli",
+    "glm5.train.cli",
+    "glm5.engine.cli",
+    "glm5.eval.cli",
+    "glm5.serve.cli",
+    "glm5.rl.cli",
+)
 """Modules with a `register(subparsers)` adding their subcommands; each must import without torch."""
 
 
@@ -79,7 +85,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _has_weights(path: str) -> bool:
     from glm5.checkpoint.files import INDEX_FILE, SINGLE_FILE
 
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE))
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE)
+    )
 
 
 def _checkpoint_table(summary, params):
@@ -89,10 +97,19 @@ def _checkpoint_table(summary, params):
     from glm5.checkpoint.convert import ROLES
     from glm5.plan import human_bytes
 
-    out = Table(title=f"{summary.path}: {summary.num_files} safetensors file(s)", title_justify="left",
-                show_edge=False, pad_edge=False)  # fmt: skip
-    for column, justify in (("stored as", "left"), ("tensors", "right"), ("bytes", "right"), ("", "right"),
-                            ("share", "right")):  # fmt: skip
+    out = Table(
+        title=f"{summary.path}: {summary.num_files} safetensors file(s)",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column, justify in (
+        ("stored as", "left"),
+        ("tensors", "right"),
+        ("bytes", "right"),
+        ("", "right"),
+        ("share", "right"),
+    ):
         out.add_column(column, justify=justify, no_wrap=True)
     total = summary.total_bytes or 1
     roles = [r for r in ROLES if r in summary.counts] + sorted(set(summary.counts) - set(ROLES))
@@ -100,11 +117,22 @@ def _checkpoint_table(summary, params):
         n = summary.nbytes[role]
         out.add_row(role, f"{summary.counts[role]:,}", f"{n:,} B", human_bytes(n), f"{100 * n / total:.1f}%")
     out.add_section()
-    out.add_row("total", f"{summary.total_tensors:,}", f"{summary.total_bytes:,} B", human_bytes(summary.total_bytes), "")
+    out.add_row(
+        "total",
+        f"{summary.total_tensors:,}",
+        f"{summary.total_bytes:,} B",
+        human_bytes(summary.total_bytes),
+        "",
+    )
     quantized = "FP8 e4m3 weights" in summary.counts
     predicted = params.fp8_bytes(include_mtp=True) if quantized else params.bf16_bytes(include_mtp=True)
-    out.add_row(f"predicted from config ({'FP8' if quantized else 'BF16'} layout)", "", f"{predicted:,} B",
-                human_bytes(predicted), "")  # fmt: skip
+    out.add_row(
+        f"predicted from config ({'FP8' if quantized else 'BF16'} layout)",
+        "",
+        f"{predicted:,} B",
+        human_bytes(predicted),
+        "",
+    )
     if summary.index_total_size is not None:
         out.add_row("index metadata.total_size", "", f"{summary.index_total_size:,} B", "", "")
     return out
@@ -127,8 +155,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from glm5.checkpoint.convert import convert_checkpoint, summarize_checkpoint
 
     console = Console(stderr=True)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TextColumn("{task.fields[tensors]}"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn()]  # fmt: skip
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tensors]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    ]
     start = time.perf_counter()
     bar = Progress(*columns, console=console)
     state = {"tensors": 0, "total": 0, "task": None}
@@ -141,12 +176,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     def progress(tensors: int, nbytes: int) -> None:
         state["tensors"] += tensors
         rate = state["tensors"] / max(time.perf_counter() - start, 1e-9)
-        bar.update(state["task"], advance=nbytes, tensors=f"{state['tensors']:,}/{state['total']:,} tensors",
-                   rate=f"{rate:,.0f} tensors/s")  # fmt: skip
+        bar.update(
+            state["task"],
+            advance=nbytes,
+            tensors=f"{state['tensors']:,}/{state['total']:,} tensors",
+            rate=f"{rate:,.0f} tensors/s",
+        )
 
     try:
-        convert_checkpoint(args.src, args.dst, args.to, max_shard_size=args.max_shard_size, progress=progress,
-                           on_start=on_start)  # fmt: skip
+        convert_checkpoint(
+            args.src,
+            args.dst,
+            args.to,
+            max_shard_size=args.max_shard_size,
+            progress=progress,
+            on_start=on_start,
+        )
     finally:
         bar.stop()
     before, after = summarize_checkpoint(args.src), summarize_checkpoint(args.dst)
@@ -178,11 +223,20 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         "(zai-org/GLM-5-FP8) layout, tensor by tensor. Other files (tokenizer, ...) are copied.",
     )
     convert.add_argument("src", metavar="SRC", type=text, help="checkpoint folder to read")
-    convert.add_argument("dst", metavar="DST", type=output_path,
-                         help="folder to write (written beside it, then renamed into place: a failure leaves nothing)")  # fmt: skip
+    convert.add_argument(
+        "dst",
+        metavar="DST",
+        type=output_path,
+        help="folder to write (written beside it, then renamed into place: a failure leaves nothing)",
+    )
     convert.add_argument("--to", required=True, choices=("fp8", "bf16"), help="target format")
-    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE", type=_shard_size,
-                         help="shard size limit, e.g. 5GB, 500MB, 2GiB (default 5GB)")  # fmt: skip
+    convert.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        type=_shard_size,
+        help="shard size limit, e.g. 5GB, 500MB, 2GiB (default 5GB)",
+    )
     convert.set_defaults(func=cmd_convert)
 
 
@@ -196,7 +250,9 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
     source = info.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)}")
     source.add_argument(
-        "path", nargs="?", metavar="PATH",
+        "path",
+        nargs="?",
+        metavar="PATH",
         help="a config.json, or a checkpoint folder (with weights: also what its files hold and what is quantised)",
     )
     info.set_defaults(func=cmd_info)
@@ -213,27 +269,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.list_hardware:
         for hw in HARDWARE.values():
-            Console(highlight=False).print(f"{hw.name:16} {hw.memory_gb:g} GB, {hw.bandwidth_tbs:g} TB/s, "
-                                           f"{hw.bf16_tflops:g}/{hw.fp8_tflops:g} TFLOP/s bf16/8-bit, "
-                                           f"{hw.interconnect_gbs:g} GB/s x {hw.scale_up}: {hw.source}")  # fmt: skip
+            Console(highlight=False).print(
+                f"{hw.name:16} {hw.memory_gb:g} GB, {hw.bandwidth_tbs:g} TB/s, "
+                f"{hw.bf16_tflops:g}/{hw.fp8_tflops:g} TFLOP/s bf16/8-bit, "
+                f"{hw.interconnect_gbs:g} GB/s x {hw.scale_up}: {hw.source}"
+            )
         return 0
     cfg, label = _load_config(args.preset or (None if args.path else "glm-5"), args.path)
     hw = load_hardware_file(args.hardware_file) if args.hardware_file else get_hardware(args.hardware)
     mtp_steps = args.mtp_steps if args.mtp_accept is not None else 0
     settings = PlanSettings(
-        dtype=args.dtype, context=args.context, concurrency=args.concurrency, devices=args.devices,
-        attn_tp=args.attn_tp, kv_dtype=args.kv_dtype, mtp_steps=mtp_steps,
+        dtype=args.dtype,
+        context=args.context,
+        concurrency=args.concurrency,
+        devices=args.devices,
+        attn_tp=args.attn_tp,
+        kv_dtype=args.kv_dtype,
+        mtp_steps=mtp_steps,
         mtp_accept=args.mtp_accept if args.mtp_accept is not None else 1.0,
-        bandwidth_efficiency=args.bandwidth_efficiency, mfu=args.mfu, margin=args.margin,
+        bandwidth_efficiency=args.bandwidth_efficiency,
+        mfu=args.mfu,
+        margin=args.margin,
         price_per_hour=args.price_per_hour,
-    )  # fmt: skip
+    )
     result = plan(cfg, hw, settings, preset=label)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
     table = format_plan(result)
     console = Console()
-    if not console.is_terminal:  # piped or redirected: no screen width to respect, so never wrap or cut a cell
+    if (
+        not console.is_terminal
+    ):  # piped or redirected: no screen width to respect, so never wrap or cut a cell
         caption, table.caption = table.caption, None  # the caption is prose: it may wrap to the table's width
         natural = Console(width=10_000).measure(table).maximum
         table.caption = caption
@@ -254,28 +321,72 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         "GLM-5 serving speeds imply against this roofline.",
     )
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)} (default glm-5)")
+    source.add_argument(
+        "--preset", metavar="NAME", help=f"a named config: {', '.join(PRESETS)} (default glm-5)"
+    )
     source.add_argument("path", nargs="?", metavar="PATH", help="a config.json or a checkpoint folder")
-    p.add_argument("--hardware", default="h200", metavar="NAME",
-                   help="h100, h200, b200, ascend-910b, ascend-910c, cloudmatrix-384 (default h200)")  # fmt: skip
-    p.add_argument("--hardware-file", metavar="FILE", type=existing_file,
-                   help="a JSON file describing your own device (overrides --hardware)")  # fmt: skip
+    p.add_argument(
+        "--hardware",
+        default="h200",
+        metavar="NAME",
+        help="h100, h200, b200, ascend-910b, ascend-910c, cloudmatrix-384 (default h200)",
+    )
+    p.add_argument(
+        "--hardware-file",
+        metavar="FILE",
+        type=existing_file,
+        help="a JSON file describing your own device (overrides --hardware)",
+    )
     p.add_argument("--list-hardware", action="store_true", help="print the hardware catalog and exit")
     p.add_argument("--dtype", choices=("bf16", "fp8"), default="fp8", help="stored weights (default fp8)")
-    p.add_argument("--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="MLA latent cache (default bf16)")
-    p.add_argument("--context", type=positive_int, default=200_000, help="tokens per sequence (default 200000)")
-    p.add_argument("--concurrency", type=positive_int, default=32, help="sequences decoded at once (default 32)")
-    p.add_argument("--devices", type=positive_int, help="use this many devices (default: the smallest power of two that fits)")
-    p.add_argument("--attn-tp", type=positive_int, help="attention tensor parallelism (default: least memory)")
-    p.add_argument("--mtp-accept", type=float_range(1.0, name="acceptance"), metavar="L",
-                   help="enable MTP speculative decoding with this acceptance length (tokens per step, e.g. 3.5)")  # fmt: skip
-    p.add_argument("--mtp-steps", type=positive_int, default=3, help="MTP draft tokens per step with --mtp-accept (default 3)")
-    p.add_argument("--bandwidth-efficiency", type=fraction, default=DEFAULT_BANDWIDTH_EFFICIENCY,
-                   help=f"share of peak HBM bandwidth decode reaches (default {DEFAULT_BANDWIDTH_EFFICIENCY})")  # fmt: skip
+    p.add_argument(
+        "--kv-dtype", choices=("bf16", "fp8"), default="bf16", help="MLA latent cache (default bf16)"
+    )
+    p.add_argument(
+        "--context", type=positive_int, default=200_000, help="tokens per sequence (default 200000)"
+    )
+    p.add_argument(
+        "--concurrency", type=positive_int, default=32, help="sequences decoded at once (default 32)"
+    )
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        help="use this many devices (default: the smallest power of two that fits)",
+    )
+    p.add_argument(
+        "--attn-tp", type=positive_int, help="attention tensor parallelism (default: least memory)"
+    )
+    p.add_argument(
+        "--mtp-accept",
+        type=float_range(1.0, name="acceptance"),
+        metavar="L",
+        help="enable MTP speculative decoding with this acceptance length (tokens per step, e.g. 3.5)",
+    )
+    p.add_argument(
+        "--mtp-steps",
+        type=positive_int,
+        default=3,
+        help="MTP draft tokens per step with --mtp-accept (default 3)",
+    )
+    p.add_argument(
+        "--bandwidth-efficiency",
+        type=fraction,
+        default=DEFAULT_BANDWIDTH_EFFICIENCY,
+        help=f"share of peak HBM bandwidth decode reaches (default {DEFAULT_BANDWIDTH_EFFICIENCY})",
+    )
     p.add_argument("--mfu", type=fraction, default=DEFAULT_MFU, help=f"prefill MFU (default {DEFAULT_MFU})")
-    p.add_argument("--margin", type=float_range(0.0, 1.0, high_open=True, name="margin"), default=DEFAULT_MARGIN,
-                   help=f"share of device memory kept for activations etc. (default {DEFAULT_MARGIN})")  # fmt: skip
-    p.add_argument("--price-per-hour", type=nonnegative_float, metavar="X", help="price of one device-hour, for cost per 1M tokens")
+    p.add_argument(
+        "--margin",
+        type=float_range(0.0, 1.0, high_open=True, name="margin"),
+        default=DEFAULT_MARGIN,
+        help=f"share of device memory kept for activations etc. (default {DEFAULT_MARGIN})",
+    )
+    p.add_argument(
+        "--price-per-hour",
+        type=nonnegative_float,
+        metavar="X",
+        help="price of one device-hour, for cost per 1M tokens",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -156,7 +156,9 @@ class GLM5Config:
             return [{"F": "full", "S": "shared"}[c] for c in self.index_topk_pattern]
         freq = max(self.index_topk_freq or 1, 1)
         offset = 2 if self.index_skip_topk_offset is None else self.index_skip_topk_offset
-        return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(self.num_hidden_layers)]
+        return [
+            "full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(self.num_hidden_layers)
+        ]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Layer `layer_idx` (MTP layers included) uses MoE rather than the dense MLP."""
@@ -166,16 +168,34 @@ class GLM5Config:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         positive = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
-            "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-            "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk",
-            "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "index_n_heads",
+            "index_head_dim",
+            "index_topk",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "n_group",
+            "topk_group",
             "moe_layer_freq",
-        ]  # fmt: skip
+        ]
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"GLM5Config.{name} must be an integer, got {value!r} ({type(value).__name__})")
+                raise ValueError(
+                    f"GLM5Config.{name} must be an integer, got {value!r} ({type(value).__name__})"
+                )
             if value < 1:
                 raise ValueError(f"GLM5Config.{name} must be >= 1, got {value}")
         non_negative = ["first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"]
@@ -183,15 +203,26 @@ class GLM5Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"GLM5Config.{name} must be a non-negative integer, got {value!r}")
-        for name in ["rope_theta", "routed_scaling_factor", "rms_norm_eps", "latent_norm_eps",
-                     "indexer_norm_eps", "initializer_range"]:  # fmt: skip
+        for name in [
+            "rope_theta",
+            "routed_scaling_factor",
+            "rms_norm_eps",
+            "latent_norm_eps",
+            "indexer_norm_eps",
+            "initializer_range",
+        ]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"GLM5Config.{name} must be a finite number, got {value!r}")
             if value <= 0:
                 raise ValueError(f"GLM5Config.{name} must be > 0, got {value}")
-        for name in ["rope_interleave", "indexer_rope_interleave", "norm_topk_prob", "tie_word_embeddings",
-                     "attention_bias"]:  # fmt: skip
+        for name in [
+            "rope_interleave",
+            "indexer_rope_interleave",
+            "norm_topk_prob",
+            "tie_word_embeddings",
+            "attention_bias",
+        ]:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GLM5Config.{name} must be true or false, got {getattr(self, name)!r}")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -200,39 +231,66 @@ class GLM5Config:
                 f"n_routed_experts ({self.n_routed_experts}); choose at most {self.n_routed_experts}"
             )
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"GLM5Config.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
+            raise ValueError(
+                f"GLM5Config.n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})"
+            )
         if self.topk_group > self.n_group:
             raise ValueError(f"GLM5Config.topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
-            raise ValueError("GLM5Config.n_group: each expert group needs at least 2 experts (group score = top-2 sum)")
-        if self.n_group > 1 and self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
-            raise ValueError("GLM5Config.topk_group keeps fewer experts than num_experts_per_tok; raise topk_group")
+            raise ValueError(
+                "GLM5Config.n_group: each expert group needs at least 2 experts (group score = top-2 sum)"
+            )
+        if (
+            self.n_group > 1
+            and self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok
+        ):
+            raise ValueError(
+                "GLM5Config.topk_group keeps fewer experts than num_experts_per_tok; raise topk_group"
+            )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"GLM5Config.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"GLM5Config.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}"
+            )
         if self.index_head_dim < self.qk_rope_head_dim:
             raise ValueError(
                 f"GLM5Config.index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim "
                 f"({self.qk_rope_head_dim}): the indexer applies RoPE to its first qk_rope_head_dim dims"
             )
         if self.moe_layer_freq != 1:
-            raise ValueError("GLM5Config.moe_layer_freq: only 1 (every layer after the dense ones is MoE) is supported")
+            raise ValueError(
+                "GLM5Config.moe_layer_freq: only 1 (every layer after the dense ones is MoE) is supported"
+            )
         if self.scoring_func != "sigmoid":
-            raise ValueError(f"GLM5Config.scoring_func: only 'sigmoid' is supported, got {self.scoring_func!r}")
+            raise ValueError(
+                f"GLM5Config.scoring_func: only 'sigmoid' is supported, got {self.scoring_func!r}"
+            )
         if self.hidden_act != "silu":
             raise ValueError(f"GLM5Config.hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
-        if self.index_topk_freq is not None and (not isinstance(self.index_topk_freq, int) or self.index_topk_freq < 1):
-            raise ValueError(f"GLM5Config.index_topk_freq must be a positive integer, got {self.index_topk_freq!r}")
+        if self.index_topk_freq is not None and (
+            not isinstance(self.index_topk_freq, int) or self.index_topk_freq < 1
+        ):
+            raise ValueError(
+                f"GLM5Config.index_topk_freq must be a positive integer, got {self.index_topk_freq!r}"
+            )
         if self.index_topk_pattern is not None:
             pattern = self.index_topk_pattern
-            if not isinstance(pattern, str) or set(pattern) - {"F", "S"} or len(pattern) != self.num_hidden_layers:
+            if (
+                not isinstance(pattern, str)
+                or set(pattern) - {"F", "S"}
+                or len(pattern) != self.num_hidden_layers
+            ):
                 raise ValueError(
                     f"GLM5Config.index_topk_pattern must be a string of {self.num_hidden_layers} letters F/S, "
                     f"got {pattern!r}"
                 )
         if self.indexer_types[0] != "full":
-            raise ValueError("GLM5Config: layer 0 must run its own indexer (index_topk_pattern/offset gives 'shared')")
+            raise ValueError(
+                "GLM5Config: layer 0 must run its own indexer (index_topk_pattern/offset gives 'shared')"
+            )
         if not isinstance(self.eos_token_id, list) or not all(isinstance(i, int) for i in self.eos_token_id):
-            raise ValueError(f"GLM5Config.eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}")
+            raise ValueError(
+                f"GLM5Config.eos_token_id must be an int or a list of ints, got {self.eos_token_id!r}"
+            )
 
     # --- HF config.json --------------------------------------------------------------------------
     @classmethod
@@ -246,7 +304,9 @@ class GLM5Config:
                 with open(path, encoding="utf-8") as f:
                     config = json.load(f)
             except FileNotFoundError:
-                raise ValueError(f"no config.json at {path}: pass a checkpoint folder or a config file") from None
+                raise ValueError(
+                    f"no config.json at {path}: pass a checkpoint folder or a config file"
+                ) from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
             if not isinstance(config, dict):
@@ -261,14 +321,21 @@ class GLM5Config:
             d["rope_theta"] = rope["rope_theta"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported (GLM-5 uses plain RoPE, rope_type 'default')")
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported (GLM-5 uses plain RoPE, rope_type 'default')"
+            )
         if "dtype" in d:
             d["torch_dtype"] = d.pop("dtype")
         if "num_experts" in d and "n_routed_experts" not in d:
             d["n_routed_experts"] = d.pop("num_experts")
         # Values HF recomputes from others; accept them, check them, do not store them twice.
-        derived = {"qk_head_dim": None, "head_dim": None, "indexer_types": None, "mlp_layer_types": None,
-                   "layer_types": None}  # fmt: skip
+        derived = {
+            "qk_head_dim": None,
+            "head_dim": None,
+            "indexer_types": None,
+            "mlp_layer_types": None,
+            "layer_types": None,
+        }
         for key in derived:
             derived[key] = d.pop(key, None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -287,7 +354,8 @@ class GLM5Config:
         cfg = cls(**known, extra=unknown)
         if derived["qk_head_dim"] is not None and derived["qk_head_dim"] != cfg.qk_head_dim:
             raise ValueError(
-                f"config qk_head_dim {derived['qk_head_dim']} != qk_nope_head_dim + qk_rope_head_dim = {cfg.qk_head_dim}"
+                f"config qk_head_dim {derived['qk_head_dim']} != "
+                f"qk_nope_head_dim + qk_rope_head_dim = {cfg.qk_head_dim}"
             )
         return cfg
 
@@ -339,31 +407,70 @@ class GLM5Config:
 # Small models keep GLM-5's proportions where it matters (MLA ranks < hidden, rope dims, 1 shared expert,
 # sigmoid top-k routing with scaling 2.5) and shrink everything else to fit a laptop CPU.
 _TINY = dict(
-    vocab_size=8192, hidden_size=256, num_hidden_layers=4, intermediate_size=512, max_position_embeddings=32_768,
-    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-    index_n_heads=4, index_head_dim=32, index_topk=64,
-    first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
-    moe_intermediate_size=128, eos_token_id=[0], pad_token_id=0, torch_dtype="float32",
-)  # fmt: skip
+    vocab_size=8192,
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=512,
+    max_position_embeddings=32_768,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=128,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=64,
+    first_k_dense_replace=1,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    moe_intermediate_size=128,
+    eos_token_id=[0],
+    pad_token_id=0,
+    torch_dtype="float32",
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published zai-org/GLM-5 (and GLM-5.1) architecture.
     "glm-5": {},
     # GLM-5.2: IndexCache (21 full indexers + MTP), rope theta 8e6, 1M context; same tensor shapes.
-    "glm-5.2": dict(rope_theta=8_000_000.0, max_position_embeddings=1_048_576, index_topk_freq=4,
-                    index_skip_topk_offset=3, extra={"index_share_for_mtp_iteration": True}),  # fmt: skip
+    "glm-5.2": dict(
+        rope_theta=8_000_000.0,
+        max_position_embeddings=1_048_576,
+        index_topk_freq=4,
+        index_skip_topk_offset=3,
+        extra={"index_share_for_mtp_iteration": True},
+    ),
     # ~10M parameters (+0.8M MTP): the CPU workhorse. Identical to PERFORMANCE.md's bench-tiny plus MTP.
     "tiny": dict(_TINY),
     # bench-tiny from PERFORMANCE.md, the config both glm5 and HF are benchmarked on (no MTP).
     "bench-tiny": dict(_TINY, num_nextn_predict_layers=0),
     # ~100M parameters in total (~30M active): trains on a CPU in hours, on a GPU in minutes.
     "small": dict(
-        vocab_size=32_768, hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
-        max_position_embeddings=65_536, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
-        kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64,
-        index_n_heads=8, index_head_dim=64, index_topk=256,
-        first_k_dense_replace=1, n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
-        moe_intermediate_size=256, eos_token_id=[0], pad_token_id=0, torch_dtype="float32",
-    ),  # fmt: skip
+        vocab_size=32_768,
+        hidden_size=512,
+        num_hidden_layers=8,
+        intermediate_size=1536,
+        max_position_embeddings=65_536,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=64,
+        index_n_heads=8,
+        index_head_dim=64,
+        index_topk=256,
+        first_k_dense_replace=1,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        moe_intermediate_size=256,
+        eos_token_id=[0],
+        pad_token_id=0,
+        torch_dtype="float32",
+    ),
 }

@@ -72,8 +72,10 @@ def pretrain(out: Path, smoke: bool) -> dict[str, Any]:
     recipe = recipe_preset("smoke" if smoke else "demo")
     if smoke:
         tasks = {**recipe.data.chat_tasks, "easy_arithmetic": 40}
-        recipe = recipe.replace(eval_tasks={"easy_arithmetic": 1, "unanswerable": 1},
-                                data=dataclasses.replace(recipe.data, chat_tasks=tasks))  # fmt: skip
+        recipe = recipe.replace(
+            eval_tasks={"easy_arithmetic": 1, "unanswerable": 1},
+            data=dataclasses.replace(recipe.data, chat_tasks=tasks),
+        )
     summary = Trainer(recipe, out).run()
     return {"recipe": "smoke" if smoke else "demo", **summary}
 
@@ -82,8 +84,14 @@ def evaluate(model_dir: Path, data_dir: Path, out: Path, num: int) -> Any:
     from glm5.eval import GenerationOptions, LocalBackend, evaluate, write_report
 
     tasks = ["easy_arithmetic", "unanswerable", "tool_use", "perplexity"]
-    result = evaluate(LocalBackend(str(model_dir)), tasks, num=num, perplexity_source=data_dir,
-                      options=GenerationOptions(max_tokens=48), num_windows=16)  # fmt: skip
+    result = evaluate(
+        LocalBackend(str(model_dir)),
+        tasks,
+        num=num,
+        perplexity_source=data_dir,
+        options=GenerationOptions(max_tokens=48),
+        num_windows=16,
+    )
     write_report(result, out)
     return result
 
@@ -123,8 +131,12 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
         question = "Calculate 3 + 4."
         reasoning, content, usage = "", "", None
         stream = client.chat.completions.create(
-            model="glm5-demo", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0.0,
-            stream=True, stream_options={"include_usage": True},
+            model="glm5-demo",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         for chunk in stream:
             if chunk.usage is not None:
@@ -135,7 +147,11 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
         tool_question = "What is 12345 * 678?"
         messages: list[dict[str, Any]] = [{"role": "user", "content": tool_question}]
         first = client.chat.completions.create(
-            model="glm5-demo", messages=messages, tools=[CALCULATOR_TOOL], max_tokens=48, temperature=0.0,
+            model="glm5-demo",
+            messages=messages,
+            tools=[CALCULATOR_TOOL],
+            max_tokens=48,
+            temperature=0.0,
             tool_choice={"type": "function", "function": {"name": "calculator"}},
         )
         msg = first.choices[0].message
@@ -147,18 +163,29 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
                 result = calculator(json.loads(call.function.arguments).get("expression", ""))
             except (ValueError, AttributeError):
                 result = "error: the arguments are not a JSON object with an expression"
-            messages += [msg.model_dump(exclude_none=True),
-                         {"role": "tool", "tool_call_id": call.id, "content": result}]  # fmt: skip
-            second = client.chat.completions.create(model="glm5-demo", messages=messages, tools=[CALCULATOR_TOOL],
-                                                    max_tokens=32, temperature=0.0)  # fmt: skip
+            messages += [
+                msg.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": result},
+            ]
+            second = client.chat.completions.create(
+                model="glm5-demo", messages=messages, tools=[CALCULATOR_TOOL], max_tokens=32, temperature=0.0
+            )
             final = {"tool_result": result, "reply": second.choices[0].message.content}
         return {
             "url": server.url,
-            "streamed": {"question": question, "reasoning": reasoning, "content": content,
-                         "completion_tokens": usage.completion_tokens if usage else None},
-            "tool": {"question": tool_question, "finish_reason": first.choices[0].finish_reason, "calls": calls,
-                     "then": final},
-        }  # fmt: skip
+            "streamed": {
+                "question": question,
+                "reasoning": reasoning,
+                "content": content,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            },
+            "tool": {
+                "question": tool_question,
+                "finish_reason": first.choices[0].finish_reason,
+                "calls": calls,
+                "then": final,
+            },
+        }
     finally:
         server.stop()
 
@@ -181,36 +208,56 @@ def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, 
     add = lambda *row: rows.append(row)  # noqa: E731
     times = s["times"]
     plan = s["plan"]
-    add("plan GLM-5 (H200, FP8, 200K x 32)",
-              f"{plan['total_params'] / 1e9:.1f}B params, {plan['active_params'] / 1e9:.1f}B active, BF16 "
-              f"{plan['bf16_gb']:,.0f} GB, FP8 {plan['fp8_gb']:,.0f} GB -> {plan['devices']} x H200 "
-              f"({plan['layout']}), {plan['decode_tok_s_per_user']:.0f} tok/s/user at 60% of the bandwidth roofline", f"{times['plan']:.0f} s")
+    add(
+        "plan GLM-5 (H200, FP8, 200K x 32)",
+        f"{plan['total_params'] / 1e9:.1f}B params, {plan['active_params'] / 1e9:.1f}B active, BF16 "
+        f"{plan['bf16_gb']:,.0f} GB, FP8 {plan['fp8_gb']:,.0f} GB -> {plan['devices']} x H200 "
+        f"({plan['layout']}), {plan['decode_tok_s_per_user']:.0f} tok/s/user at 60% of the bandwidth roofline",
+        f"{times['plan']:.0f} s",
+    )
     pt = s["pretrain"]
-    add("pre-train tiny GLM-5 (MLA+DSA+MoE+MTP)",
-              f"{pt['step']} steps, val loss {pt['val_lm']:.2f} vs unigram {pt['unigram_baseline']:.2f} nats",
-              f"{times['pretrain']:.0f} s")
-    for label, res, key in (("eval before RL", before, "eval_before"), ("eval after RL", after, "eval_after")):
+    add(
+        "pre-train tiny GLM-5 (MLA+DSA+MoE+MTP)",
+        f"{pt['step']} steps, val loss {pt['val_lm']:.2f} vs unigram {pt['unigram_baseline']:.2f} nats",
+        f"{times['pretrain']:.0f} s",
+    )
+    for label, res, key in (
+        ("eval before RL", before, "eval_before"),
+        ("eval after RL", after, "eval_after"),
+    ):
         ppl = (res.perplexity or {}).get("perplexity")
-        add(label,
-                  f"1-digit sums {pct(eval_row(res, 'easy_arithmetic', 'accuracy'))} right, "
-                  f"{pct(eval_row(res, 'easy_arithmetic', 'abstention_rate'))} abstained; unanswerable "
-                  f"{pct(eval_row(res, 'unanswerable', 'accuracy'))} abstained; hallucination "
-                  f"{pct(eval_row(res, 'overall', 'hallucination_rate'))}; tool use "
-                  f"{pct(eval_row(res, 'tool_use', 'accuracy'))}" + (f"; ppl {ppl:.0f}" if ppl else ""),
-                  f"{times[key]:.0f} s")  # fmt: skip
+        add(
+            label,
+            f"1-digit sums {pct(eval_row(res, 'easy_arithmetic', 'accuracy'))} right, "
+            f"{pct(eval_row(res, 'easy_arithmetic', 'abstention_rate'))} abstained; unanswerable "
+            f"{pct(eval_row(res, 'unanswerable', 'accuracy'))} abstained; hallucination "
+            f"{pct(eval_row(res, 'overall', 'hallucination_rate'))}; tool use "
+            f"{pct(eval_row(res, 'tool_use', 'accuracy'))}" + (f"; ppl {ppl:.0f}" if ppl else ""),
+            f"{times[key]:.0f} s",
+        )
     rl = s["rl"]
     b = rl["buffer"]
-    add("async RL, abstention reward", f"{rl['steps']} updates ({rl['mode']}): {b['trained']} groups trained, "
-              f"{b['filtered']} filtered (zero variance), {b['requeued']} requeued", f"{times['rl']:.0f} s")
+    add(
+        "async RL, abstention reward",
+        f"{rl['steps']} updates ({rl['mode']}): {b['trained']} groups trained, "
+        f"{b['filtered']} filtered (zero variance), {b['requeued']} requeued",
+        f"{times['rl']:.0f} s",
+    )
     ex = s["export"]
-    add("export HF + FP8", f"{ex['hf_bytes'] / 1e6:.1f} MB -> {ex['fp8_bytes'] / 1e6:.1f} MB FP8 "
-              f"({ex['fp8_bytes'] / ex['hf_bytes']:.2f}x)", f"{times['export']:.0f} s")
+    add(
+        "export HF + FP8",
+        f"{ex['hf_bytes'] / 1e6:.1f} MB -> {ex['fp8_bytes'] / 1e6:.1f} MB FP8 "
+        f"({ex['fp8_bytes'] / ex['hf_bytes']:.2f}x)",
+        f"{times['export']:.0f} s",
+    )
     sv = s["serve"]
     calls = sv["tool"]["calls"]
-    add("serve FP8 + openai SDK",
-              f"streamed {sv['streamed']['completion_tokens']} tokens (thinking {len(sv['streamed']['reasoning'])} "
-              f"chars); tool call: {short(calls[0]['name'] + calls[0]['arguments']) if calls else 'none parsed'}",
-              f"{times['serve']:.0f} s")  # fmt: skip
+    add(
+        "serve FP8 + openai SDK",
+        f"streamed {sv['streamed']['completion_tokens']} tokens (thinking {len(sv['streamed']['reasoning'])} "
+        f"chars); tool call: {short(calls[0]['name'] + calls[0]['arguments']) if calls else 'none parsed'}",
+        f"{times['serve']:.0f} s",
+    )
     add("total", "", f"{s['total_s'] / 60:.1f} min")
     return rows
 
@@ -236,23 +283,46 @@ def write_report(out: Path, s: dict[str, Any], before: Any, after: Any) -> Path:
     cmp = compare(before, after, out_dir=out / "eval-compare", labels=("before RL", "after RL"))
     sv = s["serve"]
     lines = [
-        "# glm5 demo report", "", summary_markdown(summary_rows(s, before, after)), "",
+        "# glm5 demo report",
+        "",
+        summary_markdown(summary_rows(s, before, after)),
+        "",
         f"Total wall time {s['total_s'] / 60:.1f} min on this machine. Stage times (s): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in s["times"].items()) + ".", "",
-        "## GLM-5 on H200 (planner)", "", "```", json.dumps(s["plan"], indent=1), "```", "",
-        "## Pre-training", "",
+        + ", ".join(f"{k} {v:.0f}" for k, v in s["times"].items())
+        + ".",
+        "",
+        "## GLM-5 on H200 (planner)",
+        "",
+        "```",
+        json.dumps(s["plan"], indent=1),
+        "```",
+        "",
+        "## Pre-training",
+        "",
         f"{s['pretrain']['step']} steps; validation loss {s['pretrain']['val_lm']:.3f} nats vs a unigram baseline of "
-        f"{s['pretrain']['unigram_baseline']:.3f}.", "",
-        "![loss](pretrain/loss.png)", "", "![expert load](pretrain/expert_load.png)", "",
-        "## Evaluation before and after RL (abstention reward)", "",
-        cmp, "",
-        "![comparison](eval-compare/comparison.png)", "", "![rl](rl/rl.png)", "",
-        "## Serving (openai SDK against glm5 serve, FP8 checkpoint)", "",
+        f"{s['pretrain']['unigram_baseline']:.3f}.",
+        "",
+        "![loss](pretrain/loss.png)",
+        "",
+        "![expert load](pretrain/expert_load.png)",
+        "",
+        "## Evaluation before and after RL (abstention reward)",
+        "",
+        cmp,
+        "",
+        "![comparison](eval-compare/comparison.png)",
+        "",
+        "![rl](rl/rl.png)",
+        "",
+        "## Serving (openai SDK against glm5 serve, FP8 checkpoint)",
+        "",
         f"Streamed answer to {sv['streamed']['question']!r}: thinking {sv['streamed']['reasoning']!r}, "
-        f"content {sv['streamed']['content']!r}.", "",
+        f"content {sv['streamed']['content']!r}.",
+        "",
         f"Tool call for {sv['tool']['question']!r}: finish_reason {sv['tool']['finish_reason']!r}, calls "
-        f"{sv['tool']['calls']}, then {sv['tool']['then']}.", "",
-    ]  # fmt: skip
+        f"{sv['tool']['calls']}, then {sv['tool']['then']}.",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(s, indent=1, default=str) + "\n")
@@ -282,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("[bold]2. Pre-train a tiny GLM-5 (tokenizer, MLA + DSA stages, MoE balancing, MTP)")
     t = time.perf_counter()
     done = args.keep and (out / "pretrain" / "summary.json").exists()
-    s["pretrain"] = (json.loads((out / "pretrain" / "summary.json").read_text()) if done
-                     else pretrain(out / "pretrain", args.smoke))  # fmt: skip
+    s["pretrain"] = (
+        json.loads((out / "pretrain" / "summary.json").read_text())
+        if done
+        else pretrain(out / "pretrain", args.smoke)
+    )
     timer.stage("pretrain", t)
 
     console.rule("[bold]3. Evaluate the pre-trained model")

@@ -388,15 +388,28 @@ def weight_bytes(table: ParamTable, dtype: str) -> WeightBytes:
     attr = f"{dtype}_bytes"
 
     def total(mtp: bool, component: str | None = None) -> int:
-        return sum(getattr(e, attr) for e in table.entries
-                   if e.in_mtp == mtp and (component is None or e.component == component))  # fmt: skip
+        return sum(
+            getattr(e, attr)
+            for e in table.entries
+            if e.in_mtp == mtp and (component is None or e.component == component)
+        )
 
-    moe_layers = {e.name.split(".")[2] for e in table.entries if e.component == "routed_experts" and not e.in_mtp}
+    moe_layers = {
+        e.name.split(".")[2] for e in table.entries if e.component == "routed_experts" and not e.in_mtp
+    }
     routed = total(False, "routed_experts")
     num_experts = table.config.n_routed_experts
-    return WeightBytes(dtype, total(False), routed, routed // max(len(moe_layers) * num_experts, 1),
-                       total(False, "embed_tokens"), total(False, "lm_head"), len(moe_layers), total(True),
-                       total(True, "routed_experts"))  # fmt: skip
+    return WeightBytes(
+        dtype,
+        total(False),
+        routed,
+        routed // max(len(moe_layers) * num_experts, 1),
+        total(False, "embed_tokens"),
+        total(False, "lm_head"),
+        len(moe_layers),
+        total(True),
+        total(True, "routed_experts"),
+    )
 
 
 def kv_bytes_per_token_layer(cfg: GLM5Config, kv_dtype: str = "bf16") -> tuple[int, int]:
@@ -485,18 +498,27 @@ class DeviceMemory:
         return self.total <= self.capacity
 
 
-def device_memory(table: ParamTable, hw: Hardware, s: PlanSettings, devices: int, attn_tp: int) -> DeviceMemory:
+def device_memory(
+    table: ParamTable, hw: Hardware, s: PlanSettings, devices: int, attn_tp: int
+) -> DeviceMemory:
     """Memory of the busiest device with `devices` devices and attention TP `attn_tp` (see the part-2 notes)."""
     cfg, w = table.config, weight_bytes(table, s.dtype)
     experts_per_device = math.ceil(cfg.n_routed_experts / devices)
     weights = (w.total - w.routed) / attn_tp + w.num_moe_layers * experts_per_device * w.per_expert
     if s.mtp_steps:
-        weights += (w.mtp_total - w.mtp_routed) / attn_tp + w.mtp_routed * experts_per_device / cfg.n_routed_experts
+        weights += (
+            w.mtp_total - w.mtp_routed
+        ) / attn_tp + w.mtp_routed * experts_per_device / cfg.n_routed_experts
     dp = devices // attn_tp
     tokens = math.ceil(s.concurrency / dp) * s.context  # the sequences of the busiest DP group
     latent, key = kv_bytes_per_token_layer(cfg, s.kv_dtype)
-    return DeviceMemory(weights, tokens * latent * cfg.num_hidden_layers, tokens * key * table.num_indexer_layers,
-                        s.margin * hw.memory, hw.memory)  # fmt: skip
+    return DeviceMemory(
+        weights,
+        tokens * latent * cfg.num_hidden_layers,
+        tokens * key * table.num_indexer_layers,
+        s.margin * hw.memory,
+        hw.memory,
+    )
 
 
 def min_devices_bound(table: ParamTable, hw: Hardware, s: PlanSettings) -> int:
@@ -534,8 +556,10 @@ def choose_layout(table: ParamTable, hw: Hardware, s: PlanSettings) -> tuple[int
         if memory.fits:
             return n, tp, memory
         n *= 2
-    raise ValueError(f"{s.concurrency} x {s.context:,}-token sequences do not fit on {s.max_devices:,} {hw.name} "
-                     "devices; lower --context or --concurrency, or use --dtype fp8 / --kv-dtype fp8")  # fmt: skip
+    raise ValueError(
+        f"{s.concurrency} x {s.context:,}-token sequences do not fit on {s.max_devices:,} {hw.name} "
+        "devices; lower --context or --concurrency, or use --dtype fp8 / --kv-dtype fp8"
+    )
 
 
 def expected_distinct_experts(num_experts: int, k: int, tokens: float) -> float:
@@ -544,7 +568,9 @@ def expected_distinct_experts(num_experts: int, k: int, tokens: float) -> float:
     return num_experts * (1.0 - (1.0 - k / num_experts) ** tokens)
 
 
-def attention_flops_per_token(cfg: GLM5Config, num_indexer_layers: int, keys: float, indexer_keys: float) -> float:
+def attention_flops_per_token(
+    cfg: GLM5Config, num_indexer_layers: int, keys: float, indexer_keys: float
+) -> float:
     """MLA (absorbed / MQA mode: q.k over kv_lora_rank + rope dims, p.v over kv_lora_rank) over `keys` keys
     in every layer, plus the indexer (heads x dim multiply-adds) over `indexer_keys` keys per indexer layer."""
     mla = cfg.num_hidden_layers * cfg.num_attention_heads * 2 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
@@ -595,14 +621,26 @@ def decode_roofline(table: ParamTable, hw: Hardware, s: PlanSettings, devices: i
         "indexer keys scanned": float(batch * indexer_keys * key * table.num_indexer_layers),
     }
     active = table.active_with_head
-    flops = queries * (2 * active + attention_flops_per_token(cfg, table.num_indexer_layers, keys, indexer_keys))
+    flops = queries * (
+        2 * active + attention_flops_per_token(cfg, table.num_indexer_layers, keys, indexer_keys)
+    )
     if steps:
         mtp_expert = w.mtp_routed / max(E * max(cfg.num_nextn_predict_layers, 1), 1)
-        draft = ((w.mtp_total - w.mtp_routed + w.lm_head) * busy_groups
-                 + mtp_expert * expected_distinct_experts(E, k, batch) + batch * (keys * latent + indexer_keys * key))  # fmt: skip
+        draft = (
+            (w.mtp_total - w.mtp_routed + w.lm_head) * busy_groups
+            + mtp_expert * expected_distinct_experts(E, k, batch)
+            + batch * (keys * latent + indexer_keys * key)
+        )
         parts["MTP draft steps"] = steps * draft
         draft_active = table.mtp_active + table.component_params("lm_head")
-        flops += steps * batch * (2 * draft_active + attention_flops_per_token(cfg, 1, keys, indexer_keys) / cfg.num_hidden_layers)
+        flops += (
+            steps
+            * batch
+            * (
+                2 * draft_active
+                + attention_flops_per_token(cfg, 1, keys, indexer_keys) / cfg.num_hidden_layers
+            )
+        )
     memory_s = sum(parts.values()) / (devices * hw.bandwidth)
     compute_s = flops / (devices * hw.flops(s.dtype))
     return Decode(parts, flops, memory_s, compute_s, s.bandwidth_efficiency, s.mtp_accept if steps else 1.0)
@@ -659,53 +697,110 @@ class Plan:
         """JSON-ready figures (`glm5 plan --json`)."""
         d = self.decode
         return {
-            "preset": self.preset, "hardware": dataclasses.asdict(self.hardware),
+            "preset": self.preset,
+            "hardware": dataclasses.asdict(self.hardware),
             "settings": dataclasses.asdict(self.settings),
             "weights": {**dataclasses.asdict(self.weights), "dense_read": self.weights.dense_read},
-            "kv_bytes_per_token": self.kv_bytes_per_token, "min_devices": self.min_devices,
-            "devices": self.devices, "attn_tp": self.attn_tp, "attn_dp": self.devices // self.attn_tp,
-            "memory_per_device": {**dataclasses.asdict(self.memory), "total": self.memory.total, "fits": self.memory.fits},
-            "decode": {"step_bytes": d.step_bytes, "step_flops": d.step_flops, "memory_seconds": d.memory_seconds,
-                       "compute_seconds": d.compute_seconds, "bound": d.bound, "tokens_per_step": d.tokens_per_step,
-                       "roofline_per_user": d.per_user(1.0), "per_user": self.decode_per_user,
-                       "aggregate": self.decode_aggregate},
-            "prefill": {"flops_per_token": self.prefill_flops_per_token, "tokens_per_s": self.prefill_tokens_per_s},
-            "cost_per_million": {"output": self.cost_per_million(self.decode_aggregate),
-                                 "input": self.cost_per_million(self.prefill_tokens_per_s)},
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "min_devices": self.min_devices,
+            "devices": self.devices,
+            "attn_tp": self.attn_tp,
+            "attn_dp": self.devices // self.attn_tp,
+            "memory_per_device": {
+                **dataclasses.asdict(self.memory),
+                "total": self.memory.total,
+                "fits": self.memory.fits,
+            },
+            "decode": {
+                "step_bytes": d.step_bytes,
+                "step_flops": d.step_flops,
+                "memory_seconds": d.memory_seconds,
+                "compute_seconds": d.compute_seconds,
+                "bound": d.bound,
+                "tokens_per_step": d.tokens_per_step,
+                "roofline_per_user": d.per_user(1.0),
+                "per_user": self.decode_per_user,
+                "aggregate": self.decode_aggregate,
+            },
+            "prefill": {
+                "flops_per_token": self.prefill_flops_per_token,
+                "tokens_per_s": self.prefill_tokens_per_s,
+            },
+            "cost_per_million": {
+                "output": self.cost_per_million(self.decode_aggregate),
+                "input": self.cost_per_million(self.prefill_tokens_per_s),
+            },
             "implied": self.implied,
-            "parameters": {"main": self.parameters, "mtp": self.mtp_parameters, "active": self.active_parameters},
-        }  # fmt: skip
+            "parameters": {
+                "main": self.parameters,
+                "mtp": self.mtp_parameters,
+                "active": self.active_parameters,
+            },
+        }
 
 
 REPORTED_ZAI = (17.0, 19.0)
 """Tokens/s per user on the Z.ai API at launch (SERVING.md §3; hardware and load unknown)."""
-REPORTED_SGLANG = {"hardware": "h200", "devices": 8, "attn_tp": 8, "dtype": "fp8", "mtp_steps": 3, "mtp_accept": 3.5,
-                   "context": 2048, "per_user_c1": 120.0, "total_c100": 1215.0}  # fmt: skip
+REPORTED_SGLANG = {
+    "hardware": "h200",
+    "devices": 8,
+    "attn_tp": 8,
+    "dtype": "fp8",
+    "mtp_steps": 3,
+    "mtp_accept": 3.5,
+    "context": 2048,
+    "per_user_c1": 120.0,
+    "total_c100": 1215.0,
+}
 """SGLang on 8xH200 FP8 with MTP (3 steps, acceptance ~3.5): ~118-133 tok/s per user at concurrency 1, 1,215
 tok/s in total at concurrency 100 (PERFORMANCE.md). TP8 as in its recipe; the context (benchmark prompts of
 ~1-2K tokens) is our assumption."""
 
 
-def implied_figures(table: ParamTable, plan_settings: PlanSettings, hw: Hardware, devices: int, attn_tp: int) -> list[dict]:
+def implied_figures(
+    table: ParamTable, plan_settings: PlanSettings, hw: Hardware, devices: int, attn_tp: int
+) -> list[dict]:
     """What the reported speeds mean against this roofline: the bandwidth efficiency each one implies, and the
     concurrency at which the planned layout still gives a Z.ai launch user 17 tok/s."""
     out = []
     ref = REPORTED_SGLANG
-    for concurrency, measured, label in ((1, ref["per_user_c1"], "SGLang 8xH200 FP8+MTP, 1 user"),
-                                         (100, ref["total_c100"] / 100, "SGLang 8xH200 FP8+MTP, 100 users")):  # fmt: skip
-        s = PlanSettings(dtype="fp8", context=ref["context"], concurrency=concurrency, mtp_steps=ref["mtp_steps"],
-                         mtp_accept=ref["mtp_accept"])  # fmt: skip
+    for concurrency, measured, label in (
+        (1, ref["per_user_c1"], "SGLang 8xH200 FP8+MTP, 1 user"),
+        (100, ref["total_c100"] / 100, "SGLang 8xH200 FP8+MTP, 100 users"),
+    ):
+        s = PlanSettings(
+            dtype="fp8",
+            context=ref["context"],
+            concurrency=concurrency,
+            mtp_steps=ref["mtp_steps"],
+            mtp_accept=ref["mtp_accept"],
+        )
         roof = decode_roofline(table, HARDWARE["h200"], s, ref["devices"], ref["attn_tp"]).per_user(1.0)
-        out.append({"what": label, "measured_per_user": measured, "roofline_per_user": roof,
-                    "implied_efficiency": measured / roof})  # fmt: skip
+        out.append(
+            {
+                "what": label,
+                "measured_per_user": measured,
+                "roofline_per_user": roof,
+                "implied_efficiency": measured / roof,
+            }
+        )
     roof = decode_roofline(table, hw, plan_settings, devices, attn_tp).per_user(1.0)
     lo, hi = REPORTED_ZAI
-    out.append({"what": f"Z.ai launch on this plan ({devices} x {hw.name}, {plan_settings.concurrency} users)",
-                "measured_per_user": (lo + hi) / 2, "roofline_per_user": roof,
-                "implied_efficiency": (lo + hi) / 2 / roof, "implied_efficiency_range": [lo / roof, hi / roof]})  # fmt: skip
+    out.append(
+        {
+            "what": f"Z.ai launch on this plan ({devices} x {hw.name}, {plan_settings.concurrency} users)",
+            "measured_per_user": (lo + hi) / 2,
+            "roofline_per_user": roof,
+            "implied_efficiency": (lo + hi) / 2 / roof,
+            "implied_efficiency_range": [lo / roof, hi / roof],
+        }
+    )
+
     # The largest batch that still gives 17 tok/s per user at the planned efficiency (doubling, then bisection).
     def rate(b: int) -> float:
-        return decode_roofline(table, hw, dataclasses.replace(plan_settings, concurrency=b), devices, attn_tp).per_user()
+        return decode_roofline(
+            table, hw, dataclasses.replace(plan_settings, concurrency=b), devices, attn_tp
+        ).per_user()
 
     if rate(1) >= lo:
         good, bad = 1, 2
@@ -720,9 +815,15 @@ def implied_figures(table: ParamTable, plan_settings: PlanSettings, hw: Hardware
         per_sequence = probe.kv_latent + probe.kv_indexer
         by_memory = max(0, int(free // per_sequence)) * (devices // attn_tp)
         users = min(good, by_memory)
-        out.append({"what": f"users at {lo:g} tok/s each on this plan (efficiency {plan_settings.bandwidth_efficiency:g})",
-                    "max_concurrency": users, "bandwidth_limit": good, "memory_limit": by_memory,
-                    "aggregate": users * rate(max(users, 1))})  # fmt: skip
+        out.append(
+            {
+                "what": f"users at {lo:g} tok/s each on this plan (efficiency {plan_settings.bandwidth_efficiency:g})",
+                "max_concurrency": users,
+                "bandwidth_limit": good,
+                "memory_limit": by_memory,
+                "aggregate": users * rate(max(users, 1)),
+            }
+        )
     return out
 
 
@@ -733,12 +834,24 @@ def plan(cfg: GLM5Config, hw: Hardware, settings: PlanSettings, preset: str = ""
     latent, key = kv_bytes_per_token_layer(cfg, settings.kv_dtype)
     prefill = prefill_flops_per_token(table, settings.context)
     prefill_rate = devices * hw.flops(settings.dtype) * settings.mfu / prefill
-    return Plan(preset or "config", hw, settings, weight_bytes(table, settings.dtype),
-                latent * cfg.num_hidden_layers + key * table.num_indexer_layers,
-                min_devices_bound(table, hw, settings), devices, attn_tp, memory,
-                decode_roofline(table, hw, settings, devices, attn_tp), prefill, prefill_rate,
-                implied_figures(table, settings, hw, devices, attn_tp), table.total_main, table.mtp_params,
-                table.active_no_embed)  # fmt: skip
+    return Plan(
+        preset or "config",
+        hw,
+        settings,
+        weight_bytes(table, settings.dtype),
+        latent * cfg.num_hidden_layers + key * table.num_indexer_layers,
+        min_devices_bound(table, hw, settings),
+        devices,
+        attn_tp,
+        memory,
+        decode_roofline(table, hw, settings, devices, attn_tp),
+        prefill,
+        prefill_rate,
+        implied_figures(table, settings, hw, devices, attn_tp),
+        table.total_main,
+        table.mtp_params,
+        table.active_no_embed,
+    )
 
 
 def _rate(x: float) -> str:
@@ -756,12 +869,16 @@ def format_plan(p: Plan) -> Table:
     s, hw, m, d = p.settings, p.hardware, p.memory, p.decode
     approx = " (approximate figures)" if hw.approximate else ""
     mtp = f", MTP {s.mtp_steps} steps accepting {s.mtp_accept:g}" if s.mtp_steps else ""
-    title = (f"{p.preset} on {p.devices} x {hw.name}{approx}: {s.dtype} weights, {s.context:,}-token context x "
-             f"{s.concurrency} sequences{mtp}")  # fmt: skip
+    title = (
+        f"{p.preset} on {p.devices} x {hw.name}{approx}: {s.dtype} weights, {s.context:,}-token context x "
+        f"{s.concurrency} sequences{mtp}"
+    )
     if p.parameters:  # what is planned: the model's size and what a token uses
         extra = f" (+ {human_count(p.mtp_parameters)} MTP)" if p.mtp_parameters else ""
-        title = (f"{p.preset}: {human_count(p.parameters)} parameters{extra}, {human_count(p.active_parameters)} "
-                 f"active per token\n{title}")  # fmt: skip
+        title = (
+            f"{p.preset}: {human_count(p.parameters)} parameters{extra}, {human_count(p.active_parameters)} "
+            f"active per token\n{title}"
+        )
     out = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     # Narrow consoles wrap the label and note cells rather than cut them (`glm5 plan` prints piped output at
     # the table's full width, so nothing wraps there).
@@ -770,47 +887,91 @@ def format_plan(p: Plan) -> Table:
     out.add_column("note", overflow="fold", min_width=20)
     w = p.weights
     weights_all = w.total + (w.mtp_total if s.mtp_steps else 0)
-    out.add_row(f"weights ({s.dtype}{' incl. MTP' if s.mtp_steps else ''})", human_bytes(weights_all),
-                f"{weights_all:,} B")  # fmt: skip
-    out.add_row("KV cache per token", f"{p.kv_bytes_per_token:,} B",
-                f"{s.kv_dtype} MLA latent + fp8 indexer keys (+ fp32 scale)")  # fmt: skip
+    out.add_row(
+        f"weights ({s.dtype}{' incl. MTP' if s.mtp_steps else ''})",
+        human_bytes(weights_all),
+        f"{weights_all:,} B",
+    )
+    out.add_row(
+        "KV cache per token",
+        f"{p.kv_bytes_per_token:,} B",
+        f"{s.kv_dtype} MLA latent + fp8 indexer keys (+ fp32 scale)",
+    )
     out.add_section()
     cap = m.capacity
-    for label, value in (("weights", m.weights), ("KV latent cache", m.kv_latent), ("indexer key cache", m.kv_indexer),
-                         (f"activation margin ({s.margin:.0%})", m.margin)):  # fmt: skip
-        out.add_row(f"  per device: {label}", human_bytes(round(value)), f"{value / cap:.1%} of {hw.memory_gb:g} GB")
+    for label, value in (
+        ("weights", m.weights),
+        ("KV latent cache", m.kv_latent),
+        ("indexer key cache", m.kv_indexer),
+        (f"activation margin ({s.margin:.0%})", m.margin),
+    ):
+        out.add_row(
+            f"  per device: {label}", human_bytes(round(value)), f"{value / cap:.1%} of {hw.memory_gb:g} GB"
+        )
     verdict = "fits" if m.fits else "DOES NOT FIT"
     out.add_row("  per device: total", human_bytes(round(m.total)), f"{m.total / cap:.1%}, {verdict}")
     out.add_section()
     dp = p.devices // p.attn_tp
     domains = math.ceil(p.devices / hw.scale_up)
-    out.add_row("minimum devices (perfect sharding)", f"{p.min_devices:,}", "weights + all caches / usable memory")
-    out.add_row("suggested devices", f"{p.devices:,}",
-                f"{domains} scale-up domain{'s' if domains > 1 else ''} of {hw.scale_up}")  # fmt: skip
-    out.add_row("layout", f"TP{p.attn_tp} x DP{dp} attn, EP{p.devices}",
-                "experts sharded over all devices; MLA/dense/shared/embed TP within a DP group")  # fmt: skip
+    out.add_row(
+        "minimum devices (perfect sharding)", f"{p.min_devices:,}", "weights + all caches / usable memory"
+    )
+    out.add_row(
+        "suggested devices",
+        f"{p.devices:,}",
+        f"{domains} scale-up domain{'s' if domains > 1 else ''} of {hw.scale_up}",
+    )
+    out.add_row(
+        "layout",
+        f"TP{p.attn_tp} x DP{dp} attn, EP{p.devices}",
+        "experts sharded over all devices; MLA/dense/shared/embed TP within a DP group",
+    )
     out.add_section()
     for kind, nbytes in d.step_bytes.items():
         out.add_row(f"  decode step reads: {kind}", human_bytes(round(nbytes)), "")
     total_bytes = sum(d.step_bytes.values())
-    out.add_row("decode step at 100% peak", _seconds(max(d.memory_seconds, d.compute_seconds)),
-                f"{human_bytes(round(total_bytes))} / {p.devices} x {hw.bandwidth_tbs:g} TB/s; {d.bound}-bound "
-                f"(compute {_seconds(d.compute_seconds)})")  # fmt: skip
+    out.add_row(
+        "decode step at 100% peak",
+        _seconds(max(d.memory_seconds, d.compute_seconds)),
+        f"{human_bytes(round(total_bytes))} / {p.devices} x {hw.bandwidth_tbs:g} TB/s; {d.bound}-bound "
+        f"(compute {_seconds(d.compute_seconds)})",
+    )
     out.add_row("decode roofline per user", f"{_rate(d.per_user(1.0))} tok/s", "100% of peak bandwidth")
-    out.add_row("decode per user", f"{_rate(p.decode_per_user)} tok/s",
-                f"at {s.bandwidth_efficiency:.0%} efficiency" + (f", x{s.mtp_accept:g} accepted" if s.mtp_steps else ""))  # fmt: skip
+    out.add_row(
+        "decode per user",
+        f"{_rate(p.decode_per_user)} tok/s",
+        f"at {s.bandwidth_efficiency:.0%} efficiency"
+        + (f", x{s.mtp_accept:g} accepted" if s.mtp_steps else ""),
+    )
     out.add_row("decode aggregate", f"{_rate(p.decode_aggregate)} tok/s", f"{s.concurrency} sequences")
     out.add_section()
-    out.add_row("prefill FLOPs per token", f"{p.prefill_flops_per_token / 1e9:,.1f} GFLOP",
-                f"avg over a {s.context:,}-token prompt (2 x active + MLA + indexer)")  # fmt: skip
-    out.add_row("prefill throughput", f"{_rate(p.prefill_tokens_per_s)} tok/s",
-                f"{p.devices} x {hw.flops(s.dtype) / 1e12:,.0f} TFLOP/s ({s.dtype}) x MFU {s.mfu:.0%}")  # fmt: skip
-    out.add_row("prefill of one full context", _seconds(s.context / p.prefill_tokens_per_s), "whole cluster on one prompt")
+    out.add_row(
+        "prefill FLOPs per token",
+        f"{p.prefill_flops_per_token / 1e9:,.1f} GFLOP",
+        f"avg over a {s.context:,}-token prompt (2 x active + MLA + indexer)",
+    )
+    out.add_row(
+        "prefill throughput",
+        f"{_rate(p.prefill_tokens_per_s)} tok/s",
+        f"{p.devices} x {hw.flops(s.dtype) / 1e12:,.0f} TFLOP/s ({s.dtype}) x MFU {s.mfu:.0%}",
+    )
+    out.add_row(
+        "prefill of one full context",
+        _seconds(s.context / p.prefill_tokens_per_s),
+        "whole cluster on one prompt",
+    )
     if s.price_per_hour is not None:
         out.add_section()
-        out.add_row("cost per 1M output tokens", f"{p.cost_per_million(p.decode_aggregate):,.3f}",
-                    f"{s.price_per_hour:g}/device-hour x {p.devices}, at the decode aggregate")  # fmt: skip
-        out.add_row("cost per 1M input tokens", f"{p.cost_per_million(p.prefill_tokens_per_s):,.3f}", "at the prefill rate")
+        out.add_row(
+            "cost per 1M output tokens",
+            f"{p.cost_per_million(p.decode_aggregate):,.3f}",
+            f"{s.price_per_hour:g}/device-hour x {p.devices}, at the decode aggregate",
+        )
+        out.add_row(
+            "cost per 1M input tokens",
+            f"{p.cost_per_million(p.prefill_tokens_per_s):,.3f}",
+            "at the prefill rate",
+        )
     out.add_section()
     for row in p.implied:
         if "implied_efficiency" in row:
@@ -818,14 +979,22 @@ def format_plan(p: Plan) -> Table:
             if "implied_efficiency_range" in row:
                 lo, hi = row["implied_efficiency_range"]
                 extra = f" ({lo:.1%}-{hi:.1%} for 17-19 tok/s)"
-            out.add_row(f"implied: {row['what']}", f"{row['implied_efficiency']:.1%}",
-                        f"{_rate(row['measured_per_user'])} tok/s/user vs roofline {_rate(row['roofline_per_user'])}{extra}")  # fmt: skip
+            out.add_row(
+                f"implied: {row['what']}",
+                f"{row['implied_efficiency']:.1%}",
+                f"{_rate(row['measured_per_user'])} tok/s/user vs roofline {_rate(row['roofline_per_user'])}{extra}",
+            )
         else:
             limit = "memory" if row["memory_limit"] < row["bandwidth_limit"] else "bandwidth"
-            out.add_row(f"implied: {row['what']}", f"{row['max_concurrency']:,} users",
-                        f"{_rate(row['aggregate'])} tok/s in total; {limit}-limited (bandwidth allows "
-                        f"{row['bandwidth_limit']:,}, memory {row['memory_limit']:,} at this context)")  # fmt: skip
-    out.caption = (f"hardware: {hw.source}. GB = 1e9 B. Decode roofline = bytes read per step / aggregate HBM "
-                   "bandwidth (or FLOPs / peak when larger); efficiency and MFU are assumptions (--bandwidth-efficiency, --mfu).")  # fmt: skip
+            out.add_row(
+                f"implied: {row['what']}",
+                f"{row['max_concurrency']:,} users",
+                f"{_rate(row['aggregate'])} tok/s in total; {limit}-limited (bandwidth allows "
+                f"{row['bandwidth_limit']:,}, memory {row['memory_limit']:,} at this context)",
+            )
+    out.caption = (
+        f"hardware: {hw.source}. GB = 1e9 B. Decode roofline = bytes read per step / aggregate HBM "
+        "bandwidth (or FLOPs / peak when larger); efficiency and MFU are assumptions (--bandwidth-efficiency, --mfu)."
+    )
     out.caption_justify = "left"
     return out

@@ -25,7 +25,9 @@ def _apply_keeping_fp8(module: nn.Module, fn, recurse: bool) -> nn.Module:
     their dtype (`model.to(torch.bfloat16)` would otherwise cast them, and a bf16 scale loses precision).
     A dtype change becomes the module's new compute dtype instead."""
     device = module.weight_scale_device
-    probes = [(dtype, fn(torch.zeros((), dtype=dtype, device=device))) for dtype in (torch.float32, torch.bfloat16)]
+    probes = [
+        (dtype, fn(torch.zeros((), dtype=dtype, device=device))) for dtype in (torch.float32, torch.bfloat16)
+    ]
     changed = [p for dtype, p in probes if p.dtype != dtype]
     if not changed:
         return nn.Module._apply(module, fn, recurse)
@@ -48,8 +50,14 @@ class FP8Linear(nn.Module):
     reads `kv_b_proj.weight`) works unchanged.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
@@ -57,7 +65,9 @@ class FP8Linear(nn.Module):
         self._buffers["weight"] = torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device)
         scales = scale_shape((out_features, in_features))
         self.register_buffer("weight_scale_inv", torch.ones(scales, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FP8Linear:
@@ -87,7 +97,8 @@ class FP8Linear(nn.Module):
         return _apply_keeping_fp8(self, fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, fp8=e4m3"
 
 
 class FP8Experts(nn.Module):
@@ -96,18 +107,28 @@ class FP8Experts(nn.Module):
     `down_proj` [E, D, F] with `down_proj_scale_inv`. Same call as `glm5.model.moe.Experts`; each expert that
     received tokens is dequantised on its own, so the extra memory is one expert's weights."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 compute_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         E, D, Fi = num_experts, hidden_size, intermediate_size
         self.num_experts, self.intermediate_size = E, Fi
         self.compute_dtype = compute_dtype
         gate_scales = scale_shape((Fi, D))
         self.register_buffer("gate_up_proj", torch.empty(E, 2 * Fi, D, dtype=FP8_DTYPE, device=device))
-        self.register_buffer("gate_up_proj_scale_inv",
-                             torch.ones(E, 2 * gate_scales[0], gate_scales[1], dtype=torch.float32, device=device))  # fmt: skip
+        self.register_buffer(
+            "gate_up_proj_scale_inv",
+            torch.ones(E, 2 * gate_scales[0], gate_scales[1], dtype=torch.float32, device=device),
+        )
         self.register_buffer("down_proj", torch.empty(E, D, Fi, dtype=FP8_DTYPE, device=device))
-        self.register_buffer("down_proj_scale_inv", torch.ones(E, *scale_shape((D, Fi)), dtype=torch.float32, device=device))
+        self.register_buffer(
+            "down_proj_scale_inv", torch.ones(E, *scale_shape((D, Fi)), dtype=torch.float32, device=device)
+        )
 
     @classmethod
     def from_experts(cls, experts: Experts) -> FP8Experts:
@@ -119,7 +140,10 @@ class FP8Experts(nn.Module):
             Fi, half = two_f // 2, out.gate_up_proj_scale_inv.shape[1] // 2
             with torch.no_grad():
                 for e in range(E):
-                    for rows, srows in ((slice(0, Fi), slice(0, half)), (slice(Fi, two_f), slice(half, 2 * half))):
+                    for rows, srows in (
+                        (slice(0, Fi), slice(0, half)),
+                        (slice(Fi, two_f), slice(half, 2 * half)),
+                    ):
                         out.gate_up_proj[e, rows], out.gate_up_proj_scale_inv[e, srows] = quantize(w[e, rows])
                     out.down_proj[e], out.down_proj_scale_inv[e] = quantize(experts.down_proj[e])
         return out

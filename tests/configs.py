@@ -4,14 +4,32 @@ shared layer, MTP), small enough that a forward takes milliseconds. 8 indexer he
 from glm5 import GLM5Config
 
 MICRO = GLM5Config.from_preset("tiny").replace(
-    vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=12, index_n_heads=8, index_head_dim=16, index_topk=8, index_topk_pattern="FFS",
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-)  # fmt: skip
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    index_n_heads=8,
+    index_head_dim=16,
+    index_topk=8,
+    index_topk_pattern="FFS",
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+)
 
 FRONTEND = MICRO.replace(
-    vocab_size=1024, num_hidden_layers=2, index_topk_pattern=None, max_position_embeddings=512, torch_dtype="float32"
+    vocab_size=1024,
+    num_hidden_layers=2,
+    index_topk_pattern=None,
+    max_position_embeddings=512,
+    torch_dtype="float32",
 )
 """The model behind the front-end tests (LLM, server, lm-eval): a vocabulary for a tokenizer trained on the fly."""
 

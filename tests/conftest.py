@@ -80,7 +80,9 @@ def pytest_make_collect_report(collector: pytest.Collector):  # noqa: ANN201 - p
         reason = _skip_reason(report.longrepr)
         if not reason.startswith(ACCELERATOR):
             report.outcome = "failed"
-            report.longrepr = f"CI=true: only accelerator tests may skip; {collector.nodeid} skipped: {reason}"
+            report.longrepr = (
+                f"CI=true: only accelerator tests may skip; {collector.nodeid} skipped: {reason}"
+            )
 
 
 @pytest.fixture(scope="module")

@@ -68,90 +68,133 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "kernel-norm-topk",
         "native kernel honours norm_topk_prob=False (fused step == model forward)",
-        (("glm5/kernels/decode_layer.c",
-          "weights[j] = (a->norm_topk ? weights[j] / (sum + 1e-20f) : weights[j]) * a->route_scale;",
-          "weights[j] = (weights[j] / (sum + 1e-20f)) * a->route_scale;"),),
+        (
+            (
+                "glm5/kernels/decode_layer.c",
+                "weights[j] = (a->norm_topk ? weights[j] / (sum + 1e-20f) : weights[j]) * a->route_scale;",
+                "weights[j] = (weights[j] / (sum + 1e-20f)) * a->route_scale;",
+            ),
+        ),
         ("tests/test_engine_fused.py -k 'native and no-norm-topk'",),
     ),
     Mutant(  # invisible with one shared expert (its width is then moe_intermediate_size)
         "kernel-shared-expert-width",
         "the kernel runs a shared expert of n_shared_experts x moe_intermediate_size",
-        (("glm5/engine/fused.py",
-          "ffn_inter=0 if L.down is None else L.down.weight.shape[1],",
-          "ffn_inter=0 if L.down is None else (cfg.moe_intermediate_size if L.moe is not None else "
-          "L.down.weight.shape[1]),"),),
+        (
+            (
+                "glm5/engine/fused.py",
+                "ffn_inter=0 if L.down is None else L.down.weight.shape[1],",
+                "ffn_inter=0 if L.down is None else (cfg.moe_intermediate_size if L.moe is not None else "
+                "L.down.weight.shape[1]),",
+            ),
+        ),
         ("tests/test_engine_fused.py -k 'native and two-shared'",),
     ),
     Mutant(
         "spec-bonus-from-p_k",
         "after k accepted drafts the bonus token is drawn from p_{k+1}",
-        (("glm5/engine/speculative.py",
-          "residual = torch.cat([(target_probs[:, :k] - draft_probs).clamp_min(0.0), target_probs[:, k:]], dim=1)",
-          "residual = torch.cat([(target_probs[:, :k] - draft_probs).clamp_min(0.0), target_probs[:, k - 1 : k]],"
-          " dim=1)"),),
+        (
+            (
+                "glm5/engine/speculative.py",
+                "residual = torch.cat([(target_probs[:, :k] - draft_probs).clamp_min(0.0), "
+                "target_probs[:, k:]], dim=1)",
+                "residual = torch.cat([(target_probs[:, :k] - draft_probs).clamp_min(0.0), target_probs[:, k - 1 : k]],"
+                " dim=1)",
+            ),
+        ),
         ("tests/test_speculative.py -k bonus",),
     ),
     Mutant(
         "mtp-inputs-swapped",
         "MTP: eh_proj([enorm(embedding) ; hnorm(hidden)]), in the model and in the fused drafting step",
-        (("glm5/model/model.py",
-          "torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1)",
-          "torch.cat([self.hnorm(h_prev), self.enorm(next_emb)], dim=-1)"),
-         ("glm5/engine/fused.py",
-          "torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)",
-          "torch.cat([self._rms_norm(hidden, module.hnorm), self._rms_norm(emb, module.enorm)], -1)")),
+        (
+            (
+                "glm5/model/model.py",
+                "torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1)",
+                "torch.cat([self.hnorm(h_prev), self.enorm(next_emb)], dim=-1)",
+            ),
+            (
+                "glm5/engine/fused.py",
+                "torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)",
+                "torch.cat([self._rms_norm(hidden, module.hnorm), self._rms_norm(emb, module.enorm)], -1)",
+            ),
+        ),
         ("tests/test_mtp_reference.py",),
     ),
     Mutant(  # each half alone: the model's own MTP forward, then the kernel's drafting step
         "mtp-inputs-swapped-model",
         "as above, in GLM5ForCausalLM only (model(..., mtp_depth) and model.mtp_forward)",
-        (("glm5/model/model.py",
-          "torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1)",
-          "torch.cat([self.hnorm(h_prev), self.enorm(next_emb)], dim=-1)"),),
+        (
+            (
+                "glm5/model/model.py",
+                "torch.cat([self.enorm(next_emb), self.hnorm(h_prev)], dim=-1)",
+                "torch.cat([self.hnorm(h_prev), self.enorm(next_emb)], dim=-1)",
+            ),
+        ),
         ("tests/test_mtp_reference.py -k 'forward or model'",),
     ),
     Mutant(
         "mtp-inputs-swapped-fused",
         "as above, in FusedDecoder.mtp_forward only (the native kernel's drafting step)",
-        (("glm5/engine/fused.py",
-          "torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)",
-          "torch.cat([self._rms_norm(hidden, module.hnorm), self._rms_norm(emb, module.enorm)], -1)"),),
+        (
+            (
+                "glm5/engine/fused.py",
+                "torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)",
+                "torch.cat([self._rms_norm(hidden, module.hnorm), self._rms_norm(emb, module.enorm)], -1)",
+            ),
+        ),
         ("tests/test_mtp_reference.py -k native",),
     ),
     Mutant(
         "fp8-grid-transposed",
         "whole-block FP8 dequantisation reads scale_inv[i // 128, j // 128]",
-        (("glm5/checkpoint/fp8.py",
-          "* s[..., :, None, :, None]",
-          "* s.mT.reshape(s.shape)[..., :, None, :, None]"),),
+        (
+            (
+                "glm5/checkpoint/fp8.py",
+                "* s[..., :, None, :, None]",
+                "* s.mT.reshape(s.shape)[..., :, None, :, None]",
+            ),
+        ),
         ("tests/test_fp8.py -k 'per_block or by_blocks'",),
     ),
     Mutant(
         "serve-tokens-first-delta",
         "glm5:generation_tokens counts every streamed token, not only the first delta's",
-        (("glm5/serve/core.py",
-          "                if num_new:\n"
-          "                    metrics.generation_tokens.inc(num_new)\n"
-          "                    if last is None:\n",
-          "                if num_new:\n"
-          "                    if last is None:\n"
-          "                        metrics.generation_tokens.inc(num_new)\n"),),
+        (
+            (
+                "glm5/serve/core.py",
+                "                if num_new:\n"
+                "                    metrics.generation_tokens.inc(num_new)\n"
+                "                    if last is None:\n",
+                "                if num_new:\n"
+                "                    if last is None:\n"
+                "                        metrics.generation_tokens.inc(num_new)\n",
+            ),
+        ),
         ("tests/test_serve.py -k metrics",),
     ),
     Mutant(
         "serve-graceful-timeout-0",
         "shutdown drains: open streams finish within the configured graceful timeout",
-        (("glm5/serve/server.py",  # ServerThread's: the drain deadline is the graceful timeout
-          "self.server = draining_server(config, app, graceful_timeout_s)",
-          "self.server = draining_server(config, app, 0.0)"),),
+        (
+            (
+                "glm5/serve/server.py",  # ServerThread's: the drain deadline is the graceful timeout
+                "self.server = draining_server(config, app, graceful_timeout_s)",
+                "self.server = draining_server(config, app, 0.0)",
+            ),
+        ),
         ("tests/test_serve.py -k graceful",),
     ),
     Mutant(
         "async-close-no-abort",
         "closing an async stream early aborts its request and frees its blocks",
-        (("glm5/engine/async_engine.py",
-          "            if not finished:\n                self.engine.abort_request(request_id)\n",
-          "            if not finished:\n                pass\n"),),
+        (
+            (
+                "glm5/engine/async_engine.py",
+                "            if not finished:\n                self.engine.abort_request(request_id)\n",
+                "            if not finished:\n                pass\n",
+            ),
+        ),
         ("tests/test_engine_frontends.py -k stops_listening", "tests/test_serve.py -k disconnect"),
     ),
     # --- more claims of the suite -----------------------------------------------------------------------------
@@ -164,62 +207,100 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "shared-expert-scaled",
         "the shared expert is added unscaled (routed_scaling_factor applies to routed experts only)",
-        (("glm5/model/moe.py",
-          "            y = y + self.shared_experts(x)\n",
-          "            y = y + self.shared_experts(x) * self.gate.routed_scaling_factor\n"),),
+        (
+            (
+                "glm5/model/moe.py",
+                "            y = y + self.shared_experts(x)\n",
+                "            y = y + self.shared_experts(x) * self.gate.routed_scaling_factor\n",
+            ),
+        ),
         ("tests/test_model_parity.py -k sparse",),
     ),
     Mutant(
         "router-bias-in-weights",
         "e_score_correction_bias changes which experts are chosen, never their weights",
-        (("glm5/model/moe.py", "        weights = scores.gather(1, topk_idx)\n",
-          "        weights = choice.gather(1, topk_idx)\n"),),
+        (
+            (
+                "glm5/model/moe.py",
+                "        weights = scores.gather(1, topk_idx)\n",
+                "        weights = choice.gather(1, topk_idx)\n",
+            ),
+        ),
         ("tests/test_model_parity.py -k sparse",),
     ),
     Mutant(
         "rope-half-split",
         "GLM-5 ropes interleaved pairs (x[2i], x[2i+1]), not the two halves",
-        (("glm5/model/layers.py", "        x1, x2 = x[..., 0::2], x[..., 1::2]\n",
-          "        x1, x2 = x.chunk(2, dim=-1)\n"),),
+        (
+            (
+                "glm5/model/layers.py",
+                "        x1, x2 = x[..., 0::2], x[..., 1::2]\n",
+                "        x1, x2 = x.chunk(2, dim=-1)\n",
+            ),
+        ),
         ("tests/test_model_parity.py -k sparse",),
     ),
     Mutant(
         "indexer-causal-off-by-one",
         "the indexer may select the query's own position (keys <= t are visible)",
-        (("glm5/model/attention.py",
-          "hidden = keys.view(1, 1, -1) > pos.q_pos[:, s0:s1, None]",
-          "hidden = keys.view(1, 1, -1) >= pos.q_pos[:, s0:s1, None]"),),
+        (
+            (
+                "glm5/model/attention.py",
+                "hidden = keys.view(1, 1, -1) > pos.q_pos[:, s0:s1, None]",
+                "hidden = keys.view(1, 1, -1) >= pos.q_pos[:, s0:s1, None]",
+            ),
+        ),
         ("tests/test_model_parity.py -k sparse",),
     ),
     Mutant(
         "fp8-scale-divides",
         "weight_scale_inv is a multiplier (W = W_fp8 * scale_inv), also on ragged edges",
-        (("glm5/checkpoint/fp8.py", "    return (q.float() * s).to(dtype)\n", "    return (q.float() / s).to(dtype)\n"),),
+        (
+            (
+                "glm5/checkpoint/fp8.py",
+                "    return (q.float() * s).to(dtype)\n",
+                "    return (q.float() / s).to(dtype)\n",
+            ),
+        ),
         ("tests/test_fp8.py -k 'multiplier or e4m3_bound or per_block'",),
     ),
     Mutant(
         "top-p-drops-crossing-token",
         "top-p keeps the smallest set whose mass reaches top_p (the token crossing it included)",
-        (("glm5/engine/sampling.py",
-          "        before = probs_sorted.cumsum(-1) - probs_sorted  # mass of strictly more likely tokens\n",
-          "        before = probs_sorted.cumsum(-1)\n"),),
+        (
+            (
+                "glm5/engine/sampling.py",
+                "        before = probs_sorted.cumsum(-1) - probs_sorted  # mass of strictly more likely tokens\n",
+                "        before = probs_sorted.cumsum(-1)\n",
+            ),
+        ),
         ("tests/test_sampling.py",),
     ),
     Mutant(
         "fsdp-grad-averaged",
         "FSDP sums gradients (the loss is already normalised by the global token count)",
-        (("glm5/train/parallel.py", "module.set_gradient_divide_factor(1.0)",
-          "module.set_gradient_divide_factor(float(ctx.world_size))"),),
+        (
+            (
+                "glm5/train/parallel.py",
+                "module.set_gradient_divide_factor(1.0)",
+                "module.set_gradient_divide_factor(float(ctx.world_size))",
+            ),
+        ),
         ("tests/test_parallel.py -k fsdp",),
     ),
     Mutant(
         "rl-dead-worker-leases-lost",
         "a dead rollout worker's leases are requeued, every prompt group ends exactly once",
-        (("glm5/rl/buffer.py", "                self.requeue(i, self.leases[i].samples)\n",
-          "                self.leases.pop(i)\n"),),
+        (
+            (
+                "glm5/rl/buffer.py",
+                "                self.requeue(i, self.leases[i].samples)\n",
+                "                self.leases.pop(i)\n",
+            ),
+        ),
         ("tests/test_rl_buffer.py",),
     ),
-]  # fmt: skip
+]
 
 
 # ------------------------------------------------------------------------------------------------- machinery
@@ -280,14 +361,30 @@ def env_for(copy: Path) -> dict[str, str]:
 
 def run_selection(copy: Path, selection: str, timeout: float, fail_fast: bool) -> tuple[str, float, str]:
     """-> (status: pass / fail / timeout / error rc=N, seconds, output tail)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "_mutant_probe",
-           *(["-x"] if fail_fast else []), *shlex.split(selection)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "_mutant_probe",
+        *(["-x"] if fail_fast else []),
+        *shlex.split(selection),
+    ]
     start = time.monotonic()
     try:
-        out = subprocess.run(cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         tail = (e.stdout or b"")[-1500:]
-        return "timeout", time.monotonic() - start, tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return (
+            "timeout",
+            time.monotonic() - start,
+            tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        )
     secs = time.monotonic() - start
     tail = (out.stdout + out.stderr)[-3000:]
     status = {0: "pass", 1: "fail"}.get(out.returncode, f"error rc={out.returncode}")
@@ -295,14 +392,24 @@ def run_selection(copy: Path, selection: str, timeout: float, fail_fast: bool) -
 
 
 def failed_tests(tail: str) -> list[str]:
-    return [ln.split(" ", 1)[1].split(" - ")[0] for ln in tail.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return [
+        ln.split(" ", 1)[1].split(" - ")[0]
+        for ln in tail.splitlines()
+        if ln.startswith(("FAILED ", "ERROR "))
+    ]
 
 
 def check_imports_from(copy: Path) -> None:
     code = "import glm5, glm5.kernels.native as n; print(glm5.__file__); print(n.SOURCE)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env_for(copy), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=copy, env=env_for(copy), capture_output=True, text=True
+    )
     paths = out.stdout.split()
-    if out.returncode or len(paths) != 2 or not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in paths):
+    if (
+        out.returncode
+        or len(paths) != 2
+        or not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in paths)
+    ):
         raise SystemExit(f"the copy is not what gets imported: {out.stdout!r} {out.stderr[-500:]!r}")
 
 
@@ -312,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated mutant names")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
-    ap.add_argument("--all-failures", action="store_true", help="run every selected test (no -x) and list failures")
+    ap.add_argument(
+        "--all-failures", action="store_true", help="run every selected test (no -x) and list failures"
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
     args = ap.parse_args(argv)
 
@@ -349,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results = []
                 for sel in m.tests:
-                    status, secs, tail = run_selection(copy, sel, args.timeout, fail_fast=not args.all_failures)
+                    status, secs, tail = run_selection(
+                        copy, sel, args.timeout, fail_fast=not args.all_failures
+                    )
                     results.append((sel, status, secs, failed_tests(tail)))
                     if status.startswith("error") or status == "timeout":
                         print(f"    {m.name}: {sel}: {status}\n    " + "\n    ".join(tail.splitlines()[-12:]))

@@ -21,11 +21,25 @@ from glm5.checkpoint.synthetic import list_tensors, total_bytes, write_random_ch
 from glm5.cli import main
 
 CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=128, hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=4, index_topk_pattern="FFS",
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    index_topk=4,
+    index_topk_pattern="FFS",
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+)
 
 
 def _model(cfg: GLM5Config = CFG, seed: int = 0) -> GLM5ForCausalLM:
@@ -67,12 +81,21 @@ def test_glm5_listing_has_the_published_tensor_counts_and_sizes() -> None:
     assert shapes["model.layers.0.self_attn.indexer.wk.weight_scale_inv"] == ((1, 48), torch.float32)
     assert shapes["model.layers.78.mlp.gate.e_score_correction_bias"] == ((256,), torch.float32)
     assert shapes["model.layers.78.eh_proj.weight"] == ((6144, 12288), torch.bfloat16)
-    assert "model.layers.78.embed_tokens.weight" not in shapes and "model.layers.78.shared_head.head.weight" not in shapes
+    assert (
+        "model.layers.78.embed_tokens.weight" not in shapes
+        and "model.layers.78.shared_head.head.weight" not in shapes
+    )
 
 
-@pytest.mark.parametrize("changes", [{}, {"attention_bias": True, "n_shared_experts": 2},
-                                     {"num_nextn_predict_layers": 0, "first_k_dense_replace": 0},
-                                     {"first_k_dense_replace": 4, "index_topk_pattern": None}])  # fmt: skip
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"attention_bias": True, "n_shared_experts": 2},
+        {"num_nextn_predict_layers": 0, "first_k_dense_replace": 0},
+        {"first_k_dense_replace": 4, "index_topk_pattern": None},
+    ],
+)
 def test_saved_checkpoint_is_exactly_the_listed_layout(tmp_path, changes) -> None:
     cfg = CFG.replace(**changes)
     _model(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
@@ -88,15 +111,22 @@ def test_saved_checkpoint_is_exactly_the_listed_layout(tmp_path, changes) -> Non
 def test_mtp_is_layer_n_without_embedding_or_head_and_survives_a_round_trip_bit_exactly(saved, model) -> None:
     names = CheckpointFolder(saved).tensors
     layer_n = [n for n in names if n.startswith("model.layers.3.")]
-    assert {"model.layers.3.enorm.weight", "model.layers.3.hnorm.weight", "model.layers.3.eh_proj.weight",
-            "model.layers.3.shared_head.norm.weight", "model.layers.3.mlp.experts.3.down_proj.weight"} <= set(layer_n)  # fmt: skip
+    assert {
+        "model.layers.3.enorm.weight",
+        "model.layers.3.hnorm.weight",
+        "model.layers.3.eh_proj.weight",
+        "model.layers.3.shared_head.norm.weight",
+        "model.layers.3.mlp.experts.3.down_proj.weight",
+    } <= set(layer_n)
     assert not any("embed_tokens" in n or "shared_head.head" in n for n in layer_n)
     loaded = GLM5ForCausalLM.from_pretrained(saved)
     mtp = {k: v for k, v in model.state_dict().items() if k.startswith("mtp.")}
     assert mtp and all(torch.equal(loaded.state_dict()[k], v) for k, v in mtp.items())
     with torch.no_grad():
         a, b = model(_ids(), mtp_depth=2), loaded(_ids(), mtp_depth=2)
-    assert torch.equal(a.logits, b.logits) and all(torch.equal(x, y) for x, y in zip(a.mtp_logits, b.mtp_logits))
+    assert torch.equal(a.logits, b.logits) and all(
+        torch.equal(x, y) for x, y in zip(a.mtp_logits, b.mtp_logits)
+    )
 
 
 # --- save / load ----------------------------------------------------------------------------------
@@ -107,8 +137,14 @@ def test_sharded_save_has_size_limited_shards_and_an_index_with_total_size(saved
     assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", p.name) for p in shards)
     contents = {p.name: load_file(p) for p in shards}
     sizes = {name: sum(t.nbytes for t in tensors.values()) for name, tensors in contents.items()}
-    assert all(sizes[name] <= 16_000 or len(contents[name]) == 1 for name in sizes)  # a lone tensor may exceed
-    assert index["metadata"]["total_size"] == sum(sizes.values()) == sum(t.nbytes for t in model.state_dict().values())
+    assert all(
+        sizes[name] <= 16_000 or len(contents[name]) == 1 for name in sizes
+    )  # a lone tensor may exceed
+    assert (
+        index["metadata"]["total_size"]
+        == sum(sizes.values())
+        == sum(t.nbytes for t in model.state_dict().values())
+    )
     # the experts of one layer span several shards and still load into the fused [E, ...] parameters
     expert_files = {f for n, f in index["weight_map"].items() if ".layers.1.mlp.experts." in n}
     assert len(expert_files) > 1
@@ -129,7 +165,9 @@ def test_load_dtype_keeps_routers_in_fp32_and_rebuilds_rope_tables(saved, model)
     router = loaded.model.layers[1].mlp.gate
     assert router.weight.dtype == torch.float32 and router.e_score_correction_bias.dtype == torch.float32
     assert torch.equal(router.e_score_correction_bias, model.model.layers[1].mlp.gate.e_score_correction_bias)
-    assert loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.mtp[0].eh_proj.weight.dtype == torch.bfloat16
+    assert (
+        loaded.lm_head.weight.dtype == torch.bfloat16 and loaded.mtp[0].eh_proj.weight.dtype == torch.bfloat16
+    )
     assert torch.equal(loaded.rotary.inv_freq, model.rotary.inv_freq)  # not in the files: recomputed
     assert GLM5ForCausalLM.from_pretrained(saved).lm_head.weight.dtype == torch.float32  # config dtype
     with pytest.raises(ValueError, match="fp8="):
@@ -199,7 +237,10 @@ def test_convert_bf16_to_fp8_and_back_matches_save_pretrained(tmp_path) -> None:
     convert_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8", max_shard_size="20KB")
     converted, saved = load_all(tmp_path / "fp8"), load_all(tmp_path / "fp8-saved")
     assert converted.keys() == saved.keys()
-    assert all(converted[k].dtype == saved[k].dtype and torch.equal(converted[k].float(), saved[k].float()) for k in saved)
+    assert all(
+        converted[k].dtype == saved[k].dtype and torch.equal(converted[k].float(), saved[k].float())
+        for k in saved
+    )
     assert (tmp_path / "fp8" / "tokenizer.json").exists()
     assert "quantization_config" in json.loads((tmp_path / "fp8" / "config.json").read_text())
     convert_checkpoint(tmp_path / "fp8", tmp_path / "back", "bf16")
@@ -217,7 +258,11 @@ def test_cli_convert_and_info_report_what_is_quantised(tmp_path, capsys, monkeyp
     out = capsys.readouterr()
     assert "tensors" in out.err and "wrote" in out.out
     summary = summarize_checkpoint(tmp_path / "fp8")
-    quantised = sum(1 for n, _, d in list_tensors(CFG.replace(torch_dtype="bfloat16"), fp8=True) if d == torch.float8_e4m3fn)
+    quantised = sum(
+        1
+        for n, _, d in list_tensors(CFG.replace(torch_dtype="bfloat16"), fp8=True)
+        if d == torch.float8_e4m3fn
+    )
     assert summary.counts["FP8 e4m3 weights"] == summary.counts["fp32 block scales"] == quantised
     assert main(["info", str(tmp_path / "fp8")]) == 0
     out = capsys.readouterr().out
@@ -266,10 +311,13 @@ def _corrupt(kind: str, path: Path) -> str:
         return rf"{shard.name}: tensor '{re.escape(O_PROJ)}' has dtype int32"
     if kind == "e4m3 without scale":
         _rewrite_shard(shard, lambda t: t.update({O_PROJ: t[O_PROJ].to(torch.float8_e4m3fn)}))
-        return rf"{shard.name}: tensor '{re.escape(O_PROJ)}' is float8_e4m3fn but '{re.escape(O_PROJ)}_scale_inv' is missing"
+        name = re.escape(O_PROJ)
+        return rf"{shard.name}: tensor '{name}' is float8_e4m3fn but '{name}_scale_inv' is missing"
     if kind in ("truncated", "corrupt header"):
         data = shard.read_bytes()
-        shard.write_bytes(data[:-100] if kind == "truncated" else b"\x20\x00\x00\x00\x00\x00\x00\x00{not json at all}   ")
+        shard.write_bytes(
+            data[:-100] if kind == "truncated" else b"\x20\x00\x00\x00\x00\x00\x00\x00{not json at all}   "
+        )
         return rf"{shard.name}: not a readable safetensors file .*truncated or corrupt"
     if kind == "config does not match":
         config = json.loads((path / "config.json").read_text())
@@ -278,7 +326,9 @@ def _corrupt(kind: str, path: Path) -> str:
     if kind == "config has fewer layers":
         config = json.loads((path / "config.json").read_text())
         pattern = config.pop("index_topk_pattern")[:2]
-        (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2, "index_topk_pattern": pattern}))
+        (path / "config.json").write_text(
+            json.dumps({**config, "num_hidden_layers": 2, "index_topk_pattern": pattern})
+        )
         return r"config.json does not match the weights"
     if kind == "unknown key":
         _rewrite_shard(shard, lambda t: t.update({"model.layers.1.mlp.fancy.weight": torch.zeros(2)}))
@@ -291,13 +341,26 @@ def _corrupt(kind: str, path: Path) -> str:
     raise AssertionError(kind)
 
 
-BAD = ["missing shard", "tensor in index absent from shard", "tensor missing from the index", "shape mismatch",
-       "dtype mismatch", "e4m3 without scale", "truncated", "corrupt header", "config does not match",
-       "config has fewer layers", "unknown key", "bad config.json"]  # fmt: skip
+BAD = [
+    "missing shard",
+    "tensor in index absent from shard",
+    "tensor missing from the index",
+    "shape mismatch",
+    "dtype mismatch",
+    "e4m3 without scale",
+    "truncated",
+    "corrupt header",
+    "config does not match",
+    "config has fewer layers",
+    "unknown key",
+    "bad config.json",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_bad_checkpoints_raise_one_clear_error_before_any_weight_is_allocated(saved, kind, monkeypatch) -> None:
+def test_bad_checkpoints_raise_one_clear_error_before_any_weight_is_allocated(
+    saved, kind, monkeypatch
+) -> None:
     pattern = _corrupt(kind, saved)
 
     def no_allocation(self, *args, **kwargs):
@@ -309,7 +372,9 @@ def test_bad_checkpoints_raise_one_clear_error_before_any_weight_is_allocated(sa
     assert isinstance(info.value, ValueError) and str(saved) in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["missing shard", "dtype mismatch", "e4m3 without scale", "corrupt header", "unknown key"])
+@pytest.mark.parametrize(
+    "kind", ["missing shard", "dtype mismatch", "e4m3 without scale", "corrupt header", "unknown key"]
+)
 def test_convert_rejects_bad_checkpoints_with_one_line_and_writes_nothing(saved, kind, capsys) -> None:
     _corrupt(kind, saved)
     assert main(["convert", str(saved), str(saved.parent / "out"), "--to", "fp8"]) == 2
@@ -327,7 +392,9 @@ def test_glm5_never_unpickles() -> None:
 
 
 def test_the_checkpoint_package_never_imports_the_model() -> None:
-    code = ("import sys, glm5.checkpoint.pretrained, glm5.checkpoint.convert, glm5.checkpoint.synthetic; "
-            "print(sorted(m for m in sys.modules if m.startswith('glm5.model')))")  # fmt: skip
+    code = (
+        "import sys, glm5.checkpoint.pretrained, glm5.checkpoint.convert, glm5.checkpoint.synthetic; "
+        "print(sorted(m for m in sys.modules if m.startswith('glm5.model')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

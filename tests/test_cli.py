@@ -22,8 +22,20 @@ def wide_terminal(monkeypatch):
 def test_info_glm5_prints_the_headline_figures(capsys):
     assert main(["info", "--preset", "glm-5"]) == 0
     out = capsys.readouterr().out
-    for needle in ["743,911,199,232", "753,864,119,552", "753.9B", "39.9B", "40.8B", "1,488 GB", "746 GB",
-                   "GiB", "109,824 B", "202,752 tokens", "routed experts", "97.43%"]:  # fmt: skip
+    for needle in [
+        "743,911,199,232",
+        "753,864,119,552",
+        "753.9B",
+        "39.9B",
+        "40.8B",
+        "1,488 GB",
+        "746 GB",
+        "GiB",
+        "109,824 B",
+        "202,752 tokens",
+        "routed experts",
+        "97.43%",
+    ]:
         assert needle in out, needle
 
 
@@ -67,9 +79,12 @@ def test_a_preset_name_given_as_path_suggests_the_flag(capsys):
 
 @pytest.mark.parametrize(
     "content, expected",
-    [("{not json", "not valid JSON"), (json.dumps({"hidden_size": -1}), "hidden_size"),
-     (json.dumps({"model_type": "llama"}), "model_type")],
-)  # fmt: skip
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"hidden_size": -1}), "hidden_size"),
+        (json.dumps({"model_type": "llama"}), "model_type"),
+    ],
+)
 def test_invalid_config_is_one_line_naming_the_problem(tmp_path, capsys, content, expected):
     (tmp_path / "config.json").write_text(content)
     assert main(["info", str(tmp_path)]) == 2
@@ -102,10 +117,20 @@ def test_glm5_info_runs_as_a_module_subprocess():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "glm5.cli", "info", "--preset", "glm-5"],
-        capture_output=True, text=True, env=env, cwd=root, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "743,911,199,232" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "glm5.cli", "info", "--preset", "nope"],
-                         capture_output=True, text=True, env=env, cwd=root, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "glm5.cli", "info", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown preset" in bad.stderr and "Traceback" not in bad.stderr

@@ -56,17 +56,30 @@ def config_only(tmp_path) -> Path:
 # --- serve --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "flag, value",
-    [("--port", "99999"), ("--port", "0"), ("--port", "http"), ("--max-body-mb", "-1"), ("--max-model-len", "-5"),
-     ("--max-pending", "0"), ("--max-seqs-per-request", "0"), ("--threads", "0"), ("--graceful-timeout", "-1"), ("--max-num-seqs", "0"),
-     ("--speculative-tokens", "7"), ("--max-body-mb", "nan")],
-)  # fmt: skip
+    [
+        ("--port", "99999"),
+        ("--port", "0"),
+        ("--port", "http"),
+        ("--max-body-mb", "-1"),
+        ("--max-model-len", "-5"),
+        ("--max-pending", "0"),
+        ("--max-seqs-per-request", "0"),
+        ("--threads", "0"),
+        ("--graceful-timeout", "-1"),
+        ("--max-num-seqs", "0"),
+        ("--speculative-tokens", "7"),
+        ("--max-body-mb", "nan"),
+    ],
+)
 def test_serve_rejects_bad_numbers_before_loading(config_only, capsys, flag, value):
     line = _rejects(capsys, ["serve", "--model", str(config_only), flag, value], flag)
     assert value in line or "got" in line
 
 
 def test_serve_rejects_a_max_model_len_beyond_the_models_context(config_only, capsys):
-    line = _rejects(capsys, ["serve", "--model", str(config_only), "--max-model-len", "65"], "--max-model-len")
+    line = _rejects(
+        capsys, ["serve", "--model", str(config_only), "--max-model-len", "65"], "--max-model-len"
+    )
     assert "max_position_embeddings" in line and "64" in line
 
 
@@ -97,21 +110,43 @@ def test_serve_says_what_it_loads_and_where_it_serves(config_only, capsys, monke
 # --- generate / chat ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "flag, value",
-    [("--max-tokens", "0"), ("--temperature", "-1"), ("--top-p", "0"), ("--top-k", "-2"), ("--min-p", "2"),
-     ("--repetition-penalty", "0"), ("--speculative-tokens", "-1")],
-)  # fmt: skip
+    [
+        ("--max-tokens", "0"),
+        ("--temperature", "-1"),
+        ("--top-p", "0"),
+        ("--top-k", "-2"),
+        ("--min-p", "2"),
+        ("--repetition-penalty", "0"),
+        ("--speculative-tokens", "-1"),
+    ],
+)
 def test_generate_rejects_bad_sampling_flags_before_loading(config_only, capsys, flag, value):
     _rejects(capsys, ["generate", "--model", str(config_only), "--prompt", "hi", flag, value], flag)
 
 
 def test_generate_rejects_a_prompt_that_is_not_utf8_in_one_line(config_only):
     # Python turns the argv bytes ff fe into lone surrogates; the tokenizer would raise deep inside encode.
-    done = subprocess.run([sys.executable, "-m", "glm5.cli", "generate", "--model", os.fsencode(config_only),
-                           "--prompt", b"\xff\xfe"], capture_output=True, cwd=ROOT, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm5.cli",
+            "generate",
+            "--model",
+            os.fsencode(config_only),
+            "--prompt",
+            b"\xff\xfe",
+        ],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 2, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("glm5:") and "--prompt" in lines[0] and "0xff" in lines[0], err
+    assert (
+        len(lines) == 1 and lines[0].startswith("glm5:") and "--prompt" in lines[0] and "0xff" in lines[0]
+    ), err
     assert "Traceback" not in err
 
 
@@ -142,7 +177,9 @@ def _chat(monkeypatch, capsys, lines: list[str], *flags: str) -> tuple[str, _Fak
     import glm5.engine.cli as engine_cli
 
     tok = _FakeTokenizer()
-    monkeypatch.setattr(engine_cli, "build_llm", lambda args: SimpleNamespace(tokenizer=tok, engine=_FakeEngine()))
+    monkeypatch.setattr(
+        engine_cli, "build_llm", lambda args: SimpleNamespace(tokenizer=tok, engine=_FakeEngine())
+    )
     feed = iter(lines)
     monkeypatch.setattr(builtins, "input", lambda *a: next(feed))
     assert main(["chat", "--preset", "tiny", *flags]) == 0
@@ -157,7 +194,9 @@ def test_chat_unknown_commands_are_not_sent_to_the_model(monkeypatch, capsys):
 
 
 def test_chat_think_accepts_only_on_or_off(monkeypatch, capsys):
-    out, tok = _chat(monkeypatch, capsys, ["/think maybe", "a", "/think on", "b", "/think", "/exit"], "--no-thinking")
+    out, tok = _chat(
+        monkeypatch, capsys, ["/think maybe", "a", "/think on", "b", "/think", "/exit"], "--no-thinking"
+    )
     assert "/think takes on or off" in out
     assert "thinking on" in out
     assert tok.prompts == [(["a"], False), (["a", "ok", "b"], True)]
@@ -166,10 +205,17 @@ def test_chat_think_accepts_only_on_or_off(monkeypatch, capsys):
 # --- train ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "body, field",
-    [('lr = "fast"', "lr"), ("lr = -1", "lr"), ("steps = 2.5", "steps"), ("warmup_steps = -3", "warmup_steps"),
-     ("grad_clip = -1.0", "grad_clip"), ("min_lr_ratio = 2.0", "min_lr_ratio"), ("betas = [0.9, 1.5]", "betas"),
-     ('[data]\nmax_corpus_bytes = "lots"', "max_corpus_bytes")],
-)  # fmt: skip
+    [
+        ('lr = "fast"', "lr"),
+        ("lr = -1", "lr"),
+        ("steps = 2.5", "steps"),
+        ("warmup_steps = -3", "warmup_steps"),
+        ("grad_clip = -1.0", "grad_clip"),
+        ("min_lr_ratio = 2.0", "min_lr_ratio"),
+        ("betas = [0.9, 1.5]", "betas"),
+        ('[data]\nmax_corpus_bytes = "lots"', "max_corpus_bytes"),
+    ],
+)
 def test_train_rejects_bad_recipe_values_before_writing(tmp_path, capsys, body, field):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'preset = "smoke"\n{body}\n')
@@ -205,14 +251,23 @@ def test_train_shows_each_phase(tmp_path, capsys):
 # --- rl -------------------------------------------------------------------------------------------------------
 def test_rl_rejects_a_missing_init_and_creates_no_out(tmp_path, capsys):
     out = tmp_path / "rl-out"
-    _rejects(capsys, ["rl", "--recipe", "math-sync", "--init", str(tmp_path / "nonexistent"), "--out", str(out)],
-             "--init", out)  # fmt: skip
+    _rejects(
+        capsys,
+        ["rl", "--recipe", "math-sync", "--init", str(tmp_path / "nonexistent"), "--out", str(out)],
+        "--init",
+        out,
+    )
 
 
 def test_rl_rejects_an_init_that_is_not_a_checkpoint_and_creates_no_out(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "rl-out"
-    _rejects(capsys, ["rl", "--recipe", "math-sync", "--init", str(tmp_path / "empty"), "--out", str(out)], "--init", out)
+    _rejects(
+        capsys,
+        ["rl", "--recipe", "math-sync", "--init", str(tmp_path / "empty"), "--out", str(out)],
+        "--init",
+        out,
+    )
 
 
 def test_rl_rejects_steps_that_are_not_a_number(tmp_path, capsys):
@@ -225,8 +280,12 @@ def test_tokenizer_train_bounds_the_vocabulary(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text to train on\n" * 10)
     out = tmp_path / "tok"
-    line = _rejects(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "100000000", "--out",
-                             str(out)], "--vocab-size", out)  # fmt: skip
+    line = _rejects(
+        capsys,
+        ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "100000000", "--out", str(out)],
+        "--vocab-size",
+        out,
+    )
     assert "1,048,576" in line
 
 
@@ -234,8 +293,12 @@ def test_tokenizer_train_rejects_an_empty_corpus(tmp_path, capsys):
     corpus = tmp_path / "empty.txt"
     corpus.write_text("")
     out = tmp_path / "tok"
-    _rejects(capsys, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)],
-             "--corpus", out)  # fmt: skip
+    _rejects(
+        capsys,
+        ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)],
+        "--corpus",
+        out,
+    )
 
 
 def test_tokenizer_help_says_what_the_group_does():
@@ -250,11 +313,25 @@ def test_convert_rejects_shapes_that_contradict_the_config_and_writes_nothing(tm
     from glm5.checkpoint.synthetic import write_random_checkpoint
 
     cfg = GLM5Config.from_preset("tiny").replace(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
-        num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        index_n_heads=2, index_head_dim=8, index_topk=4, index_topk_pattern="FF", n_routed_experts=4,
-        num_experts_per_tok=2, moe_intermediate_size=8,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        index_n_heads=2,
+        index_head_dim=8,
+        index_topk=4,
+        index_topk_pattern="FF",
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+    )
     src = tmp_path / "src"
     write_random_checkpoint(cfg, src)
     config = json.loads((src / "config.json").read_text())
@@ -266,19 +343,40 @@ def test_convert_rejects_shapes_that_contradict_the_config_and_writes_nothing(tm
 
 
 def test_convert_rejects_a_bad_shard_size_before_reading(tmp_path, capsys):
-    _rejects(capsys, ["convert", str(tmp_path), str(tmp_path / "dst"), "--to", "fp8", "--max-shard-size", "0"],
-             "--max-shard-size", tmp_path / "dst")  # fmt: skip
+    _rejects(
+        capsys,
+        ["convert", str(tmp_path), str(tmp_path / "dst"), "--to", "fp8", "--max-shard-size", "0"],
+        "--max-shard-size",
+        tmp_path / "dst",
+    )
 
 
 # --- plan, eval -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flag, value", [("--context", "0"), ("--concurrency", "-1"), ("--mfu", "2"),
-                                         ("--margin", "1"), ("--devices", "0"), ("--price-per-hour", "-3")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--context", "0"),
+        ("--concurrency", "-1"),
+        ("--mfu", "2"),
+        ("--margin", "1"),
+        ("--devices", "0"),
+        ("--price-per-hour", "-3"),
+    ],
+)
 def test_plan_rejects_bad_numbers_naming_the_flag(capsys, flag, value):
     _rejects(capsys, ["plan", flag, value], flag)
 
 
-@pytest.mark.parametrize("flag, value", [("--concurrency", "0"), ("--max-tokens", "0"), ("--temperature", "-1"),
-                                         ("--k", "0"), ("--seq-len", "0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--concurrency", "0"),
+        ("--max-tokens", "0"),
+        ("--temperature", "-1"),
+        ("--k", "0"),
+        ("--seq-len", "0"),
+    ],
+)
 def test_eval_rejects_bad_numbers_before_writing(tmp_path, capsys, flag, value):
     out = tmp_path / "eval-out"
     _rejects(capsys, ["eval", "--model", str(tmp_path), flag, value, "--out", str(out)], flag, out)
@@ -300,8 +398,11 @@ def test_plan_heads_its_table_with_the_model_and_never_truncates_at_80_columns(c
     first = out.splitlines()[0]
     assert "glm-5" in first and "743.9B parameters" in first and "39.9B active" in first, first
     assert "…" not in out
-    for text in ("TP1 x DP16 attn, EP16", "experts sharded over all devices; MLA/dense/shared/embed TP within a DP group",
-                 "implied: users at 17 tok/s each on this plan"):  # fmt: skip
+    for text in (
+        "TP1 x DP16 attn, EP16",
+        "experts sharded over all devices; MLA/dense/shared/embed TP within a DP group",
+        "implied: users at 17 tok/s each on this plan",
+    ):
         assert text in out, text
 
 

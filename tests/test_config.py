@@ -12,35 +12,77 @@ from glm5 import GLM5Config
 # The published GLM-5.1 config.json (same architecture as GLM-5), as transformers writes it, abridged to the
 # keys that matter plus some of the keys glm5 does not model.
 PUBLISHED = {
-    "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa", "dtype": "bfloat16",
-    "attention_bias": False, "attention_dropout": 0.0, "eos_token_id": [154820, 154827, 154829],
-    "first_k_dense_replace": 3, "head_dim": 64, "hidden_act": "silu", "hidden_size": 6144,
-    "index_head_dim": 128, "index_n_heads": 32, "index_topk": 2048, "indexer_rope_interleave": True,
-    "initializer_range": 0.02, "intermediate_size": 12288, "kv_lora_rank": 512,
-    "max_position_embeddings": 202752, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
-    "n_group": 1, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
-    "num_attention_heads": 64, "num_experts_per_tok": 8, "num_hidden_layers": 78, "num_key_value_heads": 64,
-    "num_nextn_predict_layers": 1, "pad_token_id": 154820, "q_lora_rank": 2048, "qk_head_dim": 256,
-    "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_interleave": True,
-    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
-    "transformers_version": "5.2.0.dev0", "use_cache": True, "v_head_dim": 256, "vocab_size": 154880,
+    "architectures": ["GlmMoeDsaForCausalLM"],
+    "model_type": "glm_moe_dsa",
+    "dtype": "bfloat16",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "eos_token_id": [154820, 154827, 154829],
+    "first_k_dense_replace": 3,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 6144,
+    "index_head_dim": 128,
+    "index_n_heads": 32,
+    "index_topk": 2048,
+    "indexer_rope_interleave": True,
+    "initializer_range": 0.02,
+    "intermediate_size": 12288,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 202752,
+    "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 78,
+    "num_key_value_heads": 64,
+    "num_nextn_predict_layers": 1,
+    "pad_token_id": 154820,
+    "q_lora_rank": 2048,
+    "qk_head_dim": 256,
+    "qk_nope_head_dim": 192,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_interleave": True,
+    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "noaux_tc",
+    "transformers_version": "5.2.0.dev0",
+    "use_cache": True,
+    "v_head_dim": 256,
+    "vocab_size": 154880,
     "id2label": {"0": "LABEL_0"},
-}  # fmt: skip
+}
 
 
 def test_glm5_preset_has_the_published_values() -> None:
     cfg = GLM5Config.from_preset("glm-5")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (6144, 78, 154_880)
-    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (
-        2048, 512, 192, 64, 256)  # fmt: skip
+    assert (
+        cfg.q_lora_rank,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+    ) == (2048, 512, 192, 64, 256)
     assert cfg.rope_theta == 1e6 and cfg.rope_interleave and cfg.indexer_rope_interleave
     assert cfg.softmax_scale == 1 / 16
     assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk) == (32, 128, 2048)
     assert cfg.indexer_types == ["full"] * 78
     assert cfg.eos_token_id == [154_820, 154_827, 154_829]
-    assert GLM5Config.from_hf_config(PUBLISHED).to_hf_config() == GLM5Config.from_preset("glm-5").to_hf_config() | {
-        k: v for k, v in PUBLISHED.items() if k in ("attention_dropout", "transformers_version", "use_cache", "id2label")
+    assert GLM5Config.from_hf_config(PUBLISHED).to_hf_config() == GLM5Config.from_preset(
+        "glm-5"
+    ).to_hf_config() | {
+        k: v
+        for k, v in PUBLISHED.items()
+        if k in ("attention_dropout", "transformers_version", "use_cache", "id2label")
     }
 
 
@@ -60,8 +102,12 @@ def test_indexer_types_agree_with_transformers_rule() -> None:
 
 def test_published_config_round_trips_and_keeps_unknown_keys(tmp_path) -> None:
     cfg = GLM5Config.from_hf_config(PUBLISHED)
-    assert cfg.extra == {"attention_dropout": 0.0, "transformers_version": "5.2.0.dev0", "use_cache": True,
-                         "id2label": {"0": "LABEL_0"}}  # fmt: skip
+    assert cfg.extra == {
+        "attention_dropout": 0.0,
+        "transformers_version": "5.2.0.dev0",
+        "use_cache": True,
+        "id2label": {"0": "LABEL_0"},
+    }
     out = cfg.to_hf_config()
     for key, value in PUBLISHED.items():
         if key == "rope_parameters":

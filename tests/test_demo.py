@@ -38,7 +38,9 @@ def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> 
     tool = serve["tool"]
     assert tool["finish_reason"] in ("tool_calls", "length", "stop")
     assert all(call["name"] == "calculator" for call in tool["calls"]), tool
-    assert (tool["finish_reason"] == "tool_calls") == (bool(tool["calls"]) and tool["finish_reason"] != "length")
+    assert (tool["finish_reason"] == "tool_calls") == (
+        bool(tool["calls"]) and tool["finish_reason"] != "length"
+    )
     assert (tool["then"] is not None) == bool(tool["calls"]), tool
     if tool["then"] is not None:
         assert tool["then"]["tool_result"]  # the calculator's answer (or its error message) went back

@@ -63,8 +63,10 @@ def test_pick_device_rejects_an_index_past_the_last_device():
         dev.pick_device("cpu:1")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None,
-                    reason="accelerator: torch_npu is installed (its NPU back end decides)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch_npu") is not None,
+    reason="accelerator: torch_npu is installed (its NPU back end decides)",
+)
 def test_npu_is_unavailable_without_torch_npu():
     assert dev.is_available("npu") is False
     assert "npu" not in dev.available_device_types()

@@ -180,7 +180,9 @@ def test_async_consumer_that_stops_listening_aborts_its_request(model, how) -> N
         version = await engine.update_weights({}, version=3)  # the engine still works after the abort
         after = [d async for d in engine.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))]
         await engine.shutdown()
-        assert sum(len(d.outputs[0].token_ids) for d in after) == 4 and after[-1].outputs[0].weight_versions == [3]
+        assert sum(len(d.outputs[0].token_ids) for d in after) == 4 and after[-1].outputs[
+            0
+        ].weight_versions == [3]
         return got, produced, used, version, stats
 
     got, produced, used, version, stats = asyncio.run(run())
@@ -209,9 +211,14 @@ def test_cli_generate_streams_text_from_a_checkpoint(checkpoint, capsys) -> None
     )
     captured = capsys.readouterr()
     # the streamed text is the engine's own greedy completion (speculative decoding keeps greedy outputs)
-    want = LLM(str(checkpoint)).generate(
-        "import os", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, skip_special_tokens=False)
-    )[0].outputs[0]
+    want = (
+        LLM(str(checkpoint))
+        .generate(
+            "import os",
+            SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, skip_special_tokens=False),
+        )[0]
+        .outputs[0]
+    )
     assert code == 0 and captured.out == want.text + "\n" and len(want.token_ids) == 5
     assert "5 tokens" in captured.err and "finish: length" in captured.err
 

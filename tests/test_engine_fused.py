@@ -1,7 +1,8 @@
 """The fused decode step (glm5.engine.fused), in torch ops and through the native C kernel, against the model's own
 forward on twin paged caches: same logits, hidden states and cache entries for one and many rows, ragged and equal
 lengths, below and above index_topk, IndexCache shared layers, biases, group-limited routing, no shared expert,
-two shared experts, un-normalised top-k weights, other indexer widths, DSA off; rebuilt after weight changes; the engine picks it; the kernel builds once."""
+two shared experts, un-normalised top-k weights, other indexer widths, DSA off; rebuilt after weight changes;
+the engine picks it; the kernel builds once."""
 
 from __future__ import annotations
 
@@ -200,8 +201,9 @@ def test_the_kernel_refuses_a_ctypes_struct_that_differs_from_the_c_struct(tmp_p
     env = {**os.environ, "GLM5_CACHE_DIR": str(tmp_path)}
 
     def run(drift: bool) -> list[str]:
-        out = subprocess.run([sys.executable, "-c", f"DRIFT = {drift}\n" + code], env=env, capture_output=True,
-                             text=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", f"DRIFT = {drift}\n" + code], env=env, capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()
 
@@ -343,7 +345,10 @@ def _cpu_flags() -> set[str]:
 
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-MARCH_NEEDS = {"x86-64-v3": {"avx2", "fma", "bmi2"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}}
+MARCH_NEEDS = {
+    "x86-64-v3": {"avx2", "fma", "bmi2"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
+}
 MARCH_NODES = [  # fused-vs-model parity through the kernel: decode, several tokens per row, the MTP layer
     "tests/test_engine_fused.py::test_fused_step_equals_the_model_forward[native-glm5-widths-lengths4]",
     "tests/test_engine_fused.py::test_fused_step_equals_the_model_forward[native-no-norm-topk-lengths2]",
@@ -366,14 +371,21 @@ def test_the_kernel_built_for_each_cpu_family_equals_the_model(march: str, tmp_p
         missing = MARCH_NEEDS[march] - _cpu_flags()
         if missing:
             pytest.skip(f"this CPU cannot run -march={march} code (lacks {sorted(missing)})")
-        probe = subprocess.run([shutil.which("cc"), f"-march={march}", "-E", "-x", "c", os.devnull],
-                               capture_output=True)  # fmt: skip
+        probe = subprocess.run(
+            [shutil.which("cc"), f"-march={march}", "-E", "-x", "c", os.devnull], capture_output=True
+        )
         if probe.returncode:
             pytest.skip(f"the C compiler does not know -march={march}")
     env = {**os.environ, "GLM5_CACHE_DIR": str(tmp_path), native.MARCH_ENV: march, "GLM5_NATIVE": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MARCH_NODES],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MARCH_NODES],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert f"{len(MARCH_NODES)} passed" in out.stdout, out.stdout[-2000:]
     (built,) = (tmp_path / "kernels").glob("glm5_decode_*.so")  # built here, with this march

@@ -175,8 +175,14 @@ def test_a_runner_fed_only_the_pickled_scheduler_outputs_samples_exactly_what_th
 ) -> None:
     torch.manual_seed(3)
     model = GLM5ForCausalLM(CFG.replace(num_nextn_predict_layers=1)).eval()
-    llm = LLM(model, block_size=4, num_blocks=26, max_num_batched_tokens=16, num_speculative_tokens=k,
-              fused_decode=fused)  # fmt: skip
+    llm = LLM(
+        model,
+        block_size=4,
+        num_blocks=26,
+        max_num_batched_tokens=16,
+        num_speculative_tokens=k,
+        fused_decode=fused,
+    )
     eng = llm.engine
     replica = ModelRunner(copy.deepcopy(model), eng.config, num_blocks=eng.executor.num_blocks)
     eng.executor = mirror = Replicated(eng.executor, replica)
@@ -184,8 +190,13 @@ def test_a_runner_fed_only_the_pickled_scheduler_outputs_samples_exactly_what_th
     eng.add_request(
         "greedy", p[0], SamplingParams(max_tokens=12, temperature=0.0, prompt_logprobs=2, logprobs=1)
     )
-    eng.add_request("n2", p[1], SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=4, logprobs=2,
-                                               repetition_penalty=1.3, ignore_eos=True))  # fmt: skip
+    eng.add_request(
+        "n2",
+        p[1],
+        SamplingParams(
+            n=2, max_tokens=16, temperature=1.0, seed=4, logprobs=2, repetition_penalty=1.3, ignore_eos=True
+        ),
+    )
     eng.add_request(
         "min", p[2], SamplingParams(max_tokens=14, temperature=0.9, top_k=20, min_tokens=5, seed=9)
     )

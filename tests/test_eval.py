@@ -75,7 +75,10 @@ def test_summarize_pools_samples_and_reports_pass_at_k():
     assert (m["questions"], m["samples"], m["correct"], m["abstained"], m["wrong"]) == (3, 6, 3, 1, 2)
     assert m["accuracy"] == 0.5 and m["abstention_rate"] == pytest.approx(1 / 6)
     assert m["hallucination_rate"] == pytest.approx(2 / 3)
-    assert m["pass_at_k"] == {"1": pytest.approx(0.5), "2": pytest.approx((1 + 0 + 1) / 3)}  # per question: c=1, 0, 2 of n=2
+    assert m["pass_at_k"] == {
+        "1": pytest.approx(0.5),
+        "2": pytest.approx((1 + 0 + 1) / 3),
+    }  # per question: c=1, 0, 2 of n=2
     assert "3" not in m["pass_at_k"]  # needs 3 samples per question
 
 
@@ -120,7 +123,9 @@ def test_tool_use_runs_the_calculator_and_scores_the_final_turn():
     result = evaluate(backend, ["tool_use", "unanswerable", "arithmetic"], num=6, samples=2, batch_size=4)
     tool, unans, arith = (result.metrics[t] for t in ("tool_use", "unanswerable", "arithmetic"))
     assert tool["accuracy"] == 1.0 and tool["samples"] == 12
-    assert unans["accuracy"] == 1.0 and unans["abstention_rate"] == 1.0 and unans["hallucination_rate"] is None
+    assert (
+        unans["accuracy"] == 1.0 and unans["abstention_rate"] == 1.0 and unans["hallucination_rate"] is None
+    )
     assert arith["accuracy"] == 0.0 and arith["hallucination_rate"] == 0.0  # abstains instead of guessing
     record = next(r for r in result.records if r["task"] == "tool_use")
     turns = record["samples"][0]["turns"]
@@ -147,11 +152,27 @@ def checkpoint(tmp_path_factory) -> Path:
     root = Path(sysconfig.get_paths()["stdlib"])
     tok = GLM5Tokenizer.train([f for f in default_corpus_files() if f.parent == root][:6], vocab_size=512)
     cfg = GLM5Config.from_preset("tiny").replace(
-        vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=2,
-        num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=12, index_n_heads=4, index_head_dim=16, index_topk=8, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=16, max_position_embeddings=1024, torch_dtype="float32", eos_token_id=tok.eos_token_ids,
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=24,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        max_position_embeddings=1024,
+        torch_dtype="float32",
+        eos_token_id=tok.eos_token_ids,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("ckpt")
     GLM5ForCausalLM(cfg).eval().save_pretrained(str(folder))
@@ -170,9 +191,31 @@ def test_cli_eval_on_a_tiny_random_checkpoint_writes_results_report_and_plots(ch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["eval", "--model", str(checkpoint), "--tasks", "arithmetic,unanswerable,tool_use,perplexity",
-                     "--num", "2", "--samples", "2", "--temperature", "1.0", "--max-tokens", "6", "--data", str(text),
-                     "--seq-len", "32", "--windows", "4", "--out", str(out)])  # fmt: skip
+        code = main(
+            [
+                "eval",
+                "--model",
+                str(checkpoint),
+                "--tasks",
+                "arithmetic,unanswerable,tool_use,perplexity",
+                "--num",
+                "2",
+                "--samples",
+                "2",
+                "--temperature",
+                "1.0",
+                "--max-tokens",
+                "6",
+                "--data",
+                str(text),
+                "--seq-len",
+                "32",
+                "--windows",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0, capsys.readouterr().err
@@ -182,11 +225,19 @@ def test_cli_eval_on_a_tiny_random_checkpoint_writes_results_report_and_plots(ch
     # is wrong, and the rates, intervals and pass@k say exactly that (2 questions x 2 samples per task)
     for name, m in result.metrics.items():
         n = 12 if name == "overall" else 4
-        assert (m["questions"], m["samples"], m["correct"], m["abstained"], m["wrong"]) == (n // 2, n, 0, 0, n), name
+        assert (m["questions"], m["samples"], m["correct"], m["abstained"], m["wrong"]) == (
+            n // 2,
+            n,
+            0,
+            0,
+            n,
+        ), name
         assert m["accuracy"] == m["abstention_rate"] == 0.0 and m["hallucination_rate"] == 1.0, name
         assert m["pass_at_k"] == {"1": 0.0, "2": 0.0}, name
         lo, hi = wilson_interval(0, n)
-        assert m["accuracy_ci"] == pytest.approx([lo, hi]) and m["hallucination_ci"] == pytest.approx([1 - hi, 1 - lo])
+        assert m["accuracy_ci"] == pytest.approx([lo, hi]) and m["hallucination_ci"] == pytest.approx(
+            [1 - hi, 1 - lo]
+        )
     assert result.metrics["overall"]["samples"] == 12
     assert result.perplexity["tokens"] == 4 * 32 and result.perplexity["perplexity"] > 1.0
     assert (out / "metrics.png").read_bytes()[:8] == PNG
@@ -209,10 +260,21 @@ def _script(questions) -> list[dict]:
     entries = []
     for q in questions:
         result = calculator(q.meta["expression"])
-        entries.append({"match": f"<tool_response>{result}</tool_response>", "output": f"The tool says {result}.</think>{result}"})
+        entries.append(
+            {
+                "match": f"<tool_response>{result}</tool_response>",
+                "output": f"The tool says {result}.</think>{result}",
+            }
+        )
     for q in questions:
-        call = f"<tool_call>calculator<arg_key>expression</arg_key><arg_value>{q.meta['expression']}</arg_value></tool_call>"
-        entries.append({"match": q.prompt_messages[-1]["content"], "output": f"Large numbers: use the calculator.</think>{call}"})
+        expression = q.meta["expression"]
+        call = f"<tool_call>calculator<arg_key>expression</arg_key><arg_value>{expression}</arg_value></tool_call>"
+        entries.append(
+            {
+                "match": q.prompt_messages[-1]["content"],
+                "output": f"Large numbers: use the calculator.</think>{call}",
+            }
+        )
     entries.append({"match": None, "output": "Nothing tells me that.</think>I don't know."})
     return entries
 
@@ -230,13 +292,17 @@ def endpoint(checkpoint):
 def test_openai_backend_runs_multi_turn_tool_use_against_glm5_serve(endpoint, tmp_path):
     backend = OpenAIBackend(endpoint, api_key="unused")
     assert backend.model == "glm5-tiny"  # the first model /v1/models lists
-    result = evaluate(backend, ["tool_use", "unanswerable", "perplexity"], num=3, options=GenerationOptions(max_tokens=64))
+    result = evaluate(
+        backend, ["tool_use", "unanswerable", "perplexity"], num=3, options=GenerationOptions(max_tokens=64)
+    )
     assert result.metrics["tool_use"]["accuracy"] == 1.0 and result.metrics["unanswerable"]["accuracy"] == 1.0
     assert result.metrics["overall"]["hallucination_rate"] is None
     assert result.perplexity is None and "endpoint" in result.notes[0]
     record = next(r for r in result.records if r["task"] == "tool_use")
     first, second = record["samples"][0]["turns"]
-    assert first["reasoning"] == "Large numbers: use the calculator." and first["finish_reason"] == "tool_calls"
+    assert (
+        first["reasoning"] == "Large numbers: use the calculator." and first["finish_reason"] == "tool_calls"
+    )
     assert first["tool_results"] == [record["expected"]]
     assert second["content"] == record["expected"] and second["reasoning"].startswith("The tool says")
     paths = write_report(result, tmp_path)
@@ -252,4 +318,5 @@ def _free_port() -> int:
 def test_an_unreachable_endpoint_is_one_clear_error():
     with pytest.raises(ValueError, match="cannot reach .*--base-url"):
         OpenAIBackend(f"http://127.0.0.1:{_free_port()}/v1", model="m").chat(
-            [([{"role": "user", "content": "hi"}], None)], 1, GenerationOptions())
+            [([{"role": "user", "content": "hi"}], None)], 1, GenerationOptions()
+        )

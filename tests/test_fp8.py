@@ -23,18 +23,44 @@ from glm5.quant import FP8Experts, FP8Linear, quantize_model, weight_bytes
 
 # Routed experts dominate (~94% of the weights) and every matrix is a whole number of 128x128 blocks.
 EXPERT_HEAVY = GLM5Config.from_preset("tiny").replace(
-    vocab_size=256, hidden_size=256, num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
-    v_head_dim=64, index_n_heads=2, index_head_dim=64, index_topk=16, n_routed_experts=16, num_experts_per_tok=2,
+    vocab_size=256,
+    hidden_size=256,
+    num_hidden_layers=2,
+    first_k_dense_replace=0,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=128,
+    kv_lora_rank=128,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    index_n_heads=2,
+    index_head_dim=64,
+    index_topk=16,
+    n_routed_experts=16,
+    num_experts_per_tok=2,
     moe_intermediate_size=128,
-)  # fmt: skip
+)
 # Every matrix ragged (not a multiple of 128), small enough to run fast.
 RAGGED = GLM5Config.from_preset("tiny").replace(
-    vocab_size=200, hidden_size=160, num_hidden_layers=2, intermediate_size=200, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=96, kv_lora_rank=72, qk_nope_head_dim=24, qk_rope_head_dim=8,
-    v_head_dim=20, index_n_heads=2, index_head_dim=16, index_topk=8, n_routed_experts=4, num_experts_per_tok=2,
+    vocab_size=200,
+    hidden_size=160,
+    num_hidden_layers=2,
+    intermediate_size=200,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=96,
+    kv_lora_rank=72,
+    qk_nope_head_dim=24,
+    qk_rope_head_dim=8,
+    v_head_dim=20,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
     moe_intermediate_size=136,
-)  # fmt: skip
+)
 
 
 def _model(cfg: GLM5Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> GLM5ForCausalLM:
@@ -97,23 +123,38 @@ def test_stacked_experts_quantise_like_separate_matrices_and_zero_blocks_get_sca
 
 def test_the_published_split_of_quantised_and_bf16_tensors() -> None:
     quantised = [
-        "model.layers.0.self_attn.q_a_proj.weight", "model.layers.5.self_attn.q_b_proj.weight",
-        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.0.self_attn.kv_b_proj.weight",
-        "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.indexer.wq_b.weight",
-        "model.layers.0.self_attn.indexer.wk.weight", "model.layers.0.mlp.gate_proj.weight",
-        "model.layers.3.mlp.shared_experts.down_proj.weight", "model.layers.3.mlp.experts.255.up_proj.weight",
-        "model.layers.78.mlp.experts.0.gate_proj.weight", "model.layers.78.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.q_a_proj.weight",
+        "model.layers.5.self_attn.q_b_proj.weight",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.self_attn.indexer.wq_b.weight",
+        "model.layers.0.self_attn.indexer.wk.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.3.mlp.shared_experts.down_proj.weight",
+        "model.layers.3.mlp.experts.255.up_proj.weight",
+        "model.layers.78.mlp.experts.0.gate_proj.weight",
+        "model.layers.78.self_attn.o_proj.weight",
         "model.layers.3.mlp.experts.gate_up_proj",
-    ]  # fmt: skip
+    ]
     kept = [
-        "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
-        "model.layers.0.self_attn.q_a_layernorm.weight", "model.layers.0.self_attn.kv_a_layernorm.weight",
-        "model.layers.3.mlp.gate.weight", "model.layers.3.mlp.gate.e_score_correction_bias",
-        "model.layers.0.self_attn.indexer.weights_proj.weight", "model.layers.0.self_attn.indexer.k_norm.weight",
-        "model.layers.0.self_attn.indexer.k_norm.bias", "model.layers.78.eh_proj.weight",
-        "model.layers.78.enorm.weight", "model.layers.78.hnorm.weight", "model.layers.78.shared_head.norm.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_a_layernorm.weight",
+        "model.layers.0.self_attn.kv_a_layernorm.weight",
+        "model.layers.3.mlp.gate.weight",
+        "model.layers.3.mlp.gate.e_score_correction_bias",
+        "model.layers.0.self_attn.indexer.weights_proj.weight",
+        "model.layers.0.self_attn.indexer.k_norm.weight",
+        "model.layers.0.self_attn.indexer.k_norm.bias",
+        "model.layers.78.eh_proj.weight",
+        "model.layers.78.enorm.weight",
+        "model.layers.78.hnorm.weight",
+        "model.layers.78.shared_head.norm.weight",
         "model.layers.0.self_attn.q_a_proj.bias",
-    ]  # fmt: skip
+    ]
     assert all(fp8.is_quantized(n) for n in quantised)
     assert not any(fp8.is_quantized(n) for n in kept)
 
@@ -124,12 +165,22 @@ def test_quantization_config_is_written_as_published_and_read_back(tmp_path) -> 
     model.save_pretrained(tmp_path, fp8=True)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert {k: v for k, v in qc.items() if k != "modules_to_not_convert"} == {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}  # fmt: skip
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     listed = qc["modules_to_not_convert"]
     assert "model.layers.0.self_attn.indexers_proj" in listed  # the published (mislabelled) name
     assert not any("indexer.weights_proj" in m for m in listed)
-    assert {"lm_head", "model.embed_tokens", "model.norm", "model.layers.1.mlp.gate", "model.layers.2.eh_proj",
-            "model.layers.2.shared_head.norm"} <= set(listed)  # fmt: skip
+    assert {
+        "lm_head",
+        "model.embed_tokens",
+        "model.norm",
+        "model.layers.1.mlp.gate",
+        "model.layers.2.eh_proj",
+        "model.layers.2.shared_head.norm",
+    } <= set(listed)
     read_back = fp8.parse_quantization_config(qc)
     assert "model.layers.0.self_attn.indexer.weights_proj" in read_back
     # The list agrees with the files: a listed module has no scale, a scaled weight is not listed.
@@ -168,7 +219,9 @@ def test_fp8_loaded_logits_are_close_to_the_original_model(tmp_path) -> None:
     rel = ((got - ref).norm() / ref.norm()).item()
     max_rel = ((got - ref).abs().max() / ref.abs().max()).item()
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"FP8 vs fp32 logits: relative L2 error {rel:.4f}, max |diff| / max |logit| {max_rel:.4f}, top-1 {top1:.3f}")
+    print(
+        f"FP8 vs fp32 logits: relative L2 error {rel:.4f}, max |diff| / max |logit| {max_rel:.4f}, top-1 {top1:.3f}"
+    )
     # e4m3 rounding alone costs ~2.6% (relative L2) per Gaussian weight matrix; through the layers that
     # compounds to a few percent of the logits. A wrong scale layout or orientation would give ~100%.
     assert rel < 0.1 and max_rel < 0.25
@@ -213,7 +266,9 @@ def test_fp8_modules_keep_e4m3_and_fp32_scales_through_dtype_casts() -> None:
     before = linear.weight.clone()
     model.to(torch.bfloat16)
     assert linear.state_dict()["weight"].dtype == torch.float8_e4m3fn
-    assert linear.weight_scale_inv.dtype == torch.float32 and experts.down_proj_scale_inv.dtype == torch.float32
+    assert (
+        linear.weight_scale_inv.dtype == torch.float32 and experts.down_proj_scale_inv.dtype == torch.float32
+    )
     assert linear.weight.dtype == torch.bfloat16 and torch.equal(linear.weight, before.to(torch.bfloat16))
     model.float()
     assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and linear.weight.dtype == torch.float32
@@ -234,18 +289,35 @@ def test_a_kept_fp8_model_saves_its_e4m3_weights_unchanged_or_dequantised(tmp_pa
     # the name table carries the per-expert scales both ways (split on save, stacked on load)
     other = quantize_model(_model(RAGGED, seed=5, dtype=torch.bfloat16))
     other.load_hf_state_dict(kept.hf_state_dict())
-    assert all(torch.equal(a.float(), b.float()) for a, b in zip(other.state_dict().values(), kept.state_dict().values()))
+    assert all(
+        torch.equal(a.float(), b.float())
+        for a, b in zip(other.state_dict().values(), kept.state_dict().values())
+    )
 
 
 # --- an independent reference: one 128x128 block at a time ----------------------------------------------
 # Shapes of GLM-5 (MODEL_SPEC §12) scaled down where the real ones would be slow, always with non-square scale
 # grids (a transposed grid then reads the wrong scale, or fails) and both whole-block and ragged matrices.
 GLM5_LIKE = GLM5Config.from_preset("tiny").replace(
-    vocab_size=256, hidden_size=384, num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=640,
-    num_attention_heads=2, num_key_value_heads=2, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
-    qk_rope_head_dim=32, v_head_dim=64, index_n_heads=2, index_head_dim=64, index_topk=16, n_routed_experts=4,
-    num_experts_per_tok=2, moe_intermediate_size=256,
-)  # fmt: skip
+    vocab_size=256,
+    hidden_size=384,
+    num_hidden_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=640,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    index_n_heads=2,
+    index_head_dim=64,
+    index_topk=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=256,
+)
 """Scale grids: experts gate/up 2x3 and down 3x2, dense MLP 5x3 / 3x5, o_proj 3x1, kv_b 2x1, indexer wq_b 1x2
 (whole blocks); kv_a 160x384 -> 2x3, q_b 192x256 -> 2x2, indexer wk 64x384 -> 1x3 (ragged)."""
 
@@ -288,17 +360,23 @@ def test_dequantize_equals_the_per_block_reference(shape: tuple[int, ...]) -> No
     q, scale = _random_fp8(shape, seed=sum(shape))
     ref = dequantize_by_blocks(q, scale)
     torch.testing.assert_close(fp8.dequantize(q, scale, torch.float32), ref, rtol=0, atol=0)
-    torch.testing.assert_close(fp8.dequantize(q, scale, torch.bfloat16), ref.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(
+        fp8.dequantize(q, scale, torch.bfloat16), ref.to(torch.bfloat16), rtol=0, atol=0
+    )
 
 
 def test_quantize_then_dequantize_by_blocks_recovers_whole_block_weights() -> None:
     """quantize's scales are per block too: the reference dequantisation of its output is within the e4m3 bound."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(2 * 128, 5 * 128, generator=g) * torch.logspace(-3, 1, 5).repeat_interleave(128)  # per block
+    w = torch.randn(2 * 128, 5 * 128, generator=g) * torch.logspace(-3, 1, 5).repeat_interleave(
+        128
+    )  # per block
     q, s = fp8.quantize(w)
     assert s.shape == (2, 5)
     back = dequantize_by_blocks(q, s)
-    assert ((back - w).abs() <= 2**-4 * w.abs() + 2**-10 * s.repeat_interleave(128, 0).repeat_interleave(128, 1)).all()
+    assert (
+        (back - w).abs() <= 2**-4 * w.abs() + 2**-10 * s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    ).all()
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +386,11 @@ def glm5_like_fp8(tmp_path_factory) -> tuple:  # noqa: ANN001
     _model(GLM5_LIKE, dtype=torch.bfloat16).save_pretrained(path, fp8=True)
     folder = CheckpointFolder(path)
     with folder.reader() as r:
-        raw = {n: (r.get(n), r.get(fp8.scale_name(n))) for n, info in folder.tensors.items()
-               if info.dtype == torch.float8_e4m3fn}  # fmt: skip
+        raw = {
+            n: (r.get(n), r.get(fp8.scale_name(n)))
+            for n, info in folder.tensors.items()
+            if info.dtype == torch.float8_e4m3fn
+        }
     grids = {tuple(s.shape) for _, s in raw.values()}
     assert {(2, 3), (3, 2), (5, 3), (3, 5), (3, 1)} <= grids  # non-square grids of whole blocks are in there
     return path, raw
@@ -337,7 +418,10 @@ def test_an_fp8_checkpoint_kept_in_e4m3_computes_with_the_per_block_reference(gl
             prefix = internal_to_hf_name(name, cfg)
             for e in range(module.num_experts):
                 gate_up, down = module.expert_weights(e, torch.float32)
-                ref = [dequantize_by_blocks(*raw[f"{prefix}.{e}.{p}_proj.weight"]) for p in ("gate", "up", "down")]
+                ref = [
+                    dequantize_by_blocks(*raw[f"{prefix}.{e}.{p}_proj.weight"])
+                    for p in ("gate", "up", "down")
+                ]
                 torch.testing.assert_close(gate_up, torch.cat(ref[:2]), rtol=0, atol=0)
                 torch.testing.assert_close(down, ref[2], rtol=0, atol=0)
                 seen |= {f"{prefix}.{e}.{p}_proj.weight" for p in ("gate", "up", "down")}

@@ -9,11 +9,25 @@ from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.checkpoint.hf import from_hf_state_dict, hf_to_internal_name, internal_to_hf_name
 
 CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=128, hidden_size=32, num_hidden_layers=3, intermediate_size=48, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=4, index_topk_pattern="FFS",
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    index_topk=4,
+    index_topk_pattern="FFS",
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +40,18 @@ def test_per_expert_layout_matches_the_published_names(model) -> None:
     sd = model.hf_state_dict()
     layer = "model.layers.1"
     for e in range(CFG.n_routed_experts):
-        assert sd[f"{layer}.mlp.experts.{e}.gate_proj.weight"].shape == (CFG.moe_intermediate_size, CFG.hidden_size)
-        assert sd[f"{layer}.mlp.experts.{e}.up_proj.weight"].shape == (CFG.moe_intermediate_size, CFG.hidden_size)
-        assert sd[f"{layer}.mlp.experts.{e}.down_proj.weight"].shape == (CFG.hidden_size, CFG.moe_intermediate_size)
+        assert sd[f"{layer}.mlp.experts.{e}.gate_proj.weight"].shape == (
+            CFG.moe_intermediate_size,
+            CFG.hidden_size,
+        )
+        assert sd[f"{layer}.mlp.experts.{e}.up_proj.weight"].shape == (
+            CFG.moe_intermediate_size,
+            CFG.hidden_size,
+        )
+        assert sd[f"{layer}.mlp.experts.{e}.down_proj.weight"].shape == (
+            CFG.hidden_size,
+            CFG.moe_intermediate_size,
+        )
     fused = model.model.layers[1].mlp.experts.gate_up_proj
     assert torch.equal(sd[f"{layer}.mlp.experts.2.gate_proj.weight"], fused[2, : CFG.moe_intermediate_size])
     assert torch.equal(sd[f"{layer}.mlp.experts.2.up_proj.weight"], fused[2, CFG.moe_intermediate_size :])
@@ -65,7 +88,10 @@ def test_round_trip_per_expert_and_fused_forms(model) -> None:
 
 
 def test_names_map_both_ways() -> None:
-    assert internal_to_hf_name("mtp.0.self_attn.q_a_proj.weight", CFG) == "model.layers.3.self_attn.q_a_proj.weight"
+    assert (
+        internal_to_hf_name("mtp.0.self_attn.q_a_proj.weight", CFG)
+        == "model.layers.3.self_attn.q_a_proj.weight"
+    )
     assert hf_to_internal_name("model.layers.3.eh_proj.weight", CFG) == "mtp.0.eh_proj.weight"
     assert hf_to_internal_name("model.layers.2.mlp.gate.weight", CFG) == "model.layers.2.mlp.gate.weight"
     # copies of the shared embedding/head some MTP loaders write, and MTP layers the config lacks, are skipped

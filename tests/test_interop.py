@@ -15,11 +15,25 @@ transformers = require("transformers", "the HF reference implementation")
 # Two MoE layers (one IndexCache-shared), a dense layer, MTP, odd widths; index_topk below the test length so
 # the sparse path runs.
 CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=160, hidden_size=48, num_hidden_layers=3, intermediate_size=80, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=12, index_n_heads=2, index_head_dim=8, index_topk=6, index_topk_pattern="FFS",
-    n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
-)  # fmt: skip
+    vocab_size=160,
+    hidden_size=48,
+    num_hidden_layers=3,
+    intermediate_size=80,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=24,
+    kv_lora_rank=20,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=12,
+    index_n_heads=2,
+    index_head_dim=8,
+    index_topk=6,
+    index_topk_pattern="FFS",
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+)
 
 
 def _ours(seed: int = 0) -> GLM5ForCausalLM:
@@ -54,8 +68,10 @@ def test_glm5_save_pretrained_loads_in_transformers_with_identical_logits(tmp_pa
     x = _ids()
     from_disk = hf(x).logits
     assert torch.equal(from_disk, _hf_reference(ours)(x).logits)  # the files hold exactly our weights
-    assert torch.equal(hf.model.layers[1].mlp.gate.e_score_correction_bias,
-                       ours.model.layers[1].mlp.gate.e_score_correction_bias)  # fmt: skip
+    assert torch.equal(
+        hf.model.layers[1].mlp.gate.e_score_correction_bias,
+        ours.model.layers[1].mlp.gate.e_score_correction_bias,
+    )
     err = (from_disk - ours(x).logits).abs().max().item()
     assert err <= 1e-5, err
 
@@ -85,5 +101,9 @@ def test_transformers_and_glm5_write_the_same_tensor_names_shapes_and_dtypes(tmp
     _hf_reference(ours).save_pretrained(tmp_path / "hf")
     mine = CheckpointFolder(tmp_path / "glm5").tensors
     theirs = CheckpointFolder(tmp_path / "hf").tensors
-    main_model = {n: (t.shape, t.dtype) for n, t in mine.items() if not n.startswith(f"model.layers.{CFG.num_hidden_layers}.")}
+    main_model = {
+        n: (t.shape, t.dtype)
+        for n, t in mine.items()
+        if not n.startswith(f"model.layers.{CFG.num_hidden_layers}.")
+    }
     assert main_model == {n: (t.shape, t.dtype) for n, t in theirs.items()}

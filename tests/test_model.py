@@ -47,14 +47,20 @@ def test_chunked_indexer_selects_exactly_what_unchunked_selects() -> None:
     c_q = attn.q_a_layernorm(attn.q_a_proj(h))
     q, k, w = attn.indexer.project(h, c_q, cos[None], sin[None])
 
-    def visible(idx: torch.Tensor) -> torch.Tensor:  # rows with < K visible keys pad with (masked) future keys
+    def visible(
+        idx: torch.Tensor,
+    ) -> torch.Tensor:  # rows with < K visible keys pad with (masked) future keys
         return torch.where(idx <= torch.arange(50).view(1, -1, 1), idx, -1).sort(-1).values
 
     whole = attn.indexer.select(q, k, w, Positions.shared(0, 50), chunk=50)
     for chunk in (1, 7, 16):
-        assert torch.equal(visible(attn.indexer.select(q, k, w, Positions.shared(0, 50), chunk=chunk)), visible(whole))
+        assert torch.equal(
+            visible(attn.indexer.select(q, k, w, Positions.shared(0, 50), chunk=chunk)), visible(whole)
+        )
     # and the selection is the causal top-k of the unchunked score matrix
-    scores = attn.indexer.scores(q, k, w).masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
+    scores = attn.indexer.scores(q, k, w).masked_fill(
+        torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf")
+    )
     assert torch.equal(visible(whole), visible(scores.topk(CFG.index_topk, dim=-1).indices))
 
 
@@ -63,6 +69,7 @@ def test_sparse_latent_attention_matches_masked_dense_and_chunks_agree() -> None
     B, T, H, r, R, K = 2, 30, 3, 10, 4, 6
     q = torch.randn(B, T, H, r + R)
     kv = torch.randn(B, T, r + R)
+
     # distinct keys per query, the query itself among them (top-k never repeats a key)
     def pick(t: int) -> torch.Tensor:
         others = torch.randperm(T - 1)[: K - 1]
@@ -73,15 +80,21 @@ def test_sparse_latent_attention_matches_masked_dense_and_chunks_agree() -> None
     got = sparse_latent_attention(q, kv, idx, pos, r, 0.3)
     # naive: full score matrix, mask everything except selected & causal keys
     scores = torch.einsum("bthc,bsc->bths", q, kv) * 0.3
-    keep = torch.zeros(B, T, T, dtype=torch.bool).scatter_(-1, idx, True) & torch.ones(T, T, dtype=torch.bool).tril()
+    keep = (
+        torch.zeros(B, T, T, dtype=torch.bool).scatter_(-1, idx, True)
+        & torch.ones(T, T, dtype=torch.bool).tril()
+    )
     probs = torch.softmax(scores.masked_fill(~keep[:, :, None], float("-inf")), -1)
     expected = torch.einsum("bths,bsr->bthr", probs, kv[..., :r])
     assert (got - expected).abs().max() <= 1e-5
     assert torch.allclose(sparse_latent_attention(q, kv, idx, pos, r, 0.3, chunk=4), got, atol=1e-6)
     # dense latent attention = sparse attention that selects every key
     everything = torch.arange(T).expand(B, T, T)
-    assert torch.allclose(dense_latent_attention(q, kv, pos, r, 0.3),
-                          sparse_latent_attention(q, kv, everything, pos, r, 0.3), atol=1e-5)  # fmt: skip
+    assert torch.allclose(
+        dense_latent_attention(q, kv, pos, r, 0.3),
+        sparse_latent_attention(q, kv, everything, pos, r, 0.3),
+        atol=1e-5,
+    )
 
 
 @torch.no_grad()
@@ -314,9 +327,12 @@ class RaggedCache:
         return Positions(q_pos, int(starts[0]) if same else None), int(starts.max()) + num_new
 
     def update(self, layer_idx, c_kv, k_pe, index_k):
-        parts = [self.rows[r].update(layer_idx, c_kv[i : i + 1], k_pe[i : i + 1],
-                                     None if index_k is None else index_k[i : i + 1])
-                 for i, r in enumerate(self.active)]  # fmt: skip
+        parts = [
+            self.rows[r].update(
+                layer_idx, c_kv[i : i + 1], k_pe[i : i + 1], None if index_k is None else index_k[i : i + 1]
+            )
+            for i, r in enumerate(self.active)
+        ]
         width = max(p[0].shape[1] for p in parts)
 
         def pad(t):  # garbage past a row's end; attention masks it by position

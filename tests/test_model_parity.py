@@ -13,19 +13,45 @@ BASE = GLM5Config.from_preset("bench-tiny")
 
 CONFIGS = {
     # IndexCache shared layer + group-limited routing.
-    "shared-layer+groups": BASE.replace(num_hidden_layers=3, index_topk=16, index_topk_pattern="FSF",
-                                        n_group=4, topk_group=2),
+    "shared-layer+groups": BASE.replace(
+        num_hidden_layers=3, index_topk=16, index_topk_pattern="FSF", n_group=4, topk_group=2
+    ),
     # Odd sizes, freq/offset IndexCache rule, 2 shared experts, unnormalised top-k weights.
     "odd-dims+freq": BASE.replace(
-        vocab_size=512, hidden_size=96, num_hidden_layers=4, intermediate_size=160, num_attention_heads=3,
-        num_key_value_heads=3, q_lora_rank=48, kv_lora_rank=40, qk_nope_head_dim=24, qk_rope_head_dim=8,
-        v_head_dim=20, index_n_heads=3, index_head_dim=16, index_topk=8, index_topk_freq=2,
-        index_skip_topk_offset=2, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
-        moe_intermediate_size=32, norm_topk_prob=False, routed_scaling_factor=1.7, rope_theta=10_000.0),
+        vocab_size=512,
+        hidden_size=96,
+        num_hidden_layers=4,
+        intermediate_size=160,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        q_lora_rank=48,
+        kv_lora_rank=40,
+        qk_nope_head_dim=24,
+        qk_rope_head_dim=8,
+        v_head_dim=20,
+        index_n_heads=3,
+        index_head_dim=16,
+        index_topk=8,
+        index_topk_freq=2,
+        index_skip_topk_offset=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.7,
+        rope_theta=10_000.0,
+    ),
     # No dense layers, 8 groups keep 3, larger top-k.
-    "all-moe+8-groups": BASE.replace(num_hidden_layers=2, first_k_dense_replace=0, index_topk=24, n_group=8,
-                                     topk_group=3, num_experts_per_tok=6),
-}  # fmt: skip
+    "all-moe+8-groups": BASE.replace(
+        num_hidden_layers=2,
+        first_k_dense_replace=0,
+        index_topk=24,
+        n_group=8,
+        topk_group=3,
+        num_experts_per_tok=6,
+    ),
+}
 
 
 def build_pair(cfg: GLM5Config, seed: int = 0):
@@ -46,10 +72,14 @@ def build_pair(cfg: GLM5Config, seed: int = 0):
 def capture_topk(ours, ref):
     """Forward hooks that record each layer's top-k indices (ours: output[1], HF attention: output[2])."""
     got: dict[str, list] = {"ours": [], "ref": []}
-    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: got["ours"].append(o[1]))
-             for layer in ours.model.layers]  # fmt: skip
-    hooks += [layer.self_attn.register_forward_hook(lambda m, i, o: got["ref"].append(o[2]))
-              for layer in ref.model.layers]  # fmt: skip
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, i, o: got["ours"].append(o[1]))
+        for layer in ours.model.layers
+    ]
+    hooks += [
+        layer.self_attn.register_forward_hook(lambda m, i, o: got["ref"].append(o[2]))
+        for layer in ref.model.layers
+    ]
     return got, hooks
 
 
@@ -100,7 +130,9 @@ def test_dense_warmup_indexer_loss_matches_kl_of_reference_attention() -> None:
         # naive indexer scores with interleaved RoPE on the first rope dims
         ix = sa.indexer
         pos = torch.arange(12)
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.qk_rope_head_dim, 2).float() / cfg.qk_rope_head_dim))
+        inv = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, cfg.qk_rope_head_dim, 2).float() / cfg.qk_rope_head_dim)
+        )
         ang = pos[:, None].float() * inv
 
         def rope(v):  # v [..., T, (H), R] in interleaved pairs; returns interleaved

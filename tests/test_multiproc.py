@@ -35,10 +35,18 @@ TOL = 1e-5
 GROUPED = MICRO.replace(n_group=4, topk_group=2, vocab_size=255, max_position_embeddings=256)
 # every FP8 split on 128-blocks for TP2 (see tests/test_sharding.py)
 FP8_ALIGNED = MICRO.replace(
-    num_attention_heads=8, num_key_value_heads=8, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-    index_head_dim=32, intermediate_size=256, moe_intermediate_size=512, num_hidden_layers=2, index_topk_pattern="FS",
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    index_head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=512,
+    num_hidden_layers=2,
+    index_topk_pattern="FS",
     max_position_embeddings=256,
-)  # fmt: skip
+)
 ENGINE = dict(block_size=4, num_blocks=160, max_num_seqs=8)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +119,9 @@ def test_sharded_engine_reproduces_one_process(ckpts, reference, tp, ep, ckpt, e
     cfg = FP8_ALIGNED if ckpt == "fp8" else GROUPED
     with LLM(str(folder), tensor_parallel_size=tp, expert_parallel_size=ep, **ENGINE, **extra) as llm:
         assert len(llm.engine.executor.procs) == tp * ep - 1
-        assert llm.engine.executor.runner.config.fused_decode is False  # forced: the fused step is not shard-aware
+        assert (
+            llm.engine.executor.runner.config.fused_decode is False
+        )  # forced: the fused step is not shard-aware
         got = _scenario(llm, cfg)
         _same(reference[ckpt], got)
         assert _cached_tokens(got) > 0 and _cached_tokens(got) == _cached_tokens(reference[ckpt])
@@ -126,8 +136,23 @@ def test_refusals_before_loading(ckpts, tiny_model) -> None:
         LLM(str(ckpts / "grouped"), tensor_parallel_size=3)
     with pytest.raises(ValueError, match="needs a checkpoint folder"):
         LLM(tiny_model, tensor_parallel_size=2)
-    r = subprocess.run([sys.executable, "-m", "glm5.cli", "generate", "--model", str(ckpts / "grouped"), "-tp", "4",
-                        "--prompt-ids", "1,2,3"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "glm5.cli",
+            "generate",
+            "--model",
+            str(ckpts / "grouped"),
+            "-tp",
+            "4",
+            "--prompt-ids",
+            "1,2,3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "rule:" in lines[0] and "tp_size" in lines[0], r.stderr
@@ -152,11 +177,27 @@ def test_torchrun_runs_one_rank_per_process(ckpts) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("no torchrun next to this python")
-    args = ["-m", "glm5.cli", "generate", "--model", str(ckpts / "grouped"), "--prompt-ids", "5,6,7,8",
-            "--max-tokens", "6", "--temperature", "0", "--ignore-eos"]  # fmt: skip
+    args = [
+        "-m",
+        "glm5.cli",
+        "generate",
+        "--model",
+        str(ckpts / "grouped"),
+        "--prompt-ids",
+        "5,6,7,8",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+    ]
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
-    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), *args, "-tp", "2"],
-                         capture_output=True, text=True, timeout=90)  # fmt: skip
+    two = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), *args, "-tp", "2"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert one.stdout.strip() and two.stdout.strip() == one.stdout.strip()  # only rank 0 prints
 
@@ -178,7 +219,9 @@ def test_update_weights_reaches_every_rank_then_a_killed_worker_makes_the_engine
         assert llm.update_weights(new) == 1
         _same(want, llm.generate(prompts, params))
         assert [o.outputs[0].token_ids for o in before] != [o.outputs[0].token_ids for o in want]
-        with pytest.raises(ValueError, match="unknown parameter names"):  # refused on rank 0, before any change
+        with pytest.raises(
+            ValueError, match="unknown parameter names"
+        ):  # refused on rank 0, before any change
             llm.update_weights({"no.such.weight": torch.zeros(1)})
         _same(want, llm.generate(prompts, params))
         (pid,) = llm.engine.executor.pids().values()
@@ -193,7 +236,9 @@ def test_update_weights_reaches_every_rank_then_a_killed_worker_makes_the_engine
         llm.shutdown()
     import torch.distributed as dist
 
-    assert not dist.is_initialized()  # no dead process group left behind for whatever runs next in this process
+    assert (
+        not dist.is_initialized()
+    )  # no dead process group left behind for whatever runs next in this process
     import multiprocessing
 
     assert multiprocessing.active_children() == []
@@ -234,9 +279,31 @@ def served_ckpt(tmp_path_factory) -> Path:
 def _serve(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "glm5.cli", "serve", "--model", str(folder), "--port", str(port),
-                             "-tp", "2", "--threads", "1", "--max-num-seqs", "4", "--graceful-timeout", "5", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "glm5.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "-tp",
+            "2",
+            "--threads",
+            "1",
+            "--max-num-seqs",
+            "4",
+            "--graceful-timeout",
+            "5",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -251,11 +318,24 @@ def _serve(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("the server did not start")
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
-SCRIPT = [{"match": "weather in Paris", "output": "Hm.</think>I will check.<tool_call>get_weather<arg_key>city"
-           "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
-           "<|observation|>"}]  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+SCRIPT = [
+    {
+        "match": "weather in Paris",
+        "output": "Hm.</think>I will check.<tool_call>get_weather<arg_key>city"
+        "</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+        "<|observation|>",
+    }
+]
 
 
 def test_server_tp2_answers_the_openai_sdk_and_drains_on_sigterm(served_ckpt, tmp_path) -> None:
@@ -268,28 +348,40 @@ def test_server_tp2_answers_the_openai_sdk_and_drains_on_sigterm(served_ckpt, tm
         workers = _children(proc.pid)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         msgs = [{"role": "user", "content": "hello there"}]
-        r = client.chat.completions.create(model="model", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
-                                           top_logprobs=2)  # fmt: skip
+        r = client.chat.completions.create(
+            model="model", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+        )
         assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
         assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
-        chunks = list(client.chat.completions.create(model="model", messages=msgs, max_tokens=8, temperature=0,
-                                                     stream=True))  # fmt: skip
+        chunks = list(
+            client.chat.completions.create(
+                model="model", messages=msgs, max_tokens=8, temperature=0, stream=True
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == (r.choices[0].message.content or "")
         # scripted output is forced on every rank (the hook travels to the workers)
-        r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "weather in Paris?"}],
-                                           tools=[WEATHER], max_tokens=80)  # fmt: skip
+        r = client.chat.completions.create(
+            model="model",
+            messages=[{"role": "user", "content": "weather in Paris?"}],
+            tools=[WEATHER],
+            max_tokens=80,
+        )
         (call,) = r.choices[0].message.tool_calls
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris",
-                                                                                               "days": 3}  # fmt: skip
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+            "city": "Paris",
+            "days": 3,
+        }
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
     time.sleep(0.5)
-    assert workers and not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
-                               for p in workers)  # fmt: skip
+    assert workers and not any(
+        Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+        for p in workers
+    )
 
 
 def test_server_with_a_dead_rank_answers_503_and_exits_non_zero(served_ckpt) -> None:

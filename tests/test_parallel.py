@@ -28,19 +28,30 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     ctx = init_distributed()
     try:
         trainer = Trainer(smoke_recipe(), out, ctx, quiet=True)
         sharded = [m for m in trainer.model.modules() if isinstance(m, ExpertParallelExperts)]
         local_experts = sharded[0].gate_up_proj.to_local().shape[0]
-        records = trainer.fit()  # 5 steps: dense, indexer warm-up (main model frozen), sparse; then a DCP save
+        records = (
+            trainer.fit()
+        )  # 5 steps: dense, indexer warm-up (main model frozen), sparse; then a DCP save
         summary = trainer.finish()  # gathers the full weights on rank 0, evaluates, exports
         if rank == 0:
-            result = {"losses": losses(records), "local_experts": local_experts, "num_sharded": len(sharded),
-                      "val_lm": summary["val_lm"]}  # fmt: skip
+            result = {
+                "losses": losses(records),
+                "local_experts": local_experts,
+                "num_sharded": len(sharded),
+                "val_lm": summary["val_lm"],
+            }
             (Path(out) / "result.json").write_text(json.dumps(result))
     finally:
         shutdown(ctx)

@@ -39,17 +39,20 @@ def building_blocks(cfg: GLM5Config) -> dict[str, int]:
     """MODEL_SPEC §13's per-layer building blocks, written out from the shapes of §11."""
     D, H = cfg.hidden_size, cfg.num_attention_heads
     mla = (
-        D * cfg.q_lora_rank + cfg.q_lora_rank  # q_a_proj + q_a_layernorm
+        D * cfg.q_lora_rank
+        + cfg.q_lora_rank  # q_a_proj + q_a_layernorm
         + cfg.q_lora_rank * H * cfg.qk_head_dim  # q_b_proj
-        + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank  # kv_a_proj + its norm
+        + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.kv_lora_rank  # kv_a_proj + its norm
         + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_b_proj
         + H * cfg.v_head_dim * D  # o_proj
-    )  # fmt: skip
+    )
     indexer = (
         cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim  # wq_b
-        + D * cfg.index_head_dim + 2 * cfg.index_head_dim  # wk + k_norm weight/bias
+        + D * cfg.index_head_dim
+        + 2 * cfg.index_head_dim  # wk + k_norm weight/bias
         + D * cfg.index_n_heads  # weights_proj
-    )  # fmt: skip
+    )
     expert = 3 * D * cfg.moe_intermediate_size
     router = cfg.n_routed_experts * D
     shared = cfg.n_shared_experts * expert
@@ -234,8 +237,17 @@ def test_format_table_shows_every_headline_figure(glm5):
     console = Console(record=True, width=120)
     console.print(format_table(glm5, title="glm-5"))
     text = console.export_text()
-    for needle in ["743,911,199,232", "753.9B", "39.9B", "40.8B", "1,488 GB", "746 GB", "756,162,687,872 B",
-                   "109,824 B", "97.43%"]:  # fmt: skip
+    for needle in [
+        "743,911,199,232",
+        "753.9B",
+        "39.9B",
+        "40.8B",
+        "1,488 GB",
+        "746 GB",
+        "756,162,687,872 B",
+        "109,824 B",
+        "97.43%",
+    ]:
         assert needle in text, needle
 
 
@@ -266,14 +278,18 @@ from glm5.plan import (  # noqa: E402
 
 GLM5_FP8 = 746_130_054_912  # MODEL_SPEC §12/§13, main model
 GLM5_BF16 = 2 * GLM5_MAIN + 4 * 75 * 256
-FP8_EXPERT = 3 * (2048 * 6144 + 4 * 16 * 48)  # three 2048x6144 e4m3 matrices + a 16 x 48 grid of fp32 scales each
+FP8_EXPERT = 3 * (
+    2048 * 6144 + 4 * 16 * 48
+)  # three 2048x6144 e4m3 matrices + a 16 x 48 grid of fp32 scales each
 EMBED_BF16 = 154_880 * 6144 * 2
 H200_BW = 4.8e12
 
 
 def kv_per_token_from_config(cfg: GLM5Config) -> int:
     """BF16 MLA latent (kv_lora_rank + rope dims) in every layer + FP8 indexer key with one fp32 scale."""
-    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers + (cfg.index_head_dim + 4) * 78
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 * cfg.num_hidden_layers + (
+        cfg.index_head_dim + 4
+    ) * 78
 
 
 def test_published_headline_figures_744b_total_40b_active_1490gb_bf16_half_in_fp8(glm5):
@@ -336,7 +352,9 @@ def test_decode_indexer_scans_the_whole_context_above_top_k_and_mtp_multiplies_b
     d = decode_roofline(glm5, h200, PlanSettings(context=100_000, concurrency=4), 8, 8)
     assert d.step_bytes["indexer keys scanned"] == 4 * 100_000 * 132 * 78
     assert d.step_bytes["KV latents gathered (top-k)"] == 4 * 2048 * 1152 * 78
-    mtp = decode_roofline(glm5, h200, PlanSettings(context=100_000, concurrency=4, mtp_steps=3, mtp_accept=3.5), 8, 8)
+    mtp = decode_roofline(
+        glm5, h200, PlanSettings(context=100_000, concurrency=4, mtp_steps=3, mtp_accept=3.5), 8, 8
+    )
     assert mtp.per_user(1.0) == pytest.approx(3.5 * 8 * H200_BW / sum(mtp.step_bytes.values()))
     assert mtp.per_user(1.0) > d.per_user(1.0)  # more bytes per step, but 3.5 tokens for each
 
@@ -367,7 +385,9 @@ def test_plan_cost_and_implied_efficiencies(glm5):
     assert sglang[0]["roofline_per_user"] * sglang[0]["implied_efficiency"] == pytest.approx(120)
     zai = next(r for r in p.implied if r["what"].startswith("Z.ai"))
     lo, hi = zai["implied_efficiency_range"]
-    assert lo * zai["roofline_per_user"] == pytest.approx(17) and hi * zai["roofline_per_user"] == pytest.approx(19)
+    assert lo * zai["roofline_per_user"] == pytest.approx(17) and hi * zai[
+        "roofline_per_user"
+    ] == pytest.approx(19)
 
 
 def test_hardware_catalog_and_user_defined_devices(tmp_path):
@@ -391,8 +411,21 @@ def test_hardware_catalog_and_user_defined_devices(tmp_path):
 
 
 def test_cli_plan_json_and_errors(capsys, tmp_path):
-    args = ["plan", "--preset", "glm-5", "--hardware", "h200", "--dtype", "fp8", "--context", "200000",
-            "--concurrency", "32", "--price-per-hour", "3"]  # fmt: skip
+    args = [
+        "plan",
+        "--preset",
+        "glm-5",
+        "--hardware",
+        "h200",
+        "--dtype",
+        "fp8",
+        "--context",
+        "200000",
+        "--concurrency",
+        "32",
+        "--price-per-hour",
+        "3",
+    ]
     assert cli_main([*args, "--json"]) == 0
     data = _json.loads(capsys.readouterr().out)
     assert data["devices"] == 16 and data["min_devices"] == 11 and data["kv_bytes_per_token"] == 100_152

@@ -42,19 +42,32 @@ def test_admission_follows_the_areal_formula():
     assert buf.capacity() == 3
 
 
-ops = st.lists(st.tuples(st.sampled_from(["lease", "complete", "filter", "requeue", "partial", "train", "restore",
-                                          "die"]), st.integers(0, 10**6)), min_size=20, max_size=120)  # fmt: skip
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["lease", "complete", "filter", "requeue", "partial", "train", "restore", "die"]),
+        st.integers(0, 10**6),
+    ),
+    min_size=20,
+    max_size=120,
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops, eta=st.integers(0, 2), batch=st.integers(1, 3), policy=st.sampled_from(["pace", "drop_and_requeue",
-       "abort_at_update"]), over=st.integers(0, 2))  # fmt: skip
+@given(
+    ops=ops,
+    eta=st.integers(0, 2),
+    batch=st.integers(1, 3),
+    policy=st.sampled_from(["pace", "drop_and_requeue", "abort_at_update"]),
+    over=st.integers(0, 2),
+)
 def test_staleness_and_exactly_once_invariants(ops, eta, batch, policy, over):
     """Random interleavings of leases, completions (in any order), filters, requeues with partial samples,
     training steps, worker deaths and checkpoint-restores. Invariants: admission A holds at all times; under
     drop_and_requeue staleness never exceeds eta; with eta = 0 every trained token is of the trainer's version
     (drop_and_requeue) ; pace never drops; and once drained, every (prompt, epoch) has exactly one terminal state."""
-    cfg = BufferConfig(batch_size=batch, max_staleness=eta, policy=policy, over_sample=over, num_epochs=2, seed=3)
+    cfg = BufferConfig(
+        batch_size=batch, max_staleness=eta, policy=policy, over_sample=over, num_epochs=2, seed=3
+    )
     prompts = _prompts(7)
     buf = DataBuffer(prompts, cfg)
     held: list = []  # leases the simulated worker holds
@@ -90,7 +103,9 @@ def test_staleness_and_exactly_once_invariants(ops, eta, batch, policy, over):
             elif op == "requeue":
                 buf.requeue(lease.lease_id)
             else:  # aborted at an update: the prefix (of this version) is kept for the next lease
-                group = lease.samples or new_group(lease.prompt_id, lease.epoch, lease.prompt, 2, lease.metadata)
+                group = lease.samples or new_group(
+                    lease.prompt_id, lease.epoch, lease.prompt, 2, lease.metadata
+                )
                 for s in group:
                     s.append([4], [-0.1], [buf.version], trainable=True)
                 buf.requeue(lease.lease_id, group)
@@ -99,7 +114,9 @@ def test_staleness_and_exactly_once_invariants(ops, eta, batch, policy, over):
         elif op == "die":
             buf.release_worker("w0")
             held = []
-        elif op == "restore":  # a crash: the state goes through JSON into a fresh buffer; in-flight work is lost
+        elif (
+            op == "restore"
+        ):  # a crash: the state goes through JSON into a fresh buffer; in-flight work is lost
             state = json.loads(json.dumps(buf.state_dict()))
             buf = DataBuffer(prompts, cfg)
             buf.load_state_dict(state)
@@ -121,7 +138,9 @@ def test_staleness_and_exactly_once_invariants(ops, eta, batch, policy, over):
         train()
     assert buf.exhausted()
     expected = {f"{p}.{e}" for p in range(len(prompts)) for e in range(2)}
-    assert set(buf.terminal) == expected  # every prompt of every epoch, exactly once (no duplicate can be stored)
+    assert (
+        set(buf.terminal) == expected
+    )  # every prompt of every epoch, exactly once (no duplicate can be stored)
     if policy == "pace":
         assert buf.stats["dropped_stale"] == 0
 
@@ -148,7 +167,9 @@ def test_partial_samples_and_leases_survive_a_checkpoint():
 
 def test_pace_reports_staleness_and_drop_requeues():
     for policy, dropped in (("pace", 0), ("drop_and_requeue", 1)):
-        buf = DataBuffer(_prompts(10), BufferConfig(batch_size=1, max_staleness=0, policy=policy, over_sample=1))
+        buf = DataBuffer(
+            _prompts(10), BufferConfig(batch_size=1, max_staleness=0, policy=policy, over_sample=1)
+        )
         x, y = buf.lease("w", 2)
         buf.complete(x.lease_id, _finish(x, 0))
         buf.complete(y.lease_id, _finish(y, 0))
@@ -167,7 +188,9 @@ def test_get_batch_blocks_until_data_arrives():
     (lease,) = buf.lease("w", 1)
     t0 = time.perf_counter()
     assert buf.get_batch(timeout=0.2) is None
-    assert time.perf_counter() - t0 >= 0.19  # it waited (slept on the condition) rather than returning at once
+    assert (
+        time.perf_counter() - t0 >= 0.19
+    )  # it waited (slept on the condition) rather than returning at once
     timer = threading.Timer(0.1, lambda: buf.complete(lease.lease_id, _finish(lease, 0)))
     timer.start()
     got = buf.get_batch(timeout=5.0)
@@ -178,7 +201,9 @@ def test_late_result_of_a_released_lease_is_ignored():
     buf = DataBuffer(_prompts(4), BufferConfig(batch_size=1))
     (lease,) = buf.lease("dead", 1)
     assert buf.release_worker("dead") == 1
-    assert not buf.complete(lease.lease_id, _finish(lease, 0))  # dedupe: the requeued copy will be the one trained
+    assert not buf.complete(
+        lease.lease_id, _finish(lease, 0)
+    )  # dedupe: the requeued copy will be the one trained
     assert buf.counts()["late_results"] == 1
 
 

@@ -104,15 +104,21 @@ def test_truncate_ignores_the_low_threshold_and_veto_zeroes_a_whole_rollout():
 def test_a_sequence_ratio_beyond_float_range_is_truncated_not_nan():
     log_ratio = torch.full((1, 50), 20.0)  # exp(1000) overflows
     for rule in ("truncate", "mask", "clip"):
-        weights, _ = importance_weights(log_ratio, torch.zeros(1, 50), torch.ones(1, 50),
-                                        LossConfig(is_level="sequence", is_rule=rule))  # fmt: skip
+        weights, _ = importance_weights(
+            log_ratio, torch.zeros(1, 50), torch.ones(1, 50), LossConfig(is_level="sequence", is_rule=rule)
+        )
         assert torch.isfinite(weights).all()
         assert weights[0, 0].item() == (0.0 if rule == "mask" else pytest.approx(2.0))
 
 
 @HYP
-@given(st.lists(st.floats(-3, 3), min_size=1, max_size=6), st.sampled_from(["token", "sequence", "geometric"]),
-       st.sampled_from(["truncate", "mask", "clip"]), st.floats(0.0, 0.9), st.floats(1.1, 5.0))  # fmt: skip
+@given(
+    st.lists(st.floats(-3, 3), min_size=1, max_size=6),
+    st.sampled_from(["token", "sequence", "geometric"]),
+    st.sampled_from(["truncate", "mask", "clip"]),
+    st.floats(0.0, 0.9),
+    st.floats(1.1, 5.0),
+)
 def test_importance_weights_stay_within_the_rule_bounds(log_ratios, level, rule, low, high):
     proximal = torch.tensor([log_ratios])
     cfg = LossConfig(is_level=level, is_rule=rule, is_threshold_low=low, is_threshold_high=high)
@@ -200,8 +206,15 @@ def test_autograd_gradient_equals_the_analytic_is_weighted_policy_gradient(dual)
     zero_grad_tokens = 0
     for i in range(b):
         for j in range(lengths[i]):
-            coef = _naive_coefficient(current[i, j].item(), proximal[i, j].item(), behavior[i, j].item(),
-                                      adv[i].item(), lengths[i], b, cfg)  # fmt: skip
+            coef = _naive_coefficient(
+                current[i, j].item(),
+                proximal[i, j].item(),
+                behavior[i, j].item(),
+                adv[i].item(),
+                lengths[i],
+                b,
+                cfg,
+            )
             zero_grad_tokens += coef == 0.0
             expected[i, j] = coef * (torch.nn.functional.one_hot(tokens[i, j], vocab) - probs[i, j])
     assert 0 < zero_grad_tokens < sum(lengths)  # the case exercises both clipped and unclipped tokens
@@ -223,8 +236,9 @@ def test_loss_gradient_passes_finite_difference_check():
         logp = torch.log_softmax(th, -1)
         current = logp.gather(-1, tokens[..., None])[..., 0]
         entropy = -(logp.exp() * logp).sum(-1)
-        return policy_loss(current, proximal, behavior, torch.tensor([0.8, -0.4]), mask, cfg,
-                           ref_logp=ref, entropy=entropy)[0]  # fmt: skip
+        return policy_loss(
+            current, proximal, behavior, torch.tensor([0.8, -0.4]), mask, cfg, ref_logp=ref, entropy=entropy
+        )[0]
 
     assert torch.autograd.gradcheck(fn, (theta,))
 
@@ -281,8 +295,17 @@ def _run(batch, rows, cfg, **kwargs):
     current, proximal, behavior, adv, mask, ref, ent = batch
     width = int(mask[rows].sum(-1).max().item())  # each micro-batch re-padded to its own length
     cur = current[rows, :width].detach().clone().requires_grad_(True)
-    loss, _ = policy_loss(cur, proximal[rows, :width], behavior[rows, :width], adv[rows], mask[rows, :width], cfg,
-                          ref_logp=ref[rows, :width], entropy=ent[rows, :width], **kwargs)  # fmt: skip
+    loss, _ = policy_loss(
+        cur,
+        proximal[rows, :width],
+        behavior[rows, :width],
+        adv[rows],
+        mask[rows, :width],
+        cfg,
+        ref_logp=ref[rows, :width],
+        entropy=ent[rows, :width],
+        **kwargs,
+    )
     loss.backward()
     grad = torch.zeros_like(current)
     grad[rows, :width] = cur.grad
@@ -392,8 +415,11 @@ def test_reinforce_plus_plus_baseline_whitens_group_centred_rewards_by_the_batch
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce++"])
 def test_zero_variance_groups_get_zero_advantage_not_nan(estimator):
-    adv = compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 1, 1]),
-                             LossConfig(advantage_estimator=estimator))  # fmt: skip
+    adv = compute_advantages(
+        torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]),
+        torch.tensor([0, 0, 0, 1, 1]),
+        LossConfig(advantage_estimator=estimator),
+    )
     assert adv.tolist() == [0.0] * 5
 
 
@@ -539,8 +565,14 @@ def test_opsm_drops_only_negative_advantage_rollouts_that_drifted_too_far():
     current = torch.zeros(3, 2, requires_grad=True)
     behavior = torch.tensor([[0.5, 0.3], [0.5, 0.3], [0.05, 0.05]])  # mean log(mu/pi) 0.4, 0.4, 0.05
     adv = torch.tensor([-1.0, 1.0, -1.0])
-    loss, metrics = policy_loss(current, current.detach(), behavior, adv, torch.ones(3, 2),
-                                LossConfig(off_policy="none", opsm_delta=0.1))  # fmt: skip
+    loss, metrics = policy_loss(
+        current,
+        current.detach(),
+        behavior,
+        adv,
+        torch.ones(3, 2),
+        LossConfig(off_policy="none", opsm_delta=0.1),
+    )
     loss.backward()
     assert current.grad[0].tolist() == [0.0, 0.0]  # A < 0 and drifted: masked
     assert current.grad[1].abs().min() > 0 and current.grad[2].abs().min() > 0

@@ -43,9 +43,12 @@ def test_killed_rollout_worker_loses_no_samples_and_replacement_serves_current_w
     watcher kills it the moment it is blocked. Its leases must be requeued, leased again and trained or
     filtered exactly once; a replacement gets the current weights before serving; training goes on."""
     base = recipe_preset("digits-async")
-    recipe = base.replace(steps=8, buffer={**base.buffer, "max_staleness": 1},
-                          rollout={**base.rollout, "max_new_tokens": 4, "max_groups_per_round": 1},
-                          delay={"alpha": 1.5, "scale": 0.003, "cap": 0.03})  # fmt: skip
+    recipe = base.replace(
+        steps=8,
+        buffer={**base.buffer, "max_staleness": 1},
+        rollout={**base.rollout, "max_new_tokens": 4, "max_groups_per_round": 1},
+        delay={"alpha": 1.5, "scale": 0.003, "cap": 0.03},
+    )
     task = build_task(recipe, None, log=lambda *_: None)
     target, blocked = tmp_path / "block-this-actor", tmp_path / "blocked"
 
@@ -78,8 +81,15 @@ def test_killed_rollout_worker_loses_no_samples_and_replacement_serves_current_w
             target.write_text(pool.workers["w0"]._actor_id.hex())
             watch.start()
 
-    records = run_loop(buffer, pool, system["trainer"], system["transport"], steps=recipe.steps, overlap=True,
-                       on_step=on_step)  # fmt: skip
+    records = run_loop(
+        buffer,
+        pool,
+        system["trainer"],
+        system["transport"],
+        steps=recipe.steps,
+        overlap=True,
+        on_step=on_step,
+    )
     watch.join(300)
     assert len(records) == recipe.steps
     assert killed, "w0 never blocked in its judge"
@@ -110,6 +120,8 @@ def test_killed_rollout_worker_loses_no_samples_and_replacement_serves_current_w
     pool.stop()
     counts = buffer.counts()
     terminal = counts["trained"] + counts["filtered"]
-    assert counts["leased"] == terminal + counts["running"] + counts["ready"] + counts["requeued"] + \
-        counts["dropped_stale"]  # fmt: skip
+    assert (
+        counts["leased"]
+        == terminal + counts["running"] + counts["ready"] + counts["requeued"] + counts["dropped_stale"]
+    )
     system["shutdown"]()

@@ -76,13 +76,19 @@ def test_scoring_off_the_main_thread_emits_no_timeout_warning(monkeypatch, caplo
     import math_verify.grader
     import math_verify.parser
 
-    for module in (math_verify.parser, math_verify.grader):  # as in a fresh process: the notice is not shown yet
+    for module in (
+        math_verify.parser,
+        math_verify.grader,
+    ):  # as in a fresh process: the notice is not shown yet
         monkeypatch.setattr(module, "TIMEOUT_WARNING_SHOWN", False)
     long_reply = "Let me think about it step by step. " * 3000 + "So the answer is 1/2."
     results: list[float] = []
     with caplog.at_level(logging.DEBUG):
-        worker = threading.Thread(target=lambda: results.extend(
-            [math_reward("1/2", {"answer": "0.5"}), math_reward(long_reply, {"answer": "0.5"})]))  # fmt: skip
+        worker = threading.Thread(
+            target=lambda: results.extend(
+                [math_reward("1/2", {"answer": "0.5"}), math_reward(long_reply, {"answer": "0.5"})]
+            )
+        )
         worker.start()
         worker.join()
         logging.getLogger("math_verify.grader").warning("another warning")  # other records still get through
@@ -205,10 +211,14 @@ def test_observation_tokens_are_the_glm5_tool_response_turn_with_the_right_resul
     # drift between the tokens the policy is trained on and the template).
     messages = [
         {"role": "user", "content": f"What is {expression}?"},
-        {"role": "assistant", "reasoning_content": "The numbers are large.", "content": "",
-         "tool_calls": [{"function": {"name": "calculator", "arguments": {"expression": expression}}}]},
+        {
+            "role": "assistant",
+            "reasoning_content": "The numbers are large.",
+            "content": "",
+            "tool_calls": [{"function": {"name": "calculator", "arguments": {"expression": expression}}}],
+        },
         {"role": "tool", "content": result},
-    ]  # fmt: skip
+    ]
     full_ids, full_mask = tokenize_chat(tok, messages, [CALCULATOR_TOOL])
     with_stop = env.observe(response.removesuffix("<|observation|>"), turn=0)
     assert tok.decode(with_stop).startswith("<|observation|><tool_response>")
@@ -245,7 +255,9 @@ def test_bad_tool_calls_get_an_error_observation_not_an_exception(tok, call, err
 def test_no_tool_call_or_a_spent_budget_ends_the_episode(tok):
     env = CalculatorEnvironment(tok, max_turns=2)
     assert env.observe("Easy.</think>The answer is 4.", turn=0) is None
-    assert "<tool_response>4</tool_response>" in tok.decode(env.observe("Hmm.</think>" + _call("2 + 2"), turn=1))
+    assert "<tool_response>4</tool_response>" in tok.decode(
+        env.observe("Hmm.</think>" + _call("2 + 2"), turn=1)
+    )
     assert env.observe("Hmm.</think>" + _call("2 + 2"), turn=2) is None
     # a call followed by a stop token other than <|observation|>: the policy did not hand over to the tool
     assert env.observe("Hmm.</think>" + _call("2 + 2") + "<|endoftext|>", turn=0) is None
@@ -263,8 +275,10 @@ def test_a_whole_episode_round_trips_to_the_final_reply_and_its_reward(tok):
     )
     observation = env.observe(tok.decode(first), turn=0)
     assert f"<tool_response>{_exact(task.meta['expression'])}</tool_response>" in tok.decode(observation)
-    second = tok.encode(f"It returned the result.</think>{task.meta['expression']} = {task.answer}<|user|>",
-                        allow_special=True)
+    second = tok.encode(
+        f"It returned the result.</think>{task.meta['expression']} = {task.answer}<|user|>",
+        allow_special=True,
+    )
     episode = tok.decode(prompt_ids + first + observation + second)
     assert env.observe(episode, turn=1) is None
     reply = env.final_reply(episode)
@@ -274,9 +288,30 @@ def test_a_whole_episode_round_trips_to_the_final_reply_and_its_reward(tok):
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-                                 "</arg_value>", "</think>", "calculator", "expression", "1+", "2", " ", "(",
-                                 "<|observation|>", "x"]), max_size=14))  # fmt: skip
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "<tool_call>",
+                "</tool_call>",
+                "<arg_key>",
+                "</arg_key>",
+                "<arg_value>",
+                "</arg_value>",
+                "</think>",
+                "calculator",
+                "expression",
+                "1+",
+                "2",
+                " ",
+                "(",
+                "<|observation|>",
+                "x",
+            ]
+        ),
+        max_size=14,
+    )
+)
 def test_the_environment_never_raises_on_arbitrary_model_output(tok, pieces):
     env = CalculatorEnvironment(tok)
     text = "".join(pieces)

@@ -32,19 +32,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def episode():
     """A calculator task, a BPE tokenizer trained on such episodes, and the two scripted assistant turns."""
     tasks = generate_tasks({"calculator": 4}, seed=11)
-    tok = GLM5Tokenizer.train(iter([render_chat(t.messages, t.tools, add_generation_prompt=False) for t in tasks] * 4),
-                              vocab_size=384)  # fmt: skip
+    tok = GLM5Tokenizer.train(
+        iter([render_chat(t.messages, t.tools, add_generation_prompt=False) for t in tasks] * 4),
+        vocab_size=384,
+    )
     task = tasks[0]
     expression, answer = task.meta["expression"], task.answer
-    turn1 = tok.encode("Large numbers; I will use the calculator.</think><tool_call>calculator<arg_key>expression"
-                       f"</arg_key><arg_value>{expression}</arg_value></tool_call><|observation|>",
-                       allow_special=True)  # fmt: skip
+    turn1 = tok.encode(
+        "Large numbers; I will use the calculator.</think><tool_call>calculator<arg_key>expression"
+        f"</arg_key><arg_value>{expression}</arg_value></tool_call><|observation|>",
+        allow_special=True,
+    )
     reply = f"{expression} = {answer}"
     turn2 = tok.encode(f"The calculator returned {answer}.</think>{reply}<|endoftext|>", allow_special=True)
     special = tok.special_token_ids
     assert special["<think>"] not in turn1 + turn2  # the script position is counted from the last <think>
-    return {"tok": tok, "task": task, "prompt": task_prompts([task], tok)[0], "turn1": turn1, "turn2": turn2,
-            "reply": reply, "answer": answer, "special": special}  # fmt: skip
+    return {
+        "tok": tok,
+        "task": task,
+        "prompt": task_prompts([task], tok)[0],
+        "turn1": turn1,
+        "turn2": turn2,
+        "reply": reply,
+        "answer": answer,
+        "special": special,
+    }
 
 
 def _script(ep: dict):
@@ -68,11 +80,16 @@ def _manager(ep: dict, *, max_turns: int = 2, reward_fn=math_reward, engine_log:
     # index_topk covers the whole episode: DSA is then exactly dense attention. (Below it, this toy's two
     # indexer heads give many tied scores, broken differently by the engine and the trainer's forward.)
     torch.manual_seed(0)
-    model_cfg = GLM5Config.from_preset("tiny").replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids,
-                                                       pad_token_id=tok.pad_token_id,
-                                                       **{**SMALL_MODEL, "index_topk": 512})  # fmt: skip
+    model_cfg = GLM5Config.from_preset("tiny").replace(
+        vocab_size=tok.vocab_size,
+        eos_token_id=tok.eos_token_ids,
+        pad_token_id=tok.pad_token_id,
+        **{**SMALL_MODEL, "index_topk": 512},
+    )
     model = GLM5ForCausalLM(model_cfg)
-    engine = LLMEngine(model, tok, EngineConfig(block_size=16, num_blocks=256, max_num_seqs=8, force_token=_script(ep)))
+    engine = LLMEngine(
+        model, tok, EngineConfig(block_size=16, num_blocks=256, max_num_seqs=8, force_token=_script(ep))
+    )
     if engine_log is not None:  # what the engine itself reported, per request
         step = engine.step
 
@@ -82,10 +99,16 @@ def _manager(ep: dict, *, max_turns: int = 2, reward_fn=math_reward, engine_log:
             return outs
 
         engine.step = logged_step
-    buffer = DataBuffer([ep["prompt"]], BufferConfig(batch_size=1, max_concurrent=1, num_epochs=1, shuffle=False))
+    buffer = DataBuffer(
+        [ep["prompt"]], BufferConfig(batch_size=1, max_concurrent=1, num_epochs=1, shuffle=False)
+    )
     cfg = {"n_samples": 1, "max_new_tokens": 128, "filter_zero_variance": False, **cfg}
     env = CalculatorEnvironment(tok, max_turns=max_turns)
-    return RolloutManager(engine, buffer, reward_fn, RolloutConfig(**cfg), tokenizer=tok, env=env), buffer, model
+    return (
+        RolloutManager(engine, buffer, reward_fn, RolloutConfig(**cfg), tokenizer=tok, env=env),
+        buffer,
+        model,
+    )
 
 
 def _finished_sample(manager, buffer):
@@ -120,8 +143,11 @@ def test_a_calculator_episode_is_prompt_turn_observation_turn_with_masks_logprob
     # ...which are the policy's own logprobs of those tokens in context (an independent recompute).
     recomputed = RLTrainer(model).logprobs([s])[0]
     trained = [i for i, m in enumerate(s.loss_mask) if m]
-    assert torch.allclose(torch.tensor([recomputed[i] for i in trained]),
-                          torch.tensor([s.behavior_logprobs[i] for i in trained]), atol=1e-4)  # fmt: skip
+    assert torch.allclose(
+        torch.tensor([recomputed[i] for i in trained]),
+        torch.tensor([s.behavior_logprobs[i] for i in trained]),
+        atol=1e-4,
+    )
     assert set(s.token_versions) == {0}
     # The reward is the math reward of the final reply only (reasoning and the tool call stripped).
     assert s.metadata["reply"] == ep["reply"] and s.metadata["turn"] == 1
@@ -131,7 +157,9 @@ def test_a_calculator_episode_is_prompt_turn_observation_turn_with_masks_logprob
 def test_a_spent_tool_budget_ends_the_episode_after_the_tool_call(episode):
     manager, buffer, _ = _manager(episode, max_turns=0)
     s = _finished_sample(manager, buffer)
-    assert s.tokens == episode["prompt"]["tokens"] + episode["turn1"] and s.loss_mask == [1] * len(episode["turn1"])
+    assert s.tokens == episode["prompt"]["tokens"] + episode["turn1"] and s.loss_mask == [1] * len(
+        episode["turn1"]
+    )
     assert s.metadata["reply"] == "" and s.reward == 0.0  # a tool-call turn has no content: nothing answered
 
 
@@ -182,7 +210,7 @@ def test_an_episode_aborted_mid_turn_resumes_or_restarts_to_the_same_tokens(epis
     if partial:
         (aborted,) = group
         assert aborted.status == ABORTED and aborted.response_len == expected
-        assert aborted.tokens[len(ep["prompt"]["tokens"]):] == turn1[:cut]
+        assert aborted.tokens[len(ep["prompt"]["tokens"]) :] == turn1[:cut]
     else:
         assert group is None
     manager.delay_fn = None
@@ -194,8 +222,11 @@ def test_an_episode_aborted_mid_turn_resumes_or_restarts_to_the_same_tokens(epis
 def _constant_reward_system(cap: int | None):
     """digits-sync with a judge that gives every rollout the same reward: every group has zero variance."""
     base = recipe_preset("digits-sync")
-    recipe = base.replace(steps=2, buffer={**base.buffer, "batch_size": 4},
-                          rollout={**base.rollout, "max_filtered_per_step": cap})  # fmt: skip
+    recipe = base.replace(
+        steps=2,
+        buffer={**base.buffer, "batch_size": 4},
+        rollout={**base.rollout, "max_filtered_per_step": cap},
+    )
     task = build_task(recipe, None, log=lambda *_: None)
     task["reward_fn"] = lambda reply, metadata: 0.0
     return recipe, build_local(recipe, task)
@@ -205,7 +236,9 @@ def test_the_zero_variance_filter_drops_at_most_the_cap_per_step_then_keeps_grou
     recipe, system = _constant_reward_system(cap=3)
     buffer, rollout, trainer = system["buffer"], system["rollout"], system["trainer"]
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    records = run_loop(buffer, rollout, trainer, system["transport"], steps=recipe.steps, overlap=False, max_wait_s=60)
+    records = run_loop(
+        buffer, rollout, trainer, system["transport"], steps=recipe.steps, overlap=False, max_wait_s=60
+    )
     assert len(records) == 2  # the trainer was not starved
     assert buffer.counts()["filtered"] == 3 * 2  # the cap at each of the two weight versions
     assert records[-1]["rollout_zero_variance_kept"] == 2 * recipe.configs()[0].batch_size
@@ -218,8 +251,15 @@ def test_the_zero_variance_filter_drops_at_most_the_cap_per_step_then_keeps_grou
 def test_without_a_cap_a_deterministic_judge_starves_the_trainer():
     recipe, system = _constant_reward_system(cap=None)
     with pytest.raises(TimeoutError):
-        run_loop(system["buffer"], system["rollout"], system["trainer"], system["transport"], steps=1,
-                 overlap=False, max_wait_s=0.5)  # fmt: skip
+        run_loop(
+            system["buffer"],
+            system["rollout"],
+            system["trainer"],
+            system["transport"],
+            steps=1,
+            overlap=False,
+            max_wait_s=0.5,
+        )
     assert system["buffer"].counts()["filtered"] > 3 and system["buffer"].counts()["trained"] == 0
 
 
@@ -237,19 +277,25 @@ def test_abort_cancels_slow_reward_judges_and_the_groups_are_judged_again_withou
         return digits_reward(reply, metadata)
 
     base = recipe_preset("digits-sync")
-    recipe = base.replace(steps=1, rollout={**base.rollout, "reward_workers": 1, "partial_rollout": True,
-                                            "filter_zero_variance": False})  # fmt: skip
+    recipe = base.replace(
+        steps=1,
+        rollout={**base.rollout, "reward_workers": 1, "partial_rollout": True, "filter_zero_variance": False},
+    )
     task = build_task(recipe, None, log=lambda *_: None)
     task["reward_fn"] = judge
     system = build_local(recipe, task)
     rollout, buffer = system["rollout"], system["buffer"]
     num_groups = buffer.batch_size()
-    _step_until(rollout, lambda: not rollout.groups and len(rollout.scoring) == num_groups)  # generation went on
+    _step_until(
+        rollout, lambda: not rollout.groups and len(rollout.scoring) == num_groups
+    )  # generation went on
     generated = {s.uid: list(s.tokens) for _, _, group, _ in rollout.scoring.values() for s in group}
     assert rollout.abort_all() == num_groups
     assert not returned.is_set()  # the abort did not wait for the judge (it is still blocked on the gate)
     assert rollout.stats["scoring_cancelled"] == num_groups and not rollout.scoring
-    assert all(group is not None and all(s.done and s.reward is None for s in group) for _, _, group in buffer.queue)
+    assert all(
+        group is not None and all(s.done and s.reward is None for s in group) for _, _, group in buffer.queue
+    )
     aborted.set()
     gate.set()  # the abandoned judge now returns its stale verdict
     rollout.run_until(lambda: buffer.num_ready() >= num_groups, timeout=30)

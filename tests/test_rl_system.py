@@ -27,16 +27,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _system(name: str = "digits-sync", steps: int = 4, *, buffer=None, rollout=None, trainer=None, **changes):
     base = recipe_preset(name)
-    recipe = base.replace(steps=steps, buffer={**base.buffer, **(buffer or {})},
-                          rollout={**base.rollout, **(rollout or {})}, trainer={**base.trainer, **(trainer or {})},
-                          **changes)  # fmt: skip
+    recipe = base.replace(
+        steps=steps,
+        buffer={**base.buffer, **(buffer or {})},
+        rollout={**base.rollout, **(rollout or {})},
+        trainer={**base.trainer, **(trainer or {})},
+        **changes,
+    )
     system = build_local(recipe, build_task(recipe, None, log=lambda *_: None))
     return recipe, system
 
 
 def _run(recipe, system, on_step=None, **kw):
-    return run_loop(system["buffer"], system["rollout"], system["trainer"], system["transport"], steps=recipe.steps,
-                    overlap=recipe.overlap, on_step=on_step, **kw)  # fmt: skip
+    return run_loop(
+        system["buffer"],
+        system["rollout"],
+        system["trainer"],
+        system["transport"],
+        steps=recipe.steps,
+        overlap=recipe.overlap,
+        on_step=on_step,
+        **kw,
+    )
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -55,20 +67,29 @@ def _reference_loop(recipe, steps: int) -> list[dict]:
     policy, tok, prompts = task["model"], task["tokenizer"], task["prompts"]
     engine_model = type(policy)(policy.config)
     engine_model.load_state_dict(policy.state_dict())
-    engine = LLMEngine(engine_model, tok, EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256,
-                                                       seed=recipe.seed))  # fmt: skip
+    engine = LLMEngine(
+        engine_model, tok, EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=recipe.seed)
+    )
     trainer = RLTrainer(policy, trainer_cfg)
     B, n = buffer_cfg.batch_size, rollout_cfg.n_samples
     out = []
     for version in range(steps):
         # generate: every sample of the batch's B groups with the weights of `version`
-        groups = [new_group(pid, 0, prompts[pid]["tokens"], n, prompts[pid]["metadata"])
-                  for pid in range(version * B, (version + 1) * B)]  # fmt: skip
+        groups = [
+            new_group(pid, 0, prompts[pid]["tokens"], n, prompts[pid]["metadata"])
+            for pid in range(version * B, (version + 1) * B)
+        ]
         produced = {}
         for s in (s for g in groups for s in g):
             seed = zlib.crc32(f"{rollout_cfg.seed}/{s.uid}/{len(s.tokens)}".encode())
-            params = SamplingParams(max_tokens=rollout_cfg.max_new_tokens, temperature=rollout_cfg.temperature,
-                                    top_p=rollout_cfg.top_p, logprobs=0, seed=seed, detokenize=False)  # fmt: skip
+            params = SamplingParams(
+                max_tokens=rollout_cfg.max_new_tokens,
+                temperature=rollout_cfg.temperature,
+                top_p=rollout_cfg.top_p,
+                logprobs=0,
+                seed=seed,
+                detokenize=False,
+            )
             engine.add_request(s.uid, list(s.tokens), params)
             produced[s.uid] = ([], [], [])
         while engine.has_unfinished_requests():
@@ -87,8 +108,16 @@ def _reference_loop(recipe, steps: int) -> list[dict]:
         # train, then sync the engine
         trainer.train_step(groups)
         engine.update_weights(trainer.weights(), version + 1)
-        out.append({"samples": [(s.uid, s.tokens, s.behavior_logprobs, s.token_versions, s.reward)
-                                for g in groups for s in g], "params": _params(trainer.model)})  # fmt: skip
+        out.append(
+            {
+                "samples": [
+                    (s.uid, s.tokens, s.behavior_logprobs, s.token_versions, s.reward)
+                    for g in groups
+                    for s in g
+                ],
+                "params": _params(trainer.model),
+            }
+        )
     return out
 
 
@@ -100,26 +129,46 @@ def test_eta0_async_pipeline_equals_the_sequential_reference_loop():
     steps = 4
     kw = dict(steps=steps, buffer={"shuffle": False}, rollout={"filter_zero_variance": False})
     reference = _reference_loop(_system(**kw)[0], steps)
-    assert len({s[4] for step in reference for s in step["samples"]}) == 2  # both rewards occur: a real signal
+    assert (
+        len({s[4] for step in reference for s in step["samples"]}) == 2
+    )  # both rewards occur: a real signal
     for overlap in (False, True):
         recipe, system = _system(overlap=overlap, **kw)
         seen: list = []
 
         def on_step(rec, batch, seen=seen, model=system["trainer"].model):
-            seen.append({"samples": [(s.uid, s.tokens, s.behavior_logprobs, s.token_versions, s.reward)
-                                     for g in batch for s in g], "params": _params(model)})  # fmt: skip
+            seen.append(
+                {
+                    "samples": [
+                        (s.uid, s.tokens, s.behavior_logprobs, s.token_versions, s.reward)
+                        for g in batch
+                        for s in g
+                    ],
+                    "params": _params(model),
+                }
+            )
 
         _run(recipe, system, on_step=on_step, max_wait_s=30)
         assert len(seen) == steps
         for step, (got, want) in enumerate(zip(seen, reference)):
             assert got["samples"] == want["samples"], (overlap, step)
-            assert all(torch.equal(got["params"][k], want["params"][k]) for k in want["params"]), (overlap, step)
-    assert any(not torch.equal(reference[0]["params"][k], reference[-1]["params"][k]) for k in reference[0]["params"])
+            assert all(torch.equal(got["params"][k], want["params"][k]) for k in want["params"]), (
+                overlap,
+                step,
+            )
+    assert any(
+        not torch.equal(reference[0]["params"][k], reference[-1]["params"][k]) for k in reference[0]["params"]
+    )
 
 
 def test_first_step_invariants_and_weight_hashes_after_every_sync():
     recipe, system = _system(steps=4)
-    trainer, engine, buffer, rollout = system["trainer"], system["engine"], system["buffer"], system["rollout"]
+    trainer, engine, buffer, rollout = (
+        system["trainer"],
+        system["engine"],
+        system["buffer"],
+        system["rollout"],
+    )
     rollout.run_until(lambda: buffer.num_ready() >= buffer.batch_size())
     batch = buffer.get_batch()
     samples = [s for g in batch for s in g]
@@ -137,16 +186,20 @@ def test_first_step_invariants_and_weight_hashes_after_every_sync():
 
     _run(recipe, system, on_step, start_version=1)
     assert len(records) == 3
-    assert all(r["staleness"] == {"0": r["num_samples"]} for r in records)  # synchronous: version == trainer's
+    assert all(
+        r["staleness"] == {"0": r["num_samples"]} for r in records
+    )  # synchronous: version == trainer's
 
 
 @pytest.mark.parametrize(
     "policy,mode,partial,straddles",
-    [("drop_and_requeue", "in_place", False, True),  # updated mid-sequence: samples straddle, head bounded
-     ("abort_at_update", "abort", True, True),  # aborted and continued: samples straddle, tail bounded
-     ("abort_at_update", "abort", False, False),  # aborted and restarted: one version per sample
-     ("drop_and_requeue", "drain", False, False)],  # in-flight samples finish before the update
-)  # fmt: skip
+    [
+        ("drop_and_requeue", "in_place", False, True),  # updated mid-sequence: samples straddle, head bounded
+        ("abort_at_update", "abort", True, True),  # aborted and continued: samples straddle, tail bounded
+        ("abort_at_update", "abort", False, False),  # aborted and restarted: one version per sample
+        ("drop_and_requeue", "drain", False, False),
+    ],  # in-flight samples finish before the update
+)
 def test_trained_token_versions_stay_within_the_bound(policy, mode, partial, straddles):
     """eta = 1 with generation inline, one group leased per engine step (deterministic: no thread decides what
     is in flight at an update, and the staggered starts leave groups in flight at every update). Every trained
@@ -154,10 +207,19 @@ def test_trained_token_versions_stay_within_the_bound(policy, mode, partial, str
     abort_at_update: the newest one), the bound is reached (generation really ran ahead), and samples straddle
     an update exactly in the modes that allow it (RL.md A.7 item 9)."""
     eta = 1
-    recipe, system = _system("digits-async", steps=6, overlap=False,
-                             buffer={"policy": policy, "max_staleness": eta, "max_concurrent": 6},
-                             rollout={"update_mode": mode, "partial_rollout": partial, "max_new_tokens": 6,
-                                      "filter_zero_variance": False, "max_groups_per_round": 1})  # fmt: skip
+    recipe, system = _system(
+        "digits-async",
+        steps=6,
+        overlap=False,
+        buffer={"policy": policy, "max_staleness": eta, "max_concurrent": 6},
+        rollout={
+            "update_mode": mode,
+            "partial_rollout": partial,
+            "max_new_tokens": 6,
+            "filter_zero_variance": False,
+            "max_groups_per_round": 1,
+        },
+    )
     straddling, staleness = [], []
 
     def on_step(rec, batch):
@@ -184,11 +246,17 @@ def test_trained_token_versions_stay_within_the_bound_with_asynchronous_generati
     """The same bounds with generation on its own thread and long-tailed per-token delays: which samples are in
     flight at an update is then up to the machine, the bounds are not."""
     eta = 1
-    for policy, mode, partial in (("drop_and_requeue", "in_place", False), ("abort_at_update", "abort", True)):
-        recipe, system = _system("digits-async", steps=6, buffer={"policy": policy, "max_staleness": eta,
-                                                                  "max_concurrent": 6},
-                                 rollout={"update_mode": mode, "partial_rollout": partial, "max_new_tokens": 6},
-                                 delay={"alpha": 1.2, "scale": 0.002, "cap": 0.05})  # fmt: skip
+    for policy, mode, partial in (
+        ("drop_and_requeue", "in_place", False),
+        ("abort_at_update", "abort", True),
+    ):
+        recipe, system = _system(
+            "digits-async",
+            steps=6,
+            buffer={"policy": policy, "max_staleness": eta, "max_concurrent": 6},
+            rollout={"update_mode": mode, "partial_rollout": partial, "max_new_tokens": 6},
+            delay={"alpha": 1.2, "scale": 0.002, "cap": 0.05},
+        )
         trained = []
 
         def on_step(rec, batch, policy=policy, trained=trained):
@@ -211,8 +279,12 @@ def _held_rollout(monkeypatch, partial: bool, shown_s: float):
     logprobs, versions) visible at the abort}: exactly what an abort now must keep, on any machine."""
     clock = ManualClock()
     monkeypatch.setattr(rollout_module, "time", clock)
-    recipe, system = _system("digits-sync", steps=1, rollout={"max_new_tokens": 8, "partial_rollout": partial},
-                             delay={"alpha": 3.0, "scale": 0.01, "cap": 0.02})  # fmt: skip
+    recipe, system = _system(
+        "digits-sync",
+        steps=1,
+        rollout={"max_new_tokens": 8, "partial_rollout": partial},
+        delay={"alpha": 3.0, "scale": 0.01, "cap": 0.02},
+    )
     rollout, buffer, engine = system["rollout"], system["buffer"], system["engine"]
     rollout.step()  # lease and submit (at the clock's current time)
     while any(len(r.ids) < 5 and r.finish_reason is None for r in rollout.requests.values()):
@@ -230,9 +302,15 @@ def test_abort_keeps_prefix_and_resumes_with_the_remaining_budget(monkeypatch):
     # 45 ms at 10-20 ms per token: 2 to 4 tokens visible per request (fewer where it stopped sooner)
     assert shown and all(len(t) <= 2 + 4 for t, _, _ in shown.values())  # prompts are 2 tokens
     assert sum(len(t) >= 2 + 2 for t, _, _ in shown.values()) >= len(shown) // 2
-    ended = {s.uid for g in rollout.groups.values() for s in g[1]
-             if any(r.sample is s and r.finish_reason == "stop" and len(r.ids) == len(shown[s.uid][1])
-                    for r in rollout.requests.values())}  # fmt: skip
+    ended = {
+        s.uid
+        for g in rollout.groups.values()
+        for s in g[1]
+        if any(
+            r.sample is s and r.finish_reason == "stop" and len(r.ids) == len(shown[s.uid][1])
+            for r in rollout.requests.values()
+        )
+    }
     groups_in_flight = len(rollout.groups)
     assert rollout.abort_all() == groups_in_flight == buffer.batch_size()
     partial = [grp for _, _, grp in buffer.queue if grp is not None]
@@ -250,7 +328,7 @@ def test_abort_keeps_prefix_and_resumes_with_the_remaining_budget(monkeypatch):
         tokens, lps, versions = shown[uid]
         assert s.tokens[: len(tokens)] == tokens and s.behavior_logprobs[: len(lps)] == lps
         assert s.token_versions[: len(versions)] == versions == [0] * len(versions)
-        assert set(s.token_versions[len(versions):]) <= {7}
+        assert set(s.token_versions[len(versions) :]) <= {7}
         assert sum(s.loss_mask) <= 8  # the budget counts the prefix
         assert s.status == "completed" or sum(s.loss_mask) == 8
 
@@ -261,7 +339,9 @@ def test_restart_without_partial_rollouts_never_mixes_versions(monkeypatch):
     assert rollout.abort_all() == buffer.batch_size()
     assert len(buffer.queue) == buffer.batch_size() and all(grp is None for _, _, grp in buffer.queue)
     engine.update_weights({}, 3)
-    rollout.run_until(lambda: buffer.num_ready() + buffer.counts()["filtered"] >= buffer.batch_size(), timeout=60)
+    rollout.run_until(
+        lambda: buffer.num_ready() + buffer.counts()["filtered"] >= buffer.batch_size(), timeout=60
+    )
     samples = [s for _, group in buffer.completed.values() for s in group]
     assert samples or buffer.counts()["filtered"] == buffer.batch_size()
     for s in samples:
@@ -271,6 +351,7 @@ def test_restart_without_partial_rollouts_never_mixes_versions(monkeypatch):
 def test_trainer_resume_continues_with_no_skipped_or_repeated_prompts(tmp_path):
     """Kill after step 2 (the process state is dropped), restore weights + optimizer + buffer, continue: the
     prompts trained and the final weights equal those of an uninterrupted run."""
+
     def trained_keys(records_batches):
         return [g[0].group_id for batch in records_batches for g in batch]
 
@@ -301,7 +382,9 @@ def test_object_store_and_disk_transports_deliver_identical_versioned_weights(tm
             transport.publish({k: t + v if t.is_floating_point() else t for k, t in state.items()}, v)
         got, version = transport.fetch()
         assert version == 3 == transport.latest
-        assert state_hash(got) == state_hash({k: t + 3 if t.is_floating_point() else t for k, t in state.items()})
+        assert state_hash(got) == state_hash(
+            {k: t + 3 if t.is_floating_point() else t for k, t in state.items()}
+        )
         with pytest.raises(KeyError):
             transport.fetch(1)  # only the newest `keep` versions are held
 
@@ -351,8 +434,10 @@ def _success_probability(model, prompts) -> float:
     was = model.training
     model.eval()
     with torch.no_grad():
-        probs = [torch.softmax(model(torch.tensor([list(ids)])).logits[0, -1].float(), -1)[answer].item()
-                 for ids, answer in answers.items()]  # fmt: skip
+        probs = [
+            torch.softmax(model(torch.tensor([list(ids)])).logits[0, -1].float(), -1)[answer].item()
+            for ids, answer in answers.items()
+        ]
     model.train(was)
     return sum(probs) / len(probs)
 

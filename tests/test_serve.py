@@ -30,22 +30,41 @@ VOCAB = FRONTEND.vocab_size
 CFG = FRONTEND
 KEY = "sk-test-key"
 MODEL = "tiny-glm5"
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                          "required": ["city"]}}}  # fmt: skip
-CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"tz": {"type": "string"}}}}}  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather forecast",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
+    },
+}
 REASONING, ANSWER = "Jokes need timing.", "Why did the chicken cross the road?"
 SCRIPT = [
     {"match": "Tell me a joke<|assistant|><think>", "output": f"{REASONING}</think>{ANSWER}<|user|>"},
     {"match": "Tell me a joke<|assistant|></think>", "output": f"{ANSWER}<|user|>"},
-    {"match": "<tool_call>get_time", "output": "<arg_key>tz</arg_key><arg_value>UTC</arg_value></tool_call>"
-                                               "<|observation|>"},
-    {"match": "weather in Paris", "output": "The user wants weather.</think>I will check.<tool_call>get_weather"
-     "<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value>"
-     "</tool_call><|observation|>"},
+    {
+        "match": "<tool_call>get_time",
+        "output": "<arg_key>tz</arg_key><arg_value>UTC</arg_value></tool_call><|observation|>",
+    },
+    {
+        "match": "weather in Paris",
+        "output": "The user wants weather.</think>I will check.<tool_call>get_weather"
+        "<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value>"
+        "</tool_call><|observation|>",
+    },
     {"match": "Once upon a time", "output": " there was a dragon."},
-]  # fmt: skip
+]
 
 
 def train_tokenizer() -> GLM5Tokenizer:
@@ -88,7 +107,9 @@ def aclient(server) -> openai.AsyncOpenAI:
 def post(server, path: str, body=None, key: str | None = KEY, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     headers.update(kwargs.pop("headers", {}))
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+    return httpx.post(
+        server.url + path, json=body, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs
+    )
 
 
 def wait_idle(engine, timeout: float = 20.0) -> None:
@@ -116,7 +137,9 @@ def test_models_endpoint_lists_the_served_model(client, server) -> None:
     assert [m.id for m in models] == [MODEL] and models[0].max_model_len == server.engine.engine.max_model_len
 
 
-def test_chat_with_thinking_returns_reasoning_under_both_names_and_counts_reasoning_tokens(client, tok) -> None:
+def test_chat_with_thinking_returns_reasoning_under_both_names_and_counts_reasoning_tokens(
+    client, tok
+) -> None:
     r = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64)
     msg = r.choices[0].message
     assert msg.content == ANSWER and msg.reasoning_content == REASONING and msg.reasoning == REASONING
@@ -132,72 +155,115 @@ def test_chat_with_thinking_returns_reasoning_under_both_names_and_counts_reason
     "switch", [{"chat_template_kwargs": {"enable_thinking": False}}, {"thinking": {"type": "disabled"}}]
 )
 def test_thinking_can_be_turned_off_vllm_style_and_zai_style(client, switch) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64,
-                                       extra_body=switch)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("Tell me a joke"), max_tokens=64, extra_body=switch
+    )
     msg = r.choices[0].message
     assert msg.content == ANSWER and msg.reasoning_content is None and msg.reasoning is None
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_tool_call_is_parsed_with_schema_types_and_finish_reason_tool_calls(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=user("What is the weather in Paris?"),
-                                       tools=[WEATHER], max_tokens=80)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("What is the weather in Paris?"), tools=[WEATHER], max_tokens=80
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.content == "I will check." and choice.message.reasoning_content == "The user wants weather."
+    assert (
+        choice.message.content == "I will check."
+        and choice.message.reasoning_content == "The user wants weather."
+    )
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}  # days typed by the schema
 
 
 def test_streamed_tool_call_deltas_assemble_to_the_same_call_in_the_sdk_helper(client) -> None:
-    with client.chat.completions.stream(model=MODEL, messages=user("What is the weather in Paris?"),
-                                        tools=[WEATHER], max_tokens=80) as stream:  # fmt: skip
+    with client.chat.completions.stream(
+        model=MODEL, messages=user("What is the weather in Paris?"), tools=[WEATHER], max_tokens=80
+    ) as stream:
         events = [e.type for e in stream]
         final = stream.get_final_completion()
     (call,) = final.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
-    assert final.choices[0].finish_reason == "tool_calls" and final.choices[0].message.content == "I will check."
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "city": "Paris",
+        "days": 3,
+    }
+    assert (
+        final.choices[0].finish_reason == "tool_calls" and final.choices[0].message.content == "I will check."
+    )
     assert "tool_calls.function.arguments.delta" in events and "content.done" in events
 
 
 def test_async_stream_matches_the_whole_answer_and_ends_with_usage(aclient) -> None:
     async def run():
-        stream = await aclient.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64,
-                                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+        stream = await aclient.chat.completions.create(
+            model=MODEL,
+            messages=user("Tell me a joke"),
+            max_tokens=64,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = [c async for c in stream]
-        whole = await aclient.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64)
+        whole = await aclient.chat.completions.create(
+            model=MODEL, messages=user("Tell me a joke"), max_tokens=64
+        )
         return chunks, whole
 
     chunks, whole = asyncio.run(run())
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
     alias = "".join(getattr(c.choices[0].delta, "reasoning", None) or "" for c in chunks if c.choices)
     assert content == whole.choices[0].message.content == ANSWER
     assert reasoning == alias == REASONING
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "stop"
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens  # noqa: E501
+    assert (
+        chunks[-1].usage.completion_tokens_details.reasoning_tokens
+        == whole.usage.completion_tokens_details.reasoning_tokens
+    )  # noqa: E501
 
 
 def test_named_tool_choice_forces_that_call_and_none_hides_the_tools(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=user("Time?"), tools=[WEATHER, CLOCK], max_tokens=40,
-                                       tool_choice={"type": "function", "function": {"name": "get_time"}})  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Time?"),
+        tools=[WEATHER, CLOCK],
+        max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     (call,) = r.choices[0].message.tool_calls
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {"tz": "UTC"}
     assert r.choices[0].finish_reason == "tool_calls"
     # tool_choice none: the tools are not rendered and generation stops where a call would start
-    r = client.chat.completions.create(model=MODEL, messages=user("What is the weather in Paris?"), tools=[WEATHER],
-                                       tool_choice="none", max_tokens=80)  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=user("What is the weather in Paris?"),
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=80,
+    )
     assert r.choices[0].message.content == "I will check." and not r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "stop"
     with pytest.raises(openai.BadRequestError, match="not in tools"):
-        client.chat.completions.create(model=MODEL, messages=user("x"), tools=[WEATHER],
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})  # fmt: skip
+        client.chat.completions.create(
+            model=MODEL,
+            messages=user("x"),
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
 
 
 def test_history_accepts_reasoning_under_either_name_or_inline_and_string_arguments(server, tok) -> None:
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
     tail = [{"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]}]
     variants = [
         {"role": "assistant", "content": "", "reasoning": "R1", "tool_calls": [call]},
@@ -206,8 +272,15 @@ def test_history_accepts_reasoning_under_either_name_or_inline_and_string_argume
     ]
     rendered = []
     for assistant in variants:
-        r = post(server, "/tokenize", {"messages": user("weather?") + [assistant] + tail, "tools": [WEATHER],
-                                       "add_special_tokens": False})  # fmt: skip
+        r = post(
+            server,
+            "/tokenize",
+            {
+                "messages": user("weather?") + [assistant] + tail,
+                "tools": [WEATHER],
+                "add_special_tokens": False,
+            },
+        )
         assert r.status_code == 200, r.text
         rendered.append(tok.decode(r.json()["tokens"]))
     assert rendered[0] == rendered[1] == rendered[2]
@@ -217,8 +290,17 @@ def test_history_accepts_reasoning_under_either_name_or_inline_and_string_argume
 
 
 def test_chat_logprobs_n_and_seed(client) -> None:
-    kwargs = dict(model=MODEL, messages=user("hello there"), max_tokens=6, temperature=1.0, seed=7, n=2,
-                  logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})  # fmt: skip
+    kwargs = dict(
+        model=MODEL,
+        messages=user("hello there"),
+        max_tokens=6,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     a = client.chat.completions.create(**kwargs)
     b = client.chat.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1] and a.usage.completion_tokens == 12
@@ -230,12 +312,15 @@ def test_chat_logprobs_n_and_seed(client) -> None:
             values = [t.logprob for t in entry.top_logprobs]
             assert values == sorted(values, reverse=True) and entry.logprob <= values[0] + 1e-6
     same = [[e.token for e in c.logprobs.content] for c in a.choices]
-    assert same == [[e.token for e in c.logprobs.content] for c in b.choices]  # the seed fixes both completions
+    assert same == [
+        [e.token for e in c.logprobs.content] for c in b.choices
+    ]  # the seed fixes both completions
 
 
 def test_response_format_json_object_is_accepted(client) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64,
-                                       response_format={"type": "json_object"})  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("Tell me a joke"), max_tokens=64, response_format={"type": "json_object"}
+    )
     plain = client.chat.completions.create(model=MODEL, messages=user("Tell me a joke"), max_tokens=64)
     # an instruction (a system message), not a grammar: the prompt grows, the scripted answer is unchanged
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ANSWER
@@ -246,8 +331,12 @@ def test_response_format_json_object_is_accepted(client) -> None:
 # ------------------------------------------------------------------------------------------------- completions
 def test_completion_echo_logprobs_match_a_plain_forward_of_the_model(client, model, tok) -> None:
     prompt = "def add(a, b):\n    return a + b"
-    ids = tok.encode(prompt, add_special_tokens=True)  # a text prompt starts with [gMASK]<sop>, as vLLM's does
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    ids = tok.encode(
+        prompt, add_special_tokens=True
+    )  # a text prompt starts with [gMASK]<sop>, as vLLM's does
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     lp = r.choices[0].logprobs
     assert r.choices[0].text.startswith(prompt) and len(lp.token_logprobs) == len(ids) + 1
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -258,7 +347,10 @@ def test_completion_echo_logprobs_match_a_plain_forward_of_the_model(client, mod
         assert max(top.values()) >= tok_lp - 1e-6  # what lm-eval's greedy check reads
     # max_tokens 0 scores the prompt alone
     r0 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0)
-    assert r0.choices[0].text == prompt and r0.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1 : len(ids)]
+    assert (
+        r0.choices[0].text == prompt
+        and r0.choices[0].logprobs.token_logprobs[1:] == lp.token_logprobs[1 : len(ids)]
+    )
 
 
 def test_completion_prompts_as_token_id_lists_give_one_choice_each(client, tok) -> None:
@@ -272,15 +364,21 @@ def test_completion_prompts_as_token_id_lists_give_one_choice_each(client, tok) 
 
 
 def test_completion_stream_and_stop_strings(client) -> None:
-    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, stream=True,
-                                            stop=["dragon"]))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=20, stream=True, stop=["dragon"]
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == " there was a "
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_tokenizer_endpoints_round_trip_in_vllms_shape(server, tok) -> None:
     info = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == server.engine.engine.max_model_len
+    assert (
+        info["eos_token"] == "<|endoftext|>"
+        and info["model_max_length"] == server.engine.engine.max_model_len
+    )
     r = post(server, "/tokenize", {"prompt": "hello <think>", "add_special_tokens": False}).json()
     assert r["tokens"] == tok.encode("hello <think>") and r["count"] == len(r["tokens"])
     assert post(server, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "hello <think>"}
@@ -305,17 +403,32 @@ def test_api_key_is_required_when_set(server) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
-        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 99, "logprobs": True}, 400, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 99, "logprobs": True},
+            400,
+            "top_logprobs",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
-        ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]},
-         400, "messages"),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}
+                ]
+            },
+            400,
+            "messages",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_requests_get_openai_style_4xx(server, body, status, param) -> None:
     if isinstance(body, bytes):
-        r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=30,
-                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        )
     else:
         r = post(server, "/v1/chat/completions", body)
     assert r.status_code == status, r.text
@@ -343,7 +456,9 @@ def test_full_queue_answers_429_with_retry_after(server) -> None:
     state.config.max_pending_requests = 1
     engine.pause()  # the first request is admitted and then held in the engine
     held: list[httpx.Response] = []
-    first = threading.Thread(target=lambda: held.append(post(server, "/v1/completions", {"prompt": "abc", "max_tokens": 2})))
+    first = threading.Thread(
+        target=lambda: held.append(post(server, "/v1/completions", {"prompt": "abc", "max_tokens": 2}))
+    )
     try:
         first.start()
         deadline = time.monotonic() + 10
@@ -392,16 +507,22 @@ def held_server(model, tok):
 
 def scrape(server) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", timeout=30).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}  # fmt: skip
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def raw_post(server, path: str, body: dict) -> socket.socket:
     """Send a request on a bare socket (the test decides exactly when this client goes away: close it)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection((server.host, server.port), timeout=30)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     return sock
 
 
@@ -411,9 +532,12 @@ def test_client_disconnect_aborts_generation_and_frees_the_cache(held_server, to
     aborted = metrics.finished.labels("abort")
     max_tokens = 400
     # a streaming client reads the first event, then goes away while its request is held mid-generation
-    with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=60,
-                      json={"messages": user("go on"), "max_tokens": max_tokens, "ignore_eos": True,
-                            "stream": True}) as r:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        s.url + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": user("go on"), "max_tokens": max_tokens, "ignore_eos": True, "stream": True},
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()  # kept: dropping a half-read line iterator closes the connection
         assert next(line for line in lines if line).startswith("data: ")
@@ -450,11 +574,21 @@ def test_metrics_count_exactly_the_tokens_of_a_streamed_request(server, client, 
     """Exact differences around one known streaming request: each of its several token deltas is counted."""
     prompt, n = "metrics please", 7
     before = scrape(server)
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, stream=True, temperature=0,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=n,
+            stream=True,
+            temperature=0,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     usage = chunks[-1].usage
-    assert usage.completion_tokens == n and usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=True))
+    assert usage.completion_tokens == n and usage.prompt_tokens == len(
+        tok.encode(prompt, add_special_tokens=True)
+    )
     ok = 'glm5:requests_total{endpoint="/v1/completions",status="200"}'
     # the request is counted once its response has been sent, which may be just after the client saw the end
     wait_for(lambda: scrape(server).get(ok, 0) == before.get(ok, 0) + 1, what="the request count")
@@ -478,11 +612,21 @@ def test_metrics_count_exactly_the_tokens_of_a_streamed_request(server, client, 
 
 
 def test_32_concurrent_streaming_clients_all_finish_and_the_cache_is_free_after(server, aclient) -> None:
-    kwargs = dict(model=MODEL, max_tokens=12, temperature=0.8, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    kwargs = dict(
+        model=MODEL,
+        max_tokens=12,
+        temperature=0.8,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
 
     async def one(i: int) -> tuple[str, str | None, int]:
-        stream = await aclient.chat.completions.create(messages=user(f"client {i}"), stream=True, seed=i,
-                                                       stream_options={"include_usage": True}, **kwargs)  # fmt: skip
+        stream = await aclient.chat.completions.create(
+            messages=user(f"client {i}"),
+            stream=True,
+            seed=i,
+            stream_options={"include_usage": True},
+            **kwargs,
+        )
         text, reason, used = "", None, None
         async for chunk in stream:
             if chunk.choices:
@@ -500,8 +644,11 @@ def test_32_concurrent_streaming_clients_all_finish_and_the_cache_is_free_after(
     for i, (text, reason, used) in enumerate(results):
         # each seeded answer is the one the client gets alone: batching with 31 others changes nothing
         alone = server_client(server).chat.completions.create(messages=user(f"client {i}"), seed=i, **kwargs)
-        assert (text, reason, used) == (alone.choices[0].message.content or "", alone.choices[0].finish_reason,
-                                        alone.usage.completion_tokens), i  # fmt: skip
+        assert (text, reason, used) == (
+            alone.choices[0].message.content or "",
+            alone.choices[0].finish_reason,
+            alone.usage.completion_tokens,
+        ), i
         assert (reason == "length") == (used == 12) and reason in ("stop", "length")
     wait_idle(server.engine)
     assert server.engine.engine.cache.num_used_blocks == 0 and server.app.state.server.num_pending == 0
@@ -528,9 +675,18 @@ def test_graceful_shutdown_finishes_open_streams(model, tok) -> None:
     stopper = threading.Thread(target=s.stop)
     s.start()
     try:
-        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
-                          json={"prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                                "stream_options": {"include_usage": True}}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            s.url + "/v1/completions",
+            timeout=60,
+            json={
+                "prompt": "abc",
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as r:
             lines = r.iter_lines()  # kept: dropping a half-read line iterator closes the connection
             first = next(line for line in lines if line)
             hold.wait_held()
@@ -560,9 +716,13 @@ def test_graceful_shutdown_finishes_open_streams(model, tok) -> None:
 
 
 def test_glm5_help_lists_serve_without_importing_fastapi_or_torch() -> None:
-    code = ("import sys\nfrom glm5.cli import build_parser\nbuild_parser()\n"
-            "print('fastapi' in sys.modules, 'torch' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys\nfrom glm5.cli import build_parser\nbuild_parser()\n"
+        "print('fastapi' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
-    out = subprocess.run([sys.executable, "-m", "glm5.cli", "serve", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "glm5.cli", "serve", "--help"], capture_output=True, text=True
+    )
     assert "--api-key" in out.stdout and "--max-model-len" in out.stdout

@@ -22,11 +22,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # ~20 s: part of the fast su
 VOCAB = 512
 """The tokenizer's size; the model's vocab_size is VOCAB + 64 (padding ids without text)."""
 CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=VOCAB + 64, hidden_size=32, num_hidden_layers=1, intermediate_size=48, num_attention_heads=2,
-    num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-    v_head_dim=8, index_n_heads=4, index_head_dim=8, index_topk=8, n_routed_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=8, max_position_embeddings=64, torch_dtype="float32", first_k_dense_replace=1,
-)  # fmt: skip
+    vocab_size=VOCAB + 64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    index_n_heads=4,
+    index_head_dim=8,
+    index_topk=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+    max_position_embeddings=64,
+    torch_dtype="float32",
+    first_k_dense_replace=1,
+)
 KEY = "sk-fuzz"
 EXAMPLES = {"POST /v1/chat/completions": 40, "POST /v1/completions": 40}
 """Examples per operation and mode (the others get 15): generation endpoints are where the logic is."""
@@ -60,14 +76,19 @@ def test_schemathesis_fuzz_of_every_operation_never_gets_a_5xx(server, mode) -> 
     for op in operations:
         label = f"{op.method.upper()} {op.path}"
 
-        @settings(max_examples=EXAMPLES.get(label, 15), deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES.get(label, 15),
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode))
         def run(case) -> None:
             kwargs = case.as_transport_kwargs(base_url=server.url)
             body = kwargs.get("json")
-            r = session.request(case.method, server.url + case.formatted_path, json=body,
-                                params=kwargs.get("params"))  # fmt: skip
+            r = session.request(
+                case.method, server.url + case.formatted_path, json=body, params=kwargs.get("params")
+            )
             check_answer(r)
 
         try:
@@ -79,46 +100,92 @@ def test_schemathesis_fuzz_of_every_operation_never_gets_a_5xx(server, mode) -> 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"null", b"[]", b'"text"', b"{", b'{"prompt": NaN}', b'{"prompt": "x", "max_tokens": 1e400}',
-     b'{"prompt": [1, 2, 99999999999999999999999]}', b'{"prompt": [[]]}', b'{"prompt": [[1], "a"]}',
-     b'{"prompt": "x", "seed": 123456789012345678901234567890}', b'{"prompt": "x", "stop": [""]}',
-     b'{"prompt": "x", "n": 3, "best_of": 2}', b'{"prompt": "x", "logprobs": 21}', b"\xff\xfe\x00",
-     b'{"prompt": "x", "max_tokens": 0}', b'{"prompt": "x", "temperature": -1}',
-     # issue 14: text the tokenizer rejects, too many sequences, impossible budgets, padding ids
-     b'{"prompt": "\\ud800"}', b'{"prompt": ["ok", "\\udfff"]}', b'{"prompt": "x", "stop": "\\ud800"}',
-     b'{"prompt": [' + b",".join([b'"a"'] * 20) + b'], "n": 16}', b'{"prompt": "x", "min_tokens": 9, "max_tokens": 2}',
-     b'{"prompt": [1, 576]}', b'{"prompt": "x", "suffix": "\\ud800"}', b'{"prompt": "' + b"x" * 9000 + b'"}'],
-)  # fmt: skip
+    [
+        b"",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"{",
+        b'{"prompt": NaN}',
+        b'{"prompt": "x", "max_tokens": 1e400}',
+        b'{"prompt": [1, 2, 99999999999999999999999]}',
+        b'{"prompt": [[]]}',
+        b'{"prompt": [[1], "a"]}',
+        b'{"prompt": "x", "seed": 123456789012345678901234567890}',
+        b'{"prompt": "x", "stop": [""]}',
+        b'{"prompt": "x", "n": 3, "best_of": 2}',
+        b'{"prompt": "x", "logprobs": 21}',
+        b"\xff\xfe\x00",
+        b'{"prompt": "x", "max_tokens": 0}',
+        b'{"prompt": "x", "temperature": -1}',
+        # issue 14: text the tokenizer rejects, too many sequences, impossible budgets, padding ids
+        b'{"prompt": "\\ud800"}',
+        b'{"prompt": ["ok", "\\udfff"]}',
+        b'{"prompt": "x", "stop": "\\ud800"}',
+        b'{"prompt": [' + b",".join([b'"a"'] * 20) + b'], "n": 16}',
+        b'{"prompt": "x", "min_tokens": 9, "max_tokens": 2}',
+        b'{"prompt": [1, 576]}',
+        b'{"prompt": "x", "suffix": "\\ud800"}',
+        b'{"prompt": "' + b"x" * 9000 + b'"}',
+    ],
+)
 def test_nasty_completion_bodies_get_4xx(server, raw) -> None:
-    r = httpx.post(server.url + "/v1/completions", content=raw, timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=raw,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert 400 <= r.status_code < 500, r.text
     check_answer(r)
 
 
 @pytest.mark.parametrize(
     "path, raw",
-    [("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url", '
-                              b'"image_url": {"url": "data:image/png;base64,AAAA"}}]}]}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 16, "min_tokens": 99}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
-                              b'"function": {"name": "f", "parameters": {"\\ud800": {}}}}]}'),
-     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"y" * 9000 + b'"}]}'),
-     ("/tokenize", b'{"prompt": "\\ud800"}'), ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
-     ("/detokenize", b'{"tokens": [1, 100000]}')],
-)  # fmt: skip
+    [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}], "stream": true}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "image_url", '
+            b'"image_url": {"url": "data:image/png;base64,AAAA"}}]}]}',
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}'),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "n": 16, "min_tokens": 99}',
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+            b'"function": {"name": "f", "parameters": {"\\ud800": {}}}}]}',
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"y" * 9000 + b'"}]}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("/detokenize", b'{"tokens": [1, 100000]}'),
+    ],
+)
 def test_nasty_bodies_on_every_json_endpoint_get_4xx(server, path, raw) -> None:
-    r = httpx.post(server.url + path, content=raw, timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        server.url + path,
+        content=raw,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert 400 <= r.status_code < 500, r.text
     check_answer(r)
-    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30,
-                    headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    ok = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": "x", "max_tokens": 1},
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     assert ok.status_code == 200
 
 
@@ -133,6 +200,8 @@ def test_bodies_that_are_not_json_get_415(server, content_type) -> None:
 
 def test_padding_ids_in_prompts_and_logprobs_are_answered(server) -> None:
     body = {"prompt": [3, VOCAB + 5, 4], "max_tokens": 4, "echo": True, "logprobs": 20, "ignore_eos": True}
-    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        server.url + "/v1/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["logprobs"]["tokens"][1] == f"<|id:{VOCAB + 5}|>"

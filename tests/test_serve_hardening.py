@@ -46,7 +46,9 @@ def model(tok):
 
 def make_server(model, tok, **config):
     engine = build_engine(model, tok, block_size=4, max_model_len=MAX_LEN)
-    options = dict(model_name=MODEL, api_key=KEY, max_body_bytes=BODY_LIMIT, model_path="/secret/ckpt/glm5-tiny")
+    options = dict(
+        model_name=MODEL, api_key=KEY, max_body_bytes=BODY_LIMIT, model_path="/secret/ckpt/glm5-tiny"
+    )
     app = create_app(engine, ServerConfig(**{**options, **config}))
     s = ServerThread(app)
     s.app, s.engine, s.state = app, engine, app.state.server
@@ -96,18 +98,38 @@ def user(text) -> list[dict]:
     [
         ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
         ("/v1/completions", {"prompt": ["fine", "a\udfffb"]}, "prompt[1]"),
-        ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop"),  # pydantic's own check (constrained str)
+        (
+            "/v1/completions",
+            {"prompt": "x", "stop": ["\ud800"]},
+            "stop",
+        ),  # pydantic's own check (constrained str)
         ("/v1/chat/completions", {"messages": user("\ud800")}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": user("\ud800"), "stream": True}, "messages[0].content"),
-        ("/v1/chat/completions", {"messages": user([{"type": "text", "text": "hi \udc00"}])},
-         "messages[0].content[0].text"),
-        ("/v1/chat/completions", {"messages": user("hi"), "tools": [{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "properties": {"c": {"description": "\ud83d"}}}}}]},
-         "tools[0].function.parameters.properties.c.description"),
+        (
+            "/v1/chat/completions",
+            {"messages": user([{"type": "text", "text": "hi \udc00"}])},
+            "messages[0].content[0].text",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": user("hi"),
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"c": {"description": "\ud83d"}}},
+                        },
+                    }
+                ],
+            },
+            "tools[0].function.parameters.properties.c.description",
+        ),
         ("/tokenize", {"prompt": "\ud800"}, "prompt"),
         ("/tokenize", {"messages": user("ok") + user("\ud800")}, "messages[1].content"),
     ],
-)  # fmt: skip
+)
 def test_text_with_a_lone_surrogate_is_a_400_naming_the_field(server, path, body, param) -> None:
     assert "\\ud" in json.dumps(body)  # sent as a JSON escape, which Python decodes to an unencodable str
     error = assert_error(raw_post(server, path, body), 400, param)
@@ -137,8 +159,14 @@ def is_placeholder(token: str) -> bool:
 
 
 def test_sampled_and_top_ids_past_the_tokenizer_read_as_placeholders_in_chat_logprobs(padded_server) -> None:
-    body = {"messages": user("hello"), "max_tokens": 4, "logprobs": True, "top_logprobs": 5, "ignore_eos": True,
-            "temperature": 0}  # fmt: skip
+    body = {
+        "messages": user("hello"),
+        "max_tokens": 4,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     r = raw_post(padded_server, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -151,19 +179,36 @@ def test_sampled_and_top_ids_past_the_tokenizer_read_as_placeholders_in_chat_log
         assert is_placeholder(e["token"]) and e["bytes"] is None
         assert [is_placeholder(t["token"]) for t in e["top_logprobs"]] == [True] * 5
     # streamed: the same tokens, and no in-stream error
-    with httpx.stream("POST", padded_server.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
-                      json={**body, "stream": True}) as s:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        padded_server.url + "/v1/chat/completions",
+        headers=HEADERS,
+        timeout=60,
+        json={**body, "stream": True},
+    ) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert not [e for e in events if "error" in e]
-    streamed = [x["token"] for e in events for c in e["choices"] for x in (c.get("logprobs") or {}).get("content", [])]
+    streamed = [
+        x["token"] for e in events for c in e["choices"] for x in (c.get("logprobs") or {}).get("content", [])
+    ]
     assert streamed == [e["token"] for e in entries]
 
 
 def test_prompt_ids_past_the_tokenizer_echo_and_score_with_placeholders(padded_server, tok) -> None:
     text_ids = tok.encode("def add(a, b):")
     prompt = text_ids[:2] + [TOKENIZER_SIZE + 7] + text_ids[2:]
-    r = raw_post(padded_server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 3,
-                                                    "temperature": 0, "ignore_eos": True})  # fmt: skip
+    r = raw_post(
+        padded_server,
+        "/v1/completions",
+        {
+            "prompt": prompt,
+            "max_tokens": 3,
+            "echo": True,
+            "logprobs": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -173,11 +218,16 @@ def test_prompt_ids_past_the_tokenizer_echo_and_score_with_placeholders(padded_s
     for top in lp["top_logprobs"][len(prompt) :]:
         assert all(is_placeholder(t) for t in top)
     # streamed too
-    r = raw_post(padded_server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "logprobs": 2, "stream": True,
-                                                    "ignore_eos": True})  # fmt: skip
+    r = raw_post(
+        padded_server,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 3, "logprobs": 2, "stream": True, "ignore_eos": True},
+    )
     assert r.status_code == 200 and '"error"' not in r.text and r.text.rstrip().endswith("data: [DONE]")
     # past the MODEL's vocabulary: 400
-    assert_error(raw_post(padded_server, "/v1/completions", {"prompt": [5, 1024]}), 400, "prompt", "[0, 1024)")
+    assert_error(
+        raw_post(padded_server, "/v1/completions", {"prompt": [5, 1024]}), 400, "prompt", "[0, 1024)"
+    )
     assert_still_serving(padded_server)
 
 
@@ -185,8 +235,12 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_one_warning_line(tok, caplog
     def warnings_for(vocab_size: int) -> list[str]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="glm5.serve"):
-            create_app(build_engine(random_model(FRONTEND.replace(vocab_size=vocab_size), tok), tok, block_size=4))
-        return [r.getMessage() for r in caplog.records if r.name == "glm5.serve" and r.levelno == logging.WARNING]
+            create_app(
+                build_engine(random_model(FRONTEND.replace(vocab_size=vocab_size), tok), tok, block_size=4)
+            )
+        return [
+            r.getMessage() for r in caplog.records if r.name == "glm5.serve" and r.levelno == logging.WARNING
+        ]
 
     assert warnings_for(1024) == []  # 1000 padded to 1024: normal
     (much_bigger,) = warnings_for(2304)
@@ -216,12 +270,15 @@ class Gate:
             monkeypatch.setattr(tok, name, gated)
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": f"{Gate.MARK} once", "max_tokens": 2}),
-    ("/v1/chat/completions", {"messages": user(f"{Gate.MARK} once"), "max_tokens": 2}),
-    ("/v1/chat/completions", {"messages": user(f"{Gate.MARK} once"), "max_tokens": 2, "stream": True}),
-    ("/tokenize", {"prompt": f"{Gate.MARK} once"}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": f"{Gate.MARK} once", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": user(f"{Gate.MARK} once"), "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": user(f"{Gate.MARK} once"), "max_tokens": 2, "stream": True}),
+        ("/tokenize", {"prompt": f"{Gate.MARK} once"}),
+    ],
+)
 def test_health_answers_while_a_prompt_is_being_tokenized(server, tok, monkeypatch, path, body) -> None:
     gate = Gate(monkeypatch, tok)
     answers: list[httpx.Response] = []
@@ -243,7 +300,9 @@ def test_health_answers_while_the_tokenizer_works_on_a_long_text(server, tok, mo
     """Not only off the event loop: the tokenizer must release the GIL (a plain HF `encode` holds it throughout)."""
     import sysconfig
 
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "typing.py").read_text() * 25  # ~3 MB: seconds to tokenize
+    text = (
+        Path(sysconfig.get_paths()["stdlib"]) / "typing.py"
+    ).read_text() * 25  # ~3 MB: seconds to tokenize
     started, spans = threading.Event(), []
     for name in ("encode", "encode_batch"):
         original = getattr(tok, name)
@@ -269,10 +328,14 @@ def test_health_answers_while_the_tokenizer_works_on_a_long_text(server, tok, mo
         big.join(120)
     assert health.status_code == 200 and answers[0].status_code == 200
     [end] = spans
-    assert answered < end, "/health waited for the tokenizer"  # answered while the tokenizer was still at work
+    assert answered < end, (
+        "/health waited for the tokenizer"
+    )  # answered while the tokenizer was still at work
 
 
-def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(server, tok, monkeypatch) -> None:
+def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(
+    server, tok, monkeypatch
+) -> None:
     from glm5.serve.core import max_token_bytes
 
     bound = server.state.max_prompt_chars
@@ -288,9 +351,11 @@ def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(se
 
         monkeypatch.setattr(tok, name, refuse_long)
     long = "x" * (bound + 1)
-    for path, body, param in [("/v1/completions", {"prompt": long}, "prompt"),
-                              ("/v1/completions", {"prompt": ["ok", long]}, "prompt"),
-                              ("/v1/chat/completions", {"messages": user(long)}, "messages")]:  # fmt: skip
+    for path, body, param in [
+        ("/v1/completions", {"prompt": long}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", long]}, "prompt"),
+        ("/v1/chat/completions", {"messages": user(long)}, "messages"),
+    ]:
         error = assert_error(raw_post(server, path, body), 400, param, "context length exceeded")
         assert error["code"] == "context_length_exceeded"
     # /tokenize has no context to fit (lm-eval tokenizes whole documents): counted, off the event loop
@@ -345,20 +410,33 @@ def wait_for(condition, timeout: float = 20) -> None:
 
 
 def test_prompts_times_n_over_the_per_request_limit_is_a_400(server) -> None:
-    cases = [({"prompt": ["a"] * 7}, "prompt"), ({"prompt": ["a", "b"], "n": 4}, "n"),
-             ({"prompt": [[5, 6]] * 3, "n": 3}, "n")]  # fmt: skip
+    cases = [
+        ({"prompt": ["a"] * 7}, "prompt"),
+        ({"prompt": ["a", "b"], "n": 4}, "n"),
+        ({"prompt": [[5, 6]] * 3, "n": 3}, "n"),
+    ]
     for body, param in cases:
-        error = assert_error(raw_post(server, "/v1/completions", {**body, "max_tokens": 1}), 400, param, "at most 6")
+        error = assert_error(
+            raw_post(server, "/v1/completions", {**body, "max_tokens": 1}), 400, param, "at most 6"
+        )
         assert error["code"] == "too_many_sequences"
-    assert_error(raw_post(server, "/v1/chat/completions", {"messages": user("x"), "n": 7}), 400, "n", "at most 6")
-    assert raw_post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1}).status_code == 200
+    assert_error(
+        raw_post(server, "/v1/chat/completions", {"messages": user("x"), "n": 7}), 400, "n", "at most 6"
+    )
+    assert (
+        raw_post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1}).status_code
+        == 200
+    )
 
 
 def test_admission_counts_sequences_not_requests(server) -> None:
     state = server.state
     held: list[httpx.Response] = []
-    first = threading.Thread(target=lambda: held.append(
-        raw_post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1})))  # fmt: skip
+    first = threading.Thread(
+        target=lambda: held.append(
+            raw_post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1})
+        )
+    )
     with HeldSteps(server):
         first.start()
         wait_for(lambda: state.num_pending > 0)
@@ -378,8 +456,11 @@ def test_stop_drains_health_503_new_requests_503_and_open_requests_finish(model,
     s = make_server(model, tok).start()
     state, engine = s.state, s.engine.engine
     held: list[httpx.Response] = []
-    request = threading.Thread(target=lambda: held.append(
-        raw_post(s, "/v1/completions", {"prompt": "abc", "max_tokens": 3, "ignore_eos": True})))  # fmt: skip
+    request = threading.Thread(
+        target=lambda: held.append(
+            raw_post(s, "/v1/completions", {"prompt": "abc", "max_tokens": 3, "ignore_eos": True})
+        )
+    )
     stopper = threading.Thread(target=s.stop)
     with HeldSteps(s):
         request.start()
@@ -405,8 +486,9 @@ def test_a_request_still_open_at_the_graceful_timeout_is_aborted_and_the_server_
     engine.engine.pause()  # never resumed: the request cannot finish
     answers: list[httpx.Response] = []
     body = {"prompt": "abc", "max_tokens": 3}
-    request = threading.Thread(target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body,
-                                                                        timeout=60)))  # fmt: skip
+    request = threading.Thread(
+        target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body, timeout=60))
+    )
     request.start()
     wait_for(lambda: app.state.server.num_pending == 1)
     start = time.monotonic()
@@ -414,7 +496,10 @@ def test_a_request_still_open_at_the_graceful_timeout_is_aborted_and_the_server_
     assert not s.thread.is_alive() and time.monotonic() - start < 15
     request.join(30)
     # aborted with an answer the client can act on (retry elsewhere), not a 500
-    assert assert_error(answers[0], 503, match="shut down before this request finished")["code"] == "shutting_down"
+    assert (
+        assert_error(answers[0], 503, match="shut down before this request finished")["code"]
+        == "shutting_down"
+    )
     assert not engine.engine.has_unfinished_requests() and engine.engine.cache.num_used_blocks == 0
 
 
@@ -448,7 +533,9 @@ def free_port() -> int:
 def test_sigterm_drains_a_real_server_process(tok, tmp_path) -> None:
     port, gate = free_port(), tmp_path / "go"
     tok.save_pretrained(tmp_path / "tok")
-    script = CHILD.format(tests=str(Path(__file__).parent), gate=str(gate), tokdir=str(tmp_path / "tok"), port=port)
+    script = CHILD.format(
+        tests=str(Path(__file__).parent), gate=str(gate), tokdir=str(tmp_path / "tok"), port=port
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -468,9 +555,13 @@ def test_sigterm_drains_a_real_server_process(tok, tmp_path) -> None:
             time.sleep(0.2)
 
         def read_stream() -> None:
-            with httpx.stream("POST", url + "/v1/completions", timeout=120,
-                              json={"prompt": "abc", "max_tokens": 3, "ignore_eos": True, "stream": True}) as r:
-                events.extend(line for line in r.iter_lines() if line)  # fmt: skip
+            with httpx.stream(
+                "POST",
+                url + "/v1/completions",
+                timeout=120,
+                json={"prompt": "abc", "max_tokens": 3, "ignore_eos": True, "stream": True},
+            ) as r:
+                events.extend(line for line in r.iter_lines() if line)
 
         stream = threading.Thread(target=read_stream)
         stream.start()
@@ -514,14 +605,20 @@ def test_a_chunked_body_over_the_limit_is_413(server) -> None:
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
 def test_a_post_body_that_is_not_json_is_415(server, content_type) -> None:
     headers = {"Authorization": f"Bearer {KEY}"} | ({"Content-Type": content_type} if content_type else {})
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         r = httpx.post(server.url + path, content=b'{"prompt": "x"}', headers=headers, timeout=30)
         assert_error(r, 415, match="application/json")
-    ok = httpx.post(server.url + "/tokenize", content=b'{"prompt": "x"}', timeout=30,
-                    headers={**HEADERS, "Content-Type": "application/json; charset=utf-8"})  # fmt: skip
+    ok = httpx.post(
+        server.url + "/tokenize",
+        content=b'{"prompt": "x"}',
+        timeout=30,
+        headers={**HEADERS, "Content-Type": "application/json; charset=utf-8"},
+    )
     assert ok.status_code == 200
     assert_still_serving(server)
 
@@ -531,22 +628,46 @@ def test_a_post_body_that_is_not_json_is_415(server, content_type) -> None:
     [
         ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop", "stop[0]"),
         ("/v1/completions", {"prompt": "x", "stop": ""}, "stop", "stop"),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role",
-         "messages[0].role: Input should be"),
-        ("/v1/chat/completions", {"messages": user([{"type": "text"}])}, "messages[0].content",
-         "messages[0].content[0].text: Field required"),
-        ("/v1/chat/completions", {"messages": user("x"), "tool_choice": {"type": "function"}}, "tool_choice",
-         "tool_choice.function"),
-        ("/v1/chat/completions", {"messages": user([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])},
-         "messages[0].content[0]", "image input is not supported"),
-        ("/v1/chat/completions", {"messages": user("x"), "min_tokens": 5, "max_tokens": 2}, "min_tokens",
-         "min_tokens (5) is more than max_tokens (2"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+            "messages[0].role: Input should be",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": user([{"type": "text"}])},
+            "messages[0].content",
+            "messages[0].content[0].text: Field required",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": user("x"), "tool_choice": {"type": "function"}},
+            "tool_choice",
+            "tool_choice.function",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": user([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}])},
+            "messages[0].content[0]",
+            "image input is not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": user("x"), "min_tokens": 5, "max_tokens": 2},
+            "min_tokens",
+            "min_tokens (5) is more than max_tokens (2",
+        ),
         ("/v1/completions", {"prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens", "min_tokens"),
         ("/v1/chat/completions", {"messages": user("x"), "top_logprobs": 2}, "top_logprobs", "logprobs"),
-        ("/v1/chat/completions", {"messages": user("x"), "top_logprobs": 2, "logprobs": False}, "top_logprobs",
-         "logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": user("x"), "top_logprobs": 2, "logprobs": False},
+            "top_logprobs",
+            "logprobs",
+        ),
     ],
-)  # fmt: skip
+)
 def test_openai_style_field_names_and_refusals(server, path, body, param, match) -> None:
     error = assert_error(raw_post(server, path, body), 400, param, match)
     assert "constrained" not in error["message"] and "list[" not in error["message"]
@@ -572,25 +693,37 @@ def test_tokenize_and_completions_agree_on_the_gmask_sop_prefix(server, tok) -> 
     text = "def add(a, b):"
     tokenized = raw_post(server, "/tokenize", {"prompt": text}).json()["tokens"]
     assert tokenized[:2] == prefix
-    r = raw_post(server, "/v1/completions", {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 0}).json()
+    r = raw_post(
+        server, "/v1/completions", {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 0}
+    ).json()
     assert r["usage"]["prompt_tokens"] == len(tokenized)
     assert r["choices"][0]["logprobs"]["tokens"][:2] == ["[gMASK]", "<sop>"]
     assert r["choices"][0]["text"].startswith(text)  # echo gives the text as sent
     # and both leave it out when asked to
     bare = raw_post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()["tokens"]
-    r = raw_post(server, "/v1/completions", {"prompt": text, "max_tokens": 1, "add_special_tokens": False}).json()
+    r = raw_post(
+        server, "/v1/completions", {"prompt": text, "max_tokens": 1, "add_special_tokens": False}
+    ).json()
     assert bare == tokenized[2:] and r["usage"]["prompt_tokens"] == len(bare)
 
 
 def test_a_scripted_server_takes_prompt_ids_past_the_tokenizer(model, tok) -> None:
     """Scripted mode matches on the prompt's text: a padding id (no text) in a token-id prompt must not fail the
     engine step (and with it every request in flight)."""
-    engine = build_engine(model, tok, block_size=4, max_model_len=MAX_LEN,
-                          scripted=[{"match": "def add", "output": " return a + b"}])  # fmt: skip
+    engine = build_engine(
+        model,
+        tok,
+        block_size=4,
+        max_model_len=MAX_LEN,
+        scripted=[{"match": "def add", "output": " return a + b"}],
+    )
     app = create_app(engine, ServerConfig(model_name=MODEL, api_key=KEY))
     with ServerThread(app) as s:
         prompt = tok.encode("def add(a, b):")
-        r = raw_post(s, "/v1/completions", {"prompt": prompt[:2] + [TOKENIZER_SIZE + 3] + prompt[2:], "max_tokens": 8,
-                                            "temperature": 0})  # fmt: skip
+        r = raw_post(
+            s,
+            "/v1/completions",
+            {"prompt": prompt[:2] + [TOKENIZER_SIZE + 3] + prompt[2:], "max_tokens": 8, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == " return a + b"

@@ -18,14 +18,21 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 VOCAB = FRONTEND.vocab_size
 CFG = FRONTEND
 KEY = "sk-eval"
-GEN_DOCS = [{"question": "What is 2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris"},
-            {"question": "Colour of the sky?", "answer": "blue"}]  # fmt: skip
-SCRIPT = [{"match": "What is 2+2?\nA:", "output": " 4\n\nQ: next"},
-          {"match": "Capital of France?\nA:", "output": " Paris\n\nQ: next"},
-          {"match": "Colour of the sky?\nA:", "output": " green\n\n"}]  # fmt: skip
-MC_DOCS = [{"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"], "answer": 0},
-           {"question": "import os\nimport", "choices": [" sys", " json"], "answer": 1},
-           {"question": "The quick brown fox", "choices": [" jumps over", " is"], "answer": 0}]  # fmt: skip
+GEN_DOCS = [
+    {"question": "What is 2+2?", "answer": "4"},
+    {"question": "Capital of France?", "answer": "Paris"},
+    {"question": "Colour of the sky?", "answer": "blue"},
+]
+SCRIPT = [
+    {"match": "What is 2+2?\nA:", "output": " 4\n\nQ: next"},
+    {"match": "Capital of France?\nA:", "output": " Paris\n\nQ: next"},
+    {"match": "Colour of the sky?\nA:", "output": " green\n\n"},
+]
+MC_DOCS = [
+    {"question": "def add(a, b):\n    return", "choices": [" a + b", " a - b", " None"], "answer": 0},
+    {"question": "import os\nimport", "choices": [" sys", " json"], "answer": 1},
+    {"question": "The quick brown fox", "choices": [" jumps over", " is"], "answer": 0},
+]
 
 MC_YAML = """task: glm5_tiny_mc
 dataset_path: json
@@ -92,12 +99,18 @@ def test_lm_eval_local_completions_scores_loglikelihood_and_generation_offline(s
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    args = (f"base_url={server.url}/v1/completions,model=tiny-glm5,tokenizer_backend=remote,auth_token={KEY},"
-            "tokenized_requests=True,max_length=512,batch_size=2,max_retries=1")  # fmt: skip
-    results = lm_eval.simple_evaluate(model="local-completions", model_args=args,
-                                      tasks=["glm5_tiny_mc", "glm5_tiny_gen"],
-                                      task_manager=TaskManager(include_path=str(folder)), log_samples=True,
-                                      bootstrap_iters=0)  # fmt: skip
+    args = (
+        f"base_url={server.url}/v1/completions,model=tiny-glm5,tokenizer_backend=remote,auth_token={KEY},"
+        "tokenized_requests=True,max_length=512,batch_size=2,max_retries=1"
+    )
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=args,
+        tasks=["glm5_tiny_mc", "glm5_tiny_gen"],
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     # generate_until: the scripted answers are read up to "\n\n"; two of three are right
     assert results["results"]["glm5_tiny_gen"]["exact_match,none"] == pytest.approx(2 / 3)
     # loglikelihood: what lm-eval summed from our echo + logprobs equals the model's own logprobs

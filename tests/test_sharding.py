@@ -45,14 +45,30 @@ GROUPED = MICRO.replace(n_group=4, topk_group=2, vocab_size=255)
 # Every FP8 split falls on 128-blocks for TP2, EP2 and TP2 x EP2 (8 heads of 32+32 / 32+32 / 32; dense 256;
 # shared expert 512 = 4 x 128).
 FP8_ALIGNED = MICRO.replace(
-    num_attention_heads=8, num_key_value_heads=8, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
-    index_head_dim=32, intermediate_size=256, moe_intermediate_size=512, num_hidden_layers=2, index_topk_pattern="FS",
-)  # fmt: skip
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    index_head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=512,
+    num_hidden_layers=2,
+    index_topk_pattern="FS",
+)
 # A few hundred MB of fp32 weights (mostly experts), for the resident-memory bound of sharded loading.
 BIG = MICRO.replace(
-    hidden_size=512, num_hidden_layers=3, vocab_size=16384, n_routed_experts=16, moe_intermediate_size=768,
-    intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-)  # fmt: skip
+    hidden_size=512,
+    num_hidden_layers=3,
+    vocab_size=16384,
+    n_routed_experts=16,
+    moe_intermediate_size=768,
+    intermediate_size=1024,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=128,
+    kv_lora_rank=64,
+)
 CONFIGS = {"micro": MICRO, "grouped": GROUPED, "fp8_aligned": FP8_ALIGNED, "big": BIG}
 
 pytestmark = pytest.mark.dist
@@ -72,7 +88,9 @@ def _run(model: GLM5ForCausalLM, cfg) -> dict[str, torch.Tensor]:
             out[f"mtp{length}_{d}"] = logits
         if cfg.num_nextn_predict_layers:
             mtp_cache = ContiguousLatentCache(cfg, 2, length)
-            out[f"mtp_cached{length}"] = model.mtp_forward(full.hidden_states[:, :-1], ids[:, 1:], mtp_cache)[1]
+            out[f"mtp_cached{length}"] = model.mtp_forward(full.hidden_states[:, :-1], ids[:, 1:], mtp_cache)[
+                1
+            ]
         cache = ContiguousLatentCache(cfg, 2, length + STEPS)
         logits = [model(ids, cache).logits[:, -1]]
         tokens = []
@@ -85,10 +103,15 @@ def _run(model: GLM5ForCausalLM, cfg) -> dict[str, torch.Tensor]:
 
 
 def _compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict:
-    diffs = {k: (ref[k].float() - got[k].float()).abs().max().item() for k in ref if not k.startswith("tokens")}
-    return {"max_diff": max(diffs.values()), "worst": max(diffs, key=diffs.get),
-            "tokens_equal": all(torch.equal(ref[k], got[k]) for k in ref if k.startswith("tokens")),
-            "num_outputs": len(ref)}  # fmt: skip
+    diffs = {
+        k: (ref[k].float() - got[k].float()).abs().max().item() for k in ref if not k.startswith("tokens")
+    }
+    return {
+        "max_diff": max(diffs.values()),
+        "worst": max(diffs, key=diffs.get),
+        "tokens_equal": all(torch.equal(ref[k], got[k]) for k in ref if k.startswith("tokens")),
+        "num_outputs": len(ref),
+    }
 
 
 def _same_on_every_rank(got: dict[str, torch.Tensor]) -> bool:
@@ -111,9 +134,14 @@ def task_forward(cfg: str, tp: int, ep: int, fp8: bool = False, topk_sync: str =
     plan = shard_model(model, lay.tp_rank, tp, lay.ep_rank, ep, topk_sync=topk_sync)
     got = _run(model, config)
     moe = model.model.layers[-1].mlp
-    return {**_compare(ref, got), "same_on_every_rank": _same_on_every_rank(got), "topk_checks": plan.topk_checks,
-            "local_heads": model.model.layers[0].self_attn.num_heads, "local_experts": moe.experts.num_experts,
-            "expert_start": moe.expert_start}  # fmt: skip
+    return {
+        **_compare(ref, got),
+        "same_on_every_rank": _same_on_every_rank(got),
+        "topk_checks": plan.topk_checks,
+        "local_heads": model.model.layers[0].self_attn.num_heads,
+        "local_experts": moe.experts.num_experts,
+        "expert_start": moe.expert_start,
+    }
 
 
 def _promise(full_sd: dict[str, torch.Tensor], cfg, tp: int, ep: int) -> int:
@@ -161,17 +189,31 @@ def task_load(ckpt: str, tp: int, ep: int, fp8: str = "dequantize") -> dict:
     lay = _layout(tp, ep)
     local = load_sharded(path, lay.tp_rank, tp, lay.ep_rank, ep, fp8=fp8, topk_sync="check")
     full_sd, slices = full.state_dict(), local.shard_plan.slices
-    unequal = [n for n, x in local.state_dict().items() if not torch.equal(_bits(x), _bits(_slice(full_sd[n], slices.get(n))))]
+    unequal = [
+        n
+        for n, x in local.state_dict().items()
+        if not torch.equal(_bits(x), _bits(_slice(full_sd[n], slices.get(n))))
+    ]
     dtypes = sorted({str(x.dtype) for x in local.state_dict().values()})
     ref, got = _run(full, full.config), _run(local, local.config)
-    return {**_compare(ref, got), "unequal": unequal, "bytes": state_bytes(local),
-            "promise": _promise(full_sd, full.config, tp, ep), "full_bytes": state_bytes(full), "dtypes": dtypes,
-            "num_sliced": len(slices)}  # fmt: skip
+    return {
+        **_compare(ref, got),
+        "unequal": unequal,
+        "bytes": state_bytes(local),
+        "promise": _promise(full_sd, full.config, tp, ep),
+        "full_bytes": state_bytes(full),
+        "dtypes": dtypes,
+        "num_sliced": len(slices),
+    }
 
 
 def _status_kb() -> dict[str, int]:
     with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+        return {
+            k: int(v.split()[0]) * 1024
+            for k, v in (line.split(":", 1) for line in f)
+            if k in ("VmRSS", "VmHWM")
+        }
 
 
 def task_rss(ckpt: str, tp: int, ep: int) -> dict:
@@ -215,7 +257,9 @@ def _worker(rank: int, world: int, port: int, folder: str, tasks: list) -> None:
 
 
 def _pool(folder: Path, world: int, tasks: list) -> dict[str, list[dict]]:
-    mp.start_processes(_worker, args=(world, _free_port(), str(folder), tasks), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), str(folder), tasks), nprocs=world, start_method="spawn"
+    )
     per_rank = [json.loads((folder / f"results-{world}-{r}.json").read_text()) for r in range(world)]
     return {name: [per_rank[r][name] for r in range(world)] for name, _, _ in tasks}
 
@@ -325,7 +369,9 @@ def test_four_rank_sharded_load_keeps_the_promised_bytes(pool4, task) -> None:
     for r in results:
         assert r["unequal"] == [] and r["bytes"] == r["promise"], r
         assert r["max_diff"] <= TOL and r["tokens_equal"], r
-    assert sum(r["bytes"] for r in results) < 2.2 * results[0]["full_bytes"]  # attention x2 (e copies), MoE x1
+    assert (
+        sum(r["bytes"] for r in results) < 2.2 * results[0]["full_bytes"]
+    )  # attention x2 (e copies), MoE x1
 
 
 def test_sharded_load_peak_memory_is_close_to_what_the_rank_keeps(pool2) -> None:
@@ -341,7 +387,13 @@ def test_sharded_load_peak_memory_is_close_to_what_the_rank_keeps(pool2) -> None
         (MICRO, 4, 1, False, "tp_size <= heads"),
         (MICRO.replace(num_attention_heads=4, num_key_value_heads=4), 3, 1, False, "heads % tp_size == 0"),
         (MICRO, 1, 3, False, "n_routed_experts % (tp_size x ep_size) == 0"),
-        (MICRO.replace(num_attention_heads=4, intermediate_size=98), 4, 1, False, "intermediate_size % tp_size"),
+        (
+            MICRO.replace(num_attention_heads=4, intermediate_size=98),
+            4,
+            1,
+            False,
+            "intermediate_size % tp_size",
+        ),
         (MICRO.replace(moe_intermediate_size=12), 1, 8, False, "shared % (tp_size x ep_size) == 0"),
         (MICRO.replace(attention_bias=True), 2, 1, False, "attention_bias needs tp_size == 1"),
         (MICRO, 2, 1, True, "FP8-kept splits fall on 128-blocks"),
@@ -394,7 +446,9 @@ def test_per_rank_bytes_on_the_meta_device_match_the_promise() -> None:
     full_sd = model.state_dict()
     for tp, ep in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (1, 8), (2, 4)]:
         for rank in range(tp * ep):
-            assert rank_weight_bytes(MICRO, tp, ep, rank=rank, dtype=torch.float32) == _promise(full_sd, MICRO, tp, ep)
+            assert rank_weight_bytes(MICRO, tp, ep, rank=rank, dtype=torch.float32) == _promise(
+                full_sd, MICRO, tp, ep
+            )
 
 
 def test_tied_embeddings_stay_tied_and_a_forward_without_process_groups_says_so() -> None:

@@ -15,8 +15,9 @@ from glm5.engine.speculative import accept_greedy, accept_sampled
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-CFG = MICRO.replace(num_hidden_layers=2, index_topk_pattern=None, max_position_embeddings=256,
-                   eos_token_id=[1])
+CFG = MICRO.replace(
+    num_hidden_layers=2, index_topk_pattern=None, max_position_embeddings=256, eos_token_id=[1]
+)
 
 
 def model(seed: int = 0, cfg: GLM5Config = CFG) -> GLM5ForCausalLM:
@@ -86,7 +87,8 @@ def test_the_bonus_token_after_k_accepted_drafts_comes_from_the_next_target_dist
     """All k drafts kept -> token k+1 ~ p_{k+1}, not p_k. Drafts from q = p are always kept (p/q = 1 > u), so
     every one of the N rows draws a bonus token. The distributions are chosen far apart (total variation
     >= 0.4 between neighbours), so with N = 4000 a bonus drawn from p_k has a chi-square p-value against p_{k+1}
-    of ~0 (below 1e-300 in 900 seeded trials), while the correct one fails the 1e-6 threshold once in a million seeds."""
+    of ~0 (below 1e-300 in 900 seeded trials), while the correct one fails the 1e-6 threshold once in a million
+    seeds."""
     g = torch.Generator().manual_seed(100 + k)
     V, N = 6, 4000
     # p_i puts half its mass on token i (mod V), the rest spread unevenly over the others
@@ -95,7 +97,11 @@ def test_the_bonus_token_after_k_accepted_drafts_comes_from_the_next_target_dist
     p[torch.arange(k + 1), torch.arange(k + 1) % V] += 0.5
     assert ((p[1:] - p[:-1]).abs().sum(-1) / 2 >= 0.4).all()
     drafts = torch.stack(
-        [sample_from_probs(p[i].expand(N, V), torch.rand(N, generator=g, dtype=torch.float64)) for i in range(k)], 1
+        [
+            sample_from_probs(p[i].expand(N, V), torch.rand(N, generator=g, dtype=torch.float64))
+            for i in range(k)
+        ],
+        1,
     )
     accepted, tokens = accept_sampled(
         drafts,
@@ -118,18 +124,27 @@ def test_the_bonus_token_is_from_p_k_plus_1_also_when_drafts_are_kept_by_chance(
     p = torch.softmax(torch.randn(k + 1, V, generator=g, dtype=torch.float64) * 1.5, -1)
     p[2] = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1], dtype=torch.float64)  # p_3 far from p_2
     p[1] = torch.tensor([0.05, 0.05, 0.3, 0.3, 0.3], dtype=torch.float64)
-    q = (p[:k] + torch.rand(k, V, generator=g, dtype=torch.float64) * 0.3)
+    q = p[:k] + torch.rand(k, V, generator=g, dtype=torch.float64) * 0.3
     q = q / q.sum(-1, keepdim=True)
     drafts = torch.stack(
-        [sample_from_probs(q[i].expand(N, V), torch.rand(N, generator=g, dtype=torch.float64)) for i in range(k)], 1
+        [
+            sample_from_probs(q[i].expand(N, V), torch.rand(N, generator=g, dtype=torch.float64))
+            for i in range(k)
+        ],
+        1,
     )
     accepted, tokens = accept_sampled(
-        drafts, q.expand(N, k, V), p.expand(N, k + 1, V),
-        torch.rand(N, k, generator=g, dtype=torch.float64), torch.rand(N, generator=g, dtype=torch.float64),
-    )  # fmt: skip
+        drafts,
+        q.expand(N, k, V),
+        p.expand(N, k + 1, V),
+        torch.rand(N, k, generator=g, dtype=torch.float64),
+        torch.rand(N, generator=g, dtype=torch.float64),
+    )
     all_kept = accepted == k
     rate = torch.minimum(p[0], q[0]).sum() * torch.minimum(p[1], q[1]).sum()
-    assert abs(all_kept.double().mean().item() - rate.item()) < 0.01  # acceptance is independent per position here
+    assert (
+        abs(all_kept.double().mean().item() - rate.item()) < 0.01
+    )  # acceptance is independent per position here
     bonus = torch.bincount(tokens[all_kept, k], minlength=V).double()
     assert chi_square_p_value(bonus, p[k]) > 1e-6
     assert chi_square_p_value(bonus, p[k - 1]) < 1e-12

@@ -193,13 +193,38 @@ def test_a_glm_sized_tokenizer_json_loads_with_the_real_special_ids(tmp_path):
     assert mask == [0] * len(ids)
 
 
-QWEN3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                 r"|\s+(?!\S)|\s+")
-QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
-               "</tool_response>", "<think>", "</think>"]  # fmt: skip
+QWEN3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN3_ADDED = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 
 
 def _qwen3_shaped_tokenizer_json(path: Path) -> Path:
@@ -209,8 +234,17 @@ def _qwen3_shaped_tokenizer_json(path: Path) -> Path:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     order = sorted(alphabet, key=lambda ch: ord(ch))
     vocab = {ch: i for i, ch in enumerate(order)}
-    merges = [("H", "e"), ("He", "l"), ("Hel", "l"), ("Hell", "o"),
-              ("Ġ", "w"), ("Ġw", "o"), ("Ġwo", "r"), ("Ġwor", "l"), ("Ġworl", "d")]  # fmt: skip
+    merges = [
+        ("H", "e"),
+        ("He", "l"),
+        ("Hel", "l"),
+        ("Hell", "o"),
+        ("Ġ", "w"),
+        ("Ġw", "o"),
+        ("Ġwo", "r"),
+        ("Ġwor", "l"),
+        ("Ġworl", "d"),
+    ]
     fixed = {"Hello": 9707, "Ġworld": 1879}
     free = iter(i for i in range(len(vocab), 151643) if i not in fixed.values())
     for a, b in merges:
@@ -219,21 +253,67 @@ def _qwen3_shaped_tokenizer_json(path: Path) -> Path:
     vocab.update({f"<filler{i}>": i for i in range(len(order), 151643) if i not in taken})
     assert sorted(vocab.values()) == list(range(151643))
     spec = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": 151643 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": t not in ("<tool_call>", "</tool_call>", "<think>",
-                                                                    "</think>", "<tool_response>", "</tool_response>")}
-                         for i, t in enumerate(QWEN3_ADDED)],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": 151643 + i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": t
+                not in (
+                    "<tool_call>",
+                    "</tool_call>",
+                    "<think>",
+                    "</think>",
+                    "<tool_response>",
+                    "</tool_response>",
+                ),
+            }
+            for i, t in enumerate(QWEN3_ADDED)
+        ],
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN3_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]},
-    }  # fmt: skip
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": QWEN3_PATTERN},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [f"{a} {b}" for a, b in merges],
+        },
+    }
     path.mkdir()
     (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     return path / "tokenizer.json"
@@ -247,9 +327,12 @@ def test_a_qwen3_sized_foreign_tokenizer_json_loads_and_encodes_like_the_referen
     reference = Tokenizer.from_file(str(path))  # the HF tokenizers library reading the same file
     assert tok.vocab_size == reference.get_vocab_size() == 151669
     assert tok.encode("Hello world") == reference.encode("Hello world").ids == [9707, 1879]
-    text = "Hello world, Hello  world!\n\tworld<|im_end|> 你好 🤖 Ｈｅｌｌｏ"  # NFC, whitespace, bytes, an added token
+    # NFC, whitespace, bytes, an added token
+    text = "Hello world, Hello  world!\n\tworld<|im_end|> 你好 🤖 Ｈｅｌｌｏ"
     assert tok.encode(text, allow_special=True) == reference.encode(text, add_special_tokens=False).ids
-    assert tok.decode(tok.encode(text)) == reference.decode(reference.encode(text).ids, skip_special_tokens=False)
+    assert tok.decode(tok.encode(text)) == reference.decode(
+        reference.encode(text).ids, skip_special_tokens=False
+    )
     assert tok.token_to_id("<|im_end|>") == 151645 and tok.token_to_id("<|im_end|>") not in tok.encode(text)
     assert tok.eos_token_ids == [151643]
     with pytest.raises(ValueError, match="lacks the GLM special tokens"):

@@ -55,14 +55,18 @@ def test_stages_train_the_right_parameters(base, tmp_path):
 
 
 def test_router_bias_moves_against_the_load(base, tmp_path):
-    trainer = Trainer(smoke_recipe(stages=[Stage("dense", 1.0, dsa=False)]), run_folder(base, tmp_path / "bias"),
-                      quiet=True)  # fmt: skip
+    trainer = Trainer(
+        smoke_recipe(stages=[Stage("dense", 1.0, dsa=False)]), run_folder(base, tmp_path / "bias"), quiet=True
+    )
     router = trainer.routers[0]
     trainer.train_step()
     load = trainer.last_load[0]
     expected = 1e-3 * torch.sign(load.mean() - load)
     assert torch.equal(router.e_score_correction_bias, expected)  # from zero: one sign step per expert
-    assert router.e_score_correction_bias.dtype == torch.float32 and not router.e_score_correction_bias.requires_grad
+    assert (
+        router.e_score_correction_bias.dtype == torch.float32
+        and not router.e_score_correction_bias.requires_grad
+    )
 
 
 def test_sequence_aux_loss_matches_the_deepseek_formula():
@@ -91,7 +95,9 @@ def test_gradient_accumulation_gives_the_full_batch_step(base, tmp_path):
 
 def test_activation_checkpointing_does_not_change_the_losses(base, tmp_path):
     plain = Trainer(smoke_recipe(steps=2), run_folder(base, tmp_path / "plain"), quiet=True)
-    ckpt = Trainer(smoke_recipe(steps=2, activation_checkpointing=True), run_folder(base, tmp_path / "ac"), quiet=True)
+    ckpt = Trainer(
+        smoke_recipe(steps=2, activation_checkpointing=True), run_folder(base, tmp_path / "ac"), quiet=True
+    )
     for a, b in zip(losses(plain.fit()), losses(ckpt.fit())):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
 
@@ -139,21 +145,28 @@ def test_muon_orthogonalises_per_expert_and_trains(base, tmp_path):
     o = _newton_schulz(g)
     s = torch.linalg.svdvals(o)
     assert o.shape == g.shape and ((s > 0.5) & (s < 1.5)).all()  # every expert's update is ~orthogonal
-    trainer = Trainer(smoke_recipe(steps=4, optimizer="muon", stages=[Stage("dense", 1.0, dsa=False)]),
-                      run_folder(base, tmp_path / "muon"), quiet=True)  # fmt: skip
+    trainer = Trainer(
+        smoke_recipe(steps=4, optimizer="muon", stages=[Stage("dense", 1.0, dsa=False)]),
+        run_folder(base, tmp_path / "muon"),
+        quiet=True,
+    )
     records = trainer.fit()
     assert records[-1]["lm"] < records[0]["lm"]
 
 
 def test_bf16_autocast_option_runs(base, tmp_path):
-    trainer = Trainer(smoke_recipe(steps=1, dtype="bfloat16"), run_folder(base, tmp_path / "bf16"), quiet=True)
+    trainer = Trainer(
+        smoke_recipe(steps=1, dtype="bfloat16"), run_folder(base, tmp_path / "bf16"), quiet=True
+    )
     record = trainer.train_step()
     assert trainer.dtype == torch.bfloat16 and math.isfinite(record["loss"])
     assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
 def test_time_limit_fits_the_step_count(base, tmp_path):
-    trainer = Trainer(smoke_recipe(steps=1000, time_limit_minutes=2.0), run_folder(base, tmp_path / "tl"), quiet=True)
+    trainer = Trainer(
+        smoke_recipe(steps=1000, time_limit_minutes=2.0), run_folder(base, tmp_path / "tl"), quiet=True
+    )
     trainer.started = time.time() - 10  # 10 s already spent
     trainer._plan([0.5] * 5)
     budget_left = 120 - (30 + 0.08 * 120) - 10  # the final evaluation and export get a reserve
@@ -171,8 +184,10 @@ def test_stages_never_go_back_when_a_time_limited_plan_stretches(base, tmp_path)
 
 def test_recipe_files_change_a_preset(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('steps = 7\nlr = 1e-3\n[data]\nchat_tasks = { arithmetic = 5 }\n'
-                    '[[stages]]\nname = "all-sparse"\nfraction = 1.0\ndsa = true\n')  # fmt: skip
+    path.write_text(
+        "steps = 7\nlr = 1e-3\n[data]\nchat_tasks = { arithmetic = 5 }\n"
+        '[[stages]]\nname = "all-sparse"\nfraction = 1.0\ndsa = true\n'
+    )
     recipe = TrainRecipe.from_file(path, preset="smoke")
     assert (recipe.steps, recipe.lr, recipe.seq_len) == (7, 1e-3, 64)
     assert recipe.data.chat_tasks == {"arithmetic": 5} and recipe.data.max_corpus_bytes == 400_000
@@ -199,4 +214,9 @@ def test_glm5_train_command_trains_exports_and_resumes(tmp_path, capsys):
     assert cli_main(["train", "--preset", "smoke", "--steps", "14", "--out", str(out), "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[:12] == list(range(12)) and 12 in steps and 13 in steps  # resumed, not restarted
-    assert cli_main(["train", "--preset", "smoke", "--config", str(tmp_path / "missing.toml"), "--out", str(out)]) == 2
+    assert (
+        cli_main(
+            ["train", "--preset", "smoke", "--config", str(tmp_path / "missing.toml"), "--out", str(out)]
+        )
+        == 2
+    )

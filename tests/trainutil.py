@@ -9,8 +9,11 @@ import torch
 
 from glm5.train import Stage, Trainer, TrainRecipe, recipe_preset
 
-STAGES = [Stage("dense", 0.4, dsa=False), Stage("indexer-warmup", 0.2, dsa=False, train="indexer"),
-          Stage("sparse", 0.4, dsa=True)]  # fmt: skip
+STAGES = [
+    Stage("dense", 0.4, dsa=False),
+    Stage("indexer-warmup", 0.2, dsa=False, train="indexer"),
+    Stage("sparse", 0.4, dsa=True),
+]
 
 
 def smoke_recipe(**changes) -> TrainRecipe:

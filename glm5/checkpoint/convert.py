@@ -45,26 +45,42 @@ def _specs(folder: CheckpointFolder, reader: ShardReader, to: str) -> list[Tenso
             name = info.name
             if name.endswith(fp8_format.SCALE_SUFFIX):
                 if name.removesuffix(fp8_format.SCALE_SUFFIX) not in tensors:
-                    raise CheckpointError(f"{os.path.join(folder.path, info.file)}: scale {name!r} has no weight")
+                    raise CheckpointError(
+                        f"{os.path.join(folder.path, info.file)}: scale {name!r} has no weight"
+                    )
                 continue  # written (or dropped) with its weight
             specs += _convert_one(folder, reader, info, to)
     return specs
 
 
-def _convert_one(folder: CheckpointFolder, reader: ShardReader, info: TensorInfo, to: str) -> list[TensorSpec]:
+def _convert_one(
+    folder: CheckpointFolder, reader: ShardReader, info: TensorInfo, to: str
+) -> list[TensorSpec]:
     name, shape = info.name, info.shape
     sname = fp8_format.scale_name(name)
     scale = folder.tensors.get(sname)
     if info.dtype == fp8_format.FP8_DTYPE:
         if scale is None:
-            raise CheckpointError(f"{os.path.join(folder.path, info.file)}: {name!r} is float8_e4m3fn but {sname!r} is missing")
+            raise CheckpointError(
+                f"{os.path.join(folder.path, info.file)}: {name!r} is float8_e4m3fn but {sname!r} is missing"
+            )
         if to == "fp8":
-            return [TensorSpec(name, shape, info.dtype, lambda: reader.get(name)),
-                    TensorSpec(sname, scale.shape, torch.float32, lambda: reader.get(sname).float())]  # fmt: skip
-        return [TensorSpec(name, shape, torch.bfloat16,
-                           lambda: fp8_format.dequantize(reader.get(name), reader.get(sname), torch.bfloat16))]  # fmt: skip
+            return [
+                TensorSpec(name, shape, info.dtype, lambda: reader.get(name)),
+                TensorSpec(sname, scale.shape, torch.float32, lambda: reader.get(sname).float()),
+            ]
+        return [
+            TensorSpec(
+                name,
+                shape,
+                torch.bfloat16,
+                lambda: fp8_format.dequantize(reader.get(name), reader.get(sname), torch.bfloat16),
+            )
+        ]
     if not info.dtype.is_floating_point:
-        raise CheckpointError(f"{os.path.join(folder.path, info.file)}: tensor {name!r} has dtype {info.dtype}")
+        raise CheckpointError(
+            f"{os.path.join(folder.path, info.file)}: tensor {name!r} has dtype {info.dtype}"
+        )
     if to == "fp8" and fp8_format.is_quantized(name) and len(shape) == 2:
         pending: dict[str, torch.Tensor] = {}
 
@@ -72,8 +88,10 @@ def _convert_one(folder: CheckpointFolder, reader: ShardReader, info: TensorInfo
             q, pending["scale"] = fp8_format.quantize(reader.get(name))
             return q
 
-        return [TensorSpec(name, shape, fp8_format.FP8_DTYPE, quantized),
-                TensorSpec(sname, fp8_format.scale_shape(shape), torch.float32, lambda: pending.pop("scale"))]  # fmt: skip
+        return [
+            TensorSpec(name, shape, fp8_format.FP8_DTYPE, quantized),
+            TensorSpec(sname, fp8_format.scale_shape(shape), torch.float32, lambda: pending.pop("scale")),
+        ]
     # BF16 target: every float tensor in bfloat16 except the fp32 router bias. FP8 target: the BF16 part
     # keeps its source dtype.
     keep_fp32 = name.endswith("e_score_correction_bias")
@@ -119,7 +137,9 @@ def convert_checkpoint(
         specs = _specs(folder, reader, to)
         if on_start is not None:
             on_start(len(specs), sum(s.nbytes for s in specs))
-        return write_checkpoint(dst, config, specs, max_shard_size, progress=progress, keep_files_from=folder.path)
+        return write_checkpoint(
+            dst, config, specs, max_shard_size, progress=progress, keep_files_from=folder.path
+        )
 
 
 def check_layout(folder: CheckpointFolder, cfg: GLM5Config) -> None:
@@ -129,7 +149,9 @@ def check_layout(folder: CheckpointFolder, cfg: GLM5Config) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the missing MTP layer is reported by loading, not by conversion
         cfg = _without_absent_mtp(cfg, folder)
-    expected = {name: (shape, dtype) for name, shape, dtype in list_tensors(cfg.replace(torch_dtype="bfloat16"))}
+    expected = {
+        name: (shape, dtype) for name, shape, dtype in list_tensors(cfg.replace(torch_dtype="bfloat16"))
+    }
     _match(folder, expected, cfg)
 
 
@@ -161,7 +183,9 @@ def summarize_checkpoint(path: str | os.PathLike) -> CheckpointSummary:
     unquantised tensors by dtype."""
     folder = CheckpointFolder(path)
     total = folder.metadata.get("total_size")
-    out = CheckpointSummary(folder.path, len(folder.files), index_total_size=int(total) if total is not None else None)
+    out = CheckpointSummary(
+        folder.path, len(folder.files), index_total_size=int(total) if total is not None else None
+    )
     for info in folder.tensors.values():
         if info.dtype == fp8_format.FP8_DTYPE:
             role = "FP8 e4m3 weights"

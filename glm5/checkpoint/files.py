@@ -27,10 +27,19 @@ SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -82,7 +91,9 @@ def _open(path: str):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard file is missing") from None
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt"
+        ) from None
 
 
 class CheckpointFolder:
@@ -103,7 +114,9 @@ class CheckpointFolder:
         elif os.path.exists(os.path.join(self.path, SINGLE_FILE)):
             weight_map, self.metadata = None, {}
         else:
-            raise CheckpointError(f"{self.path}: no {INDEX_FILE} or {SINGLE_FILE}; not a safetensors checkpoint folder")
+            raise CheckpointError(
+                f"{self.path}: no {INDEX_FILE} or {SINGLE_FILE}; not a safetensors checkpoint folder"
+            )
         self.tensors: dict[str, TensorInfo] = self._read_headers(weight_map)
 
     def _read_json(self, name: str, what: str) -> dict[str, Any]:
@@ -125,10 +138,14 @@ class CheckpointFolder:
         for file in files:
             path = os.path.join(self.path, file)
             if os.path.basename(file) != file:
-                raise CheckpointError(f"{self.index_path}: shard {file!r} must be a file name inside the folder")
+                raise CheckpointError(
+                    f"{self.index_path}: shard {file!r} must be a file name inside the folder"
+                )
             if not os.path.exists(path):
                 first = next(k for k, v in (weight_map or {}).items() if v == file)
-                raise CheckpointError(f"{path}: shard file is missing (the index puts tensor {first!r} there)")
+                raise CheckpointError(
+                    f"{path}: shard file is missing (the index puts tensor {first!r} there)"
+                )
             with _open(path) as f:
                 for name in f.keys():
                     if weight_map is not None and weight_map.get(name) != file:
@@ -136,12 +153,15 @@ class CheckpointFolder:
                     sl = f.get_slice(name)
                     dtype = _DTYPES.get(sl.get_dtype())
                     if dtype is None:
-                        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}")
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} has unsupported dtype {sl.get_dtype()}"
+                        )
                     tensors[name] = TensorInfo(name, file, tuple(sl.get_shape()), dtype)
         for name, file in (weight_map or {}).items():
             if name not in tensors:
                 raise CheckpointError(
-                    f"{os.path.join(self.path, file)}: tensor {name!r} is listed in {INDEX_FILE} but absent from the shard"
+                    f"{os.path.join(self.path, file)}: tensor {name!r} is listed in {INDEX_FILE} "
+                    "but absent from the shard"
                 )
         return tensors
 
@@ -184,7 +204,9 @@ class ShardReader:
         try:
             return handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{os.path.join(self.folder.path, info.file)}: cannot read tensor {name!r} ({e})") from None
+            raise CheckpointError(
+                f"{os.path.join(self.folder.path, info.file)}: cannot read tensor {name!r} ({e})"
+            ) from None
 
     def close(self) -> None:
         for handle in self._open.values():
@@ -240,7 +262,8 @@ def write_checkpoint(
     Everything is written into a fresh temporary folder next to `path`, which then replaces `path` by a
     rename, so a crash never leaves a half-written folder that looks complete. Entries of an existing `path`
     that are not checkpoint files (tokenizer, generation config, ...) are kept; with `keep_files_from`,
-    those of another folder are copied in as well (convert copies the source's tokenizer this way). `progress(tensors, bytes)` is called after each tensor.
+    those of another folder are copied in as well (convert copies the source's tokenizer this way).
+    `progress(tensors, bytes)` is called after each tensor.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
@@ -269,9 +292,11 @@ def write_checkpoint(
 
 
 def _write_shards(folder: str, shards: list[list[TensorSpec]], progress) -> dict[str, Any]:
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     for file, shard in zip(names, shards):
         tensors: dict[str, torch.Tensor] = {}
@@ -303,7 +328,11 @@ def _is_checkpoint_file(name: str) -> bool:
 
 def _other_files(folder: str, dest: str) -> list[str]:
     """Entries of `folder` that are not checkpoint files and that `dest` does not have."""
-    return [n for n in os.listdir(folder) if not _is_checkpoint_file(n) and not os.path.exists(os.path.join(dest, n))]
+    return [
+        n
+        for n in os.listdir(folder)
+        if not _is_checkpoint_file(n) and not os.path.exists(os.path.join(dest, n))
+    ]
 
 
 def _copy_other_files(source: str, dest: str) -> None:

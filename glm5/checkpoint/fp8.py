@@ -29,9 +29,19 @@ SCALE_SUFFIX = "_scale_inv"
 """`x.weight` -> `x.weight_scale_inv` (and, for fused experts in memory, `gate_up_proj` -> `gate_up_proj_scale_inv`)."""
 
 FP8_LEAVES = frozenset(
-    {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "wq_b", "wk",
-     "gate_proj", "up_proj", "down_proj"}
-)  # fmt: skip
+    {
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+        "wq_b",
+        "wk",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+)
 """Modules whose 2-D `.weight` is block-FP8 in GLM-5-FP8: MLA projections, indexer wq_b / wk, dense MLPs,
 shared experts and routed experts (MTP layer included). Everything else stays BF16: all norms, the routers
 `mlp.gate` (+ the fp32 `e_score_correction_bias`), indexer `weights_proj` and `k_norm`, `embed_tokens`,
@@ -106,11 +116,15 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = to
         raise ValueError(f"expected a {FP8_DTYPE} weight, got {q.dtype}")
     expected = scale_shape(q.shape)
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(q.shape)} weight needs {expected}")
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(q.shape)} weight needs {expected}"
+        )
     *lead, rows, cols = q.shape
     s = scale_inv.float()
     if rows % FP8_BLOCK == 0 and cols % FP8_BLOCK == 0:  # whole blocks: broadcast, no expanded scale tensor
-        blocks = q.float().view(*lead, s.shape[-2], FP8_BLOCK, s.shape[-1], FP8_BLOCK) * s[..., :, None, :, None]
+        blocks = (
+            q.float().view(*lead, s.shape[-2], FP8_BLOCK, s.shape[-1], FP8_BLOCK) * s[..., :, None, :, None]
+        )
         return blocks.view(q.shape).to(dtype)
     s = s.repeat_interleave(FP8_BLOCK, -2)[..., :rows, :].repeat_interleave(FP8_BLOCK, -1)[..., :cols]
     return (q.float() * s).to(dtype)
@@ -126,13 +140,20 @@ def modules_to_not_convert(cfg: GLM5Config) -> list[str]:
     num_mtp = cfg.num_nextn_predict_layers
     for layer in range(cfg.num_hidden_layers + num_mtp):
         p = f"model.layers.{layer}"
-        names |= {f"{p}.input_layernorm", f"{p}.post_attention_layernorm", f"{p}.self_attn.q_a_layernorm",
-                  f"{p}.self_attn.kv_a_layernorm"}  # fmt: skip
+        names |= {
+            f"{p}.input_layernorm",
+            f"{p}.post_attention_layernorm",
+            f"{p}.self_attn.q_a_layernorm",
+            f"{p}.self_attn.kv_a_layernorm",
+        }
         if cfg.is_moe_layer(layer):
             names |= {f"{p}.mlp.gate", f"{p}.mlp.gate.e_score_correction_bias"}
         if layer >= cfg.num_hidden_layers or types[layer] == "full":
-            names |= {f"{p}.{PUBLISHED_WEIGHTS_PROJ_ALIAS[0]}", f"{p}.self_attn.indexer.k_norm",
-                      f"{p}.self_attn.indexer.k_norm.bias"}  # fmt: skip
+            names |= {
+                f"{p}.{PUBLISHED_WEIGHTS_PROJ_ALIAS[0]}",
+                f"{p}.self_attn.indexer.k_norm",
+                f"{p}.self_attn.indexer.k_norm.bias",
+            }
         if layer >= cfg.num_hidden_layers:
             names |= {f"{p}.enorm", f"{p}.hnorm", f"{p}.eh_proj", f"{p}.shared_head.norm"}
     return sorted(names)
@@ -158,6 +179,8 @@ def parse_quantization_config(qc: Any, source: str = "config.json") -> list[str]
                 f"{source}: quantization_config.{key} is {qc[key]!r}; glm5 reads block FP8 with {key}={expected!r}"
             )
     if qc.get("quant_method") != "fp8":
-        raise ValueError(f"{source}: quantization_config.quant_method must be 'fp8', got {qc.get('quant_method')!r}")
+        raise ValueError(
+            f"{source}: quantization_config.quant_method must be 'fp8', got {qc.get('quant_method')!r}"
+        )
     alias, real = PUBLISHED_WEIGHTS_PROJ_ALIAS
     return [m.replace(alias, real) for m in qc.get("modules_to_not_convert") or []]

@@ -101,7 +101,9 @@ def from_hf_state_dict(
         if m:
             prefix, e, kind = m.group(1), int(m.group(2)), m.group(3) + (m.group(4) or "")
             if e >= cfg.n_routed_experts:
-                raise ValueError(f"{hf}: expert {e} out of range; the config has n_routed_experts={cfg.n_routed_experts}")
+                raise ValueError(
+                    f"{hf}: expert {e} out of range; the config has n_routed_experts={cfg.n_routed_experts}"
+                )
             experts.setdefault(prefix, {}).setdefault(e, {})[kind] = tensor
             continue
         if strict and not _looks_like_glm5_name(name):
@@ -117,13 +119,17 @@ def from_hf_state_dict(
                 for suffix in suffixes:
                     if kind + suffix not in per_expert.get(e, {}):
                         hf_name = internal_to_hf_name(f"{prefix}.{e}.{kind}.weight{suffix}", cfg)
-                        raise ValueError(f"missing tensor {hf_name!r}: every expert needs gate, up and down weights")
+                        raise ValueError(
+                            f"missing tensor {hf_name!r}: every expert needs gate, up and down weights"
+                        )
         for suffix in suffixes:
             experts_in_order = [per_expert[e] for e in range(cfg.n_routed_experts)]
             out[f"{prefix}.gate_up_proj{suffix}"] = torch.stack(
                 [torch.cat([p["gate_proj" + suffix], p["up_proj" + suffix]], 0) for p in experts_in_order]
             )
-            out[f"{prefix}.down_proj{suffix}"] = torch.stack([p["down_proj" + suffix] for p in experts_in_order])
+            out[f"{prefix}.down_proj{suffix}"] = torch.stack(
+                [p["down_proj" + suffix] for p in experts_in_order]
+            )
     return out
 
 

@@ -46,7 +46,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, cfg: GLM5Config) -> torch.dty
     value = cfg.torch_dtype if dtype is None else dtype
     resolved = getattr(torch, value, None) if isinstance(value, str) else value
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point or resolved.itemsize < 2:
-        raise ValueError(f"dtype {value!r} is not a float dtype to load weights in (use bfloat16, float16 or float32)")
+        raise ValueError(
+            f"dtype {value!r} is not a float dtype to load weights in (use bfloat16, float16 or float32)"
+        )
     return resolved
 
 
@@ -143,7 +145,9 @@ def _routers_to_fp32(model: nn.Module) -> None:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if f"{name}.weight".endswith(_ROUTER_WEIGHT) and isinstance(weight, nn.Parameter):
-            module.weight = nn.Parameter(torch.empty_like(weight, dtype=torch.float32), requires_grad=weight.requires_grad)
+            module.weight = nn.Parameter(
+                torch.empty_like(weight, dtype=torch.float32), requires_grad=weight.requires_grad
+            )
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,16 @@ class _Read:
     """Quantise (float source, e4m3 target) and write the scale to this target."""
 
 
-def _match(folder: CheckpointFolder, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: GLM5Config):
+def _match(
+    folder: CheckpointFolder, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], cfg: GLM5Config
+):
     """Check the checkpoint's names, shapes and dtypes against the model; return what to read, in file order."""
     tensors, used, reads = folder.tensors, set(), []
-    where = folder.index_path if os.path.exists(folder.index_path) else os.path.join(folder.path, "model.safetensors")
+    where = (
+        folder.index_path
+        if os.path.exists(folder.index_path)
+        else os.path.join(folder.path, "model.safetensors")
+    )
     num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     for info in tensors.values():  # layers the config lacks explain any other mismatch: report them first
         if (layer_index(info.name) or 0) >= num_layers and not is_shared_copy(info.name, cfg):
@@ -171,7 +181,9 @@ def _match(folder: CheckpointFolder, expected: dict[str, tuple[tuple[int, ...], 
             continue  # filled with its weight
         info = tensors.get(name)
         if info is None:
-            raise CheckpointError(f"{where}: tensor {name!r} is missing; the model built from config.json needs it")
+            raise CheckpointError(
+                f"{where}: tensor {name!r} is missing; the model built from config.json needs it"
+            )
         _check_shape(folder, info, shape)
         sname = fp8_format.scale_name(name)
         target_fp8 = target_dtype == fp8_format.FP8_DTYPE
@@ -181,12 +193,16 @@ def _match(folder: CheckpointFolder, expected: dict[str, tuple[tuple[int, ...], 
             reads += [_Read(name), _Read(sname)] if target_fp8 else [_Read(name, scale=sname)]
         elif info.dtype in _FLOAT_SOURCES:
             if sname in tensors:
-                raise CheckpointError(f"{_path(folder, tensors[sname])}: tensor {sname!r} scales {name!r}, "
-                                      f"which is {info.dtype}, not float8_e4m3fn")  # fmt: skip
+                raise CheckpointError(
+                    f"{_path(folder, tensors[sname])}: tensor {sname!r} scales {name!r}, "
+                    f"which is {info.dtype}, not float8_e4m3fn"
+                )
             reads.append(_Read(name, quantize_into=sname if target_fp8 else None))
         else:
-            raise CheckpointError(f"{_path(folder, info)}: tensor {name!r} has dtype {dtype_name(info.dtype)}; "
-                                  "expected a float dtype or float8_e4m3fn with a weight_scale_inv")  # fmt: skip
+            raise CheckpointError(
+                f"{_path(folder, info)}: tensor {name!r} has dtype {dtype_name(info.dtype)}; "
+                "expected a float dtype or float8_e4m3fn with a weight_scale_inv"
+            )
         used.add(name)
     for name, info in tensors.items():
         if name not in used and not is_shared_copy(name, cfg):
@@ -210,7 +226,9 @@ def _check_shape(folder: CheckpointFolder, info: TensorInfo, shape: tuple[int, .
 def _check_scale(folder: CheckpointFolder, info: TensorInfo, scale: TensorInfo | None) -> None:
     sname = fp8_format.scale_name(info.name)
     if scale is None:
-        raise CheckpointError(f"{_path(folder, info)}: tensor {info.name!r} is float8_e4m3fn but {sname!r} is missing")
+        raise CheckpointError(
+            f"{_path(folder, info)}: tensor {info.name!r} is float8_e4m3fn but {sname!r} is missing"
+        )
     expected = fp8_format.scale_shape(info.shape)
     if scale.dtype != torch.float32 or scale.shape != expected:
         raise CheckpointError(
@@ -223,13 +241,17 @@ def _unexpected(folder: CheckpointFolder, info: TensorInfo, cfg: GLM5Config) -> 
     layer = layer_index(info.name)
     num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if layer is not None and layer >= num_layers:
-        return (f"{_path(folder, info)}: tensor {info.name!r} belongs to layer {layer}, but config.json has "
-                f"{cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP; config.json does not match "
-                "the weights")  # fmt: skip
+        return (
+            f"{_path(folder, info)}: tensor {info.name!r} belongs to layer {layer}, but config.json has "
+            f"{cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP; config.json does not match "
+            "the weights"
+        )
     if not is_glm5_name(info.name, cfg):
         return f"{_path(folder, info)}: unknown tensor {info.name!r}; it is not a GLM-5 parameter"
-    return (f"{_path(folder, info)}: tensor {info.name!r} has no place in the model built from config.json "
-            "(e.g. an indexer on an IndexCache-shared layer, or a scale of a weight that is not quantised)")  # fmt: skip
+    return (
+        f"{_path(folder, info)}: tensor {info.name!r} has no place in the model built from config.json "
+        "(e.g. an indexer on an IndexCache-shared layer, or a scale of a weight that is not quantised)"
+    )
 
 
 def _stream(folder: CheckpointFolder, reads: list[_Read], targets: dict[str, torch.Tensor]) -> None:
@@ -250,7 +272,9 @@ def _reset_non_persistent_buffers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if module._non_persistent_buffers_set:
             if not hasattr(module, "reset_parameters"):
-                raise RuntimeError(f"{name or 'model'} has non-persistent buffers but no reset_parameters() to refill them")
+                raise RuntimeError(
+                    f"{name or 'model'} has non-persistent buffers but no reset_parameters() to refill them"
+                )
             module.reset_parameters()
 
 
@@ -284,13 +308,19 @@ def save_pretrained(
     return write_checkpoint(path, config, specs, max_shard_size)
 
 
-def _save_specs(name: str, t: torch.Tensor, scale: torch.Tensor | None, main: torch.dtype, fp8: bool) -> list[TensorSpec]:
+def _save_specs(
+    name: str, t: torch.Tensor, scale: torch.Tensor | None, main: torch.dtype, fp8: bool
+) -> list[TensorSpec]:
     shape = tuple(t.shape)
     if t.dtype == fp8_format.FP8_DTYPE:
         assert scale is not None, f"{name}: an FP8 weight without its scale"
         if fp8:
-            return [TensorSpec(name, shape, t.dtype, lambda: t.cpu()),
-                    TensorSpec(fp8_format.scale_name(name), tuple(scale.shape), torch.float32, lambda: scale.cpu())]  # fmt: skip
+            return [
+                TensorSpec(name, shape, t.dtype, lambda: t.cpu()),
+                TensorSpec(
+                    fp8_format.scale_name(name), tuple(scale.shape), torch.float32, lambda: scale.cpu()
+                ),
+            ]
         return [TensorSpec(name, shape, main, lambda: fp8_format.dequantize(t, scale, main).cpu())]
     if fp8 and fp8_format.is_quantized(name) and t.dim() == 2:
         pending: dict[str, torch.Tensor] = {}
@@ -299,8 +329,16 @@ def _save_specs(name: str, t: torch.Tensor, scale: torch.Tensor | None, main: to
             q, pending["scale"] = fp8_format.quantize(t.detach())
             return q.cpu()
 
-        return [TensorSpec(name, shape, fp8_format.FP8_DTYPE, quantized),
-                TensorSpec(fp8_format.scale_name(name), fp8_format.scale_shape(shape), torch.float32,
-                           lambda: pending.pop("scale").cpu())]  # fmt: skip
-    dtype = torch.float32 if name.endswith(_ROUTER_BIAS) else main if name.endswith(_ROUTER_WEIGHT) else t.dtype
+        return [
+            TensorSpec(name, shape, fp8_format.FP8_DTYPE, quantized),
+            TensorSpec(
+                fp8_format.scale_name(name),
+                fp8_format.scale_shape(shape),
+                torch.float32,
+                lambda: pending.pop("scale").cpu(),
+            ),
+        ]
+    dtype = (
+        torch.float32 if name.endswith(_ROUTER_BIAS) else main if name.endswith(_ROUTER_WEIGHT) else t.dtype
+    )
     return [TensorSpec(name, shape, dtype, lambda: t.detach().to("cpu", dtype))]

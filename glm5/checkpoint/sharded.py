@@ -71,8 +71,10 @@ def check_block_aligned(name: str, spec: ShardSlice, size: int) -> str | None:
     b = fp8_format.FP8_BLOCK
     if spec.start % b == 0 and (spec.stop % b == 0 or spec.stop >= size):
         return None
-    return (f"{name}: the slice [{spec.start}, {spec.stop}) of dim {spec.dim} (size {size}) does not start and end on "
-            f"{b}-element FP8 block boundaries, so its weight_scale_inv blocks cannot be split with it")  # fmt: skip
+    return (
+        f"{name}: the slice [{spec.start}, {spec.stop}) of dim {spec.dim} (size {size}) does not start and end on "
+        f"{b}-element FP8 block boundaries, so its weight_scale_inv blocks cannot be split with it"
+    )
 
 
 # --- byte-range reads -----------------------------------------------------------------------------
@@ -101,12 +103,17 @@ class RangeReader:
                 os.close(fd)
                 raise CheckpointError(f"{path}: cannot read the safetensors header ({e})") from None
             self._fds[info.file] = fd
-            self._offsets[info.file] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                                        for k, v in header.items() if k != "__metadata__"}  # fmt: skip
+            self._offsets[info.file] = {
+                k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
         begin, end = self._offsets[info.file].get(info.name, (0, -1))
         if end - begin != info.nbytes:
-            raise CheckpointError(f"{os.path.join(self.folder.path, info.file)}: tensor {info.name!r} has "
-                                  f"{end - begin} data bytes, its shape and dtype need {info.nbytes}")  # fmt: skip
+            raise CheckpointError(
+                f"{os.path.join(self.folder.path, info.file)}: tensor {info.name!r} has "
+                f"{end - begin} data bytes, its shape and dtype need {info.nbytes}"
+            )
         return self._fds[info.file], begin
 
     def _pread(self, fd: int, out: torch.Tensor, offset: int, info: TensorInfo) -> None:
@@ -115,11 +122,15 @@ class RangeReader:
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(f"{os.path.join(self.folder.path, info.file)}: tensor {info.name!r} is "
-                                      "truncated; the file is shorter than its header says")  # fmt: skip
+                raise CheckpointError(
+                    f"{os.path.join(self.folder.path, info.file)}: tensor {info.name!r} is "
+                    "truncated; the file is shorter than its header says"
+                )
             done += n
 
-    def read(self, name: str, spec: ShardSlice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, spec: ShardSlice | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tensor `name`, or its slice `spec` (clipped to the tensor), in the file's dtype, on the CPU.
 
         `out` (contiguous, CPU, the file's dtype and the slice's shape) receives the bytes directly."""
@@ -127,7 +138,9 @@ class RangeReader:
         if info is None:
             raise CheckpointError(f"{self.folder.path}: no tensor {name!r} in the checkpoint")
         shape = list(info.shape)
-        dim, start, stop = (0, 0, shape[0] if shape else 1) if spec is None else (spec.dim, spec.start, spec.stop)
+        dim, start, stop = (
+            (0, 0, shape[0] if shape else 1) if spec is None else (spec.dim, spec.start, spec.stop)
+        )
         if shape:
             stop = max(start, min(stop, shape[dim]))  # a rank of vocabulary padding only reads nothing
         local = shape.copy()
@@ -135,7 +148,11 @@ class RangeReader:
             local[dim] = stop - start
         if out is None:
             out = torch.empty(local, dtype=info.dtype)
-        assert out.is_contiguous() and out.dtype == info.dtype and list(out.shape) == local, (name, out.shape, local)
+        assert out.is_contiguous() and out.dtype == info.dtype and list(out.shape) == local, (
+            name,
+            out.shape,
+            local,
+        )
         if out.numel() == 0:
             return out
         fd, base = self._file(info)
@@ -221,7 +238,9 @@ def load_pretrained_sharded(
     folder, cfg = open_checkpoint(path, fp8, prepare)
     if check is not None:
         check(cfg)
-    model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)  # validated against the global model
+    model, reads = build_and_match(
+        folder, cfg, build, dtype, fp8, prepare
+    )  # validated against the global model
 
     slices = shard(model)
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
@@ -252,17 +271,23 @@ def _read_one(folder: CheckpointFolder, reader: RangeReader, r: _Read, targets) 
     if spec is not None and target.dtype == fp8_format.FP8_DTYPE:  # kept e4m3: whole blocks only
         problem = check_block_aligned(r.name, spec, info.shape[spec.dim])
         if problem:
-            raise CheckpointError(f"{os.path.join(folder.path, info.file)}: {problem}; load with fp8='dequantize'")
+            raise CheckpointError(
+                f"{os.path.join(folder.path, info.file)}: {problem}; load with fp8='dequantize'"
+            )
     if r.scale is not None:  # e4m3 -> float: dequantise the covering blocks, then cut the slice out
         cover = None
         if spec is not None:
             b, size = fp8_format.FP8_BLOCK, info.shape[spec.dim]
-            cover = ShardSlice(spec.dim, spec.start // b * b, min(size, math.ceil(min(spec.stop, size) / b) * b))
+            cover = ShardSlice(
+                spec.dim, spec.start // b * b, min(size, math.ceil(min(spec.stop, size) / b) * b)
+            )
         q = reader.read(r.name, cover)
         s = reader.read(r.scale, None if spec is None else spec.blocks(info.shape[spec.dim]))
         tensor = fp8_format.dequantize(q, s, target.dtype)
         if spec is not None:
-            tensor = tensor.narrow(spec.dim, spec.start - cover.start, min(spec.stop, info.shape[spec.dim]) - spec.start)
+            tensor = tensor.narrow(
+                spec.dim, spec.start - cover.start, min(spec.stop, info.shape[spec.dim]) - spec.start
+            )
         _copy(target, tensor, spec)
         return
     if r.quantize_into is not None:  # float -> e4m3 (block-aligned slice: same blocks as the whole tensor)

@@ -30,36 +30,64 @@ def _layer_weights(cfg: GLM5Config, layer: int) -> list[tuple[str, tuple[int, ..
     a = f"{p}.self_attn"
     out += [(f"{a}.q_a_proj.weight", (cfg.q_lora_rank, D))]
     out += [(f"{a}.q_a_proj.bias", (cfg.q_lora_rank,))] if cfg.attention_bias else []
-    out += [(f"{a}.q_a_layernorm.weight", (cfg.q_lora_rank,)),
-            (f"{a}.q_b_proj.weight", (H * cfg.qk_head_dim, cfg.q_lora_rank)),
-            (f"{a}.kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D))]  # fmt: skip
-    out += [(f"{a}.kv_a_proj_with_mqa.bias", (cfg.kv_lora_rank + cfg.qk_rope_head_dim,))] if cfg.attention_bias else []
-    out += [(f"{a}.kv_a_layernorm.weight", (cfg.kv_lora_rank,)),
-            (f"{a}.kv_b_proj.weight", (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)),
-            (f"{a}.o_proj.weight", (D, H * cfg.v_head_dim))]  # fmt: skip
+    out += [
+        (f"{a}.q_a_layernorm.weight", (cfg.q_lora_rank,)),
+        (f"{a}.q_b_proj.weight", (H * cfg.qk_head_dim, cfg.q_lora_rank)),
+        (f"{a}.kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)),
+    ]
+    out += (
+        [(f"{a}.kv_a_proj_with_mqa.bias", (cfg.kv_lora_rank + cfg.qk_rope_head_dim,))]
+        if cfg.attention_bias
+        else []
+    )
+    out += [
+        (f"{a}.kv_a_layernorm.weight", (cfg.kv_lora_rank,)),
+        (f"{a}.kv_b_proj.weight", (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)),
+        (f"{a}.o_proj.weight", (D, H * cfg.v_head_dim)),
+    ]
     out += [(f"{a}.o_proj.bias", (D,))] if cfg.attention_bias else []
     if is_mtp or cfg.indexer_types[layer] == "full":
         i, Hi, Di = f"{a}.indexer", cfg.index_n_heads, cfg.index_head_dim
-        out += [(f"{i}.wq_b.weight", (Hi * Di, cfg.q_lora_rank)), (f"{i}.wk.weight", (Di, D)),
-                (f"{i}.k_norm.weight", (Di,)), (f"{i}.k_norm.bias", (Di,)), (f"{i}.weights_proj.weight", (Hi, D))]  # fmt: skip
+        out += [
+            (f"{i}.wq_b.weight", (Hi * Di, cfg.q_lora_rank)),
+            (f"{i}.wk.weight", (Di, D)),
+            (f"{i}.k_norm.weight", (Di,)),
+            (f"{i}.k_norm.bias", (Di,)),
+            (f"{i}.weights_proj.weight", (Hi, D)),
+        ]
     out += [(f"{p}.post_attention_layernorm.weight", (D,))]
     if cfg.is_moe_layer(layer):
         E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
         out += [(f"{p}.mlp.gate.weight", (E, D)), (f"{p}.mlp.gate.e_score_correction_bias", (E,))]
         for e in range(E):
             x = f"{p}.mlp.experts.{e}"
-            out += [(f"{x}.gate_proj.weight", (F, D)), (f"{x}.up_proj.weight", (F, D)), (f"{x}.down_proj.weight", (D, F))]
+            out += [
+                (f"{x}.gate_proj.weight", (F, D)),
+                (f"{x}.up_proj.weight", (F, D)),
+                (f"{x}.down_proj.weight", (D, F)),
+            ]
         if cfg.n_shared_experts:
             S = F * cfg.n_shared_experts
             x = f"{p}.mlp.shared_experts"
-            out += [(f"{x}.gate_proj.weight", (S, D)), (f"{x}.up_proj.weight", (S, D)), (f"{x}.down_proj.weight", (D, S))]
+            out += [
+                (f"{x}.gate_proj.weight", (S, D)),
+                (f"{x}.up_proj.weight", (S, D)),
+                (f"{x}.down_proj.weight", (D, S)),
+            ]
     else:
         I = cfg.intermediate_size  # noqa: E741
-        out += [(f"{p}.mlp.gate_proj.weight", (I, D)), (f"{p}.mlp.up_proj.weight", (I, D)),
-                (f"{p}.mlp.down_proj.weight", (D, I))]  # fmt: skip
+        out += [
+            (f"{p}.mlp.gate_proj.weight", (I, D)),
+            (f"{p}.mlp.up_proj.weight", (I, D)),
+            (f"{p}.mlp.down_proj.weight", (D, I)),
+        ]
     if is_mtp:
-        out += [(f"{p}.enorm.weight", (D,)), (f"{p}.hnorm.weight", (D,)), (f"{p}.eh_proj.weight", (D, 2 * D)),
-                (f"{p}.shared_head.norm.weight", (D,))]  # fmt: skip
+        out += [
+            (f"{p}.enorm.weight", (D,)),
+            (f"{p}.hnorm.weight", (D,)),
+            (f"{p}.eh_proj.weight", (D, 2 * D)),
+            (f"{p}.shared_head.norm.weight", (D,)),
+        ]
     return out
 
 

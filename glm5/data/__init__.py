@@ -14,7 +14,20 @@ from glm5.data.tasks import (
 from glm5.data.tokens import TokenFile
 
 __all__ = [
-    "ABSTENTION", "IGNORE", "TASK_GENERATORS", "Batch", "BatchOrder", "DataSpec", "PackedSequences", "Task",
-    "TokenFile", "build_dataset", "calculator", "check_answer", "corpus_files", "corpus_texts", "generate_tasks",
+    "ABSTENTION",
+    "IGNORE",
+    "TASK_GENERATORS",
+    "Batch",
+    "BatchOrder",
+    "DataSpec",
+    "PackedSequences",
+    "Task",
+    "TokenFile",
+    "build_dataset",
+    "calculator",
+    "check_answer",
+    "corpus_files",
+    "corpus_texts",
+    "generate_tasks",
     "is_abstention",
-]  # fmt: skip
+]

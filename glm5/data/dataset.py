@@ -3,7 +3,8 @@ validation token files (deterministic document-level split), reused while the re
 
 Default corpus: the CPython standard library `.py` sources of the running interpreter (PSF licence; no test
 folders, no site-packages; 734 files, 12.1 MB for CPython 3.11; with the default chat tasks about 4M tokens
-at an 8K vocabulary), on every machine with Python and never downloaded. Chat tasks (glm5.data.tasks) are rendered with the GLM-5 chat template; their loss mask
+at an 8K vocabulary), on every machine with Python and never downloaded. Chat tasks (glm5.data.tasks) are
+rendered with the GLM-5 chat template; their loss mask
 keeps only what the assistant generates.
 """
 
@@ -35,7 +36,12 @@ class DataSpec:
     max_corpus_bytes: int | None = None
     """Use only the first files (after a seeded shuffle) up to this many bytes; None = all."""
     chat_tasks: dict[str, int] = field(
-        default_factory=lambda: {"arithmetic": 3000, "word_problem": 1500, "calculator": 1500, "unanswerable": 1500}
+        default_factory=lambda: {
+            "arithmetic": 3000,
+            "word_problem": 1500,
+            "calculator": 1500,
+            "unanswerable": 1500,
+        }
     )
     """Synthetic chat tasks per kind (glm5.data.tasks.TASK_GENERATORS)."""
     val_fraction: float = 0.02
@@ -85,7 +91,9 @@ def _documents(tok: GLM5Tokenizer, spec: DataSpec) -> tuple[list, list]:
     files = corpus_files(spec)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     docs = []
-    for path, ids in zip(files, tok.encode_batch(texts, allow_special=False)):  # a '<|user|>' in a file is text
+    for path, ids in zip(
+        files, tok.encode_batch(texts, allow_special=False)
+    ):  # a '<|user|>' in a file is text
         ids = np.asarray(ids + [eos], dtype=np.int64)
         key = "/".join(Path(path).parts[-3:])  # machine-independent: the split must not depend on the prefix
         docs.append((f"file:{key}:{len(ids)}", ids, np.ones(len(ids), dtype=np.uint8)))
@@ -93,7 +101,9 @@ def _documents(tok: GLM5Tokenizer, spec: DataSpec) -> tuple[list, list]:
     tasks: list[Task] = generate_tasks(spec.chat_tasks, spec.seed)
     for i, task in enumerate(tasks):
         ids, mask = tok.apply_chat_template(task.messages, task.tools, add_generation_prompt=False)
-        docs.append((f"chat:{task.kind}:{i}", np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
+        docs.append(
+            (f"chat:{task.kind}:{i}", np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
+        )
     train = [d for d in docs if not _is_val(d[0], spec)]
     val = [d for d in docs if _is_val(d[0], spec)]
     rng = np.random.default_rng(spec.seed)  # interleave code and chat documents
@@ -119,8 +129,10 @@ def build_dataset(folder: str | Path, tok: GLM5Tokenizer, spec: DataSpec) -> tup
         pass
     train_docs, val_docs = _documents(tok, spec)
     if not train_docs or not val_docs:
-        raise ValueError(f"the data split is empty ({len(train_docs)} train / {len(val_docs)} validation documents); "
-                         "add corpus files or chat tasks, or change val_fraction")  # fmt: skip
+        raise ValueError(
+            f"the data split is empty ({len(train_docs)} train / {len(val_docs)} validation documents); "
+            "add corpus files or chat tasks, or change val_fraction"
+        )
     info = {"fingerprint": fingerprint, "spec": asdict(spec)}
     val = TokenFile.write(folder, "val", ((ids, m) for _, ids, m in val_docs), tok.vocab_size, info)
     train = TokenFile.write(folder, "train", ((ids, m) for _, ids, m in train_docs), tok.vocab_size, info)

@@ -35,7 +35,9 @@ class Batch:
     def split(self, parts: int) -> list[Batch]:
         """Equal slices along the batch dimension (micro-batches, or one slice per data-parallel rank)."""
         if self.input_ids.shape[0] % parts:
-            raise ValueError(f"batch of {self.input_ids.shape[0]} sequences cannot be split into {parts} equal parts")
+            raise ValueError(
+                f"batch of {self.input_ids.shape[0]} sequences cannot be split into {parts} equal parts"
+            )
         return [Batch(i, t) for i, t in zip(self.input_ids.chunk(parts), self.targets.chunk(parts))]
 
     @property
@@ -52,8 +54,10 @@ class PackedSequences:
         self.tokens, self.seq_len = tokens, seq_len
         self.num_windows = max(0, (len(tokens) - 1) // seq_len)
         if self.num_windows == 0:
-            raise ValueError(f"the {tokens.split} split has {len(tokens)} tokens: too few for one window of "
-                             f"{seq_len + 1}; lower seq_len or add data")  # fmt: skip
+            raise ValueError(
+                f"the {tokens.split} split has {len(tokens)} tokens: too few for one window of "
+                f"{seq_len + 1}; lower seq_len or add data"
+            )
 
     def __len__(self) -> int:
         return self.num_windows

@@ -78,7 +78,11 @@ def format_number(value: Fraction) -> str:
 def _evaluate(node: ast.AST, steps: list[str] | None) -> Fraction:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, steps)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, (int, float))
+        and not isinstance(node.value, bool)
+    ):
         return Fraction(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = _evaluate(node.operand, steps)
@@ -123,7 +127,9 @@ def _reasoning_gym(name: str, count: int, seed: int, **kwargs: Any) -> list[dict
     try:
         import reasoning_gym
     except ImportError as exc:  # a dependency of glm5; only a broken install gets here
-        raise ValueError("the synthetic tasks need the `reasoning-gym` package: pip install reasoning-gym") from exc
+        raise ValueError(
+            "the synthetic tasks need the `reasoning-gym` package: pip install reasoning-gym"
+        ) from exc
     return list(reasoning_gym.create_dataset(name, size=count, seed=seed, **kwargs))
 
 
@@ -147,8 +153,18 @@ def easy_arithmetic_tasks(count: int, seed: int) -> list[Task]:
     """One addition or subtraction of single digits (reasoning-gym `basic_arithmetic`, no parentheses or
     negation): a model of a few million parameters gets some right after minutes of training, so RL has a signal."""
     tasks = []
-    items = _reasoning_gym("basic_arithmetic", count, seed, min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                           operators=("+", "-"), allow_parentheses=False, allow_negation=False)  # fmt: skip
+    items = _reasoning_gym(
+        "basic_arithmetic",
+        count,
+        seed,
+        min_terms=2,
+        max_terms=2,
+        min_digits=1,
+        max_digits=1,
+        operators=("+", "-"),
+        allow_parentheses=False,
+        allow_negation=False,
+    )
     for item in items:
         expression = item["metadata"]["expression"]
         value = format_number(evaluate_expression(expression))
@@ -176,8 +192,16 @@ def word_problem_tasks(count: int, seed: int) -> list[Task]:
 def _random_expression(rng: random.Random) -> str:
     """Numbers too large to multiply in one's head: what a calculator is for."""
     a, b, c = rng.randint(100, 99_999), rng.randint(12, 9_999), rng.randint(2, 999)
-    return rng.choice([f"{a} * {b}", f"{a} * {b} + {c}", f"({a} - {c}) * {b}", f"{a} * {b} - {c} * {c}",
-                       f"{a * b} / {b}", f"{a} + {b} * {c}"])  # fmt: skip
+    return rng.choice(
+        [
+            f"{a} * {b}",
+            f"{a} * {b} + {c}",
+            f"({a} - {c}) * {b}",
+            f"{a} * {b} - {c} * {c}",
+            f"{a * b} / {b}",
+            f"{a} + {b} * {c}",
+        ]
+    )
 
 
 _CALC_QUESTIONS = ("What is {e}?", "Compute {e}.", "Please calculate {e} exactly.", "How much is {e}?")
@@ -190,26 +214,63 @@ def calculator_tasks(count: int, seed: int) -> list[Task]:
     for _ in range(count):
         expression = _random_expression(rng)
         result = calculator(expression)
-        call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+        call = {
+            "type": "function",
+            "function": {"name": "calculator", "arguments": {"expression": expression}},
+        }
         messages = [
             {"role": "user", "content": rng.choice(_CALC_QUESTIONS).format(e=expression)},
-            {"role": "assistant", "reasoning_content": "These numbers are large; I will use the calculator.",
-             "content": "", "tool_calls": [call]},
+            {
+                "role": "assistant",
+                "reasoning_content": "These numbers are large; I will use the calculator.",
+                "content": "",
+                "tool_calls": [call],
+            },
             {"role": "tool", "content": result},
-            {"role": "assistant", "reasoning_content": f"The calculator returned {result}.",
-             "content": f"{expression} = {result}"},
-        ]  # fmt: skip
-        tasks.append(Task("calculator", messages, result, tools=[CALCULATOR_TOOL], meta={"expression": expression}))
+            {
+                "role": "assistant",
+                "reasoning_content": f"The calculator returned {result}.",
+                "content": f"{expression} = {result}",
+            },
+        ]
+        tasks.append(
+            Task("calculator", messages, result, tools=[CALCULATOR_TOOL], meta={"expression": expression})
+        )
     return tasks
 
 
-_SYLLABLES = ("ka", "lo", "mi", "ren", "tu", "sha", "vor", "bel", "dri", "qua", "zen", "po", "lin", "mar", "tesh")
+_SYLLABLES = (
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tu",
+    "sha",
+    "vor",
+    "bel",
+    "dri",
+    "qua",
+    "zen",
+    "po",
+    "lin",
+    "mar",
+    "tesh",
+)
 _FIRST_NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivan", "Jonas", "Keiko")
 _UNANSWERABLE = (
-    ("What is the capital of {country}?", "{country} is not a country I know of, so it has no capital I can name."),
-    ("Who won the {year} World Cup?", "The {year} World Cup has not taken place, so nobody can know the winner."),
+    (
+        "What is the capital of {country}?",
+        "{country} is not a country I know of, so it has no capital I can name.",
+    ),
+    (
+        "Who won the {year} World Cup?",
+        "The {year} World Cup has not taken place, so nobody can know the winner.",
+    ),
     ("What did {name} eat for breakfast on {date}?", "Nothing I know tells me what {name} ate on {date}."),
-    ("What number between 1 and {n} am I thinking of?", "The number is only in the user's head; it cannot be inferred."),
+    (
+        "What number between 1 and {n} am I thinking of?",
+        "The number is only in the user's head; it cannot be inferred.",
+    ),
     ("What is {name}'s phone number?", "I have no record of a phone number for {name}."),
     ("How many people live in {city}?", "{city} is not a place I have any information about."),
     ("Who wrote the novel '{title}'?", "I know of no novel called '{title}', so I cannot name its author."),

@@ -31,8 +31,16 @@ class TokenFile:
         self.meta = json.loads(meta_path.read_text())
         n = self.meta["num_tokens"]
         dtype = np.dtype(self.meta["dtype"])
-        self.ids = np.memmap(self.folder / f"{split}.ids", dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-        self.mask = np.memmap(self.folder / f"{split}.mask", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        self.ids = (
+            np.memmap(self.folder / f"{split}.ids", dtype=dtype, mode="r", shape=(n,))
+            if n
+            else np.zeros(0, dtype)
+        )
+        self.mask = (
+            np.memmap(self.folder / f"{split}.mask", dtype=np.uint8, mode="r", shape=(n,))
+            if n
+            else np.zeros(0, np.uint8)
+        )
 
     def __len__(self) -> int:
         return int(self.meta["num_tokens"])
@@ -58,12 +66,19 @@ class TokenFile:
         with open(tmp["ids"], "wb") as f_ids, open(tmp["mask"], "wb") as f_mask:
             for ids, mask in documents:
                 if len(ids) != len(mask):
-                    raise ValueError(f"document {len(offsets) - 1}: {len(ids)} ids but {len(mask)} mask values")
+                    raise ValueError(
+                        f"document {len(offsets) - 1}: {len(ids)} ids but {len(mask)} mask values"
+                    )
                 f_ids.write(np.asarray(ids, dtype=dtype).tobytes())
                 f_mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
                 offsets.append(offsets[-1] + len(ids))
-        meta = {"dtype": dtype.name, "num_tokens": offsets[-1], "vocab_size": vocab_size, "doc_offsets": offsets,
-                **(info or {})}  # fmt: skip
+        meta = {
+            "dtype": dtype.name,
+            "num_tokens": offsets[-1],
+            "vocab_size": vocab_size,
+            "doc_offsets": offsets,
+            **(info or {}),
+        }
         tmp["json"].write_text(json.dumps(meta))
         for ext in ("ids", "mask", "json"):  # the .json last: its presence means the split is complete
             os.replace(tmp[ext], folder / f"{split}.{ext}")
@@ -73,4 +88,6 @@ class TokenFile:
         """How often each id occurs as a training target (mask 1), for the unigram baseline."""
         if not len(self):
             return np.zeros(vocab_size, dtype=np.int64)
-        return np.bincount(np.asarray(self.ids)[np.asarray(self.mask) == 1], minlength=vocab_size)[:vocab_size]
+        return np.bincount(np.asarray(self.ids)[np.asarray(self.mask) == 1], minlength=vocab_size)[
+            :vocab_size
+        ]

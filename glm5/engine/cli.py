@@ -34,7 +34,9 @@ def _token_ids(value: str) -> list[int]:
     try:
         ids = [int(t) for t in value.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,3, got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated integers such as 1,2,3, got {value!r}"
+        ) from None
     if not ids or min(ids) < 0:
         raise argparse.ArgumentTypeError(f"must be one or more token ids >= 0, got {value!r}")
     return ids
@@ -58,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", type=text, help="prompt text (raw, no chat template)")
-    source.add_argument("--prompt-ids", metavar="IDS", type=_token_ids, help="comma-separated token ids, e.g. 1,2,3")
+    source.add_argument(
+        "--prompt-ids", metavar="IDS", type=_token_ids, help="comma-separated token ids, e.g. 1,2,3"
+    )
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap --prompt as one user turn of the GLM chat format"
     )
@@ -77,16 +81,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_args(chat)
     _add_sampling_args(chat, max_tokens=1024, temperature=0.7)
     chat.add_argument("--system", metavar="TEXT", type=text, help="system message")
-    chat.add_argument("--tools", metavar="FILE", type=existing_file, help="JSON file with an OpenAI tools list")
+    chat.add_argument(
+        "--tools", metavar="FILE", type=existing_file, help="JSON file with an OpenAI tools list"
+    )
     chat.add_argument("--no-thinking", action="store_true", help="start with thinking off")
     chat.set_defaults(func=run_chat)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)")
+    source.add_argument(
+        "--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)"
+    )
     source.add_argument("--preset", metavar="NAME", help="randomly initialised preset (smoke tests)")
-    p.add_argument("--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument(
+        "--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)"
+    )
     p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
     p.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)"
@@ -94,19 +104,40 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
     )
-    p.add_argument("--speculative-tokens", type=int_range(0, 3, name="draft_tokens"), default=0, metavar="K",
-                   help="MTP draft tokens per step, 1-3 (default 0: off)")  # fmt: skip
-    p.add_argument("--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset")
+    p.add_argument(
+        "--speculative-tokens",
+        type=int_range(0, 3, name="draft_tokens"),
+        default=0,
+        metavar="K",
+        help="MTP draft tokens per step, 1-3 (default 0: off)",
+    )
+    p.add_argument(
+        "--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset"
+    )
     add_parallel_args(p)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     """--tensor-parallel-size/-tp and --expert-parallel-size/-ep (shared with `glm5 serve`)."""
-    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="T", dest="tensor_parallel_size",
-                   help="shard attention, dense MLPs and the vocabulary over T processes (default 1; a checkpoint "
-                   "folder is needed; under torchrun WORLD_SIZE must equal T x E)")  # fmt: skip
-    p.add_argument("--expert-parallel-size", "-ep", type=positive_int, default=1, metavar="E", dest="expert_parallel_size",
-                   help="T x E processes in all; the routed experts are divided over all of them (default 1)")  # fmt: skip
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=1,
+        metavar="T",
+        dest="tensor_parallel_size",
+        help="shard attention, dense MLPs and the vocabulary over T processes (default 1; a checkpoint "
+        "folder is needed; under torchrun WORLD_SIZE must equal T x E)",
+    )
+    p.add_argument(
+        "--expert-parallel-size",
+        "-ep",
+        type=positive_int,
+        default=1,
+        metavar="E",
+        dest="expert_parallel_size",
+        help="T x E processes in all; the routed experts are divided over all of them (default 1)",
+    )
 
 
 def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
@@ -116,8 +147,10 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
     if tp * ep == 1:
         return {}
     if getattr(args, "model", None) is None:
-        raise ValueError(f"--tensor-parallel-size {tp} --expert-parallel-size {ep} needs --model PATH: every rank "
-                         "loads its own slices of a checkpoint folder (a --preset has none)")  # fmt: skip
+        raise ValueError(
+            f"--tensor-parallel-size {tp} --expert-parallel-size {ep} needs --model PATH: every rank "
+            "loads its own slices of a checkpoint folder (a --preset has none)"
+        )
     from glm5.config import GLM5Config
     from glm5.engine.sharding import LayoutError, ShardLayout, check_layout
 
@@ -125,20 +158,38 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
     try:
         check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=getattr(args, "fp8", None) == "keep")
     except LayoutError as e:
-        raise ValueError(f"--tensor-parallel-size {tp} --expert-parallel-size {ep} cannot shard {args.model}: {e}") from None
+        raise ValueError(
+            f"--tensor-parallel-size {tp} --expert-parallel-size {ep} cannot shard {args.model}: {e}"
+        ) from None
     return {"tensor_parallel_size": tp, "expert_parallel_size": ep}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=max_tokens, help=f"default {max_tokens}")
-    p.add_argument("--temperature", type=nonnegative_float, default=temperature,
-                   help=f"0 = greedy (default {temperature})")  # fmt: skip
-    p.add_argument("--top-p", type=float_range(0.0, 1.0, low_open=True, name="top_p"), default=1.0,
-                   help="nucleus sampling, in (0, 1] (default 1: off)")  # fmt: skip
-    p.add_argument("--top-k", type=int_range(-1, name="top_k"), default=0, help="keep the k likeliest (default 0: off)")
-    p.add_argument("--min-p", type=float_range(0.0, 1.0, name="min_p"), default=0.0, help="in [0, 1] (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float_range(0.0, low_open=True, name="penalty"), default=1.0,
-                   help="> 0 (default 1: off)")  # fmt: skip
+    p.add_argument(
+        "--temperature",
+        type=nonnegative_float,
+        default=temperature,
+        help=f"0 = greedy (default {temperature})",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float_range(0.0, 1.0, low_open=True, name="top_p"),
+        default=1.0,
+        help="nucleus sampling, in (0, 1] (default 1: off)",
+    )
+    p.add_argument(
+        "--top-k", type=int_range(-1, name="top_k"), default=0, help="keep the k likeliest (default 0: off)"
+    )
+    p.add_argument(
+        "--min-p", type=float_range(0.0, 1.0, name="min_p"), default=0.0, help="in [0, 1] (default 0: off)"
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float_range(0.0, low_open=True, name="penalty"),
+        default=1.0,
+        help="> 0 (default 1: off)",
+    )
     p.add_argument("--seed", type=int_range(0, name="seed"), default=None, help="sampling seed")
 
 
@@ -202,7 +253,9 @@ def stream(engine: Any, prompt: str | list[int], params: Any, on_delta: Callable
 
 def run_generate(args: argparse.Namespace) -> int:
     """`glm5 generate`: stream a completion to stdout."""
-    params = _sampling(args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False)  # before loading
+    params = _sampling(
+        args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False
+    )  # before loading
     llm = build_llm(args)
     tok = llm.tokenizer
     if args.prompt_ids is not None:

@@ -66,15 +66,22 @@ class LLMEngine:
     `add_request`, `abort_request`, `pause`, `resume`, `update_weights`; `step` runs on one thread at a time."""
 
     def __init__(
-        self, model: Any, tokenizer: Any = None, config: EngineConfig | None = None, executor: Executor | None = None
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        executor: Executor | None = None,
     ) -> None:
         """executor: where the model runs (default: `make_executor`, one runner in this process); a
         `glm5.engine.multiproc.MultiProcExecutor` for a model sharded over processes (model: rank 0's shard)."""
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         if cfg.force_token is not None and cfg.num_speculative_tokens:
-            warnings.warn("EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
-                          "since drafts are verified where the hook cannot apply", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                "EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
+                "since drafts are verified where the hook cannot apply",
+                stacklevel=2,
+            )
             self.config = cfg = dataclasses.replace(cfg, num_speculative_tokens=0)
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -91,9 +98,14 @@ class LLMEngine:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {cfg.block_size}) is too small; give more memory"
             )
-        self.scheduler = Scheduler(cfg, num_blocks, self.max_model_len, bytes_per_block=self.executor.bytes_per_block,
-                                   mtp_bytes_per_block=self.executor.mtp_bytes_per_block,
-                                   on_finish=self._finish)  # fmt: skip
+        self.scheduler = Scheduler(
+            cfg,
+            num_blocks,
+            self.max_model_len,
+            bytes_per_block=self.executor.bytes_per_block,
+            mtp_bytes_per_block=self.executor.mtp_bytes_per_block,
+            on_finish=self._finish,
+        )
         self.eos_ids = list(tokenizer.eos_token_ids if tokenizer is not None else mcfg.eos_token_id or [])
         self.weight_version = 0
         self.requests: dict[str, Request] = {}

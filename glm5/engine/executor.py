@@ -78,7 +78,6 @@ class UniProcExecutor(Executor):
         self._runner.update_weights(state_dict, hf_names)
 
 
-
 def make_executor(model: Any, config: EngineConfig) -> Executor:
     """The executor for an in-memory model: `UniProcExecutor`. (A sharded model's `MultiProcExecutor`,
     glm5/engine/multiproc.py, is built from a checkpoint folder by `LLM(path, tensor_parallel_size=...)` and

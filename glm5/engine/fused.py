@@ -119,8 +119,12 @@ class FusedDecoder:
             raise RuntimeError(f"the native decode kernel is unavailable: {native.load_error()}")
         cfg = model.config
         self.cfg = cfg
-        self.H, self.nope, self.R, self.v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                            cfg.v_head_dim)  # fmt: skip
+        self.H, self.nope, self.R, self.v = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
         self.rank, self.Hi, self.Di = cfg.kv_lora_rank, cfg.index_n_heads, cfg.index_head_dim
         self.layers: list[_Layer] = []
         self.mtp_layers: list[_Layer] = []
@@ -224,8 +228,13 @@ class FusedDecoder:
             q_rows += [idx.wq_b.weight]
         b_in = None
         if attn.q_a_proj.bias is not None:
-            b_in = torch.cat([attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias,
-                              *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)])])  # fmt: skip
+            b_in = torch.cat(
+                [
+                    attn.q_a_proj.bias,
+                    attn.kv_a_proj_with_mqa.bias,
+                    *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)]),
+                ]
+            )
         w_uk, w_uv = attn._kv_b()
         mlp = layer.mlp
         if isinstance(mlp, MoE):
@@ -252,7 +261,7 @@ class FusedDecoder:
             post_norm_w=norm_post.weight,
             moe=moe,
             down=down,
-        )  # fmt: skip
+        )
 
     def _native_args(self, L: _Layer) -> native.LayerArgs:
         """The C kernel's arguments for one layer: sizes, flags and weight pointers (per-step fields set later)."""
@@ -266,17 +275,40 @@ class FusedDecoder:
             return t.data_ptr()
 
         a = native.LayerArgs(
-            D=cfg.hidden_size, q_lora=L.w_q.shape[1], rank=self.rank, R=self.R, H=self.H, nope=self.nope, v=self.v,
-            Hi=self.Hi, Di=self.Di, topk=attn.topk, n_in=L.w_in.shape[0], n_q=L.w_q.shape[0],
-            has_indexer=idx is not None, rope_interleave=cfg.rope_interleave,
-            idx_rope_interleave=cfg.indexer_rope_interleave, in_eps=L.in_eps, q_eps=L.q_eps,
-            kv_eps=attn.kv_a_layernorm.eps, ffn_eps=L.ffn_eps, softmax_scale=attn.scale,
-            w_in=ptr(L.w_in), b_in=ptr(L.b_in), w_q=ptr(L.w_q), kv_norm_w=ptr(attn.kv_a_layernorm.weight),
-            w_uk=ptr(L.w_uk), w_uv_t=ptr(L.w_uv_t), o_w=ptr(attn.o_proj.weight), o_b=ptr(attn.o_proj.bias),
-            ffn_in=ptr(L.ffn_in), post_norm_w=ptr(L.post_norm_w),
+            D=cfg.hidden_size,
+            q_lora=L.w_q.shape[1],
+            rank=self.rank,
+            R=self.R,
+            H=self.H,
+            nope=self.nope,
+            v=self.v,
+            Hi=self.Hi,
+            Di=self.Di,
+            topk=attn.topk,
+            n_in=L.w_in.shape[0],
+            n_q=L.w_q.shape[0],
+            has_indexer=idx is not None,
+            rope_interleave=cfg.rope_interleave,
+            idx_rope_interleave=cfg.indexer_rope_interleave,
+            in_eps=L.in_eps,
+            q_eps=L.q_eps,
+            kv_eps=attn.kv_a_layernorm.eps,
+            ffn_eps=L.ffn_eps,
+            softmax_scale=attn.scale,
+            w_in=ptr(L.w_in),
+            b_in=ptr(L.b_in),
+            w_q=ptr(L.w_q),
+            kv_norm_w=ptr(attn.kv_a_layernorm.weight),
+            w_uk=ptr(L.w_uk),
+            w_uv_t=ptr(L.w_uv_t),
+            o_w=ptr(attn.o_proj.weight),
+            o_b=ptr(attn.o_proj.bias),
+            ffn_in=ptr(L.ffn_in),
+            post_norm_w=ptr(L.post_norm_w),
             down_w=None if L.down is None else ptr(L.down.weight),
-            ffn_inter=0 if L.down is None else L.down.weight.shape[1], is_moe=L.moe is not None,
-        )  # fmt: skip
+            ffn_inter=0 if L.down is None else L.down.weight.shape[1],
+            is_moe=L.moe is not None,
+        )
         if idx is not None:
             a.idx_ln_eps, a.idx_ln_w, a.idx_ln_b = (
                 idx.k_norm.eps,
@@ -299,8 +331,11 @@ class FusedDecoder:
                 gate.norm_topk_prob,
                 gate.routed_scaling_factor,
             )
-            a.e_bias, a.gate_up, a.down_e = (ptr(gate.e_score_correction_bias), ptr(experts.gate_up_proj),
-                                             ptr(experts.down_proj))  # fmt: skip
+            a.e_bias, a.gate_up, a.down_e = (
+                ptr(gate.e_score_correction_bias),
+                ptr(experts.gate_up_proj),
+                ptr(experts.down_proj),
+            )
         return a
 
     # --- the step --------------------------------------------------------------------------------
@@ -365,8 +400,9 @@ class FusedDecoder:
         u = module.eh_proj(
             torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)
         )
-        h = self._run_kernel(u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache,
-                             next_ids.shape[1]).view_as(u)  # fmt: skip
+        h = self._run_kernel(
+            u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache, next_ids.shape[1]
+        ).view_as(u)
         return h, model.lm_head(self._rms_norm(h, module.shared_head.norm))
 
     def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -426,18 +462,31 @@ class FusedDecoder:
         c_q, kv = proj[:, :q_lora], proj[:, q_lora : q_lora + rank + R]
         qq = F.linear(c_q, L.w_q) * _rms_factor(c_q, L.q_eps)
         q = qq[:, : H * (nope + R)].view(B, H, nope + R)
-        q_lat = torch.cat([
-            torch.bmm(q[..., :nope].transpose(0, 1), L.w_uk).transpose(0, 1),  # absorbed: q_nope W_UK (scaled)
-            torch.matmul(q[..., nope:], rot_q),
-        ], dim=-1)  # fmt: skip  # [B, H, r+R]
+        q_lat = torch.cat(
+            [
+                torch.bmm(q[..., :nope].transpose(0, 1), L.w_uk).transpose(
+                    0, 1
+                ),  # absorbed: q_nope W_UK (scaled)
+                torch.matmul(q[..., nope:], rot_q),
+            ],
+            dim=-1,
+        )  # [B, H, r+R]
         c_kv = attn.kv_a_layernorm(kv[:, :rank])
         k_pe = torch.matmul(kv[:, None, rank:], rot)[:, 0]
         idx_k = None
         if has_idx:
             ix = attn.indexer
             wk_end = q_lora + rank + R + Di
-            idx_k = torch.matmul(F.layer_norm(proj[:, None, q_lora + rank + R : wk_end], (Di,), ix.k_norm.weight,
-                                              ix.k_norm.bias, ix.k_norm.eps), rot_idx)  # fmt: skip  # [B,1,Di]
+            idx_k = torch.matmul(
+                F.layer_norm(
+                    proj[:, None, q_lora + rank + R : wk_end],
+                    (Di,),
+                    ix.k_norm.weight,
+                    ix.k_norm.bias,
+                    ix.k_norm.eps,
+                ),
+                rot_idx,
+            )  # [B,1,Di]
         kv_all, idx_all = cache.update_latent(attn.layer_idx, torch.cat([c_kv, k_pe], -1)[:, None], idx_k)
         S = kv_all.shape[1]
 

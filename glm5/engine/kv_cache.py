@@ -240,8 +240,12 @@ class BlockManager:
         seq = self.seqs[seq_id]
         need = max(0, -(-new_length // self.block_size) - len(seq.blocks))
         partial = seq.length // self.block_size
-        if (new_length > seq.length and seq.length % self.block_size and partial < len(seq.blocks)
-                and self.pool.refcount[seq.blocks[partial]] > 1):  # fmt: skip
+        if (
+            new_length > seq.length
+            and seq.length % self.block_size
+            and partial < len(seq.blocks)
+            and self.pool.refcount[seq.blocks[partial]] > 1
+        ):
             need += 1
         return need
 

@@ -59,19 +59,32 @@ class LLM:
             tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
         self.engine = LLMEngine(model, tokenizer, _engine_config(engine_options))
 
-    def _init_sharded(self, path: Any, tokenizer: Any, tp: int, ep: int, dtype: Any, device: Any, fp8: str | None,
-                      engine_options: dict[str, Any]) -> None:  # fmt: skip
+    def _init_sharded(
+        self,
+        path: Any,
+        tokenizer: Any,
+        tp: int,
+        ep: int,
+        dtype: Any,
+        device: Any,
+        fp8: str | None,
+        engine_options: dict[str, Any],
+    ) -> None:
         from glm5.config import GLM5Config
         from glm5.engine.multiproc import MultiProcExecutor
         from glm5.engine.sharding import ShardLayout, check_layout
 
         if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"tensor_parallel_size={tp} x expert_parallel_size={ep} needs a checkpoint folder: every "
-                             "rank loads its own slices of it; an in-memory model cannot be sharded over processes "
-                             "(save it with save_pretrained first)")  # fmt: skip
+            raise ValueError(
+                f"tensor_parallel_size={tp} x expert_parallel_size={ep} needs a checkpoint folder: every "
+                "rank loads its own slices of it; an in-memory model cannot be sharded over processes "
+                "(save it with save_pretrained first)"
+            )
         folder = os.fspath(path)
         if not os.path.isdir(folder):
-            raise ValueError(f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors")
+            raise ValueError(
+                f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors"
+            )
         cfg = GLM5Config.from_hf_config(folder)
         check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=fp8 == "keep")
         config = _engine_config(engine_options)
@@ -153,8 +166,11 @@ def _engine_config(engine_options: dict[str, Any]) -> EngineConfig:
         )
     config = EngineConfig(**engine_options)
     if config.force_token is not None and config.num_speculative_tokens:
-        warnings.warn("EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
-                      "since drafts are verified where the hook cannot apply", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            "EngineConfig.force_token (scripted output) is set: speculative decoding is turned off, "
+            "since drafts are verified where the hook cannot apply",
+            stacklevel=3,
+        )
         config = dataclasses.replace(config, num_speculative_tokens=0)
     return config
 

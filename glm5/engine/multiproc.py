@@ -59,7 +59,10 @@ class EngineDeadError(RuntimeError):
 def torchrun_env() -> tuple[int, int] | None:
     """(rank, world size) when launched by torchrun with WORLD_SIZE > 1, else None."""
     env = os.environ
-    if all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1:
+    if (
+        all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        and int(env["WORLD_SIZE"]) > 1
+    ):
         return int(env["RANK"]), int(env["WORLD_SIZE"])
     return None
 
@@ -111,8 +114,17 @@ def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tup
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     lay = ShardLayout.from_rank(rank, spec.tp_size, spec.ep_size)
-    model = load_sharded(spec.path, lay.tp_rank, spec.tp_size, lay.ep_rank, spec.ep_size, dtype=spec.dtype,
-                         device=device, fp8=spec.fp8 or "dequantize", topk_sync=spec.topk_sync)  # fmt: skip
+    model = load_sharded(
+        spec.path,
+        lay.tp_rank,
+        spec.tp_size,
+        lay.ep_rank,
+        spec.ep_size,
+        dtype=spec.dtype,
+        device=device,
+        fp8=spec.fp8 or "dequantize",
+        topk_sync=spec.topk_sync,
+    )
     runner = ModelRunner(model, spec.config)
     blocks = torch.tensor([runner.num_blocks], dtype=torch.int64)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=control)
@@ -143,8 +155,10 @@ def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
         if kind == "step":
             out, prev = payload
             if prev is not None and last is not None and prev != (last.seq_ids, last.token_ids):
-                raise RuntimeError(f"rank {rank} sampled {last.seq_ids} -> {last.token_ids} but rank 0 sampled "
-                                   f"{prev[0]} -> {prev[1]}: the ranks' logits or sampling state differ")  # fmt: skip
+                raise RuntimeError(
+                    f"rank {rank} sampled {last.seq_ids} -> {last.token_ids} but rank 0 sampled "
+                    f"{prev[0]} -> {prev[1]}: the ranks' logits or sampling state differ"
+                )
             last = runner.execute(out)
         elif kind == "update":
             _update_local(runner, payload[0])
@@ -171,8 +185,10 @@ def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> N
     own = runner.model.state_dict()
     for name, value in local.items():  # every shape checked before anything is copied (no rank half-updated)
         if name in own and own[name].shape != value.shape:
-            raise ValueError(f"update_weights: {name} has shape {tuple(state_dict[name].shape)}; this model's "
-                             "unsharded tensor has another shape")  # fmt: skip
+            raise ValueError(
+                f"update_weights: {name} has shape {tuple(state_dict[name].shape)}; this model's "
+                "unsharded tensor has another shape"
+            )
     runner.update_weights(local)
 
 
@@ -236,12 +252,24 @@ class _Caller:
 class MultiProcExecutor(Executor):
     """Rank 0 of W = tp_size x ep_size ranks (see the module docstring). Built from a checkpoint folder."""
 
-    def __init__(self, path: str, config: EngineConfig, tp_size: int = 1, ep_size: int = 1, *, dtype: Any = None,
-                 device: Any = None, fp8: str | None = None, topk_sync: str = "off",
-                 threads: int | None = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        config: EngineConfig,
+        tp_size: int = 1,
+        ep_size: int = 1,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+        fp8: str | None = None,
+        topk_sync: str = "off",
+        threads: int | None = 1,
+    ) -> None:
         if config.fused_decode:
-            log.warning("fused_decode=True is turned off for a sharded model: the fused step bypasses the "
-                        "tensor/expert-parallel all-reduces")  # fmt: skip
+            log.warning(
+                "fused_decode=True is turned off for a sharded model: the fused step bypasses the "
+                "tensor/expert-parallel all-reduces"
+            )
         if config.fused_decode is not False:
             log.info("multi-process executor: fused_decode off (the fused step is not shard-aware)")
         config = dataclasses.replace(config, fused_decode=False)
@@ -251,8 +279,10 @@ class MultiProcExecutor(Executor):
             try:
                 pickle.dumps(config.force_token)
             except Exception as exc:  # noqa: BLE001 - reported with the fix
-                raise ValueError(f"EngineConfig.force_token must be picklable for a multi-process engine (it runs on "
-                                 f"every rank): {exc}") from None  # fmt: skip
+                raise ValueError(
+                    f"EngineConfig.force_token must be picklable for a multi-process engine (it runs on "
+                    f"every rank): {exc}"
+                ) from None
         self.world_size = W = tp_size * ep_size
         self.spec = _Spec(os.fspath(path), config, tp_size, ep_size, dtype, device, fp8, topk_sync, threads)
         self.procs: dict[int, Any] = {}
@@ -265,8 +295,10 @@ class MultiProcExecutor(Executor):
         if external is not None:
             rank, world = external
             if world != W:
-                raise ValueError(f"torchrun started WORLD_SIZE={world} processes; tensor_parallel_size x "
-                                 f"expert_parallel_size = {W}")  # fmt: skip
+                raise ValueError(
+                    f"torchrun started WORLD_SIZE={world} processes; tensor_parallel_size x "
+                    f"expert_parallel_size = {W}"
+                )
             local = int(os.environ.get("LOCAL_RANK", rank))
             if rank > 0:  # this process is a worker: serve rank 0's steps, then exit with it
                 if threads and torch.device(device or "cpu").type == "cpu":
@@ -288,8 +320,12 @@ class MultiProcExecutor(Executor):
             os.environ.update(env)  # the children inherit them
             try:
                 for r in range(1, W):
-                    p = ctx.Process(target=_worker_main, args=(self.spec, r, init, self._errors, os.getpid()),
-                                    name=f"glm5-rank{r}", daemon=True)  # fmt: skip
+                    p = ctx.Process(
+                        target=_worker_main,
+                        args=(self.spec, r, init, self._errors, os.getpid()),
+                        name=f"glm5-rank{r}",
+                        daemon=True,
+                    )
                     p.start()
                     self.procs[r] = p
             finally:
@@ -327,8 +363,11 @@ class MultiProcExecutor(Executor):
         for rank, p in self.procs.items():
             if p.exitcode is not None:
                 why = self._worker_error(rank)
-                msg = (f"rank {rank} of {self.world_size} (pid {p.pid}) died with exit code {p.exitcode}"
-                       + (f": {why}" if why else "") + "; the engine cannot continue")  # fmt: skip
+                msg = (
+                    f"rank {rank} of {self.world_size} (pid {p.pid}) died with exit code {p.exitcode}"
+                    + (f": {why}" if why else "")
+                    + "; the engine cannot continue"
+                )
                 log.error(msg)
                 self.dead = EngineDeadError(msg, rank)
                 return
@@ -367,14 +406,19 @@ class MultiProcExecutor(Executor):
                 self._check_procs()
                 if self.dead is not None:
                     raise self.dead from exc
-                self.dead = EngineDeadError(f"rank 0's {what} failed ({type(exc).__name__}: {exc}); the "
-                                            "multi-process engine cannot continue", 0)  # fmt: skip
+                self.dead = EngineDeadError(
+                    f"rank 0's {what} failed ({type(exc).__name__}: {exc}); the "
+                    "multi-process engine cannot continue",
+                    0,
+                )
                 raise self.dead from exc
             self._check_procs()
             if self.dead is not None:
                 raise self.dead
             if deadline is not None and time.monotonic() > deadline:
-                self.dead = EngineDeadError(f"the multi-process engine's {what} took more than {timeout:.0f} s")
+                self.dead = EngineDeadError(
+                    f"the multi-process engine's {what} took more than {timeout:.0f} s"
+                )
                 raise self.dead
 
     # --- the Executor interface --------------------------------------------------------------------
@@ -415,7 +459,9 @@ class MultiProcExecutor(Executor):
             self._closed = True
             if alive:
                 try:
-                    self._caller.submit(lambda: (self._broadcast(("stop",)), _destroy(self._control))).result(30)
+                    self._caller.submit(lambda: (self._broadcast(("stop",)), _destroy(self._control))).result(
+                        30
+                    )
                 except Exception as exc:  # noqa: BLE001 - the workers are killed below
                     log.warning("multi-process shutdown: %s", exc)
             else:  # a rank is gone: no barrier to wait for, but leave no dead process group behind in this process
@@ -426,7 +472,6 @@ class MultiProcExecutor(Executor):
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-
 
     def pids(self) -> dict[int, int]:
         """The local worker processes' ids by rank."""

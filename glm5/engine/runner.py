@@ -110,8 +110,14 @@ class ModelRunner:
         self.num_blocks = num_blocks or self._default_num_blocks(layers + mtp_layers)
 
         def make(cached_layers: list[int]) -> RunnerLatentCache:
-            return RunnerLatentCache(mcfg, self.num_blocks, cfg.block_size, layers=cached_layers, dtype=self.dtype,
-                                     device=self.device)  # fmt: skip
+            return RunnerLatentCache(
+                mcfg,
+                self.num_blocks,
+                cfg.block_size,
+                layers=cached_layers,
+                dtype=self.dtype,
+                device=self.device,
+            )
 
         self.cache = make(layers)
         # the MTP layer's entries lag one position behind the main cache's: a cache of its own

@@ -40,7 +40,8 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's (0 = off)."""
     repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the prompt or output (CTRL-style: divide positive logits, multiply negative)."""
+    """> 1 discourages tokens already in the prompt or output (CTRL-style: divide positive logits, multiply
+    negative)."""
     presence_penalty: float = 0.0
     """Subtracted once from the logit of every token already generated (OpenAI semantics), in [-2, 2]."""
     frequency_penalty: float = 0.0

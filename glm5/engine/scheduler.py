@@ -132,8 +132,12 @@ class Scheduler:
         self.max_model_len = max_model_len
 
         def manager(size: int) -> BlockManager:
-            return BlockManager(num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching,
-                                bytes_per_block=size)  # fmt: skip
+            return BlockManager(
+                num_blocks,
+                config.block_size,
+                enable_prefix_caching=config.enable_prefix_caching,
+                bytes_per_block=size,
+            )
 
         self.cache = manager(bytes_per_block)
         self.mtp_cache = manager(mtp_bytes_per_block) if self.k else None
@@ -234,8 +238,13 @@ class Scheduler:
 
     def _output(self, decode: list[Seq], groups: list[list[tuple[Seq, int]]], k: int) -> SchedulerOutput:
         """Reserve every write of the step, in the order the runner makes them, and write the step down."""
-        out = SchedulerOutput(self._step, decode=[s.seq_id for s in decode], num_speculative_tokens=k,
-                              preempted=self._preempted, finished=self._finished)  # fmt: skip
+        out = SchedulerOutput(
+            self._step,
+            decode=[s.seq_id for s in decode],
+            num_speculative_tokens=k,
+            preempted=self._preempted,
+            finished=self._finished,
+        )
         self._step += 1
         self._preempted, self._finished = [], []
         mtp = self.mtp_cache

@@ -10,7 +10,7 @@ consecutive ranks, e.g. one node). Every process runs every token (same inputs, 
 
 | part | split | collective per call |
 |---|---|---|
-| embed_tokens | vocabulary rows over the TP group (ceil(V/t) each, zero padding rows) | masked lookup, all-reduce (TP) |
+| embed_tokens | vocabulary rows over the TP group (ceil(V/t) each, zero padding) | masked lookup, all-reduce (TP) |
 | q_a_proj, kv_a_proj_with_mqa, their norms, the indexer | replicated | - |
 | q_b_proj, kv_b_proj | by heads over the TP group (H/t heads each) | - |
 | o_proj | row-parallel (its H/t heads' input columns) | all-reduce (TP) |
@@ -96,8 +96,10 @@ class ShardLayout:
         if self.tp_size < 1 or self.ep_size < 1:
             raise LayoutError(f"tp_size={self.tp_size} and ep_size={self.ep_size} must both be at least 1")
         if not (0 <= self.tp_rank < self.tp_size and 0 <= self.ep_rank < self.ep_size):
-            raise LayoutError(f"tp_rank={self.tp_rank} / ep_rank={self.ep_rank} out of range for tp_size="
-                              f"{self.tp_size} / ep_size={self.ep_size}")  # fmt: skip
+            raise LayoutError(
+                f"tp_rank={self.tp_rank} / ep_rank={self.ep_rank} out of range for tp_size="
+                f"{self.tp_size} / ep_size={self.ep_size}"
+            )
 
     @property
     def world_size(self) -> int:
@@ -147,40 +149,60 @@ def check_layout(cfg: GLM5Config, layout: ShardLayout, fp8: bool = False) -> Non
     t, W = layout.tp_size, layout.world_size
     H, E = cfg.num_attention_heads, cfg.n_routed_experts
     if t > H:
-        raise LayoutError(f"tp_size={t} is more tensor-parallel ranks than num_attention_heads={H}: attention is "
-                          "split by heads and every rank needs at least one (rule: tp_size <= heads)")  # fmt: skip
+        raise LayoutError(
+            f"tp_size={t} is more tensor-parallel ranks than num_attention_heads={H}: attention is "
+            "split by heads and every rank needs at least one (rule: tp_size <= heads)"
+        )
     if H % t:
-        raise LayoutError(f"tp_size={t} does not divide num_attention_heads={H}: attention is split by heads "
-                          "(rule: heads % tp_size == 0)")  # fmt: skip
+        raise LayoutError(
+            f"tp_size={t} does not divide num_attention_heads={H}: attention is split by heads "
+            "(rule: heads % tp_size == 0)"
+        )
     if E % W:
-        raise LayoutError(f"tp_size x ep_size = {W} does not divide n_routed_experts={E}: the routed experts are "
-                          "divided over all ranks (rule: n_routed_experts % (tp_size x ep_size) == 0)")  # fmt: skip
+        raise LayoutError(
+            f"tp_size x ep_size = {W} does not divide n_routed_experts={E}: the routed experts are "
+            "divided over all ranks (rule: n_routed_experts % (tp_size x ep_size) == 0)"
+        )
     dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     if dense and cfg.intermediate_size % t:
-        raise LayoutError(f"tp_size={t} does not divide intermediate_size={cfg.intermediate_size}: the dense MLP is "
-                          "split column/row over the TP group (rule: intermediate_size % tp_size == 0)")  # fmt: skip
+        raise LayoutError(
+            f"tp_size={t} does not divide intermediate_size={cfg.intermediate_size}: the dense MLP is "
+            "split column/row over the TP group (rule: intermediate_size % tp_size == 0)"
+        )
     shared = cfg.moe_intermediate_size * cfg.n_shared_experts
     if shared % W:
-        raise LayoutError(f"tp_size x ep_size = {W} does not divide the shared expert's width {shared} (moe_"
-                          "intermediate_size x n_shared_experts): it is split over all ranks (rule: shared % "
-                          "(tp_size x ep_size) == 0)")  # fmt: skip
+        raise LayoutError(
+            f"tp_size x ep_size = {W} does not divide the shared expert's width {shared} (moe_"
+            "intermediate_size x n_shared_experts): it is split over all ranks (rule: shared % "
+            "(tp_size x ep_size) == 0)"
+        )
     if cfg.attention_bias and t > 1:
-        raise LayoutError("attention_bias=True with tp_size > 1: o_proj is row-parallel, its bias would be added "
-                          "once per rank (rule: attention_bias needs tp_size == 1; GLM-5 has none)")  # fmt: skip
+        raise LayoutError(
+            "attention_bias=True with tp_size > 1: o_proj is row-parallel, its bias would be added "
+            "once per rank (rule: attention_bias needs tp_size == 1; GLM-5 has none)"
+        )
     if fp8:
         h = H // t
-        splits = [(t, "q_b_proj rows (heads/tp x qk_head_dim)", h * cfg.qk_head_dim),
-                  (t, "kv_b_proj rows (heads/tp x (qk_nope_head_dim + v_head_dim))", h * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
-                  (t, "o_proj columns (heads/tp x v_head_dim)", h * cfg.v_head_dim),
-                  (W, "shared expert width / (tp_size x ep_size)", shared // W)]  # fmt: skip
+        splits = [
+            (t, "q_b_proj rows (heads/tp x qk_head_dim)", h * cfg.qk_head_dim),
+            (
+                t,
+                "kv_b_proj rows (heads/tp x (qk_nope_head_dim + v_head_dim))",
+                h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            ),
+            (t, "o_proj columns (heads/tp x v_head_dim)", h * cfg.v_head_dim),
+            (W, "shared expert width / (tp_size x ep_size)", shared // W),
+        ]
         if dense:
             splits.append((t, "dense MLP intermediate_size / tp_size", cfg.intermediate_size // t))
         for parts, what, chunk in splits:
             if parts > 1 and chunk % FP8_BLOCK:
-                raise LayoutError(f"fp8='keep' with tp_size={t}, ep_size={layout.ep_size}: {what} = {chunk} per rank "
-                                  f"is not a multiple of the {FP8_BLOCK}-element FP8 block, so the weight_scale_inv "
-                                  "blocks cannot be split with the weights (rule: FP8-kept splits fall on 128-blocks); "
-                                  "load with fp8='dequantize' or use fewer ranks")  # fmt: skip
+                raise LayoutError(
+                    f"fp8='keep' with tp_size={t}, ep_size={layout.ep_size}: {what} = {chunk} per rank "
+                    f"is not a multiple of the {FP8_BLOCK}-element FP8 block, so the weight_scale_inv "
+                    "blocks cannot be split with the weights (rule: FP8-kept splits fall on 128-blocks); "
+                    "load with fp8='dequantize' or use fewer ranks"
+                )
 
 
 # --- collectives ----------------------------------------------------------------------------------
@@ -193,8 +215,10 @@ class _Comm:
 
     def _group(self) -> dist.ProcessGroup:
         if self.group is None:
-            raise RuntimeError(f"this sharded model has no {self.what} process group: pass `groups` to shard_model "
-                               "(or initialise torch.distributed before sharding)")  # fmt: skip
+            raise RuntimeError(
+                f"this sharded model has no {self.what} process group: pass `groups` to shard_model "
+                "(or initialise torch.distributed before sharding)"
+            )
         return self.group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,8 +252,10 @@ class _Comm:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
         self.checks += 1
         if bad.item():
-            raise RuntimeError(f"{what} differs between ranks (first seen on rank {dist.get_rank()} vs rank {src}): "
-                               "the replicated computation is not deterministic here; use topk_sync='broadcast'")  # fmt: skip
+            raise RuntimeError(
+                f"{what} differs between ranks (first seen on rank {dist.get_rank()} vs rank {src}): "
+                "the replicated computation is not deterministic here; use topk_sync='broadcast'"
+            )
         return x
 
 
@@ -251,7 +277,9 @@ def _param(old: nn.Parameter, new: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(new, requires_grad=old.requires_grad)
 
 
-def _slice_linear(name: str, lin: nn.Module, dim: int, start: int, stop: int, slices: dict[str, ShardSlice]) -> None:
+def _slice_linear(
+    name: str, lin: nn.Module, dim: int, start: int, stop: int, slices: dict[str, ShardSlice]
+) -> None:
     """Keep rows (dim 0, column-parallel) or input columns (dim 1, row-parallel) [start, stop) of a Linear
     (or of an FP8Linear together with its scale blocks)."""
     spec = ShardSlice(dim, start, stop)
@@ -343,7 +371,11 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: nn.Parameter, vocab_start: int, num_embeddings: int, comm: _Comm) -> None:
         super().__init__()
         self.weight = weight
-        self.vocab_start, self.num_embeddings, self.embedding_dim = vocab_start, num_embeddings, weight.shape[1]
+        self.vocab_start, self.num_embeddings, self.embedding_dim = (
+            vocab_start,
+            num_embeddings,
+            weight.shape[1],
+        )
         self.real_rows = max(0, min(num_embeddings - vocab_start, weight.shape[0]))
         self._comm = comm
 
@@ -354,7 +386,9 @@ class VocabParallelEmbedding(nn.Module):
         return self._comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
     def extra_repr(self) -> str:
-        return f"rows [{self.vocab_start}, {self.vocab_start + self.weight.shape[0]}) of {self.num_embeddings}"
+        return (
+            f"rows [{self.vocab_start}, {self.vocab_start + self.weight.shape[0]}) of {self.num_embeddings}"
+        )
 
 
 class VocabParallelHead(nn.Module):
@@ -431,7 +465,11 @@ def shard_model(
     cfg = model.config
     check_layout(cfg, layout, fp8=fp8)
     if groups is None:
-        groups = init_groups(tp_size, ep_size) if layout.world_size > 1 and dist.is_initialized() else ParallelGroups()
+        groups = (
+            init_groups(tp_size, ep_size)
+            if layout.world_size > 1 and dist.is_initialized()
+            else ParallelGroups()
+        )
     t, W = tp_size, layout.world_size
     tp, moe = _Comm(groups.tp, t, "tensor-parallel"), _Comm(groups.moe, W, "MoE (all ranks)")
     plan = ShardPlan(layout, groups=groups, comms={"tp": tp, "moe": moe})
@@ -485,7 +523,9 @@ def shard_model(
         emb_w = _param(emb.weight, _take(emb.weight, 0, v0, v0 + rows))
         model.model.embed_tokens = VocabParallelEmbedding(emb_w, v0, V, tp)
         slices["model.embed_tokens.weight"] = ShardSlice(0, v0, v0 + rows)
-        head_w = emb_w if tied else _param(model.lm_head.weight, _take(model.lm_head.weight, 0, v0, v0 + rows))
+        head_w = (
+            emb_w if tied else _param(model.lm_head.weight, _take(model.lm_head.weight, 0, v0, v0 + rows))
+        )
         model.lm_head = VocabParallelHead(head_w, v0, V, tp)
         slices["lm_head.weight"] = ShardSlice(0, v0, v0 + rows)
     model.shard_plan = plan
@@ -520,11 +560,20 @@ def load_sharded(
     layout = ShardLayout(tp_rank, tp_size, ep_rank, ep_size)
 
     def shard(model: nn.Module) -> dict[str, ShardSlice]:
-        return shard_model(model, tp_rank, tp_size, ep_rank, ep_size, groups=groups, topk_sync=topk_sync).slices
+        return shard_model(
+            model, tp_rank, tp_size, ep_rank, ep_size, groups=groups, topk_sync=topk_sync
+        ).slices
 
-    return load_pretrained_sharded(path, GLM5ForCausalLM, shard, check=lambda cfg: check_layout(cfg, layout, fp8 == "keep"),
-                                   dtype=dtype, device=device, fp8=fp8,
-                                   prepare=quantize_model if fp8 == "keep" else None)  # fmt: skip
+    return load_pretrained_sharded(
+        path,
+        GLM5ForCausalLM,
+        shard,
+        check=lambda cfg: check_layout(cfg, layout, fp8 == "keep"),
+        dtype=dtype,
+        device=device,
+        fp8=fp8,
+        prepare=quantize_model if fp8 == "keep" else None,
+    )
 
 
 def state_bytes(model: nn.Module) -> int:

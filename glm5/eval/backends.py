@@ -70,8 +70,10 @@ class LocalBackend:
             self.llm = model
         else:
             if isinstance(model, (str, os.PathLike)) and not Path(model).is_dir():
-                raise ValueError(f"no checkpoint folder {str(model)!r}; pass --model a folder with config.json, "
-                                 "*.safetensors and tokenizer.json")  # fmt: skip
+                raise ValueError(
+                    f"no checkpoint folder {str(model)!r}; pass --model a folder with config.json, "
+                    "*.safetensors and tokenizer.json"
+                )
             self.llm = LLM(model, tokenizer, **llm_options)
         if self.llm.tokenizer is None:
             raise ValueError("the local backend needs a tokenizer (tokenizer.json in the checkpoint folder)")
@@ -86,10 +88,18 @@ class LocalBackend:
         from glm5.tokenizer import parse_output
 
         tok = self.tokenizer
-        prompts = [tok.apply_chat_template(m, t, enable_thinking=options.thinking, return_loss_mask=False)
-                   for m, t in requests]  # fmt: skip
-        params = SamplingParams(n=n, max_tokens=options.max_tokens, temperature=options.temperature,
-                                top_p=options.top_p, seed=options.seed, skip_special_tokens=False)  # fmt: skip
+        prompts = [
+            tok.apply_chat_template(m, t, enable_thinking=options.thinking, return_loss_mask=False)
+            for m, t in requests
+        ]
+        params = SamplingParams(
+            n=n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            skip_special_tokens=False,
+        )
         eos = set(tok.eos_token_ids)
         out = []
         for (_, tools), result in zip(requests, self.llm.generate(prompts, params)):
@@ -97,12 +107,20 @@ class LocalBackend:
             for completion in result.outputs:
                 text = tok.decode([i for i in completion.token_ids if i not in eos])
                 parsed = parse_output(text, tools, options.thinking)
-                replies.append(Reply(parsed.get("content") or "", parsed.get("reasoning_content"),
-                                     parsed.get("tool_calls") or [], completion.finish_reason))  # fmt: skip
+                replies.append(
+                    Reply(
+                        parsed.get("content") or "",
+                        parsed.get("reasoning_content"),
+                        parsed.get("tool_calls") or [],
+                        completion.finish_reason,
+                    )
+                )
             out.append(replies)
         return out
 
-    def perplexity(self, source: str | os.PathLike, seq_len: int = 256, num_windows: int = 32) -> dict[str, Any]:
+    def perplexity(
+        self, source: str | os.PathLike, seq_len: int = 256, num_windows: int = 32
+    ) -> dict[str, Any]:
         """Next-token perplexity on held-out text: a token folder from the pre-training pipeline (its `val`
         split, loss on its masked targets) or a plain text file. Windows are spread evenly over the source."""
         from glm5.data.packing import PackedSequences
@@ -115,10 +133,14 @@ class LocalBackend:
             data = PackedSequences(TokenFile(source, "val"), seq_len)
             kind = f"validation split of {source}"
         elif source.is_file():
-            data = _TextWindows(self.tokenizer.encode(source.read_text(encoding="utf-8", errors="replace")), seq_len)
+            data = _TextWindows(
+                self.tokenizer.encode(source.read_text(encoding="utf-8", errors="replace")), seq_len
+            )
             kind = f"text file {source}"
         else:
-            raise ValueError(f"no perplexity data {str(source)!r}; pass --data a token folder (with val.json) or a text file")
+            raise ValueError(
+                f"no perplexity data {str(source)!r}; pass --data a token folder (with val.json) or a text file"
+            )
         picks = val_indices(data, 1, num_windows)[0]  # num_windows windows spread evenly over the data
         batches = [picks[i : i + 8] for i in range(0, len(picks), 8)]
         was_training = model.training
@@ -128,8 +150,14 @@ class LocalBackend:
         finally:
             model.train(was_training)
         loss = float(total[0] / max(float(total[1]), 1.0))
-        return {"source": kind, "tokens": int(total[1]), "loss": loss, "perplexity": perplexity(loss),
-                "seq_len": seq_len, "windows": sum(len(b) for b in batches)}  # fmt: skip
+        return {
+            "source": kind,
+            "tokens": int(total[1]),
+            "loss": loss,
+            "perplexity": perplexity(loss),
+            "seq_len": seq_len,
+            "windows": sum(len(b) for b in batches),
+        }
 
 
 class _TextWindows:
@@ -137,8 +165,10 @@ class _TextWindows:
 
     def __init__(self, ids: list[int], seq_len: int) -> None:
         if len(ids) < seq_len + 1:
-            raise ValueError(f"the text has {len(ids)} tokens: too few for one window of {seq_len + 1}; "
-                             "use a longer file or a smaller --seq-len")  # fmt: skip
+            raise ValueError(
+                f"the text has {len(ids)} tokens: too few for one window of {seq_len + 1}; "
+                "use a longer file or a smaller --seq-len"
+            )
         self.ids, self.seq_len = ids, seq_len
         self.num_windows = (len(ids) - 1) // seq_len
 
@@ -158,13 +188,24 @@ class _TextWindows:
 class OpenAIBackend:
     """Chat completions on an OpenAI-compatible endpoint (the `openai` SDK), `max_concurrency` requests at once."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, *,
-                 timeout: float = 120.0, max_concurrency: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        *,
+        timeout: float = 120.0,
+        max_concurrency: int = 8,
+    ) -> None:
         import openai
 
         self.base_url = base_url
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                                    timeout=timeout, max_retries=1)  # fmt: skip
+        self.client = openai.OpenAI(
+            base_url=base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+            timeout=timeout,
+            max_retries=1,
+        )
         self.max_concurrency = max(1, max_concurrency)
         self.model = model or self._first_model()
         self.name = f"openai:{base_url} ({self.model})"
@@ -175,12 +216,18 @@ class OpenAIBackend:
         try:
             return fn()
         except openai.APIConnectionError as e:
-            raise ValueError(f"cannot reach {self.base_url} ({e}); start the server or fix --base-url") from None
+            raise ValueError(
+                f"cannot reach {self.base_url} ({e}); start the server or fix --base-url"
+            ) from None
         except openai.AuthenticationError:
-            raise ValueError(f"{self.base_url} rejected the API key; pass --api-key or set OPENAI_API_KEY") from None
+            raise ValueError(
+                f"{self.base_url} rejected the API key; pass --api-key or set OPENAI_API_KEY"
+            ) from None
         except openai.NotFoundError as e:
-            raise ValueError(f"{self.base_url}: not found ({e.message}); check --served-model and that --base-url "
-                             "ends in /v1") from None  # fmt: skip
+            raise ValueError(
+                f"{self.base_url}: not found ({e.message}); check --served-model and that --base-url "
+                "ends in /v1"
+            ) from None
         except openai.APIStatusError as e:
             raise ValueError(f"{self.base_url} answered HTTP {e.status_code}: {e.message}") from None
 
@@ -192,8 +239,13 @@ class OpenAIBackend:
 
     def _one(self, request: Request, seed: int | None, options: GenerationOptions) -> Reply:
         messages, tools = request
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": options.max_tokens,
-                                  "temperature": options.temperature, "top_p": options.top_p}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "top_p": options.top_p,
+        }
         if tools:
             kwargs["tools"] = tools
         if seed is not None:
@@ -204,9 +256,19 @@ class OpenAIBackend:
         choice = response.choices[0]
         msg = choice.message
         extra = getattr(msg, "model_extra", None) or {}
-        reasoning = getattr(msg, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
-        calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                 for c in (msg.tool_calls or [])]  # fmt: skip
+        reasoning = (
+            getattr(msg, "reasoning_content", None)
+            or extra.get("reasoning_content")
+            or extra.get("reasoning")
+        )
+        calls = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in (msg.tool_calls or [])
+        ]
         return Reply(msg.content or "", reasoning, calls, choice.finish_reason)
 
     def chat(self, requests: list[Request], n: int, options: GenerationOptions) -> list[list[Reply]]:

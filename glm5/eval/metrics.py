@@ -39,7 +39,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if not 0 <= c <= n:
         raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
-        raise ValueError(f"pass@{k} needs at least k samples per question (n={n}); raise --samples or lower k")
+        raise ValueError(
+            f"pass@{k} needs at least k samples per question (n={n}); raise --samples or lower k"
+        )
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -62,7 +64,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summarize(correct: Sequence[Sequence[bool]], abstained: Sequence[Sequence[bool]], ks: Sequence[int] = (1,)) -> dict:
+def summarize(
+    correct: Sequence[Sequence[bool]], abstained: Sequence[Sequence[bool]], ks: Sequence[int] = (1,)
+) -> dict:
     """Metrics of one task (or of all tasks pooled) from per-question lists of per-sample flags:
     accuracy / abstention / hallucination over every sample, their Wilson 95% intervals, and pass@k for each
     k no larger than the smallest sample count."""
@@ -82,11 +86,15 @@ def summarize(correct: Sequence[Sequence[bool]], abstained: Sequence[Sequence[bo
         "abstention_rate": abstention_rate(flat_a),
         "abstention_ci": wilson_interval(sum(flat_a), n),
         "hallucination_rate": hallucination_rate(flat_c, flat_a),
-        "hallucination_ci": wilson_interval(wrong, wrong + failed_abstain) if wrong + failed_abstain else None,
+        "hallucination_ci": wilson_interval(wrong, wrong + failed_abstain)
+        if wrong + failed_abstain
+        else None,
     }
     min_n = min((len(q) for q in correct), default=0)
     out["pass_at_k"] = {
-        str(k): mean_pass_at_k([(len(q), sum(map(bool, q))) for q in correct], k) for k in ks if 1 <= k <= min_n
+        str(k): mean_pass_at_k([(len(q), sum(map(bool, q))) for q in correct], k)
+        for k in ks
+        if 1 <= k <= min_n
     }
     return out
 
@@ -101,8 +109,13 @@ def outcome_rates(samples: Sequence[Any]) -> dict[str, Any]:
 
     replies = [str(s.metadata.get("reply", "")) for s in samples]
     abstained = [is_abstention(r) for r in replies]
-    correct = [a if "answer" in s.metadata and s.metadata["answer"] is None else float(s.reward) >= 1.0
-               for s, a in zip(samples, abstained)]  # fmt: skip
+    correct = [
+        a if "answer" in s.metadata and s.metadata["answer"] is None else float(s.reward) >= 1.0
+        for s, a in zip(samples, abstained)
+    ]
     n = max(len(samples), 1)
-    return {"accuracy": sum(correct) / n, "abstention_rate": sum(abstained) / n,
-            "hallucination_rate": hallucination_rate(correct, abstained)}  # fmt: skip
+    return {
+        "accuracy": sum(correct) / n,
+        "abstention_rate": sum(abstained) / n,
+        "hallucination_rate": hallucination_rate(correct, abstained),
+    }

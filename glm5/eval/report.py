@@ -6,7 +6,11 @@ from pathlib import Path
 
 from glm5.eval.runner import EvalResult
 
-METRICS = (("accuracy", "accuracy_ci"), ("abstention_rate", "abstention_ci"), ("hallucination_rate", "hallucination_ci"))
+METRICS = (
+    ("accuracy", "accuracy_ci"),
+    ("abstention_rate", "abstention_ci"),
+    ("hallucination_rate", "hallucination_ci"),
+)
 LABELS = {"accuracy": "accuracy", "abstention_rate": "abstention", "hallucination_rate": "hallucination"}
 
 
@@ -25,22 +29,37 @@ def markdown_report(result: EvalResult) -> str:
     """The report: settings, a metrics table (Wilson 95% intervals in brackets), perplexity, a few samples."""
     s = result.settings
     ks = [str(k) for k in s.get("ks", [1])]
-    lines = [f"# Evaluation of {result.backend}", "",
-             f"{s['num']} questions per task, {s['samples']} sample(s) each, seed {s['seed']}, temperature "
-             f"{s['temperature']}, max_tokens {s['max_tokens']}, thinking {'on' if s['thinking'] else 'off'}; "
-             f"{result.elapsed_s:.1f} s.", "",
-             "Hallucination rate = wrong / (wrong + abstentions) over the replies that are not correct.", "",
-             "| task | questions | accuracy | abstention | hallucination | " + " | ".join(f"pass@{k}" for k in ks) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(ks)]  # fmt: skip
+    lines = [
+        f"# Evaluation of {result.backend}",
+        "",
+        f"{s['num']} questions per task, {s['samples']} sample(s) each, seed {s['seed']}, temperature "
+        f"{s['temperature']}, max_tokens {s['max_tokens']}, thinking {'on' if s['thinking'] else 'off'}; "
+        f"{result.elapsed_s:.1f} s.",
+        "",
+        "Hallucination rate = wrong / (wrong + abstentions) over the replies that are not correct.",
+        "",
+        "| task | questions | accuracy | abstention | hallucination | "
+        + " | ".join(f"pass@{k}" for k in ks)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(ks),
+    ]
     for task, m in result.metrics.items():
         passes = [_pct(m["pass_at_k"].get(k)) if k in m["pass_at_k"] else "—" for k in ks]
         name = f"**{task}**" if task == "overall" else task
-        lines.append(f"| {name} | {m['questions']} | " + " | ".join(_with_ci(m, k, c) for k, c in METRICS)
-                     + " | " + " | ".join(passes) + " |")  # fmt: skip
+        lines.append(
+            f"| {name} | {m['questions']} | "
+            + " | ".join(_with_ci(m, k, c) for k, c in METRICS)
+            + " | "
+            + " | ".join(passes)
+            + " |"
+        )
     if result.perplexity:
         p = result.perplexity
-        lines += ["", f"Held-out perplexity: **{p['perplexity']:.2f}** (loss {p['loss']:.4f} nats over {p['tokens']:,} "
-                  f"tokens; {p['source']}, {p['windows']} windows of {p['seq_len']})."]  # fmt: skip
+        lines += [
+            "",
+            f"Held-out perplexity: **{p['perplexity']:.2f}** (loss {p['loss']:.4f} nats over {p['tokens']:,} "
+            f"tokens; {p['source']}, {p['windows']} windows of {p['seq_len']}).",
+        ]
     for note in result.notes:
         lines += ["", f"Note: {note}"]
     lines += ["", "## Samples", ""]
@@ -52,17 +71,23 @@ def markdown_report(result: EvalResult) -> str:
         sample = r["samples"][0]
         mark = "correct" if sample["correct"] else ("abstained" if sample["abstained"] else "wrong")
         reply = sample["reply"].replace("\n", " ")[:200] or "(empty)"
-        lines.append(f"- [{r['task']}] {r['prompt'][:120]} — expected `{r['expected']}`, got `{reply}` ({mark}, "
-                     f"{len(sample['turns'])} turn(s))")  # fmt: skip
+        lines.append(
+            f"- [{r['task']}] {r['prompt'][:120]} — expected `{r['expected']}`, got `{reply}` ({mark}, "
+            f"{len(sample['turns'])} turn(s))"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _bars(ax, groups: list[str], series: list[tuple[str, list[float], list[tuple[float, float] | None]]]) -> None:  # noqa: ANN001
+def _bars(
+    ax, groups: list[str], series: list[tuple[str, list[float], list[tuple[float, float] | None]]]
+) -> None:  # noqa: ANN001
     width = 0.8 / len(series)
     for i, (label, values, cis) in enumerate(series):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        err = [[max(v - ci[0], 0) if ci else 0 for v, ci in zip(values, cis)],
-               [max(ci[1] - v, 0) if ci else 0 for v, ci in zip(values, cis)]]  # fmt: skip
+        err = [
+            [max(v - ci[0], 0) if ci else 0 for v, ci in zip(values, cis)],
+            [max(ci[1] - v, 0) if ci else 0 for v, ci in zip(values, cis)],
+        ]
         ax.bar(xs, values, width, label=label, yerr=err, capsize=3)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.05)
@@ -78,8 +103,10 @@ def plot_metrics(result: EvalResult, path: str | Path) -> Path:
 
     tasks = list(result.metrics)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) + 2), 3.6))
-    series = [(LABELS[k], [result.metrics[t][k] or 0.0 for t in tasks], [result.metrics[t][c] for t in tasks])
-              for k, c in METRICS]  # fmt: skip
+    series = [
+        (LABELS[k], [result.metrics[t][k] or 0.0 for t in tasks], [result.metrics[t][c] for t in tasks])
+        for k, c in METRICS
+    ]
     _bars(ax, tasks, series)
     ax.set_title(f"{result.backend}", fontsize=9)
     fig.tight_layout()
@@ -106,8 +133,12 @@ def _load(x: EvalResult | str | Path) -> EvalResult:
     return EvalResult.load(path / "results.json" if path.is_dir() else path)
 
 
-def compare(before: EvalResult | str | Path, after: EvalResult | str | Path, out_dir: str | Path | None = None,
-            labels: tuple[str, str] = ("before", "after")) -> str:  # fmt: skip
+def compare(
+    before: EvalResult | str | Path,
+    after: EvalResult | str | Path,
+    out_dir: str | Path | None = None,
+    labels: tuple[str, str] = ("before", "after"),
+) -> str:
     """A before/after Markdown table (per task and metric, with the change in points); with out_dir, also
     DIR/comparison.md and DIR/comparison.png. Arguments: results, results.json paths or eval folders."""
     a, b = _load(before), _load(after)
@@ -133,8 +164,10 @@ def compare(before: EvalResult | str | Path, after: EvalResult | str | Path, out
         (out / "comparison.md").write_text(text)
         fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
         for ax, (key, ci) in zip(axes, METRICS):
-            series = [(label, [r.metrics[t][key] or 0.0 for t in tasks], [r.metrics[t][ci] for t in tasks])
-                      for label, r in zip(labels, (a, b))]  # fmt: skip
+            series = [
+                (label, [r.metrics[t][key] or 0.0 for t in tasks], [r.metrics[t][ci] for t in tasks])
+                for label, r in zip(labels, (a, b))
+            ]
             _bars(ax, tasks, series)
             ax.set_title(LABELS[key])
         fig.tight_layout()

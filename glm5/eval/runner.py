@@ -47,7 +47,9 @@ class EvalResult:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except FileNotFoundError:
-            raise ValueError(f"no results file {str(path)!r}; run glm5 eval --out DIR first (DIR/results.json)") from None
+            raise ValueError(
+                f"no results file {str(path)!r}; run glm5 eval --out DIR first (DIR/results.json)"
+            ) from None
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path} is not a glm5 eval results.json ({e})") from None
 
@@ -64,8 +66,14 @@ class _Episode:
 
 def _advance(ep: _Episode, reply: Reply, turn: int) -> bool:
     """Record a reply; run its tool calls and return True when the episode needs another model turn."""
-    ep.turns.append({"content": reply.content, "reasoning": reply.reasoning, "tool_calls": reply.tool_calls,
-                     "finish_reason": reply.finish_reason})  # fmt: skip
+    ep.turns.append(
+        {
+            "content": reply.content,
+            "reasoning": reply.reasoning,
+            "tool_calls": reply.tool_calls,
+            "finish_reason": reply.finish_reason,
+        }
+    )
     ep.final = reply
     if not (ep.tools and reply.tool_calls and reply.finish_reason != "length" and turn < MAX_TOOL_TURNS):
         return False
@@ -77,11 +85,15 @@ def _advance(ep: _Episode, reply: Reply, turn: int) -> bool:
     return True
 
 
-def _run_chunk(backend: Backend, questions: list, samples: int, options: GenerationOptions) -> list[list[_Episode]]:
+def _run_chunk(
+    backend: Backend, questions: list, samples: int, options: GenerationOptions
+) -> list[list[_Episode]]:
     """All samples of a few questions: the first turn as one n-sample batch, then the tool-calling ones."""
     first = backend.chat([(q.prompt_messages, q.tools) for q in questions], samples, options)
     episodes = [[_Episode(list(q.prompt_messages), q.tools) for _ in range(samples)] for q in questions]
-    pending = [ep for eps, replies in zip(episodes, first) for ep, r in zip(eps, replies) if _advance(ep, r, 1)]
+    pending = [
+        ep for eps, replies in zip(episodes, first) for ep, r in zip(eps, replies) if _advance(ep, r, 1)
+    ]
     for turn in range(2, MAX_TOOL_TURNS + 1):
         if not pending:
             break
@@ -127,9 +139,22 @@ def evaluate(
                 outcomes = [score(q, ep.final.content if ep.final else "") for ep in eps]
                 correct.append([c for c, _ in outcomes])
                 abstained.append([a for _, a in outcomes])
-                records.append({"task": name, "prompt": q.prompt_messages[-1]["content"], "expected": q.answer,
-                                "samples": [{"reply": ep.final.content if ep.final else "", "correct": c,
-                                             "abstained": a, "turns": ep.turns} for ep, (c, a) in zip(eps, outcomes)]})  # fmt: skip
+                records.append(
+                    {
+                        "task": name,
+                        "prompt": q.prompt_messages[-1]["content"],
+                        "expected": q.answer,
+                        "samples": [
+                            {
+                                "reply": ep.final.content if ep.final else "",
+                                "correct": c,
+                                "abstained": a,
+                                "turns": ep.turns,
+                            }
+                            for ep, (c, a) in zip(eps, outcomes)
+                        ],
+                    }
+                )
             if progress is not None:
                 progress(name, min(lo + batch_size, len(questions)), len(questions))
         metrics[name] = summarize(correct, abstained, ks)

@@ -41,6 +41,7 @@ def compile_flags() -> list[str]:
     """Every compiler flag of a build (OpenMP aside): FLAGS with `-march=<march()>`."""
     return [*FLAGS, f"-march={march()}"]
 
+
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -149,8 +150,10 @@ def _load() -> ctypes.CDLL | None:
     lib.glm5_layer_args_size.restype = _i64
     c_size, py_size = lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)
     if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
-        _error = (f"{SOURCE.name}'s LayerArgs is {c_size} bytes but native.LayerArgs is {py_size}: the two "
-                  "declarations differ; the native kernel is off (torch back end)")  # fmt: skip
+        _error = (
+            f"{SOURCE.name}'s LayerArgs is {c_size} bytes but native.LayerArgs is {py_size}: the two "
+            "declarations differ; the native kernel is off (torch back end)"
+        )
         return None
     lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     lib.glm5_decode_layer.restype = ctypes.c_int

@@ -71,10 +71,17 @@ class Indexer(nn.Module):
         """-> q [B,T,Hi,Di], k [B,T,Di], head weights [B,T,Hi] (fp32). RoPE sits on the FIRST rope_dim dims."""
         B, T, _ = x.shape
         q = self.wq_b(c_q).view(B, T, self.num_heads, self.head_dim)
-        q = torch.cat([apply_rope(q[..., : self.rope_dim], cos[:, :, None], sin[:, :, None], self.interleave),
-                       q[..., self.rope_dim :]], dim=-1)  # fmt: skip
+        q = torch.cat(
+            [
+                apply_rope(q[..., : self.rope_dim], cos[:, :, None], sin[:, :, None], self.interleave),
+                q[..., self.rope_dim :],
+            ],
+            dim=-1,
+        )
         k = self.k_norm(self.wk(x))
-        k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin, self.interleave), k[..., self.rope_dim :]], dim=-1)
+        k = torch.cat(
+            [apply_rope(k[..., : self.rope_dim], cos, sin, self.interleave), k[..., self.rope_dim :]], dim=-1
+        )
         # weights_proj is kept in fp32 by the reference; the product is the same for bf16-representable weights.
         w = F.linear(x.float(), self.weights_proj.weight.float()) * self.num_heads**-0.5
         return q, k, w
@@ -91,7 +98,9 @@ class Indexer(nn.Module):
         return torch.matmul(w.unsqueeze(-2), F.relu(s)).squeeze(-2)
 
     @torch.no_grad()
-    def select(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, pos: Positions, chunk: int | None) -> torch.Tensor:
+    def select(
+        self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, pos: Positions, chunk: int | None
+    ) -> torch.Tensor:
         """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
         also return some future keys; attention masks them out again (MODEL_SPEC §16.6). Exactly equal scores
         (in practice only toy configs with a few indexer heads, where every ReLU can be 0) are broken
@@ -120,7 +129,9 @@ class Indexer(nn.Module):
             scores = score_buf[: B * C * k_end].view(B * C, 1, k_end)
             torch.bmm(w32[:, s0:s1].reshape(B * C, 1, H), per_head.view(B * C, H, k_end), out=scores)
             scores = scores.view(B, C, k_end)
-            first_hidden = 0 if pos.start is None else pos.start + s0  # earlier keys: visible to the whole chunk
+            first_hidden = (
+                0 if pos.start is None else pos.start + s0
+            )  # earlier keys: visible to the whole chunk
             # with shared positions, key first_hidden is visible to every query too: a decode step (one query
             # at the end of its context) has nothing to mask
             if first_hidden + (pos.start is not None) < k_end:
@@ -166,7 +177,9 @@ def sparse_latent_attention(
     step = _chunk_len(T, K * (Dc + H), chunk, budget=1 << 21)  # small chunks stay in cache (measured)
     use_ckpt = torch.is_grad_enabled() and (q_lat.requires_grad or kv_lat.requires_grad) and step < T
 
-    def one_chunk(q_c: torch.Tensor, idx_c: torch.Tensor, pos_c: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def one_chunk(
+        q_c: torch.Tensor, idx_c: torch.Tensor, pos_c: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
         lat = _gather_rows(kv, idx_c)  # [B,C,K,Dc]
         scores = torch.matmul(q_c, lat.transpose(-1, -2)) * scale  # [B,C,H,K]
         hidden = (idx_c > pos_c[..., None]).unsqueeze(2)  # [B,C,1,K]
@@ -217,7 +230,8 @@ def _join_latent(c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
 
 
 class MLAttention(nn.Module):
-    """Multi-head Latent Attention with a DSA indexer (or, on IndexCache "shared" layers, the previous layer's top-k)."""
+    """Multi-head Latent Attention with a DSA indexer (or, on IndexCache "shared" layers, the previous layer's
+    top-k)."""
 
     def __init__(self, cfg: GLM5Config, layer_idx: int, has_indexer: bool) -> None:
         super().__init__()
@@ -231,12 +245,16 @@ class MLAttention(nn.Module):
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                            bias=cfg.attention_bias)  # fmt: skip
+        self.kv_a_proj_with_mqa = nn.Linear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
+        )
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.latent_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                                   bias=False)  # fmt: skip
-        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_b_proj = nn.Linear(
+            cfg.kv_lora_rank, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(
+            cfg.num_attention_heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias
+        )
         self.indexer = Indexer(cfg) if has_indexer else None
 
     # --- pieces ----------------------------------------------------------------------------------
@@ -253,7 +271,9 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.num_heads, -1)], dim=-1)
         return k.transpose(1, 2), v.transpose(1, 2)
 
-    def _expanded_attention(self, q, c_kv, k_pe, pos: Positions, topk_idx, use_mask_path: bool) -> torch.Tensor:
+    def _expanded_attention(
+        self, q, c_kv, k_pe, pos: Positions, topk_idx, use_mask_path: bool
+    ) -> torch.Tensor:
         """Per-head attention over all S keys (causal, plus the top-k mask when given). -> [B,T,H,v]."""
         k, v = self._expand(c_kv, k_pe)
         q = q.transpose(1, 2)  # [B,H,T,D]
@@ -283,7 +303,8 @@ class MLAttention(nn.Module):
         prev_topk: torch.Tensor | None = None,
         want_stats: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x [B,T,D] (normalised) -> (output [B,T,D], top-k indices [B,T,K] or None when dense, indexer loss or None)."""
+        """x [B,T,D] (normalised) -> (output [B,T,D], top-k indices [B,T,K] or None when dense, indexer loss or
+        None)."""
         B, T, _ = x.shape
         cos, sin = rope
         c_q = self.q_a_layernorm(self.q_a_proj(x))
@@ -301,8 +322,12 @@ class MLAttention(nn.Module):
                 idx_q, idx_k, idx_w = self.indexer.project(x.detach(), c_q.detach(), cos, sin)
         if cache is not None:
             if want_stats:
-                raise ValueError("indexer/router statistics are computed on full sequences, not with a KV cache")
-            c_kv, k_pe, idx_k = cache.update(self.layer_idx, c_kv, k_pe, None if idx_k is None else idx_k.detach())
+                raise ValueError(
+                    "indexer/router statistics are computed on full sequences, not with a KV cache"
+                )
+            c_kv, k_pe, idx_k = cache.update(
+                self.layer_idx, c_kv, k_pe, None if idx_k is None else idx_k.detach()
+            )
         S = c_kv.shape[1]
 
         topk_idx = None
@@ -310,7 +335,9 @@ class MLAttention(nn.Module):
             if self.indexer is not None:
                 topk_idx = self.indexer.select(idx_q, idx_k, idx_w, pos, opts.query_chunk)
             elif prev_topk is None:
-                raise ValueError(f"layer {self.layer_idx} shares the top-k of a previous layer, but none was given")
+                raise ValueError(
+                    f"layer {self.layer_idx} shares the top-k of a previous layer, but none was given"
+                )
             else:
                 topk_idx = prev_topk
 
@@ -329,17 +356,22 @@ class MLAttention(nn.Module):
             if topk_idx is None:
                 o_lat = dense_latent_attention(q_lat, kv_lat, pos.q_pos, self.kv_rank, self.scale)
             else:
-                o_lat = sparse_latent_attention(q_lat, kv_lat, topk_idx, pos.q_pos, self.kv_rank, self.scale,
-                                                opts.query_chunk)  # fmt: skip
+                o_lat = sparse_latent_attention(
+                    q_lat, kv_lat, topk_idx, pos.q_pos, self.kv_rank, self.scale, opts.query_chunk
+                )
             out = _per_head_matmul(o_lat, w_uv.transpose(1, 2))
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim))
 
         loss = None
         if want_stats and self.indexer is not None:
-            loss = self._indexer_loss(q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, pos.q_pos, opts)
+            loss = self._indexer_loss(
+                q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, pos.q_pos, opts
+            )
         return out, topk_idx, loss
 
-    def _indexer_loss(self, q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts) -> torch.Tensor:
+    def _indexer_loss(
+        self, q_nope, q_pe, c_kv, k_pe, idx_q, idx_k, idx_w, topk_idx, q_pos, opts
+    ) -> torch.Tensor:
         """Mean over queries of KL(p_t || softmax(I_t)), p_t = head-averaged attention probabilities (detached).
 
         Over the selected keys when DSA is on (sparse stage), over every visible key otherwise (dense warm-up).
@@ -360,7 +392,9 @@ class MLAttention(nn.Module):
             with torch.no_grad():
                 q_c = q_lat[:, s0:s1].float()
                 if topk_idx is None:
-                    visible = (torch.arange(S, device=pos.device).view(1, 1, -1) <= pos[..., None]).expand(B, -1, -1)
+                    visible = (torch.arange(S, device=pos.device).view(1, 1, -1) <= pos[..., None]).expand(
+                        B, -1, -1
+                    )
                     scores = _scores_vs_shared_keys(q_c, kv_lat.float()) * self.scale
                 else:
                     keys = _gather_rows(kv_lat, topk_idx[:, s0:s1]).float()  # [B,C,K,Dc]
@@ -376,4 +410,3 @@ class MLAttention(nn.Module):
             kl = torch.xlogy(p, p) - p * log_q.masked_fill(~visible, 0.0)
             total = total + kl.sum()
         return total / (B * T)
-

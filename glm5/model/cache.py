@@ -91,6 +91,8 @@ class ContiguousLatentCache:
         self.seq_len += num_tokens
 
     def bytes_per_token(self) -> int:
-        per_layer = [c.shape[-1] + k.shape[-1] + (0 if i is None else i.shape[-1])
-                     for c, k, i in zip(self.c_kv, self.k_pe, self.index_k)]  # fmt: skip
+        per_layer = [
+            c.shape[-1] + k.shape[-1] + (0 if i is None else i.shape[-1])
+            for c, k, i in zip(self.c_kv, self.k_pe, self.index_k)
+        ]
         return sum(per_layer) * self.c_kv[0].element_size()

@@ -41,7 +41,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
+        return 1.0 / (
+            self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
+        )
 
     def reset_parameters(self) -> None:
         """Recompute the (non-persistent) table, e.g. after building on the meta device and materialising."""

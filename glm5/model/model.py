@@ -53,7 +53,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h, rope, pos, opts, cache=None, prev_topk=None, want_stats=False):
-        a, topk_idx, idx_loss = self.self_attn(self.input_layernorm(h), rope, pos, opts, cache, prev_topk, want_stats)
+        a, topk_idx, idx_loss = self.self_attn(
+            self.input_layernorm(h), rope, pos, opts, cache, prev_topk, want_stats
+        )
         h = h + a
         x = self.post_attention_layernorm(h)
         router = None
@@ -100,7 +102,9 @@ class GLM5Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         types = cfg.indexer_types
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, types[i] == "full") for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, types[i] == "full") for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -113,7 +117,9 @@ class GLM5ForCausalLM(nn.Module):
         self.attention = attention or AttentionOptions()
         self.model = GLM5Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(cfg.num_nextn_predict_layers)
+        )
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -176,7 +182,9 @@ class GLM5ForCausalLM(nn.Module):
         if mtp_depth and not len(self.mtp):
             raise ValueError("mtp_depth > 0 but this config has num_nextn_predict_layers = 0")
         if mtp_depth and cache is not None:
-            raise ValueError("MTP with a KV cache is the engine's job (speculative decoding); call without a cache")
+            raise ValueError(
+                "MTP with a KV cache is the engine's job (speculative decoding); call without a cache"
+            )
         B, T = input_ids.shape
         if cache is None:
             pos = Positions.shared(0, T, input_ids.device)
@@ -199,7 +207,9 @@ class GLM5ForCausalLM(nn.Module):
                 stats.append(layer_stats)
         hidden = self.model.norm(h)
         kept = hidden[:, -num_logits_to_keep:] if num_logits_to_keep else hidden
-        out = GLM5Output(logits=self.lm_head(kept), hidden_states=hidden if return_hidden else None, stats=stats)
+        out = GLM5Output(
+            logits=self.lm_head(kept), hidden_states=hidden if return_hidden else None, stats=stats
+        )
 
         # MTP depth d at position t sees h_t and the embedding of token t+d+1, and predicts token t+d+2.
         # Depth 0 takes the main model's final-norm output (as vLLM feeds it); later depths take the
@@ -217,8 +227,12 @@ class GLM5ForCausalLM(nn.Module):
         return out
 
     def _mtp_step(self, depth, h_prev, next_ids, rope, pos, cache, want_stats):
-        module = self.mtp[min(depth, len(self.mtp) - 1)]  # one module, applied recursively (shared parameters)
-        h, _, stats = module(h_prev, self.model.embed_tokens(next_ids), rope, pos, self.attention, cache, want_stats)
+        module = self.mtp[
+            min(depth, len(self.mtp) - 1)
+        ]  # one module, applied recursively (shared parameters)
+        h, _, stats = module(
+            h_prev, self.model.embed_tokens(next_ids), rope, pos, self.attention, cache, want_stats
+        )
         return h, self.lm_head(module.shared_head.norm(h)), stats
 
     def mtp_forward(
@@ -287,4 +301,3 @@ class GLM5ForCausalLM(nn.Module):
                 f"checkpoint does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-

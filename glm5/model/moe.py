@@ -38,7 +38,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         # A buffer, not a parameter: it is moved by the balancing rule outside the gradient, in fp32 always
         # (bf16 would swallow the 1e-3 updates).
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+        )
 
     def _apply(self, fn, recurse=True):  # keep the bias fp32 through model.to(torch.bfloat16)
         super()._apply(fn, recurse)
@@ -70,13 +72,18 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts as two fused 3-D parameters (HF 5.x layout): gate_up [E, 2F, D] (gate first), down [E, D, F]."""
+    """All routed experts as two fused 3-D parameters (HF 5.x layout): gate_up [E, 2F, D] (gate first),
+    down [E, D, F]."""
 
     def __init__(self, cfg: GLM5Config) -> None:
         super().__init__()
         self.num_experts = cfg.n_routed_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(cfg.n_routed_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size)
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        )
 
     def forward(self, x_ND: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A few tokens without grad (decode) run per (token, choice) pair; otherwise sorted by expert."""
@@ -127,9 +134,13 @@ class Experts(nn.Module):
         gate, up = grouped_mm(x_sorted, self.gate_up_proj, counts).chunk(2, dim=-1)
         y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj, counts)
         y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))  # autocast may compute in bf16
+        return torch.zeros_like(x_ND).index_add_(
+            0, token_of, y_sorted.to(x_ND.dtype)
+        )  # autocast may compute in bf16
 
-    def forward_naive(self, x_ND: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward_naive(
+        self, x_ND: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """Per-token, per-choice loop: the slow twin of every `forward_*` path, for tests."""
         out = torch.zeros_like(x_ND)
         for n in range(x_ND.shape[0]):
@@ -148,7 +159,9 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
         )
 
     def forward(self, x: torch.Tensor, want_stats: bool = False) -> tuple[torch.Tensor, RouterStats | None]:

@@ -73,8 +73,20 @@ class BufferProxy:
 class RolloutWorker:
     """One engine + rollout manager (an actor). `model_config` and `state` rebuild the policy in the actor."""
 
-    def __init__(self, name: str, model_config: Any, state: dict, tokenizer: Any, buffer_handle: Any, reward_fn: Any,
-                 rollout_config: Any, reply_fn: Any, env: Any, delay_fn: Any, seed: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        model_config: Any,
+        state: dict,
+        tokenizer: Any,
+        buffer_handle: Any,
+        reward_fn: Any,
+        rollout_config: Any,
+        reply_fn: Any,
+        env: Any,
+        delay_fn: Any,
+        seed: int,
+    ) -> None:
         import torch
 
         from glm5.engine.engine import EngineConfig, LLMEngine
@@ -84,10 +96,21 @@ class RolloutWorker:
         torch.set_num_threads(1)
         model = GLM5ForCausalLM(model_config)
         model.load_state_dict(state)
-        engine = LLMEngine(model, tokenizer, EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=seed))
+        engine = LLMEngine(
+            model, tokenizer, EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=seed)
+        )
         self.name = name
-        self.manager = RolloutManager(engine, BufferProxy(buffer_handle), reward_fn, rollout_config, tokenizer=tokenizer,
-                                      reply_fn=reply_fn, env=env, delay_fn=delay_fn, worker=name)  # fmt: skip
+        self.manager = RolloutManager(
+            engine,
+            BufferProxy(buffer_handle),
+            reward_fn,
+            rollout_config,
+            tokenizer=tokenizer,
+            reply_fn=reply_fn,
+            env=env,
+            delay_fn=delay_fn,
+            worker=name,
+        )
 
     def ping(self) -> int:
         return self.manager.engine.weight_version
@@ -129,7 +152,9 @@ class WorkerPool:
         ray = _ray()
         self.transport, self.version = transport, version
         ref = transport.versions[version]
-        pending = [w.update_weights.remote(ref, version) for w in self.workers.values()]  # ref resolved by Ray
+        pending = [
+            w.update_weights.remote(ref, version) for w in self.workers.values()
+        ]  # ref resolved by Ray
         for done in pending:
             try:
                 ray.get(done)
@@ -169,12 +194,21 @@ class WorkerPool:
             if self.running:
                 ray.get(fresh.start.remote())
             self.workers[new_name] = fresh
-            self.replaced.append({"dead": name, "replacement": new_name, "requeued_leases": lost,
-                                  "version_before_serving": served_version, "trainer_version": self.version})  # fmt: skip
+            self.replaced.append(
+                {
+                    "dead": name,
+                    "replacement": new_name,
+                    "requeued_leases": lost,
+                    "version_before_serving": served_version,
+                    "trainer_version": self.version,
+                }
+            )
 
     def run_until(self, done: Any, timeout: float = 600.0) -> None:
-        raise ValueError("over Ray, generation always runs on the workers' threads: use overlap=True "
-                         "(eta = 0 still gives synchronous RL)")  # fmt: skip
+        raise ValueError(
+            "over Ray, generation always runs on the workers' threads: use overlap=True "
+            "(eta = 0 still gives synchronous RL)"
+        )
 
     def metrics(self) -> dict:
         ray = _ray()
@@ -234,7 +268,9 @@ class _TrainerHost:
         return self.trainer.load(folder)
 
 
-def build_ray(recipe: Any, task: dict[str, Any], local: dict[str, Any], num_workers: int = 1) -> dict[str, Any]:
+def build_ray(
+    recipe: Any, task: dict[str, Any], local: dict[str, Any], num_workers: int = 1
+) -> dict[str, Any]:
     """The Ray system of a recipe: buffer, `num_workers` rollout workers and the trainer as actors; `local` is the
     in-process system (its engine serves the driver's held-out evaluation)."""
     init_local_ray()
@@ -243,7 +279,9 @@ def build_ray(recipe: Any, task: dict[str, Any], local: dict[str, Any], num_work
     from glm5.rl.weight_sync import ObjectStoreTransport
 
     buffer_cfg, rollout_cfg, trainer_cfg = recipe.configs()
-    buffer_handle = ray.remote(num_cpus=0, max_concurrency=16)(_BufferHost).remote(task["prompts"], buffer_cfg)
+    buffer_handle = ray.remote(num_cpus=0, max_concurrency=16)(_BufferHost).remote(
+        task["prompts"], buffer_cfg
+    )
     buffer = BufferProxy(buffer_handle)
     model = task["model"]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -251,8 +289,19 @@ def build_ray(recipe: Any, task: dict[str, Any], local: dict[str, Any], num_work
     worker_cls = ray.remote(num_cpus=0.5, max_concurrency=4, max_restarts=0)(RolloutWorker)
 
     def make_worker(name: str) -> Any:
-        return worker_cls.remote(name, model.config, state, task["tokenizer"], buffer_handle, task["reward_fn"],
-                                 rollout_cfg, task["reply_fn"], task["env"], delay, recipe.seed)  # fmt: skip
+        return worker_cls.remote(
+            name,
+            model.config,
+            state,
+            task["tokenizer"],
+            buffer_handle,
+            task["reward_fn"],
+            rollout_cfg,
+            task["reply_fn"],
+            task["env"],
+            delay,
+            recipe.seed,
+        )
 
     pool = WorkerPool(make_worker, num_workers, buffer)
     trainer = TrainerProxy(ray.remote(num_cpus=1)(_TrainerHost).remote(model, trainer_cfg))
@@ -262,5 +311,12 @@ def build_ray(recipe: Any, task: dict[str, Any], local: dict[str, Any], num_work
             ray.kill(w)
         time.sleep(0.1)
 
-    return {"buffer": buffer, "rollout": pool, "trainer": trainer, "transport": ObjectStoreTransport(use_ray=True),
-            "engine": local["engine"], "local_rollout": local["rollout"], "shutdown": shutdown}  # fmt: skip
+    return {
+        "buffer": buffer,
+        "rollout": pool,
+        "trainer": trainer,
+        "transport": ObjectStoreTransport(use_ray=True),
+        "engine": local["engine"],
+        "local_rollout": local["rollout"],
+        "shutdown": shutdown,
+    }

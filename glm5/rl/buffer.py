@@ -62,7 +62,9 @@ class BufferConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"buffer policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.batch_size < 1 or self.max_concurrent < 1 or self.max_staleness < 0 or self.over_sample < 0:
-            raise ValueError("buffer needs batch_size >= 1, max_concurrent >= 1, max_staleness >= 0, over_sample >= 0")
+            raise ValueError(
+                "buffer needs batch_size >= 1, max_concurrent >= 1, max_staleness >= 0, over_sample >= 0"
+            )
 
 
 @dataclass
@@ -143,8 +145,16 @@ class DataBuffer:
                 if item is None:
                     break
                 pid, epoch, partial = item
-                lease = Lease(self._next_lease, pid, epoch, worker, self.version, list(self.prompts[pid]["tokens"]),
-                              dict(self.prompts[pid].get("metadata", {})), partial)  # fmt: skip
+                lease = Lease(
+                    self._next_lease,
+                    pid,
+                    epoch,
+                    worker,
+                    self.version,
+                    list(self.prompts[pid]["tokens"]),
+                    dict(self.prompts[pid].get("metadata", {})),
+                    partial,
+                )
                 self._next_lease += 1
                 self.leases[lease.lease_id] = lease
                 self.stats["leased"] += 1
@@ -261,48 +271,74 @@ class DataBuffer:
     def exhausted(self) -> bool:
         """No more prompts to lease, nothing running, nothing waiting to be trained."""
         with self._cond:
-            out_of_data = self.cfg.num_epochs is not None and self.epoch + 1 >= self.cfg.num_epochs and \
-                self.pos == len(self._order)  # fmt: skip
+            out_of_data = (
+                self.cfg.num_epochs is not None
+                and self.epoch + 1 >= self.cfg.num_epochs
+                and self.pos == len(self._order)
+            )
             return out_of_data and not self.queue and not self.leases and not self.completed
 
     def held_leases(self, worker: str | None = None) -> dict[int, str]:
         """{lease id: prompt group key "prompt.epoch"} of the leases held now, by `worker` or by any worker."""
         with self._cond:
-            return {i: lease.key for i, lease in self.leases.items() if worker is None or lease.worker == worker}
+            return {
+                i: lease.key for i, lease in self.leases.items() if worker is None or lease.worker == worker
+            }
 
     def counts(self) -> dict[str, int]:
         """trained / filtered / requeued-pending / running / ready / dropped: the work accounting."""
         with self._cond:
             filtered = sum(1 for s in self.terminal.values() if s.startswith("filtered"))
-            return {"trained": self.stats["trained"], "filtered": filtered, "pending_requeued": len(self.queue),
-                    "running": len(self.leases), "ready": len(self.completed), "accepted": self.accepted,
-                    "dropped_stale": self.stats["dropped_stale"], "requeued": self.stats["requeued"],
-                    "leased": self.stats["leased"], "late_results": self.stats["late_results"]}  # fmt: skip
+            return {
+                "trained": self.stats["trained"],
+                "filtered": filtered,
+                "pending_requeued": len(self.queue),
+                "running": len(self.leases),
+                "ready": len(self.completed),
+                "accepted": self.accepted,
+                "dropped_stale": self.stats["dropped_stale"],
+                "requeued": self.stats["requeued"],
+                "leased": self.stats["leased"],
+                "late_results": self.stats["late_results"],
+            }
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state. Outstanding leases are saved as requeued groups (with their partial samples):
         generation in flight at save time is redone after a restore, never lost and never double-counted."""
         with self._cond:
+
             def group(samples: list[Sample] | None) -> list[dict] | None:
                 return None if samples is None else [s.to_dict() for s in samples]
 
-            in_flight = [(lease.prompt_id, lease.epoch, group(lease.samples)) for lease in
-                         sorted(self.leases.values(), key=lambda x: x.lease_id)]  # fmt: skip
+            in_flight = [
+                (lease.prompt_id, lease.epoch, group(lease.samples))
+                for lease in sorted(self.leases.values(), key=lambda x: x.lease_id)
+            ]
             return {
-                "config": asdict(self.cfg), "num_prompts": len(self.prompts), "version": self.version,
-                "epoch": self.epoch, "pos": self.pos, "next_lease": self._next_lease,
+                "config": asdict(self.cfg),
+                "num_prompts": len(self.prompts),
+                "version": self.version,
+                "epoch": self.epoch,
+                "pos": self.pos,
+                "next_lease": self._next_lease,
                 "queue": in_flight + [(p, e, group(s)) for p, e, s in self.queue],
-                "completed": [[lid, asdict(lease) | {"samples": None}, group(samples)]
-                              for lid, (lease, samples) in self.completed.items()],
-                "accepted": self.accepted, "terminal": dict(self.terminal), "stats": dict(self.stats),
-            }  # fmt: skip
+                "completed": [
+                    [lid, asdict(lease) | {"samples": None}, group(samples)]
+                    for lid, (lease, samples) in self.completed.items()
+                ],
+                "accepted": self.accepted,
+                "terminal": dict(self.terminal),
+                "stats": dict(self.stats),
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._cond:
             if state["num_prompts"] != len(self.prompts):
-                raise ValueError(f"the checkpoint's buffer has {state['num_prompts']} prompts but this run has "
-                                 f"{len(self.prompts)}: resume with the same recipe and data")  # fmt: skip
+                raise ValueError(
+                    f"the checkpoint's buffer has {state['num_prompts']} prompts but this run has "
+                    f"{len(self.prompts)}: resume with the same recipe and data"
+                )
 
             def group(raw: list[dict] | None) -> list[Sample] | None:
                 return None if raw is None else [Sample.from_dict(d) for d in raw]

@@ -30,9 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in DIR/model.",
     )
     p.add_argument("--recipe", required=True, choices=RECIPES, help="named RL recipe")
-    p.add_argument("--init", metavar="CHECKPOINT", type=existing_dir, help="a `glm5 train` output folder (HF layout + tokenizer); "
-                   "without it a tiny model is built and warm-started on the spot")  # fmt: skip
-    p.add_argument("--out", metavar="DIR", type=output_path, help="output folder (default runs/rl-RECIPE); resumed if it has a checkpoint")
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        type=existing_dir,
+        help="a `glm5 train` output folder (HF layout + tokenizer); "
+        "without it a tiny model is built and warm-started on the spot",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        type=output_path,
+        help="output folder (default runs/rl-RECIPE); resumed if it has a checkpoint",
+    )
     p.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (default: the recipe's)")
     p.add_argument("--ray", action="store_true", help="run buffer, rollout worker and trainer as Ray actors")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -61,10 +71,14 @@ def check_init(init: str, recipe: Any) -> None:
         folder = folder / "model"
     missing = [f for f in ("config.json", "tokenizer.json") if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"--init {init}: no {' or '.join(missing)} there; pass a `glm5 train` output folder (or "
-                         "its model/ subfolder)")  # fmt: skip
+        raise ValueError(
+            f"--init {init}: no {' or '.join(missing)} there; pass a `glm5 train` output folder (or "
+            "its model/ subfolder)"
+        )
     if recipe.task == "digits":
-        raise ValueError(f"--init: recipe {recipe.name} uses its own 16-symbol vocabulary; run it without --init")
+        raise ValueError(
+            f"--init: recipe {recipe.name} uses its own 16-symbol vocabulary; run it without --init"
+        )
 
 
 def _console(quiet: bool) -> Any:
@@ -73,8 +87,9 @@ def _console(quiet: bool) -> Any:
     return Console(quiet=quiet)
 
 
-def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = False, use_ray: bool = False
-           ) -> dict[str, Any]:  # fmt: skip
+def run_rl(
+    recipe: Any, out: str | Path, init: str | None = None, quiet: bool = False, use_ray: bool = False
+) -> dict[str, Any]:
     """Build, evaluate, train (with live progress), evaluate again, export. Returns the summary."""
     import torch
 
@@ -93,7 +108,12 @@ def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = 
         from glm5.rl.actors import build_ray
 
         system = build_ray(recipe, task, system)
-    buffer, rollout, trainer, transport = system["buffer"], system["rollout"], system["trainer"], system["transport"]
+    buffer, rollout, trainer, transport = (
+        system["buffer"],
+        system["rollout"],
+        system["trainer"],
+        system["transport"],
+    )
     ckpt_dir = out / "checkpoints"
     state = trainer.load(str(ckpt_dir))
     start = 0
@@ -104,12 +124,18 @@ def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = 
         buffer.load_state_dict(state["buffer"])
         start = int(state["version"])
         console.print(f"resumed from step {start} of {recipe.steps}")
-    eval_kw = dict(max_new_tokens=recipe.configs()[1].max_new_tokens, tokenizer=task["tokenizer"],
-                   reply_fn=task["reply_fn"], env=task["env"])  # fmt: skip
+    eval_kw = dict(
+        max_new_tokens=recipe.configs()[1].max_new_tokens,
+        tokenizer=task["tokenizer"],
+        reply_fn=task["reply_fn"],
+        env=task["env"],
+    )
     engine = system["engine"]
     transport.publish(trainer.weights(), start)  # the engine starts from the (possibly resumed) policy
     rollout.sync_weights(transport, start)
-    before = evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    before = (
+        evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    )
     log = MetricsLog(out / "metrics.jsonl").start(start if state is not None else None)
 
     def checkpoint(version: int) -> None:
@@ -117,25 +143,44 @@ def run_rl(recipe: Any, out: str | Path, init: str | None = None, quiet: bool = 
 
     t0 = time.time()
     with _Progress(recipe.steps, start, quiet) as bar:
+
         def on_step(record: dict[str, Any], batch: Any) -> None:
             log.write({k: v for k, v in record.items() if not isinstance(v, (list, tuple))})
             bar.update(record)
 
-        run_loop(buffer, rollout, trainer, transport, steps=recipe.steps, overlap=recipe.overlap or use_ray,
-                 start_version=start,
-                 update_every=recipe.update_every, on_step=on_step, checkpoint=checkpoint,
-                 checkpoint_every=recipe.checkpoint_every)  # fmt: skip
+        run_loop(
+            buffer,
+            rollout,
+            trainer,
+            transport,
+            steps=recipe.steps,
+            overlap=recipe.overlap or use_ray,
+            start_version=start,
+            update_every=recipe.update_every,
+            on_step=on_step,
+            checkpoint=checkpoint,
+            checkpoint_every=recipe.checkpoint_every,
+        )
     if use_ray:  # the held-out evaluation and the export run on the driver's copy of the final weights
         rollout.sync_local(system["local_rollout"], transport, recipe.steps)
         rollout = system["local_rollout"]
     checkpoint(recipe.steps)
-    after = evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    after = (
+        evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
+    )
     export = _export(engine.model, task["tokenizer"], out / "model")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     plot_rl(records, out / "rl.png", recipe.name)
-    summary = {"recipe": recipe.name, "steps": recipe.steps, "wall_s": time.time() - t0, "eval_before": before,
-               "eval_after": after, "buffer": buffer.counts(), "export": str(export) if export else None,
-               "mode": "ray" if use_ray else "in-process"}  # fmt: skip
+    summary = {
+        "recipe": recipe.name,
+        "steps": recipe.steps,
+        "wall_s": time.time() - t0,
+        "eval_before": before,
+        "eval_after": after,
+        "buffer": buffer.counts(),
+        "export": str(export) if export else None,
+        "mode": "ray" if use_ray else "in-process",
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     if use_ray:
         system["shutdown"]()
@@ -159,11 +204,19 @@ class _Progress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,  # fmt: skip
+            TimeRemainingColumn,
         )
 
-        self.progress = Progress(TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=quiet)  # fmt: skip
+        self.progress = Progress(
+            TextColumn("[bold]rl"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            disable=quiet,
+        )
         self.task = self.progress.add_task("rl", total=total, completed=done, info="")
 
     def __enter__(self) -> _Progress:
@@ -175,9 +228,11 @@ class _Progress:
 
     def update(self, r: dict[str, Any]) -> None:
         stale = " ".join(f"{k}:{v}" for k, v in r["staleness"].items())
-        info = (f"reward {r.get('rollout_reward', r['reward']):+.2f} acc {r['accuracy']:.0%} "
-                f"abstain {r['abstention_rate']:.0%} stale[{stale}] {r['samples_per_s']:.1f} samples/s "
-                f"kl {r.get('ppo_kl', 0):.1e}")  # fmt: skip
+        info = (
+            f"reward {r.get('rollout_reward', r['reward']):+.2f} acc {r['accuracy']:.0%} "
+            f"abstain {r['abstention_rate']:.0%} stale[{stale}] {r['samples_per_s']:.1f} samples/s "
+            f"kl {r.get('ppo_kl', 0):.1e}"
+        )
         self.progress.update(self.task, completed=r["step"] + 1, info=info)
 
 
@@ -191,12 +246,14 @@ def plot_rl(records: list[dict[str, Any]], path: str | Path, title: str) -> None
     rl = [r for r in records if r.get("kind") == "rl"]
     steps = [r["step"] for r in rl]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    panels = [(("rollout_reward", "reward"), "reward (all rollouts / trained batch)"),
-              (("accuracy", "abstention_rate"), "accuracy, abstention rate"),
-              (("staleness_mean", "staleness_max"), "staleness (versions)"),
-              (("samples_per_s",), "samples / s"),
-              (("ppo_kl", "is_weight_mean", "clipfrac"), "ppo_kl, IS weight mean, clipfrac"),
-              (("grad_norm",), "grad norm")]  # fmt: skip
+    panels = [
+        (("rollout_reward", "reward"), "reward (all rollouts / trained batch)"),
+        (("accuracy", "abstention_rate"), "accuracy, abstention rate"),
+        (("staleness_mean", "staleness_max"), "staleness (versions)"),
+        (("samples_per_s",), "samples / s"),
+        (("ppo_kl", "is_weight_mean", "clipfrac"), "ppo_kl, IS weight mean, clipfrac"),
+        (("grad_norm",), "grad norm"),
+    ]
     for ax, (keys, name) in zip(axes.flat, panels):
         for key in keys:
             pts = [(s, r[key]) for s, r in zip(steps, rl) if isinstance(r.get(key), (int, float))]
@@ -221,12 +278,20 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
         if not e:
             return "-"
         h = e.get("hallucination_rate")
-        return (f"reward {e['reward']:+.3f}, accuracy {e['accuracy']:.0%}, abstention {e['abstention_rate']:.0%}"
-                + (f", hallucination {h:.0%}" if h is not None else ""))  # fmt: skip
+        return (
+            f"reward {e['reward']:+.3f}, accuracy {e['accuracy']:.0%}, abstention {e['abstention_rate']:.0%}"
+            + (f", hallucination {h:.0%}" if h is not None else "")
+        )
 
-    for k, v in (("steps", str(s["steps"])), ("mode", s["mode"]), ("held-out before", ev(s["eval_before"])),
-                 ("held-out after", ev(s["eval_after"])), ("wall time", f"{s['wall_s']:.1f} s"),
-                 ("work accounting", ", ".join(f"{k} {v}" for k, v in s["buffer"].items())),
-                 ("checkpoint (HF layout)", f"{out}/model"), ("metrics / plot", f"{out}/metrics.jsonl, {out}/rl.png")):  # fmt: skip
+    for k, v in (
+        ("steps", str(s["steps"])),
+        ("mode", s["mode"]),
+        ("held-out before", ev(s["eval_before"])),
+        ("held-out after", ev(s["eval_after"])),
+        ("wall time", f"{s['wall_s']:.1f} s"),
+        ("work accounting", ", ".join(f"{k} {v}" for k, v in s["buffer"].items())),
+        ("checkpoint (HF layout)", f"{out}/model"),
+        ("metrics / plot", f"{out}/metrics.jsonl, {out}/rl.png"),
+    ):
         table.add_row(k, v)
     Console().print(table)

@@ -43,10 +43,20 @@ def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:
 
 
 def run_loop(
-    buffer: Any, rollout: Any, trainer: Any, transport: Any, *, steps: int, overlap: bool, start_version: int = 0,
-    update_every: int = 1, on_step: Callable[[dict[str, Any], list[list[Sample]]], None] | None = None,
-    checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0, max_wait_s: float = 600.0,
-) -> list[dict[str, Any]]:  # fmt: skip
+    buffer: Any,
+    rollout: Any,
+    trainer: Any,
+    transport: Any,
+    *,
+    steps: int,
+    overlap: bool,
+    start_version: int = 0,
+    update_every: int = 1,
+    on_step: Callable[[dict[str, Any], list[list[Sample]]], None] | None = None,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_every: int = 0,
+    max_wait_s: float = 600.0,
+) -> list[dict[str, Any]]:
     """Train until the trainer reaches version `steps`; returns one metrics record per step.
 
     `rollout` is a RolloutManager (or a pool/proxy with run_until, start, stop, check, sync_weights, metrics);
@@ -85,10 +95,19 @@ def run_loop(
             buffer.set_version(version)
             samples_done += stats["num_samples"]
             elapsed = time.perf_counter() - started
-            record = {"kind": "rl", "step": version - 1, "version": version, **stats, **metrics,
-                      "wait_s": t_data, "step_s": time.perf_counter() - t0, "elapsed_s": elapsed,
-                      "samples_per_s": samples_done / max(elapsed, 1e-9), **rollout.metrics(),
-                      **{f"buffer_{k}": v for k, v in buffer.counts().items()}}  # fmt: skip
+            record = {
+                "kind": "rl",
+                "step": version - 1,
+                "version": version,
+                **stats,
+                **metrics,
+                "wait_s": t_data,
+                "step_s": time.perf_counter() - t0,
+                "elapsed_s": elapsed,
+                "samples_per_s": samples_done / max(elapsed, 1e-9),
+                **rollout.metrics(),
+                **{f"buffer_{k}": v for k, v in buffer.counts().items()},
+            }
             records.append(record)
             if on_step is not None:
                 on_step(record, batch)
@@ -113,15 +132,32 @@ def build_local(recipe: Any, task: dict[str, Any], out: str | None = None) -> di
     policy = task["model"]
     engine_model = type(policy)(policy.config)  # the engine holds its own copy, synced through the transport
     engine_model.load_state_dict(policy.state_dict())
-    engine = LLMEngine(engine_model, task["tokenizer"], EngineConfig(block_size=16, num_blocks=1024,
-                                                                      max_num_seqs=256, seed=recipe.seed))  # fmt: skip
+    engine = LLMEngine(
+        engine_model,
+        task["tokenizer"],
+        EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=recipe.seed),
+    )
     buffer = DataBuffer(task["prompts"], buffer_cfg)
     delay = pareto_delay(**recipe.delay, seed=recipe.seed) if recipe.delay else None
-    rollout = RolloutManager(engine, buffer, task["reward_fn"], rollout_cfg, tokenizer=task["tokenizer"],
-                             reply_fn=task["reply_fn"], env=task["env"], delay_fn=delay)  # fmt: skip
+    rollout = RolloutManager(
+        engine,
+        buffer,
+        task["reward_fn"],
+        rollout_cfg,
+        tokenizer=task["tokenizer"],
+        reply_fn=task["reply_fn"],
+        env=task["env"],
+        delay_fn=delay,
+    )
     trainer = RLTrainer(policy, trainer_cfg)
     if recipe.transport == "disk":
         transport: Any = DiskTransport(f"{out or '.'}/weights")
     else:
         transport = ObjectStoreTransport(use_ray=False)
-    return {"buffer": buffer, "engine": engine, "rollout": rollout, "trainer": trainer, "transport": transport}
+    return {
+        "buffer": buffer,
+        "engine": engine,
+        "rollout": rollout,
+        "trainer": trainer,
+        "transport": transport,
+    }

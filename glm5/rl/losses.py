@@ -84,9 +84,15 @@ class LossConfig:
     of the batch, which is only micro-batch invariant when every micro-batch has the same T."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("advantage_estimator", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES),
-                              ("off_policy", OFF_POLICY_MODES), ("is_level", IS_LEVELS), ("is_rule", IS_RULES),
-                              ("kl_estimator", KL_ESTIMATORS), ("reduction", REDUCTIONS)):  # fmt: skip
+        for name, allowed in (
+            ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+            ("policy_loss", POLICY_LOSSES),
+            ("off_policy", OFF_POLICY_MODES),
+            ("is_level", IS_LEVELS),
+            ("is_rule", IS_RULES),
+            ("kl_estimator", KL_ESTIMATORS),
+            ("reduction", REDUCTIONS),
+        ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(
@@ -101,8 +107,10 @@ class LossConfig:
         if not self.is_threshold_high > 0.0:
             raise ValueError(f"LossConfig.is_threshold_high={self.is_threshold_high} must be > 0")
         if not 0.0 <= self.is_threshold_low < self.is_threshold_high:
-            raise ValueError(f"LossConfig.is_threshold_low={self.is_threshold_low} must be in "
-                             f"[0, is_threshold_high={self.is_threshold_high})")  # fmt: skip
+            raise ValueError(
+                f"LossConfig.is_threshold_low={self.is_threshold_low} must be in "
+                f"[0, is_threshold_high={self.is_threshold_high})"
+            )
         for name in ("advantage_eps", "kl_coef", "entropy_coef"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be >= 0")
@@ -120,8 +128,10 @@ def compute_advantages(rewards: Tensor, group_index: Tensor, cfg: LossConfig) ->
     advantage 0: it carries no comparison.
     """
     if rewards.dim() != 1 or group_index.shape != rewards.shape:
-        raise ValueError(f"rewards and group_index must both have shape [N]; got {tuple(rewards.shape)} and "
-                         f"{tuple(group_index.shape)}")  # fmt: skip
+        raise ValueError(
+            f"rewards and group_index must both have shape [N]; got {tuple(rewards.shape)} and "
+            f"{tuple(group_index.shape)}"
+        )
     r = rewards.detach().to(torch.float32 if not rewards.is_floating_point() else rewards.dtype)
     n = r.shape[0]
     if n == 0:
@@ -236,8 +246,14 @@ def importance_weights(
     return weights, changed & mask
 
 
-def _reduce(token_loss: Tensor, mask: Tensor, cfg: LossConfig, num_rollouts: int | None, num_tokens: int | None,
-            rollout_token_counts: Tensor | None) -> Tensor:  # fmt: skip
+def _reduce(
+    token_loss: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    num_rollouts: int | None,
+    num_tokens: int | None,
+    rollout_token_counts: Tensor | None,
+) -> Tensor:
     masked = torch.where(mask > 0, token_loss * mask, 0.0)
     rollouts = num_rollouts if num_rollouts is not None else mask.shape[0]
     if cfg.reduction == "rollout_token_mean":
@@ -287,8 +303,17 @@ def policy_loss(
     each row belongs to; the rollout then counts once (pass num_rollouts = the number of distinct rollouts).
     Metrics are token means over this batch's masked tokens.
     """
-    _check_shapes({"current_logp": current_logp, "proximal_logp": proximal_logp, "behavior_logp": behavior_logp,
-                   "loss_mask": loss_mask, "ref_logp": ref_logp, "entropy": entropy}, advantages)  # fmt: skip
+    _check_shapes(
+        {
+            "current_logp": current_logp,
+            "proximal_logp": proximal_logp,
+            "behavior_logp": behavior_logp,
+            "loss_mask": loss_mask,
+            "ref_logp": ref_logp,
+            "entropy": entropy,
+        },
+        advantages,
+    )
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError("LossConfig.kl_coef > 0 needs ref_logp (the reference model's log-probs)")
     if cfg.entropy_coef > 0 and entropy is None:

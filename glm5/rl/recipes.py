@@ -24,11 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SMALL_MODEL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32, kv_lora_rank=32,
-                   num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16, v_head_dim=16,
-                   qk_rope_head_dim=8, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                   index_n_heads=2, index_head_dim=16, index_topk=64, num_nextn_predict_layers=0,
-                   max_position_embeddings=512)  # fmt: skip
+SMALL_MODEL = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    qk_rope_head_dim=8,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=64,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=512,
+)
 """GLM5Config overrides of the tiny preset for a model built without --init (MLA, MoE and DSA all present)."""
 
 
@@ -106,23 +121,49 @@ _DIGITS_TRAINER = dict(lr=5e-3, micro_batch_size=64, loss=_LOSS)
 def _recipes() -> dict[str, RLRecipe]:
     sync_buf = dict(batch_size=4, max_staleness=0, policy="drop_and_requeue", over_sample=0)
     async_buf = dict(batch_size=4, max_staleness=1, policy="pace", over_sample=0)
-    math_sync = RLRecipe("math-sync", buffer=sync_buf, rollout={**_MATH_ROLLOUT, "partial_rollout": False},
-                         trainer=_MATH_TRAINER)  # fmt: skip
-    math_async = math_sync.replace(name="math-async", overlap=True, buffer=async_buf,
-                                   rollout={**_MATH_ROLLOUT, "update_mode": "abort", "partial_rollout": True})  # fmt: skip
+    math_sync = RLRecipe(
+        "math-sync",
+        buffer=sync_buf,
+        rollout={**_MATH_ROLLOUT, "partial_rollout": False},
+        trainer=_MATH_TRAINER,
+    )
+    math_async = math_sync.replace(
+        name="math-async",
+        overlap=True,
+        buffer=async_buf,
+        rollout={**_MATH_ROLLOUT, "update_mode": "abort", "partial_rollout": True},
+    )
     return {
         "math-sync": math_sync,
         "math-async": math_async,
         "math-abstain": math_async.replace(name="math-abstain", reward="abstain"),
-        "tool-use": math_async.replace(name="tool-use", task="tool", reward="tool",
-                                       task_counts={"calculator": 120, "easy_arithmetic": 60},
-                                       rollout={**_MATH_ROLLOUT, "max_new_tokens": 64, "partial_rollout": True}),
-        "digits-sync": RLRecipe("digits-sync", task="digits", reward="digits", steps=30, buffer=dict(sync_buf, batch_size=8),
-                                rollout={**_DIGITS_ROLLOUT, "partial_rollout": False}, trainer=_DIGITS_TRAINER),
-        "digits-async": RLRecipe("digits-async", task="digits", reward="digits", steps=30, overlap=True,
-                                 buffer=dict(async_buf, batch_size=8), rollout=_DIGITS_ROLLOUT,
-                                 trainer=_DIGITS_TRAINER),
-    }  # fmt: skip
+        "tool-use": math_async.replace(
+            name="tool-use",
+            task="tool",
+            reward="tool",
+            task_counts={"calculator": 120, "easy_arithmetic": 60},
+            rollout={**_MATH_ROLLOUT, "max_new_tokens": 64, "partial_rollout": True},
+        ),
+        "digits-sync": RLRecipe(
+            "digits-sync",
+            task="digits",
+            reward="digits",
+            steps=30,
+            buffer=dict(sync_buf, batch_size=8),
+            rollout={**_DIGITS_ROLLOUT, "partial_rollout": False},
+            trainer=_DIGITS_TRAINER,
+        ),
+        "digits-async": RLRecipe(
+            "digits-async",
+            task="digits",
+            reward="digits",
+            steps=30,
+            overlap=True,
+            buffer=dict(async_buf, batch_size=8),
+            rollout=_DIGITS_ROLLOUT,
+            trainer=_DIGITS_TRAINER,
+        ),
+    }
 
 
 RECIPE_NAMES = ("math-sync", "math-async", "math-abstain", "tool-use", "digits-sync", "digits-async")
@@ -171,8 +212,13 @@ def digits_prompts(count: int, seed: int, kind: str = "successor") -> list[dict[
     else:
         items = [(f"{a}+{b}=", (a + b) % 10) for a in range(10) for b in range(10)]
     random.Random(seed).shuffle(items)
-    return [{"tokens": tok.encode(items[i % len(items)][0]),
-             "metadata": {"answer": str(items[i % len(items)][1]), "kind": "digits"}} for i in range(count)]  # fmt: skip
+    return [
+        {
+            "tokens": tok.encode(items[i % len(items)][0]),
+            "metadata": {"answer": str(items[i % len(items)][1]), "kind": "digits"},
+        }
+        for i in range(count)
+    ]
 
 
 def digits_reward(reply: str, metadata: dict[str, Any]) -> float:
@@ -184,8 +230,13 @@ def digits_reward(reply: str, metadata: dict[str, Any]) -> float:
 def task_prompts(tasks: list[Any], tokenizer: Any) -> list[dict[str, Any]]:
     from glm5.rl.rewards import task_metadata
 
-    return [{"tokens": tokenizer.apply_chat_template(t.prompt_messages, t.tools, return_loss_mask=False),
-             "metadata": task_metadata(t)} for t in tasks]  # fmt: skip
+    return [
+        {
+            "tokens": tokenizer.apply_chat_template(t.prompt_messages, t.tools, return_loss_mask=False),
+            "metadata": task_metadata(t),
+        }
+        for t in tasks
+    ]
 
 
 # --- the policy ---------------------------------------------------------------------------------------------
@@ -195,8 +246,9 @@ def tiny_model(vocab_size: int, eos_ids: list[int], pad_id: int, seed: int) -> A
     from glm5 import GLM5Config
     from glm5.model import GLM5ForCausalLM
 
-    cfg = GLM5Config.from_preset("tiny").replace(vocab_size=vocab_size, eos_token_id=list(eos_ids), pad_token_id=pad_id,
-                                                 **SMALL_MODEL)  # fmt: skip
+    cfg = GLM5Config.from_preset("tiny").replace(
+        vocab_size=vocab_size, eos_token_id=list(eos_ids), pad_token_id=pad_id, **SMALL_MODEL
+    )
     torch.manual_seed(seed)
     return GLM5ForCausalLM(cfg)
 
@@ -212,9 +264,13 @@ def load_init(folder: str | Path) -> tuple[Any, Any]:
     if (path / "model" / "config.json").is_file():
         path = path / "model"
     if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
-        raise ValueError(f"--init {folder}: expected a checkpoint folder written by `glm5 train` (config.json, "
-                         "*.safetensors and tokenizer.json, or their model/ subfolder)")  # fmt: skip
-    return GLM5ForCausalLM.from_pretrained(str(path), dtype=torch.float32), GLM5Tokenizer.from_pretrained(path)
+        raise ValueError(
+            f"--init {folder}: expected a checkpoint folder written by `glm5 train` (config.json, "
+            "*.safetensors and tokenizer.json, or their model/ subfolder)"
+        )
+    return GLM5ForCausalLM.from_pretrained(str(path), dtype=torch.float32), GLM5Tokenizer.from_pretrained(
+        path
+    )
 
 
 def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str, Any]:
@@ -229,14 +285,25 @@ def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str
             raise ValueError("the digits toy task uses its own 16-symbol vocabulary; run it without --init")
         model = tiny_model(tok.vocab_size, tok.eos_token_ids, tok.pad_token_id, recipe.seed)
         log("digits task: a randomly initialised tiny model (16-symbol vocabulary)")
-        return {"model": model, "tokenizer": tok, "prompts": digits_prompts(recipe.num_prompts, recipe.seed),
-                "eval": digits_prompts(recipe.eval_prompts, recipe.seed + 1), "reward_fn": digits_reward,
-                "reply_fn": plain_reply, "env": None}  # fmt: skip
+        return {
+            "model": model,
+            "tokenizer": tok,
+            "prompts": digits_prompts(recipe.num_prompts, recipe.seed),
+            "eval": digits_prompts(recipe.eval_prompts, recipe.seed + 1),
+            "reward_fn": digits_reward,
+            "reply_fn": plain_reply,
+            "env": None,
+        }
     if recipe.task not in ("math", "tool"):
         raise ValueError(f"recipe task must be math, tool or digits, got {recipe.task!r}")
     tasks = generate_tasks(recipe.task_counts, recipe.seed)
-    held_out = generate_tasks({k: max(1, v * recipe.eval_prompts // max(1, sum(recipe.task_counts.values())))
-                           for k, v in recipe.task_counts.items()}, recipe.seed + 7919)  # fmt: skip
+    held_out = generate_tasks(
+        {
+            k: max(1, v * recipe.eval_prompts // max(1, sum(recipe.task_counts.values())))
+            for k, v in recipe.task_counts.items()
+        },
+        recipe.seed + 7919,
+    )
     if init is not None:
         model, tok = load_init(init)
         log(f"policy: {init}")
@@ -244,8 +311,15 @@ def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str
         model, tok = quick_policy(tasks, recipe, log)
     env = CalculatorEnvironment(tok, recipe.max_turns) if recipe.task == "tool" else None
     reward = digits_reward if recipe.reward == "digits" else get_reward_fn(recipe.reward)
-    return {"model": model, "tokenizer": tok, "prompts": task_prompts(tasks, tok), "eval": task_prompts(held_out, tok),
-            "reward_fn": reward, "reply_fn": chat_reply, "env": env}  # fmt: skip
+    return {
+        "model": model,
+        "tokenizer": tok,
+        "prompts": task_prompts(tasks, tok),
+        "eval": task_prompts(held_out, tok),
+        "reward_fn": reward,
+        "reply_fn": chat_reply,
+        "env": env,
+    }
 
 
 def quick_policy(tasks: list[Any], recipe: RLRecipe, log: Any) -> tuple[Any, Any]:
@@ -257,8 +331,10 @@ def quick_policy(tasks: list[Any], recipe: RLRecipe, log: Any) -> tuple[Any, Any
     texts = [render_chat(t.messages, t.tools, add_generation_prompt=False) for t in tasks] * 4
     tok = GLM5Tokenizer.train(iter(texts), vocab_size=384)  # an iterator: text, not file paths
     model = tiny_model(tok.vocab_size, tok.eos_token_ids, tok.pad_token_id, recipe.seed)
-    log(f"no --init: built a tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) and a "
-        f"{tok.vocab_size}-id tokenizer; supervised warm start for {recipe.sft_steps} steps")  # fmt: skip
+    log(
+        f"no --init: built a tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) and a "
+        f"{tok.vocab_size}-id tokenizer; supervised warm start for {recipe.sft_steps} steps"
+    )
     examples = [tok.apply_chat_template(t.messages, t.tools, add_generation_prompt=False) for t in tasks]
     sft_warm_start(model, examples, recipe.sft_steps, seed=recipe.seed)
     return model, tok

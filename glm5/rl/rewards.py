@@ -128,23 +128,29 @@ def get_reward_fn(name: str) -> RewardFn:
     elif "." in name:
         module_name, _, attr = name.rpartition(".")
     else:
-        raise ValueError(f"unknown reward {name!r}; use one of {', '.join(REWARDS)} or an import path "
-                         "'package.module:function'")  # fmt: skip
+        raise ValueError(
+            f"unknown reward {name!r}; use one of {', '.join(REWARDS)} or an import path "
+            "'package.module:function'"
+        )
     if not module_name or not attr:
         raise ValueError(f"reward {name!r} is not an import path; write it as 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"reward {name!r}: cannot import module {module_name!r} ({exc}); check the path and "
-                         "that the module is on PYTHONPATH") from exc  # fmt: skip
+        raise ValueError(
+            f"reward {name!r}: cannot import module {module_name!r} ({exc}); check the path and "
+            "that the module is on PYTHONPATH"
+        ) from exc
     fn: Any = module
     for part in attr.split("."):
         if not hasattr(fn, part):
             raise ValueError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
         fn = getattr(fn, part)
     if not callable(fn):
-        raise ValueError(f"reward {name!r}: {attr!r} is a {type(fn).__name__}, not a callable "
-                         "(reply: str, metadata: dict) -> float")  # fmt: skip
+        raise ValueError(
+            f"reward {name!r}: {attr!r} is a {type(fn).__name__}, not a callable "
+            "(reply: str, metadata: dict) -> float"
+        )
     return fn
 
 
@@ -219,7 +225,9 @@ class CalculatorEnvironment:
         special = self.tokenizer.require_special_ids(s.text for s in segs if s.special)
         ids: list[int] = []
         for seg in segs:
-            ids += [special[seg.text]] if seg.special else self.tokenizer.encode(seg.text, allow_special=False)
+            ids += (
+                [special[seg.text]] if seg.special else self.tokenizer.encode(seg.text, allow_special=False)
+            )
         return ids
 
     def observe(self, response_text: str, turn: int) -> list[int] | None:

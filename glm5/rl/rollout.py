@@ -75,7 +75,9 @@ class RolloutConfig:
         if self.reward_workers < 0:
             raise ValueError(f"rollout reward_workers must be >= 0, got {self.reward_workers}")
         if self.max_filtered_per_step is not None and self.max_filtered_per_step < 0:
-            raise ValueError(f"rollout max_filtered_per_step must be >= 0 or None, got {self.max_filtered_per_step}")
+            raise ValueError(
+                f"rollout max_filtered_per_step must be >= 0 or None, got {self.max_filtered_per_step}"
+            )
 
 
 class _Request:
@@ -99,7 +101,9 @@ class _Request:
         return self.finish_reason is not None and self.visible(now) == len(self.ids)
 
 
-def pareto_delay(alpha: float = 1.5, scale: float = 0.002, cap: float = 0.2, seed: int = 0) -> Callable[[Sample], float]:
+def pareto_delay(
+    alpha: float = 1.5, scale: float = 0.002, cap: float = 0.2, seed: int = 0
+) -> Callable[[Sample], float]:
     """Per-token delay drawn from a Pareto(alpha) with minimum `scale` seconds, capped (a long tail of slow
     requests, deterministic per sample and position)."""
 
@@ -128,10 +132,18 @@ class RolloutManager:
     `observe(response_text, turn) -> ids | None` and `final_reply(text)`."""
 
     def __init__(
-        self, engine: Any, buffer: Any, reward_fn: Callable[[str, dict], float], config: RolloutConfig | None = None,
-        *, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply, env: Any = None,
-        delay_fn: Callable[[Sample], float] | None = None, worker: str = "local",
-    ) -> None:  # fmt: skip
+        self,
+        engine: Any,
+        buffer: Any,
+        reward_fn: Callable[[str, dict], float],
+        config: RolloutConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        reply_fn: Callable[[str, dict], str] = plain_reply,
+        env: Any = None,
+        delay_fn: Callable[[Sample], float] | None = None,
+        worker: str = "local",
+    ) -> None:
         self.engine, self.buffer, self.reward_fn = engine, buffer, reward_fn
         self.cfg = config or RolloutConfig()
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
@@ -139,9 +151,14 @@ class RolloutManager:
         self.stop_ids = set(getattr(self.tokenizer, "eos_token_ids", None) or engine.eos_ids)
         self.groups: dict[int, tuple[Lease, list[Sample]]] = {}
         self.requests: dict[str, _Request] = {}
-        self.scoring: dict[int, tuple[Future, Lease, list[Sample], list[str | None]]] = {}  # groups being judged
-        self._judges = ThreadPoolExecutor(self.cfg.reward_workers, thread_name_prefix=f"reward-{worker}") \
-            if self.cfg.reward_workers else None  # fmt: skip
+        self.scoring: dict[
+            int, tuple[Future, Lease, list[Sample], list[str | None]]
+        ] = {}  # groups being judged
+        self._judges = (
+            ThreadPoolExecutor(self.cfg.reward_workers, thread_name_prefix=f"reward-{worker}")
+            if self.cfg.reward_workers
+            else None
+        )
         self.stats: Counter[str] = Counter()
         self.gen_seconds: list[float] = []
         self._rewards: list[float] = []
@@ -173,14 +190,18 @@ class RolloutManager:
         deadline = time.monotonic() + timeout
         while not done():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout did not finish within {timeout:.0f} s (buffer: {self.buffer.counts()})")
+                raise TimeoutError(
+                    f"rollout did not finish within {timeout:.0f} s (buffer: {self.buffer.counts()})"
+                )
             if not self.step() or not self.engine.has_unfinished_requests():
                 time.sleep(0.001)
 
     def _start_group(self, lease: Lease) -> None:
         samples = lease.samples
         if samples is None:
-            samples = new_group(lease.prompt_id, lease.epoch, lease.prompt, self.cfg.n_samples, lease.metadata)
+            samples = new_group(
+                lease.prompt_id, lease.epoch, lease.prompt, self.cfg.n_samples, lease.metadata
+            )
         elif not self.cfg.partial_rollout:
             for s in samples:
                 if not s.done:
@@ -200,8 +221,14 @@ class RolloutManager:
         self._ids += 1
         rid = f"{self.worker}:{sample.uid}:{self._ids}"
         seed = zlib.crc32(f"{self.cfg.seed}/{sample.uid}/{len(sample.tokens)}".encode())
-        params = SamplingParams(max_tokens=min(budget, room), temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                                logprobs=0, seed=seed, detokenize=False)  # fmt: skip
+        params = SamplingParams(
+            max_tokens=min(budget, room),
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            logprobs=0,
+            seed=seed,
+            detokenize=False,
+        )
         delay = self.delay_fn(sample) if self.delay_fn is not None else 0.0
         self.requests[rid] = _Request(lease_id, sample, delay)
         self.engine.add_request(rid, list(sample.tokens), params)
@@ -231,7 +258,9 @@ class RolloutManager:
                 obs = self.env.observe(self.tokenizer.decode(self._last_turn(s)), turn)
                 if obs:
                     s.metadata["turn"] = turn + 1
-                    s.append(list(obs), [0.0] * len(obs), [self.engine.weight_version] * len(obs), trainable=False)
+                    s.append(
+                        list(obs), [0.0] * len(obs), [self.engine.weight_version] * len(obs), trainable=False
+                    )
                     self._submit(req.lease_id, s)
                     continue
             s.status = {"stop": COMPLETED, "length": TRUNCATED}.get(req.finish_reason, FAILED)
@@ -241,7 +270,12 @@ class RolloutManager:
             if self._judges is None:
                 self._score_group(lease, group, replies, self._judge(group, replies))
             else:
-                self.scoring[lease_id] = (self._judges.submit(self._judge, group, replies), lease, group, replies)
+                self.scoring[lease_id] = (
+                    self._judges.submit(self._judge, group, replies),
+                    lease,
+                    group,
+                    replies,
+                )
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.stop_ids])
@@ -261,7 +295,9 @@ class RolloutManager:
                 replies.append(None)
                 continue
             text = self._decode(self._last_turn(s))
-            replies.append(self.env.final_reply(text) if self.env is not None else self.reply_fn(text, s.metadata))
+            replies.append(
+                self.env.final_reply(text) if self.env is not None else self.reply_fn(text, s.metadata)
+            )
         return replies
 
     def _judge(self, group: list[Sample], replies: list[str | None]) -> list[float | None]:
@@ -280,8 +316,9 @@ class RolloutManager:
             rewards = future.result()  # a judge's exception surfaces here, like an inline one
             self._score_group(lease, group, replies, rewards)
 
-    def _score_group(self, lease: Lease, group: list[Sample], replies: list[str | None],
-                     rewards: list[float | None]) -> None:  # fmt: skip
+    def _score_group(
+        self, lease: Lease, group: list[Sample], replies: list[str | None], rewards: list[float | None]
+    ) -> None:
         lease_id = lease.lease_id
         for s, reply, reward in zip(group, replies, rewards):
             if reward is not None:
@@ -315,7 +352,9 @@ class RolloutManager:
         tokens, logprobs and versions) when partial rollouts are on, else to restart. Returns groups requeued."""
         with self._lock:
             now = time.monotonic()
-            self._finish_ready(now)  # a request whose end is already visible finished: it is not cut (and resumed)
+            self._finish_ready(
+                now
+            )  # a request whose end is already visible finished: it is not cut (and resumed)
             if self.requests:
                 self.engine.abort_request(list(self.requests))
                 self.engine.step()  # applies the aborts; their last deltas are dropped: only visible tokens count
@@ -413,26 +452,41 @@ class RolloutManager:
         return out
 
 
-def evaluate_policy(engine: Any, prompts: list[dict[str, Any]], reward_fn: Callable[[str, dict], float], *,
-                    max_new_tokens: int, tokenizer: Any = None, reply_fn: Callable[[str, dict], str] = plain_reply,
-                    env: Any = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_policy(
+    engine: Any,
+    prompts: list[dict[str, Any]],
+    reward_fn: Callable[[str, dict], float],
+    *,
+    max_new_tokens: int,
+    tokenizer: Any = None,
+    reply_fn: Callable[[str, dict], str] = plain_reply,
+    env: Any = None,
+) -> dict[str, Any]:
     """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, and the
     accuracy, abstention and hallucination rates of `glm5.eval.metrics.outcome_rates`."""
     from glm5.eval.metrics import outcome_rates
     from glm5.rl.buffer import BufferConfig, DataBuffer
 
-    buffer = DataBuffer(prompts, BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1,
-                                              shuffle=False))  # fmt: skip
-    cfg = RolloutConfig(n_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, filter_zero_variance=False)
-    manager = RolloutManager(engine, buffer, reward_fn, cfg, tokenizer=tokenizer, reply_fn=reply_fn, env=env,
-                             worker="eval")  # fmt: skip
+    buffer = DataBuffer(
+        prompts,
+        BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1, shuffle=False),
+    )
+    cfg = RolloutConfig(
+        n_samples=1, max_new_tokens=max_new_tokens, temperature=0.0, filter_zero_variance=False
+    )
+    manager = RolloutManager(
+        engine, buffer, reward_fn, cfg, tokenizer=tokenizer, reply_fn=reply_fn, env=env, worker="eval"
+    )
     manager.run_until(lambda: buffer.num_ready() == len(prompts))
     samples = [g[0] for g in buffer.get_batch(len(prompts))]
     replies = [str(s.metadata.get("reply", "")) for s in samples]
     return {
         "reward": sum(float(s.reward) for s in samples) / len(samples),
         **outcome_rates(samples),
-        "num_prompts": len(samples), "version": engine.weight_version,
-        "examples": [{"prompt_id": s.prompt_id, "reply": r, "answer": s.metadata.get("answer"), "reward": s.reward}
-                     for s, r in zip(samples[:6], replies[:6])],
-    }  # fmt: skip
+        "num_prompts": len(samples),
+        "version": engine.weight_version,
+        "examples": [
+            {"prompt_id": s.prompt_id, "reply": r, "answer": s.metadata.get("answer"), "reward": s.reward}
+            for s, r in zip(samples[:6], replies[:6])
+        ],
+    }

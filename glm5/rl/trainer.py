@@ -64,8 +64,9 @@ def pad_batch(samples: list[Sample], pad_id: int = 0) -> dict[str, torch.Tensor]
     return {"tokens": tokens, "pos": pos, "loss_mask": mask, "behavior_logp": behavior, "versions": versions}
 
 
-def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], want_entropy: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def response_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], want_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token) [B, R] (and the entropy of pi at each response position) by one full forward."""
     device = model.lm_head.weight.device
     tokens = batch["tokens"].to(device)
@@ -83,7 +84,9 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], wa
 class RLTrainer:
     """Owns the policy (and an optional frozen reference), the optimizer and the weight version."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainerConfig | None = None, ref_model: Any = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, config: TrainerConfig | None = None, ref_model: Any = None
+    ) -> None:
         self.model = model.train()
         self.cfg = cfg = config or TrainerConfig()
         self.loss_cfg = cfg.loss_config()
@@ -91,8 +94,10 @@ class RLTrainer:
         for name, p in model.named_parameters():
             if is_indexer_param(name):  # the DSA indexer learns from its KL loss in pre-training, not from RL
                 p.requires_grad_(False)
-        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad])
-                  for g in param_groups(model, cfg.lr, cfg.lr, cfg.weight_decay, muon=False)]  # fmt: skip
+        groups = [
+            dict(g, params=[p for p in g["params"] if p.requires_grad])
+            for g in param_groups(model, cfg.lr, cfg.lr, cfg.weight_decay, muon=False)
+        ]
         groups = [g for g in groups if g["params"]]
         for g in groups:
             g.pop("use_muon")
@@ -123,9 +128,18 @@ class RLTrainer:
             if self.ref_model is not None and lc.kl_coef > 0:
                 with torch.no_grad():
                     ref, _ = response_logprobs(self.ref_model, batch)
-            loss, metrics = policy_loss(current, proximal, behavior, advantages[start : start + len(part)].to(current.device),
-                                        batch["loss_mask"].to(current.device), lc, ref_logp=ref, entropy=entropy,
-                                        num_rollouts=len(samples), num_tokens=num_tokens)  # fmt: skip
+            loss, metrics = policy_loss(
+                current,
+                proximal,
+                behavior,
+                advantages[start : start + len(part)].to(current.device),
+                batch["loss_mask"].to(current.device),
+                lc,
+                ref_logp=ref,
+                entropy=entropy,
+                num_rollouts=len(samples),
+                num_tokens=num_tokens,
+            )
             loss.backward()
             share = len(part) / len(samples)  # metrics of a micro-batch are its own means: weight by size
             for k, v in metrics.items():
@@ -136,8 +150,14 @@ class RLTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return {**sums, "grad_norm": float(norm), "skipped": skipped, "train_s": time.perf_counter() - t0,
-                "num_samples": len(samples), "num_tokens": num_tokens}  # fmt: skip
+        return {
+            **sums,
+            "grad_norm": float(norm),
+            "skipped": skipped,
+            "train_s": time.perf_counter() - t0,
+            "num_samples": len(samples),
+            "num_tokens": num_tokens,
+        }
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
@@ -160,8 +180,14 @@ class RLTrainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
-def sft_warm_start(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], steps: int,
-                   batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> list[float]:  # fmt: skip
+def sft_warm_start(
+    model: torch.nn.Module,
+    examples: list[tuple[list[int], list[int]]],
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
     """Supervised fine-tuning on (ids, loss_mask) conversations (the assistant turns), for a policy built from
     scratch: RL needs one that is right some of the time. Returns the losses."""
     gen = torch.Generator().manual_seed(seed)
@@ -188,8 +214,13 @@ def sft_warm_start(model: torch.nn.Module, examples: list[tuple[list[int], list[
     return losses
 
 
-def save_rl_checkpoint(folder: str, trainer: RLTrainer, buffer_state: dict[str, Any], extra: dict[str, Any] | None = None,
-                       keep: int = 2) -> Any:  # fmt: skip
+def save_rl_checkpoint(
+    folder: str,
+    trainer: RLTrainer,
+    buffer_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Any:
     """Atomic checkpoint (glm5/train/state.py): weights, optimizer, RNG, the version and the whole buffer state
     (cursor, requeued and partial groups, outstanding leases, completed groups, terminal states)."""
     from glm5.train.state import save_checkpoint

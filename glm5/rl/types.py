@@ -106,8 +106,14 @@ class Sample:
         return cls(**d)
 
 
-def new_group(prompt_id: int, epoch: int, prompt: list[int], n: int, metadata: dict[str, Any]) -> list[Sample]:
+def new_group(
+    prompt_id: int, epoch: int, prompt: list[int], n: int, metadata: dict[str, Any]
+) -> list[Sample]:
     """n fresh samples of one prompt."""
     gid = f"{prompt_id}.{epoch}"
-    return [Sample(f"{gid}.{i}", prompt_id, gid, i, list(prompt), len(prompt), epoch=epoch,
-                   metadata=dict(metadata)) for i in range(n)]  # fmt: skip
+    return [
+        Sample(
+            f"{gid}.{i}", prompt_id, gid, i, list(prompt), len(prompt), epoch=epoch, metadata=dict(metadata)
+        )
+        for i in range(n)
+    ]

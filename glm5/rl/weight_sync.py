@@ -92,7 +92,9 @@ class ObjectStoreTransport:
             import ray
 
             state = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v.copy()) for k, v in state.items()}
+            return {
+                k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v.copy()) for k, v in state.items()
+            }
         return ref
 
 
@@ -169,7 +171,9 @@ class CollectiveTransport:
         header: list[Any] = [None]
         if state is not None:
             names = sorted(state)
-            header = [(version, [(n, list(state[n].shape), str(state[n].dtype).split(".")[-1]) for n in names])]
+            header = [
+                (version, [(n, list(state[n].shape), str(state[n].dtype).split(".")[-1]) for n in names])
+            ]
         dist.broadcast_object_list(header, src=self.src, group=self.group)
         version, meta = header[0]
         out: StateDict = {}
@@ -207,7 +211,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def make_transport(kind: str, **options: Any) -> Any:
-    """"object_store" | "disk" (folder=...) | "collective" (group=..., src=...)."""
+    """ "object_store" | "disk" (folder=...) | "collective" (group=..., src=...)."""
     kinds = {"object_store": ObjectStoreTransport, "disk": DiskTransport, "collective": CollectiveTransport}
     if kind not in kinds:
         raise ValueError(f"unknown weight transport {kind!r}; choose one of {', '.join(kinds)}")

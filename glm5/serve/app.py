@@ -67,15 +67,35 @@ DRAIN_IDLE_WAIT_S = 5.0
 """At the lifespan's end, how long to wait for generations uvicorn's shutdown left (it has already waited out the
 graceful timeout and cancelled open responses) before the engine aborts them."""
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-                 415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
-def _error(status: int, message: str, type: str | None = None, param: str | None = None,
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": type or _STATUS_TYPES.get(status, "internal_error"),
-                      "param": param, "code": code}}  # fmt: skip
+def _error(
+    status: int,
+    message: str,
+    type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": type or _STATUS_TYPES.get(status, "internal_error"),
+            "param": param,
+            "code": code,
+        }
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -93,7 +113,9 @@ class _Guard:
             return await self.app(scope, receive, send)
         state = self.state_ref["state"]
         path = scope.get("path", "")
-        endpoint = path if path in _KNOWN_PATHS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        endpoint = (
+            path if path in _KNOWN_PATHS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        )
         status_box = {"status": 500}
 
         async def counting_send(message: dict) -> None:
@@ -113,7 +135,9 @@ class _Guard:
                 message = await receive()
                 if message["type"] == "http.request":
                     seen["bytes"] += len(message.get("body", b""))
-                    if seen["bytes"] > limit:  # FastAPI passes an HTTPException raised while reading the body on
+                    if (
+                        seen["bytes"] > limit
+                    ):  # FastAPI passes an HTTPException raised while reading the body on
                         raise HTTPException(413, f"request body too large: more than {limit} bytes")
                 return message
 
@@ -128,25 +152,48 @@ class _Guard:
             given = headers.get("authorization", "")
             token = given[7:].strip() if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
-                return _error(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return _error(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         if scope.get("method") == "POST" and path in JSON_POSTS:
             given = headers.get("content-type", "")
             kind = given.split(";", 1)[0].strip().lower()
-            if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-                return _error(415, f"the body must be JSON: send 'Content-Type: application/json' (got "
-                                   f"{given or 'no Content-Type'!r})", code="unsupported_media_type")  # fmt: skip
+            if kind != "application/json" and not (
+                kind.startswith("application/") and kind.endswith("+json")
+            ):
+                return _error(
+                    415,
+                    f"the body must be JSON: send 'Content-Type: application/json' (got "
+                    f"{given or 'no Content-Type'!r})",
+                    code="unsupported_media_type",
+                )
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return _error(400, f"invalid Content-Length header {length!r}")
             if int(length) > state.config.max_body_bytes:
-                return _error(413, f"request body too large: {int(length)} > {state.config.max_body_bytes} bytes")
+                return _error(
+                    413, f"request body too large: {int(length)} > {state.config.max_body_bytes} bytes"
+                )
         return None
 
 
-_KNOWN_PATHS = frozenset(["/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
-                          "/tokenizer_info", "/health", "/metrics", "/openapi.json"])  # fmt: skip
+_KNOWN_PATHS = frozenset(
+    [
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+    ]
+)
 
 
 _TYPE_TAGS = frozenset(["str", "int", "float", "bool", "bytes", "none", "any", "dict", "list"])
@@ -213,8 +260,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
             log.warning("shutting down with %d sequences still admitted: aborting them", state.num_pending)
         await engine.shutdown()
 
-    app = FastAPI(title="glm5 OpenAI-compatible server", version="1", lifespan=lifespan,
-                  responses=ERROR_RESPONSES)  # fmt: skip
+    app = FastAPI(
+        title="glm5 OpenAI-compatible server", version="1", lifespan=lifespan, responses=ERROR_RESPONSES
+    )
     app.state.server = state
     app.add_middleware(_Guard, state_ref=state_ref)
 
@@ -240,8 +288,16 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         return _error(500, f"internal server error: {type(exc).__name__}: {exc}", "internal_error")
 
     # --- generation ------------------------------------------------------------------------------
-    async def generate(request: Request, body: Any, num_seqs: int, what: str, prepare: Any, run: Any,
-                       run_sse: Any, param: str = "n") -> Response:  # fmt: skip
+    async def generate(
+        request: Request,
+        body: Any,
+        num_seqs: int,
+        what: str,
+        prepare: Any,
+        run: Any,
+        run_sse: Any,
+        param: str = "n",
+    ) -> Response:
         """Admit the request's sequences, prepare it (render + tokenize) in a worker thread, then stream it (SSE) or
         answer it whole; a client that disconnects is aborted."""
         state = st()
@@ -265,15 +321,23 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await generate(request, body, body.n, f"n = {body.n}", chat.prepare_chat, chat.chat_completion,
-                              chat.chat_sse)  # fmt: skip
+        return await generate(
+            request, body, body.n, f"n = {body.n}", chat.prepare_chat, chat.chat_completion, chat.chat_sse
+        )
 
     @app.post("/v1/completions", response_model=None)
     async def completions_(body: CompletionRequest, request: Request) -> Response:
         num_prompts = completions.num_prompts(body.prompt)
-        return await generate(request, body, num_prompts * body.n, f"{num_prompts} prompts x n {body.n}",
-                              completions.prepare_completion, completions.completion, completions.completion_sse,
-                              param="n" if body.n > 1 else "prompt")  # fmt: skip
+        return await generate(
+            request,
+            body,
+            num_prompts * body.n,
+            f"{num_prompts} prompts x n {body.n}",
+            completions.prepare_completion,
+            completions.completion,
+            completions.completion_sse,
+            param="n" if body.n > 1 else "prompt",
+        )
 
     # --- models, tokenizer, health, metrics ----------------------------------------------------
     def card(model_id: str) -> ModelCard:
@@ -303,25 +367,37 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
         if body.prompt is not None:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens,
-                             allow_special=state.config.allow_special_tokens_in_prompt)  # as /v1/completions
+            ids = tok.encode(
+                body.prompt,
+                add_special_tokens=body.add_special_tokens,
+                allow_special=state.config.allow_special_tokens_in_prompt,
+            )  # as /v1/completions
         else:
             kwargs = body.chat_template_kwargs or {}
             enable = kwargs.get("enable_thinking", True)
             clear = kwargs.get("clear_thinking", True)
             if not isinstance(enable, bool) or not isinstance(clear, bool):
-                raise APIError("chat_template_kwargs.enable_thinking / clear_thinking must be booleans",
-                               param="chat_template_kwargs")  # fmt: skip
+                raise APIError(
+                    "chat_template_kwargs.enable_thinking / clear_thinking must be booleans",
+                    param="chat_template_kwargs",
+                )
             messages = chat.message_dicts(body.messages)
             tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
             try:
-                ids = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
-                                              add_generation_prompt=body.add_generation_prompt,
-                                              return_loss_mask=False)  # fmt: skip
+                ids = tok.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    enable_thinking=enable,
+                    clear_thinking=clear,
+                    add_generation_prompt=body.add_generation_prompt,
+                    return_loss_mask=False,
+                )
             except ValueError as exc:
                 raise APIError(str(exc), param="messages") from None
         strs = [state.token_str(t) for t in ids] if body.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
+        return TokenizeResponse(
+            count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
+        )
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -339,8 +415,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> Fa
         tok = state.tokenizer
         eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else None
         pad = tok.id_to_token(tok.pad_token_id) if tok.pad_token_id is not None else None
-        return TokenizerInfo(eos_token=eos, pad_token=pad, model_max_length=state.max_model_len,
-                             vocab_size=tok.vocab_size)  # fmt: skip
+        return TokenizerInfo(
+            eos_token=eos, pad_token=pad, model_max_length=state.max_model_len, vocab_size=tok.vocab_size
+        )
 
     @app.get("/health")
     async def health() -> Response:
@@ -365,9 +442,12 @@ def _prepare(prepare: Any, state: ServerState, body: Any) -> Any:
 def _sse(stream: Any, ticket: Any) -> StreamingResponse:
     from starlette.background import BackgroundTask
 
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(ticket.release))  # fmt: skip
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(ticket.release),
+    )
 
 
 __all__ = ["ServerConfig", "create_app"]

@@ -61,8 +61,11 @@ def _message_dict(m: ChatMessage, index: int = 0) -> dict[str, Any]:
     if isinstance(content, list):
         for j, part in enumerate(content):
             if isinstance(part, ImagePart):
-                raise APIError("image input is not supported: this model reads text only; send text parts",
-                               param=f"messages[{index}].content[{j}]", code="image_input_not_supported")  # fmt: skip
+                raise APIError(
+                    "image input is not supported: this model reads text only; send text parts",
+                    param=f"messages[{index}].content[{j}]",
+                    code="image_input_not_supported",
+                )
         content = [{"type": "text", "text": p.text} for p in content]
     out: dict[str, Any] = {"role": role, "content": content}
     if role == "assistant":
@@ -70,12 +73,15 @@ def _message_dict(m: ChatMessage, index: int = 0) -> dict[str, Any]:
         if reasoning is not None:
             out["reasoning_content"] = reasoning
         if m.tool_calls:
-            out["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
-                                                                    "arguments": c.function.arguments}}
-                                 for c in m.tool_calls]  # fmt: skip
+            out["tool_calls"] = [
+                {"type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]
     elif content is None:
-        raise APIError(f"a {m.role} message needs 'content' (a string or a list of text parts)",
-                       param=f"messages[{index}].content")  # fmt: skip
+        raise APIError(
+            f"a {m.role} message needs 'content' (a string or a list of text parts)",
+            param=f"messages[{index}].content",
+        )
     return out
 
 
@@ -89,8 +95,10 @@ def _thinking_switches(body: ChatCompletionRequest) -> tuple[bool, bool]:
             clear = body.thinking.clear_thinking
     for name, value in (("enable_thinking", enable), ("clear_thinking", clear)):
         if not isinstance(value, bool):
-            raise APIError(f"chat_template_kwargs.{name} must be true or false, got {value!r}",
-                           param=f"chat_template_kwargs.{name}")  # fmt: skip
+            raise APIError(
+                f"chat_template_kwargs.{name} must be true or false, got {value!r}",
+                param=f"chat_template_kwargs.{name}",
+            )
     return enable, clear
 
 
@@ -102,8 +110,10 @@ def _response_format_message(body: ChatCompletionRequest) -> dict[str, Any] | No
     if fmt.type == "json_schema":
         schema = (fmt.json_schema or {}).get("schema")
         if not isinstance(schema, dict):
-            raise APIError("response_format.json_schema.schema must be a JSON schema object",
-                           param="response_format.json_schema")  # fmt: skip
+            raise APIError(
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format.json_schema",
+            )
         text += " It must conform to this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
     return {"role": "system", "content": text}
 
@@ -117,27 +127,34 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     names = [t["function"]["name"] for t in tools or []]
     prefill = ""
     if choice is not None and choice != "auto" and choice != "none" and not tools:
-        raise APIError("tool_choice 'required' or a named function needs a non-empty 'tools' list",
-                       param="tool_choice")  # fmt: skip
+        raise APIError(
+            "tool_choice 'required' or a named function needs a non-empty 'tools' list", param="tool_choice"
+        )
     if choice == "none":
         tools = None
     elif choice == "required":
         prefill, enable = "<tool_call>", False
     elif choice is not None and choice != "auto":
         if choice.function.name not in names:
-            raise APIError(f"tool_choice names {choice.function.name!r}, which is not in tools ({names})",
-                           param="tool_choice")  # fmt: skip
+            raise APIError(
+                f"tool_choice names {choice.function.name!r}, which is not in tools ({names})",
+                param="tool_choice",
+            )
         prefill, enable = "<tool_call>" + choice.function.name, False
     hint = _response_format_message(body)
     if hint is not None:
         messages = [hint, *messages]
     try:
-        if state.max_prompt_chars is not None:  # rendering is cheap; refuse what cannot fit before tokenizing it
-            text = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
-                                           tokenize=False)  # fmt: skip
+        if (
+            state.max_prompt_chars is not None
+        ):  # rendering is cheap; refuse what cannot fit before tokenizing it
+            text = tok.apply_chat_template(
+                messages, tools=tools, enable_thinking=enable, clear_thinking=clear, tokenize=False
+            )
             state.check_text_fits(text, "messages")
-        ids = tok.apply_chat_template(messages, tools=tools, enable_thinking=enable, clear_thinking=clear,
-                                      return_loss_mask=False)  # fmt: skip
+        ids = tok.apply_chat_template(
+            messages, tools=tools, enable_thinking=enable, clear_thinking=clear, return_loss_mask=False
+        )
     except ValueError as exc:
         raise APIError(str(exc), param="messages") from None
     if prefill:  # the <tool_call> marker is the server's; the function name is client text (literal)
@@ -170,7 +187,9 @@ class _Choice:
             return "tool_calls"
         return reason
 
-    def logprobs(self, token_ids: list[int], lps: list[dict[int, float]] | None) -> list[dict[str, Any]] | None:
+    def logprobs(
+        self, token_ids: list[int], lps: list[dict[int, float]] | None
+    ) -> list[dict[str, Any]] | None:
         if self.num_logprobs is None or lps is None:
             return None
         out = []
@@ -202,9 +221,13 @@ def _with_reasoning_alias(delta: dict[str, Any]) -> dict[str, Any]:
 
 def _usage(prompt_len: int, cached: int, choices: list[_Choice]) -> dict[str, Any]:
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens() for c in choices)}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_len,
+        "completion_tokens": completion,
+        "total_tokens": prompt_len + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": sum(c.reasoning_tokens() for c in choices)},
+    }
 
 
 @dataclass
@@ -229,8 +252,13 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> PreparedCha
     if body.tool_choice == "none" and state.tool_call_id is not None:
         extra["stop_token_ids"] = [state.tool_call_id]
     opts = body.stream_options
-    return PreparedChat(plan, sampling_params(body, max_tokens, **extra), num_logprobs,
-                        bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))  # fmt: skip
+    return PreparedChat(
+        plan,
+        sampling_params(body, max_tokens, **extra),
+        num_logprobs,
+        bool(opts and opts.include_usage),
+        bool(opts and opts.continuous_usage_stats),
+    )
 
 
 async def chat_completion(state: ServerState, prep: PreparedChat) -> dict[str, Any]:
@@ -253,17 +281,35 @@ async def chat_completion(state: ServerState, prep: PreparedChat) -> dict[str, A
     result = []
     for ch, ds, lps in zip(choices, deltas, logprobs):
         msg = merge_deltas(ds)
-        message = {"role": "assistant", "content": msg["content"], "reasoning_content": msg["reasoning_content"],
-                   "reasoning": msg["reasoning_content"], "tool_calls": msg["tool_calls"]}  # fmt: skip
-        result.append({"index": ch.index, "message": message,
-                       "logprobs": {"content": lps} if ch.num_logprobs is not None else None,
-                       "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason})  # fmt: skip
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": state.config.model_name, "choices": result,
-            "usage": _usage(len(plan.prompt_ids), cached, choices)}  # fmt: skip
+        message = {
+            "role": "assistant",
+            "content": msg["content"],
+            "reasoning_content": msg["reasoning_content"],
+            "reasoning": msg["reasoning_content"],
+            "tool_calls": msg["tool_calls"],
+        }
+        result.append(
+            {
+                "index": ch.index,
+                "message": message,
+                "logprobs": {"content": lps} if ch.num_logprobs is not None else None,
+                "finish_reason": ch.finish_reason,
+                "stop_reason": ch.stop_reason,
+            }
+        )
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.config.model_name,
+        "choices": result,
+        "usage": _usage(len(plan.prompt_ids), cached, choices),
+    }
 
 
-async def chat_sse(state: ServerState, prep: PreparedChat, ticket: Ticket | None = None) -> AsyncIterator[str]:
+async def chat_sse(
+    state: ServerState, prep: PreparedChat, ticket: Ticket | None = None
+) -> AsyncIterator[str]:
     """The answer as SSE chunks; releases `ticket` when it ends or is closed (client disconnect)."""
     plan, params, num_logprobs = prep.plan, prep.params, prep.num_logprobs
     include_usage, continuous = prep.include_usage, prep.continuous_usage
@@ -273,13 +319,23 @@ async def chat_sse(state: ServerState, prep: PreparedChat, ticket: Ticket | None
     choices = [_Choice(state, plan, j, num_logprobs) for j in range(params.n)]
     cached = 0
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
-              stop_reason: Any = None) -> str:  # fmt: skip
+    def chunk(
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: Any = None,
+        stop_reason: Any = None,
+    ) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
-        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [choice]}  # fmt: skip
+        payload = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
         if include_usage:
             payload["usage"] = _usage(len(plan.prompt_ids), cached, choices) if continuous else None
         return sse(payload)
@@ -297,8 +353,11 @@ async def chat_sse(state: ServerState, prep: PreparedChat, ticket: Ticket | None
                     deltas = ch.step(c.text, c.token_ids, finished)
                     lps = ch.logprobs(c.token_ids, c.logprobs)
                     for k, d in enumerate(deltas):
-                        yield chunk(ch.index, _with_reasoning_alias(d), logprobs={"content": lps} if k == 0 and lps
-                                    else None)  # fmt: skip
+                        yield chunk(
+                            ch.index,
+                            _with_reasoning_alias(d),
+                            logprobs={"content": lps} if k == 0 and lps else None,
+                        )
                     if lps and not deltas:  # tokens that produced no visible text yet still carry logprobs
                         yield chunk(ch.index, {}, logprobs={"content": lps})
                     if finished:
@@ -306,8 +365,16 @@ async def chat_sse(state: ServerState, prep: PreparedChat, ticket: Ticket | None
                         ch.finish_reason = reason
                         yield chunk(ch.index, {}, reason, stop_reason=c.stop_reason)
         if include_usage:
-            yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": _usage(len(plan.prompt_ids), cached, choices)})  # fmt: skip
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(len(plan.prompt_ids), cached, choices),
+                }
+            )
         yield SSE_DONE
     except Exception as exc:  # noqa: BLE001 - reported in-stream: the status line is already sent
         yield sse_error(exc)

@@ -53,20 +53,26 @@ def num_prompts(prompt: Any) -> int:
     return max(len(prompt), 1)
 
 
-def _prompts(state: ServerState, prompt: Any, add_special_tokens: bool = True) -> list[tuple[str | None, list[int]]]:
+def _prompts(
+    state: ServerState, prompt: Any, add_special_tokens: bool = True
+) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
     if not prompt:
-        raise APIError("prompt is empty: give a string, a list of strings, token ids or lists of token ids",
-                       param="prompt")  # fmt: skip
+        raise APIError(
+            "prompt is empty: give a string, a list of strings, token ids or lists of token ids",
+            param="prompt",
+        )
     out = []
     allow = state.config.allow_special_tokens_in_prompt  # off: special-token strings in text are plain text
     for p in prompt:
         if isinstance(p, str):
             state.check_text_fits(p, "prompt")
-            out.append((p, state.tokenizer.encode(p, add_special_tokens=add_special_tokens, allow_special=allow)))
+            out.append(
+                (p, state.tokenizer.encode(p, add_special_tokens=add_special_tokens, allow_special=allow))
+            )
         else:
             out.append((None, list(p)))
     return out
@@ -78,8 +84,10 @@ def prepare_completion(state: ServerState, body: CompletionRequest) -> PreparedC
     if body.suffix:
         raise APIError("suffix is not supported by this server", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
-        raise APIError(f"best_of ({body.best_of}) must equal n ({body.n}): ranking candidates is not supported",
-                       param="best_of")  # fmt: skip
+        raise APIError(
+            f"best_of ({body.best_of}) must equal n ({body.n}): ranking candidates is not supported",
+            param="best_of",
+        )
     score_only = body.max_tokens == 0
     if score_only and not body.echo:
         raise APIError("max_tokens 0 only makes sense with echo (scoring the prompt)", param="max_tokens")
@@ -88,10 +96,19 @@ def prepare_completion(state: ServerState, body: CompletionRequest) -> PreparedC
     for _, ids in prompts:
         max_tokens = state.check_prompt(ids, 1 if score_only else body.max_tokens, "prompt")
         echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
-        params.append(sampling_params(body, max_tokens, logprobs=body.logprobs, prompt_logprobs=echo_lps,
-                                      skip_special_tokens=body.skip_special_tokens))  # fmt: skip
+        params.append(
+            sampling_params(
+                body,
+                max_tokens,
+                logprobs=body.logprobs,
+                prompt_logprobs=echo_lps,
+                skip_special_tokens=body.skip_special_tokens,
+            )
+        )
     opts = body.stream_options
-    return PreparedCompletion(prompts, params, body.echo, body.logprobs, score_only, bool(opts and opts.include_usage))
+    return PreparedCompletion(
+        prompts, params, body.echo, body.logprobs, score_only, bool(opts and opts.include_usage)
+    )
 
 
 class _Legacy:
@@ -128,9 +145,13 @@ def _join(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
     return {k: a[k] + b[k] for k in a}
 
 
-async def _runs(state: ServerState, prep: PreparedCompletion, request_id: str) -> AsyncIterator[tuple[int, Any]]:
-    streams = [metered(state, ids, params, f"{request_id}-{i}")
-               for i, ((_, ids), params) in enumerate(zip(prep.prompts, prep.params))]  # fmt: skip
+async def _runs(
+    state: ServerState, prep: PreparedCompletion, request_id: str
+) -> AsyncIterator[tuple[int, Any]]:
+    streams = [
+        metered(state, ids, params, f"{request_id}-{i}")
+        for i, ((_, ids), params) in enumerate(zip(prep.prompts, prep.params))
+    ]
     async with aclosing(merged(streams)) as stream:
         async for item in stream:
             yield item
@@ -175,8 +196,12 @@ class _Choice:
 def _usage(prep: PreparedCompletion, choices: list[_Choice], cached: int) -> dict[str, Any]:
     prompt = sum(len(ids) for _, ids in prep.prompts)
     completion = sum(c.num_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _choices(state: ServerState, prep: PreparedCompletion) -> list[list[_Choice]]:
@@ -193,14 +218,28 @@ async def completion(state: ServerState, prep: PreparedCompletion) -> dict[str, 
             for c in out.outputs:
                 choices[p][c.index].step(state, prep, p, out, c)
     flat = [c for group in choices for c in group]
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": state.config.model_name,
-            "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
-                         "stop_reason": c.stop_reason} for c in flat],
-            "usage": _usage(prep, flat, sum(cached.values()))}  # fmt: skip
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.config.model_name,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in flat
+        ],
+        "usage": _usage(prep, flat, sum(cached.values())),
+    }
 
 
-async def completion_sse(state: ServerState, prep: PreparedCompletion, ticket: Ticket | None = None) -> AsyncIterator[str]:
+async def completion_sse(
+    state: ServerState, prep: PreparedCompletion, ticket: Ticket | None = None
+) -> AsyncIterator[str]:
     request_id = random_id("cmpl")
     created = int(time.time())
     model = state.config.model_name
@@ -214,16 +253,35 @@ async def completion_sse(state: ServerState, prep: PreparedCompletion, ticket: T
                     ch = choices[p][c.index]
                     text, lps = ch.step(state, prep, p, out, c)
                     if text or lps or c.finish_reason is not None:
-                        payload = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                                   "choices": [{"index": ch.index, "text": text, "logprobs": lps,
-                                                "finish_reason": c.finish_reason}]}  # fmt: skip
+                        payload = {
+                            "id": request_id,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [
+                                {
+                                    "index": ch.index,
+                                    "text": text,
+                                    "logprobs": lps,
+                                    "finish_reason": c.finish_reason,
+                                }
+                            ],
+                        }
                         if prep.include_usage:
                             payload["usage"] = None
                         yield sse(payload)
         if prep.include_usage:
             flat = [c for group in choices for c in group]
-            yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": _usage(prep, flat, sum(cached.values()))})  # fmt: skip
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(prep, flat, sum(cached.values())),
+                }
+            )
         yield SSE_DONE
     except Exception as exc:  # noqa: BLE001 - reported in-stream: the status line is already sent
         yield sse_error(exc)

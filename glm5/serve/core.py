@@ -182,7 +182,11 @@ def invalid_text(value: Any, path: str = "") -> str | None:
             if found is not None:
                 return found
     elif isinstance(value, (list, tuple)):
-        if set(map(type, value)) <= {int, float, bool}:  # token ids (lm-eval sends long lists): nothing to check
+        if set(map(type, value)) <= {
+            int,
+            float,
+            bool,
+        }:  # token ids (lm-eval sends long lists): nothing to check
             return None
         for i, item in enumerate(value):
             found = invalid_text(item, f"{path}[{i}]")
@@ -195,8 +199,12 @@ def check_text(body: Any) -> None:
     """400 naming the field when a request holds text that is not valid Unicode (see `invalid_text`)."""
     where = invalid_text(body)
     if where is not None:
-        raise APIError(f"{where} is not valid Unicode text: it holds a lone UTF-16 surrogate (e.g. \\ud800); "
-                       "send well-formed UTF-8", param=where, code="invalid_text")  # fmt: skip
+        raise APIError(
+            f"{where} is not valid Unicode text: it holds a lone UTF-16 surrogate (e.g. \\ud800); "
+            "send well-formed UTF-8",
+            param=where,
+            code="invalid_text",
+        )
 
 
 class ServerState:
@@ -205,7 +213,9 @@ class ServerState:
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig) -> None:
         self.engine = engine
         if engine.engine.tokenizer is None:
-            raise ValueError("serving needs a tokenizer: give a checkpoint with tokenizer.json or --tokenizer PATH")
+            raise ValueError(
+                "serving needs a tokenizer: give a checkpoint with tokenizer.json or --tokenizer PATH"
+            )
         self.tokenizer = GILFreeTokenizer(engine.engine.tokenizer)
         self.config = config
         self.metrics = ServerMetrics(engine)
@@ -230,13 +240,23 @@ class ServerState:
         tok, model = self.tokenizer_vocab, self.model_vocab
         padded = -(-tok // PADDED_VOCAB_MULTIPLE) * PADDED_VOCAB_MULTIPLE
         if tok > model:
-            log.warning("the tokenizer has %d tokens but the model only %d (vocab_size): ids %d..%d cannot be fed to "
-                        "the model (prompts with them get 400); is the tokenizer the model's own?",
-                        tok, model, model, tok - 1)  # fmt: skip
+            log.warning(
+                "the tokenizer has %d tokens but the model only %d (vocab_size): ids %d..%d cannot be fed to "
+                "the model (prompts with them get 400); is the tokenizer the model's own?",
+                tok,
+                model,
+                model,
+                tok - 1,
+            )
         elif model > padded:
-            log.warning("the model's vocab_size %d is more than the tokenizer's %d tokens rounded up to a multiple of "
-                        "%d (%d): is the tokenizer the model's own? ids past it have no text (logprobs show <|id:N|>)",
-                        model, tok, PADDED_VOCAB_MULTIPLE, padded)  # fmt: skip
+            log.warning(
+                "the model's vocab_size %d is more than the tokenizer's %d tokens rounded up to a multiple of "
+                "%d (%d): is the tokenizer the model's own? ids past it have no text (logprobs show <|id:N|>)",
+                model,
+                tok,
+                PADDED_VOCAB_MULTIPLE,
+                padded,
+            )
 
     # --- admission -------------------------------------------------------------------------------
     def check_num_seqs(self, num_seqs: int, what: str, param: str) -> None:
@@ -244,9 +264,12 @@ class ServerState:
         limit = min(self.config.max_seqs_per_request, self.config.max_pending_requests)
         if num_seqs > limit:
             self.metrics.rejected.labels("too_many_sequences").inc()
-            raise APIError(f"this request asks for {what}: {num_seqs} sequences; this server takes at most {limit} "
-                           "per request: split it into smaller requests or lower n", param=param,
-                           code="too_many_sequences")  # fmt: skip
+            raise APIError(
+                f"this request asks for {what}: {num_seqs} sequences; this server takes at most {limit} "
+                "per request: split it into smaller requests or lower n",
+                param=param,
+                code="too_many_sequences",
+            )
 
     def admit(self, num_seqs: int = 1) -> Ticket:
         """Hold `num_seqs` of the queue's slots, or refuse: 503 while draining, 429 when they are not free."""
@@ -256,16 +279,24 @@ class ServerState:
             raise engine_dead_error(dead)
         if self.draining:
             self.metrics.rejected.labels("shutting_down").inc()
-            raise APIError("the server is shutting down; retry on another replica", 503, "service_unavailable",
-                           code="shutting_down", headers={"Retry-After": str(self.config.retry_after_s)})  # fmt: skip
+            raise APIError(
+                "the server is shutting down; retry on another replica",
+                503,
+                "service_unavailable",
+                code="shutting_down",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
         limit = self.config.max_pending_requests
         if self.num_pending + num_seqs > limit:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(
                 f"too many sequences in flight ({self.num_pending} + {num_seqs} asked > {limit}); "
-                f"retry after {self.config.retry_after_s} s", 429, "rate_limit_error", code="queue_full",
+                f"retry after {self.config.retry_after_s} s",
+                429,
+                "rate_limit_error",
+                code="queue_full",
                 headers={"Retry-After": str(self.config.retry_after_s)},
-            )  # fmt: skip
+            )
         self.num_pending += num_seqs
         self.idle.clear()
         return Ticket(self, num_seqs)
@@ -280,8 +311,13 @@ class ServerState:
         if self.config.model_path:
             names.add(self.config.model_path)
         if model is not None and model not in names:
-            raise APIError(f"the model {model!r} does not exist; this server serves {self.config.model_name!r}",
-                           404, "not_found_error", "model", "model_not_found")  # fmt: skip
+            raise APIError(
+                f"the model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                404,
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
 
     # --- tokens ----------------------------------------------------------------------------------
     def token_str(self, token_id: int) -> str:
@@ -309,9 +345,10 @@ class ServerState:
         if bound is not None and len(text) > bound:
             raise APIError(
                 f"context length exceeded: the text has {len(text)} characters, more than the {bound} that "
-                f"{self.max_model_len} tokens can hold with this tokenizer; shorten the prompt", param=param,
+                f"{self.max_model_len} tokens can hold with this tokenizer; shorten the prompt",
+                param=param,
                 code="context_length_exceeded",
-            )  # fmt: skip
+            )
 
     def check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> int:
         """Validate prompt ids (against the model's vocab_size: ids past the tokenizer but inside the model's padded
@@ -326,17 +363,19 @@ class ServerState:
         if n >= limit:
             raise APIError(
                 f"context length exceeded: {n} > {limit - 1} (the prompt has {n} tokens; this model holds "
-                f"{limit} per sequence, prompt + output); shorten the prompt", param=param,
+                f"{limit} per sequence, prompt + output); shorten the prompt",
+                param=param,
                 code="context_length_exceeded",
-            )  # fmt: skip
+            )
         if max_tokens is None:
             return limit - n
         if n + max_tokens > limit:
             raise APIError(
                 f"context length exceeded: {n + max_tokens} > {limit} ({n} prompt tokens + max_tokens "
-                f"{max_tokens}); lower max_tokens or shorten the prompt", param="max_tokens",
+                f"{max_tokens}); lower max_tokens or shorten the prompt",
+                param="max_tokens",
                 code="context_length_exceeded",
-            )  # fmt: skip
+            )
         return max_tokens
 
 
@@ -350,8 +389,11 @@ def sampling_params(body: SamplingFields, max_tokens: int, **extra: Any) -> Samp
     if body.logit_bias:
         raise APIError("logit_bias is not supported by this server", param="logit_bias")
     if body.min_tokens > max_tokens:
-        raise APIError(f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens}, what this request may "
-                       "generate); lower min_tokens or raise max_tokens", param="min_tokens")  # fmt: skip
+        raise APIError(
+            f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens}, what this request may "
+            "generate); lower min_tokens or raise max_tokens",
+            param="min_tokens",
+        )
     try:
         return SamplingParams(
             n=body.n,
@@ -378,8 +420,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, **extra: Any) -> Samp
 
 def engine_dead_error(exc: BaseException) -> APIError:
     """503 for a request that met a dead engine (a rank of a multi-process engine died)."""
-    return APIError(f"the engine failed and this server is shutting down ({exc}); retry on another replica", 503,
-                    "service_unavailable", code="engine_dead")  # fmt: skip
+    return APIError(
+        f"the engine failed and this server is shutting down ({exc}); retry on another replica",
+        503,
+        "service_unavailable",
+        code="engine_dead",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- streams
@@ -398,7 +444,11 @@ async def metered(
             async for out in stream:
                 now = time.monotonic()
                 num_new = sum(len(c.token_ids) for c in out.outputs)
-                if not recorded_prompt and out.metrics is not None and out.metrics.first_scheduled_time is not None:
+                if (
+                    not recorded_prompt
+                    and out.metrics is not None
+                    and out.metrics.first_scheduled_time is not None
+                ):
                     metrics.record_prompt(len(prompt_ids), out.metrics.num_cached_tokens)
                     recorded_prompt = True
                 if num_new:
@@ -415,9 +465,13 @@ async def metered(
                     finished = True
                     metrics.e2e.observe(now - start)
                 if state.draining and any(c.finish_reason == "abort" for c in out.outputs):
-                    raise APIError("the server shut down before this request finished; retry on another replica",
-                                   503, "service_unavailable", code="shutting_down",
-                                   headers={"Retry-After": str(state.config.retry_after_s)})  # fmt: skip
+                    raise APIError(
+                        "the server shut down before this request finished; retry on another replica",
+                        503,
+                        "service_unavailable",
+                        code="shutting_down",
+                        headers={"Retry-After": str(state.config.retry_after_s)},
+                    )
                 yield out
     except EngineDeadError as exc:
         raise engine_dead_error(exc) from None
@@ -476,8 +530,16 @@ def sse_error(exc: BaseException) -> str:
     if isinstance(exc, APIError):
         return sse(exc.body())
     log.error("generation failed", exc_info=exc)
-    return sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}", "type": "internal_error",
-                          "param": None, "code": 500}})  # fmt: skip
+    return sse(
+        {
+            "error": {
+                "message": f"generation failed: {type(exc).__name__}: {exc}",
+                "type": "internal_error",
+                "param": None,
+                "code": 500,
+            }
+        }
+    )
 
 
 class ClientDisconnected(Exception):

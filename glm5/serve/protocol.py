@@ -22,7 +22,11 @@ MAX_STOP = 16
 """Most stop strings per request."""
 
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64)]
-StopField = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None  # noqa: E501
+StopField = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+    | None
+)  # noqa: E501
 
 
 class _Request(BaseModel):

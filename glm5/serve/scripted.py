@@ -48,7 +48,9 @@ def load_script(source: str | os.PathLike | list[Any]) -> list[ScriptEntry]:
         output, match = item["output"], item.get("match")
         ok_ids = isinstance(output, list) and all(isinstance(t, int) and t >= 0 for t in output)
         if not (isinstance(output, str) or ok_ids) or not (match is None or isinstance(match, str)):
-            raise ValueError(f"script entry {i}: output must be a string or a list of token ids, match a string")
+            raise ValueError(
+                f"script entry {i}: output must be a string or a list of token ids, match a string"
+            )
         entries.append(ScriptEntry(match, output))
     return entries
 
@@ -59,7 +61,9 @@ class ScriptedOutputs:
     def __init__(self, entries: list[ScriptEntry], tokenizer: Any, cache_size: int = 1024) -> None:
         self.tokenizer = tokenizer
         self.entries: list[tuple[str | None, list[int]]] = []
-        for e in entries:  # a script stands for the model: its special-token strings are the ids it would emit
+        for (
+            e
+        ) in entries:  # a script stands for the model: its special-token strings are the ids it would emit
             ids = e.output if isinstance(e.output, list) else tokenizer.encode(e.output, allow_special=True)
             self.entries.append((e.match, ids))
         self.end_id = tokenizer.eos_token_id

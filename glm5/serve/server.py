@@ -51,22 +51,31 @@ def build_engine(
             if os.path.isfile(os.path.join(os.fspath(model), "tokenizer.json")):
                 tokenizer = GLM5Tokenizer.from_pretrained(model)
         if tokenizer is None:
-            raise ValueError("scripted output needs a tokenizer (a checkpoint with tokenizer.json, or --tokenizer)")
+            raise ValueError(
+                "scripted output needs a tokenizer (a checkpoint with tokenizer.json, or --tokenizer)"
+            )
         engine_options["force_token"] = ScriptedOutputs(load_script(scripted), tokenizer)
     kwargs = {k: v for k, v in (("dtype", dtype), ("device", device), ("fp8", fp8)) if v is not None}
     return AsyncLLMEngine(LLM(model, tokenizer, **kwargs, **engine_options).engine)
 
 
-def serve(engine: Any, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          graceful_timeout_s: float = 30.0, log_level: str = "info") -> None:  # fmt: skip
+def serve(
+    engine: Any,
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    graceful_timeout_s: float = 30.0,
+    log_level: str = "info",
+) -> None:
     """Serve until interrupted (blocking)."""
     import uvicorn
 
     from glm5.serve.app import create_app
 
     app = create_app(engine, config)
-    uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                             timeout_graceful_shutdown=graceful_timeout_s)  # fmt: skip
+    uconfig = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s
+    )
     server = draining_server(uconfig, app, graceful_timeout_s)
     server.run()
     if server.engine_dead is not None:
@@ -144,8 +153,9 @@ class ServerThread:
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()
         self.url = f"http://{self.host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s,
-                                lifespan="on")  # fmt: skip
+        config = uvicorn.Config(
+            app, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s, lifespan="on"
+        )
         self.server = draining_server(config, app, graceful_timeout_s)
         self.thread = threading.Thread(target=self._run, name=f"glm5-serve-{self.port}", daemon=True)
         self.error: BaseException | None = None

@@ -128,11 +128,17 @@ def _tool_calls(raw: Any, index: int) -> list[tuple[str, dict[str, Any]]]:
             try:
                 args = json.loads(args)
             except json.JSONDecodeError as exc:
-                raise _fail(index, f"{where}.function.arguments is not valid JSON ({exc})",
-                            "send a JSON object string or a dict") from exc  # fmt: skip
+                raise _fail(
+                    index,
+                    f"{where}.function.arguments is not valid JSON ({exc})",
+                    "send a JSON object string or a dict",
+                ) from exc
         if not isinstance(args, dict):
-            raise _fail(index, f"{where}.function.arguments is a {type(args).__name__}, not an object",
-                        "send the arguments as a JSON object")  # fmt: skip
+            raise _fail(
+                index,
+                f"{where}.function.arguments is a {type(args).__name__}, not an object",
+                "send the arguments as a JSON object",
+            )
         calls.append((name, args))
     return calls
 
@@ -211,8 +217,14 @@ def _assistant_segments(msg: ChatMessage, keep_reasoning: bool) -> list[Segment]
         segs += [sp("<tool_call>", True), txt(name)]
         for key, value in args.items():
             value_text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            segs += [sp("<arg_key>", True), txt(str(key)), sp("</arg_key>", True),
-                     sp("<arg_value>", True), txt(value_text), sp("</arg_value>", True)]  # fmt: skip
+            segs += [
+                sp("<arg_key>", True),
+                txt(str(key)),
+                sp("</arg_key>", True),
+                sp("<arg_value>", True),
+                txt(value_text),
+                sp("</arg_value>", True),
+            ]
         segs.append(sp("</tool_call>", True))
     return segs
 
@@ -243,8 +255,11 @@ def chat_segments(
         else:
             if i == 0 or msgs[i - 1].role != "tool":
                 segs.append(Segment("<|observation|>", True, after_assistant))
-            segs += [Segment("<tool_response>", True, False), Segment(msg.content, False, False),
-                     Segment("</tool_response>", True, False)]  # fmt: skip
+            segs += [
+                Segment("<tool_response>", True, False),
+                Segment(msg.content, False, False),
+                Segment("</tool_response>", True, False),
+            ]
     if add_generation_prompt:
         opener = "<think>" if enable_thinking else "</think>"
         segs += [Segment("<|assistant|>", True, False), Segment(opener, True, False)]
@@ -268,9 +283,12 @@ def render_chat(
     before the last user message ("preserved thinking").
     """
     segs = chat_segments(
-        messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
+        messages,
+        tools,
+        enable_thinking=enable_thinking,
+        clear_thinking=clear_thinking,
         add_generation_prompt=add_generation_prompt,
-    )  # fmt: skip
+    )
     return "".join(s.text for s in segs)
 
 
@@ -285,9 +303,13 @@ def tokenize_chat(
 ) -> tuple[list[int], list[int]]:
     """``(ids, loss_mask)`` for a conversation, tokenized segment by segment (see module docstring)."""
     segs = chat_segments(
-        messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
-        add_generation_prompt=add_generation_prompt, eos_after_final_assistant=True,
-    )  # fmt: skip
+        messages,
+        tools,
+        enable_thinking=enable_thinking,
+        clear_thinking=clear_thinking,
+        add_generation_prompt=add_generation_prompt,
+        eos_after_final_assistant=True,
+    )
     special = tokenizer.require_special_ids(s.text for s in segs if s.special)
     texts = [s.text for s in segs if not s.special]
     encoded = iter(tokenizer.encode_batch(texts, allow_special=False) if texts else [])  # never a control id

@@ -37,8 +37,10 @@ def _vocab_size(value: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
     if n < MIN_VOCAB_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_VOCAB_SIZE} (256 byte symbols + "
-                                         f"{len(SPECIAL_TOKENS)} special tokens), got {n:,}")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_VOCAB_SIZE} (256 byte symbols + "
+            f"{len(SPECIAL_TOKENS)} special tokens), got {n:,}"
+        )
     if n > MAX_VOCAB_SIZE:
         raise argparse.ArgumentTypeError(
             f"must be at most {MAX_VOCAB_SIZE:,} (2^20; GLM-5 has 154,880): ids no merge fills are padded with "
@@ -76,9 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"({MIN_VOCAB_SIZE}-{MAX_VOCAB_SIZE:,})",
     )
     train.add_argument(
-        "--out", required=True, metavar="DIR", type=output_path,
+        "--out",
+        required=True,
+        metavar="DIR",
+        type=output_path,
         help="folder for tokenizer.json + tokenizer_config.json",
-    )  # fmt: skip
+    )
     train.add_argument(
         "--min-frequency", type=positive_int, default=2, help="minimum pair count for a merge (default 2)"
     )

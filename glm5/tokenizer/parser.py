@@ -364,8 +364,18 @@ class OutputParser:
                 self._state = _S.BAD_CALL
             return
         call_id = f"call_{uuid.uuid4().hex[:24]}"
-        self._emit({"tool_calls": [{"index": self._num_calls, "id": call_id, "type": "function",
-                                    "function": {"name": name, "arguments": ""}}]})  # fmt: skip
+        self._emit(
+            {
+                "tool_calls": [
+                    {
+                        "index": self._num_calls,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }
+                ]
+            }
+        )
         self._num_pairs = 0
         if tag == CALL_CLOSE:
             self._end_call()
@@ -426,8 +436,9 @@ def merge_deltas(deltas: list[dict[str, Any]]) -> dict[str, Any]:
         reasoning.append(delta.get("reasoning_content") or "")
         content.append(delta.get("content") or "")
         for part in delta.get("tool_calls") or []:
-            call = calls.setdefault(part["index"], {"id": "", "type": "function",
-                                                    "function": {"name": "", "arguments": ""}})  # fmt: skip
+            call = calls.setdefault(
+                part["index"], {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            )
             call["id"] = part.get("id", call["id"])
             call["function"]["name"] += part["function"].get("name", "")
             call["function"]["arguments"] += part["function"].get("arguments", "")

@@ -177,9 +177,12 @@ class GLM5Tokenizer:
         )
         tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=base_size, min_frequency=min_frequency, show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
-        )  # fmt: skip
+            vocab_size=base_size,
+            min_frequency=min_frequency,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+        )
         tok.train_from_iterator(texts, trainer)
         # A small corpus cannot supply base_size merges; pad so the specials keep their fixed place.
         shortfall = base_size - tok.get_vocab_size()
@@ -230,10 +233,16 @@ class GLM5Tokenizer:
         _atomic_write(out / _TOKENIZER_FILE, self._tok.to_str(pretty=False))
         config = {**_default_config(), **self.config}
         config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                     "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(self._tok.get_added_tokens_decoder().items())
-        }  # fmt: skip
+        }
         _atomic_write(out / _CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
         return out
 
@@ -396,13 +405,20 @@ class GLM5Tokenizer:
         """
         if not tokenize:
             return render_chat(
-                messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
+                messages,
+                tools,
+                enable_thinking=enable_thinking,
+                clear_thinking=clear_thinking,
                 add_generation_prompt=add_generation_prompt,
-            )  # fmt: skip
+            )
         ids, mask = tokenize_chat(
-            self, messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking,
+            self,
+            messages,
+            tools,
+            enable_thinking=enable_thinking,
+            clear_thinking=clear_thinking,
             add_generation_prompt=add_generation_prompt,
-        )  # fmt: skip
+        )
         return (ids, mask) if return_loss_mask else ids
 
     def __repr__(self) -> str:

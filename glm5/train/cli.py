@@ -30,15 +30,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="pre-train a GLM-5-shaped model (LM + MTP + DSA indexer, MoE balancing)",
         description="Pre-train from scratch on the embedded corpus + synthetic chat tasks. The output folder ends "
-        "with a loadable HF-layout checkpoint and its tokenizer in DIR/model, metrics.jsonl, loss.png, expert_load.png and "
+        "with a loadable HF-layout checkpoint and its tokenizer in DIR/model, metrics.jsonl, loss.png, "
+        "expert_load.png and "
         "summary.json. Run under torchrun for several processes (FSDP2 + expert parallel).",
     )
     # no choices=: importing the recipes pulls in torch, and every `glm5` command builds this parser
-    p.add_argument("--preset", default="tiny", type=text, help="named recipe: tiny (default; ~10M params) or smoke (seconds)")
-    p.add_argument("--config", metavar="RECIPE", type=text, help="a .toml/.json recipe file: fields to change")
-    p.add_argument("--steps", type=positive_int, metavar="N", help="optimiser steps (an upper bound with --time-limit)")
-    p.add_argument("--time-limit", type=positive_float, metavar="MINUTES", help="wall-clock budget of the whole run")
-    p.add_argument("--out", required=True, metavar="DIR", type=output_path, help="output folder (runs/NAME); resumed if it has a checkpoint")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        type=text,
+        help="named recipe: tiny (default; ~10M params) or smoke (seconds)",
+    )
+    p.add_argument(
+        "--config", metavar="RECIPE", type=text, help="a .toml/.json recipe file: fields to change"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, metavar="N", help="optimiser steps (an upper bound with --time-limit)"
+    )
+    p.add_argument(
+        "--time-limit", type=positive_float, metavar="MINUTES", help="wall-clock budget of the whole run"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        type=output_path,
+        help="output folder (runs/NAME); resumed if it has a checkpoint",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
@@ -49,7 +67,9 @@ def load_recipe(preset: str, config: str | None, steps: int | None, time_limit: 
 
     if config:
         values = read_recipe_file(config)
-        check_recipe_values(values, TrainRecipe, config)  # a wrong type would surface as a TypeError deep inside
+        check_recipe_values(
+            values, TrainRecipe, config
+        )  # a wrong type would surface as a TypeError deep inside
         try:
             recipe = TrainRecipe.from_dict({"preset": preset, **values})
         except (TypeError, ValueError) as e:
@@ -71,15 +91,36 @@ def load_recipe(preset: str, config: str | None, steps: int | None, time_limit: 
 
 # --- recipe file values: type and range of every field a file sets, checked before anything is written -----------
 RANGES: dict[str, tuple[str, float]] = {
-    "lr": (">", 0), "indexer_lr": (">", 0), "min_lr_ratio": ("[0,1]", 0), "warmup_steps": (">=", 0),
-    "weight_decay": (">=", 0), "grad_clip": (">=", 0), "mtp_depth": (">=", 0), "mtp_weight": (">=", 0),
-    "indexer_weight": (">=", 0), "bias_update_rate": (">=", 0), "seq_aux_weight": (">=", 0), "log_every": (">=", 1),
-    "eval_every": (">=", 0), "eval_batches": (">=", 1), "checkpoint_every": (">=", 0), "keep_checkpoints": (">=", 1),
-    "sample_tokens": (">=", 1), "expert_parallel": (">=", 0), "time_limit_minutes": (">", 0), "seq_len": (">=", 1),
-    "batch_size": (">=", 1), "grad_accum": (">=", 1), "steps": (">=", 1), "vocab_size": (">=", 1),
-    "betas": ("[0,1)", 0), "eval_tasks": (">=", 0), "max_corpus_bytes": (">=", 1), "chat_tasks": (">=", 0),
+    "lr": (">", 0),
+    "indexer_lr": (">", 0),
+    "min_lr_ratio": ("[0,1]", 0),
+    "warmup_steps": (">=", 0),
+    "weight_decay": (">=", 0),
+    "grad_clip": (">=", 0),
+    "mtp_depth": (">=", 0),
+    "mtp_weight": (">=", 0),
+    "indexer_weight": (">=", 0),
+    "bias_update_rate": (">=", 0),
+    "seq_aux_weight": (">=", 0),
+    "log_every": (">=", 1),
+    "eval_every": (">=", 0),
+    "eval_batches": (">=", 1),
+    "checkpoint_every": (">=", 0),
+    "keep_checkpoints": (">=", 1),
+    "sample_tokens": (">=", 1),
+    "expert_parallel": (">=", 0),
+    "time_limit_minutes": (">", 0),
+    "seq_len": (">=", 1),
+    "batch_size": (">=", 1),
+    "grad_accum": (">=", 1),
+    "steps": (">=", 1),
+    "vocab_size": (">=", 1),
+    "betas": ("[0,1)", 0),
+    "eval_tasks": (">=", 0),
+    "max_corpus_bytes": (">=", 1),
+    "chat_tasks": (">=", 0),
     "fraction": ("(0,1]", 0),
-}  # fmt: skip
+}
 """Allowed values per field name (recipe, data and stage fields); lists and tables apply it to each entry."""
 
 
@@ -107,7 +148,13 @@ def check_recipe_values(values: dict[str, Any], cls: type, source: str, prefix: 
             raise ValueError(f"{source}: {name} must be {_describe(hint)}, got {value!r}")
         rule = RANGES.get(key)
         if rule is not None and value is not None:
-            entries = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            entries = (
+                value.values()
+                if isinstance(value, dict)
+                else value
+                if isinstance(value, (list, tuple))
+                else [value]
+            )
             for entry in entries:
                 if not _in_range(entry, rule[0], rule[1]):
                     op, bound = rule
@@ -116,8 +163,13 @@ def check_recipe_values(values: dict[str, Any], cls: type, source: str, prefix: 
 
 
 def _in_range(value: float, op: str, bound: float) -> bool:
-    return {">": value > bound, ">=": value >= bound, "[0,1]": 0 <= value <= 1, "[0,1)": 0 <= value < 1,
-            "(0,1]": 0 < value <= 1}[op]  # fmt: skip
+    return {
+        ">": value > bound,
+        ">=": value >= bound,
+        "[0,1]": 0 <= value <= 1,
+        "[0,1)": 0 <= value < 1,
+        "(0,1]": 0 < value <= 1,
+    }[op]
 
 
 def _dataclass_in(hint: Any) -> type | None:
@@ -145,12 +197,18 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+        return (
+            isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+            if args
+            else isinstance(value, list)
+        )
     if origin is tuple:
         items = [a for a in args if a is not Ellipsis]
         return isinstance(value, (list, tuple)) and len(value) == len(items) and all(map(_fits, value, items))
     if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(
+            _fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()
+        )
     return True
 
 
@@ -158,14 +216,21 @@ def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "left out"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        type(None): "left out",
+    }
     if hint in names:
         return names[hint]
     if origin is list:
         return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
     if origin is tuple:
-        return f"a list of {len(args)} " + " and ".join(_describe(a).removeprefix("an ").removeprefix("a ") + "s"
-                                                        for a in dict.fromkeys(args))  # fmt: skip
+        return f"a list of {len(args)} " + " and ".join(
+            _describe(a).removeprefix("an ").removeprefix("a ") + "s" for a in dict.fromkeys(args)
+        )
     if origin is dict:
         return f"a table of {_describe(args[1]).removeprefix('an ').removeprefix('a ')}s"
     return getattr(hint, "__name__", str(hint))
@@ -185,7 +250,9 @@ def run_train(args: argparse.Namespace) -> int:
         try:
             trainer = Trainer(recipe, out, ctx, quiet=args.quiet, started=started)
         except BaseException:
-            if new_folder and (ctx is None or ctx.is_main):  # a set-up that failed leaves no half-made run folder
+            if new_folder and (
+                ctx is None or ctx.is_main
+            ):  # a set-up that failed leaves no half-made run folder
                 shutil.rmtree(out, ignore_errors=True)
             raise
         summary = trainer.run()
@@ -206,7 +273,10 @@ def print_summary(console: Console, s: dict, out: Path, seconds: float) -> None:
         ("held-out chat accuracy", ", ".join(f"{k} {v:.0%}" for k, v in s["accuracy"].items())),
         ("skipped steps", str(len(s["skipped_steps"]))),
         ("wall time", f"{seconds / 60:.1f} min"),
-        ("checkpoint (HF layout)", f"{out}/model (GLM5ForCausalLM.from_pretrained, GLM5Tokenizer.from_pretrained)"),
+        (
+            "checkpoint (HF layout)",
+            f"{out}/model (GLM5ForCausalLM.from_pretrained, GLM5Tokenizer.from_pretrained)",
+        ),
         ("metrics / plots", f"{out}/metrics.jsonl, loss.png, expert_load.png, summary.json"),
     ]
     for key, value in rows:
@@ -216,5 +286,10 @@ def print_summary(console: Console, s: dict, out: Path, seconds: float) -> None:
         console.print(Text.assemble(("code ", "bold"), f"{sample['prompt']!r} -> {sample['completion']!r}"))
     for sample in s["chat"][:4]:
         mark = ("ok ", "green") if sample["correct"] else ("wrong ", "red")
-        console.print(Text.assemble((f"{sample['kind']} ", "bold"), mark,
-                                    f"{sample['prompt']!r} -> {sample['transcript'][:200]!r}"))  # fmt: skip
+        console.print(
+            Text.assemble(
+                (f"{sample['kind']} ", "bold"),
+                mark,
+                f"{sample['prompt']!r} -> {sample['transcript'][:200]!r}",
+            )
+        )

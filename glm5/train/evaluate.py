@@ -32,7 +32,9 @@ def val_indices(data: PackedSequences, num_batches: int, batch_size: int) -> lis
     return [picks[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def unigram_baseline(train: TokenFile, val: PackedSequences, batches: list[list[int]], vocab_size: int) -> float:
+def unigram_baseline(
+    train: TokenFile, val: PackedSequences, batches: list[list[int]], vocab_size: int
+) -> float:
     """Cross-entropy (nats) of the validation targets under the training unigram distribution (add-one
     smoothing): what a model that ignores context would score."""
     counts = train.unigram_counts(vocab_size).astype(np.float64) + 1.0
@@ -79,9 +81,15 @@ def chat_reply(model: GLM5ForCausalLM, tok: GLM5Tokenizer, task: Task, max_new: 
         args = json.loads(calls[0]["function"]["arguments"] or "{}")
         result = calculator(str(args.get("expression", "")))
         transcript += f"<|observation|><tool_response>{result}</tool_response>"
-        messages += [{"role": "assistant", "content": parsed.get("content") or "",
-                      "reasoning_content": parsed.get("reasoning_content"), "tool_calls": calls},
-                     {"role": "tool", "content": result}]  # fmt: skip
+        messages += [
+            {
+                "role": "assistant",
+                "content": parsed.get("content") or "",
+                "reasoning_content": parsed.get("reasoning_content"),
+                "tool_calls": calls,
+            },
+            {"role": "tool", "content": result},
+        ]
     return {"reply": "", "transcript": transcript}
 
 
@@ -100,13 +108,22 @@ def evaluate_samples(
         out = chat_reply(model, tok, task, max_new)
         ok = check_answer(task, out["reply"])
         correct.setdefault(task.kind, []).append(ok)
-        chats.append({"kind": task.kind, "prompt": task.prompt_messages[-1]["content"], "expected": task.answer,
-                      "correct": ok, **out})  # fmt: skip
+        chats.append(
+            {
+                "kind": task.kind,
+                "prompt": task.prompt_messages[-1]["content"],
+                "expected": task.answer,
+                "correct": ok,
+                **out,
+            }
+        )
     accuracy = {kind: sum(v) / len(v) for kind, v in sorted(correct.items())}
     return {"code": code, "chat": chats, "accuracy": accuracy}
 
 
-def lm_loss_sums(model: GLM5ForCausalLM, data: PackedSequences, batches: list[list[int]], device, autocast) -> torch.Tensor:  # noqa: ANN001
+def lm_loss_sums(
+    model: GLM5ForCausalLM, data: PackedSequences, batches: list[list[int]], device, autocast
+) -> torch.Tensor:  # noqa: ANN001
     """[sum of next-token cross-entropy, number of targets] over `batches` (float64, for all-reduce)."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -115,8 +132,9 @@ def lm_loss_sums(model: GLM5ForCausalLM, data: PackedSequences, batches: list[li
             with autocast():
                 logits = model(batch.input_ids.to(device)).logits
             targets = batch.targets.to(device)
-            total[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                                        reduction="sum").double()  # fmt: skip
+            total[0] += F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            ).double()
             total[1] += (targets != IGNORE).sum()
     return total
 

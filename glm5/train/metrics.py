@@ -32,7 +32,11 @@ class MetricsLog:
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
         else:
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step(line) < resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and _step(line) < resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         return self
 
@@ -58,8 +62,15 @@ class TrainProgress:
     def __init__(self, total: int, done: int, quiet: bool, console: Console | None = None) -> None:
         self.console = console or Console()
         self.quiet = quiet
-        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ]
         self.progress = Progress(*columns, console=self.console, disable=quiet)
         self.task = self.progress.add_task("train", total=total, completed=done, info="")
 
@@ -71,8 +82,10 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def update(self, record: dict[str, Any], total: int) -> None:
-        info = (f"loss {record['loss']:.3f} lm {record['lm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
-                f"balance {record['expert_imbalance']:.2f}  {record['stage']}")  # fmt: skip
+        info = (
+            f"loss {record['loss']:.3f} lm {record['lm']:.3f}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"balance {record['expert_imbalance']:.2f}  {record['stage']}"
+        )
         if record.get("skipped"):
             info = f"[red]step skipped: {record['skipped']}[/red]  " + info
         self.progress.update(self.task, completed=record["step"] + 1, total=total, info=info)
@@ -97,8 +110,12 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path, baseline: float
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if "val_lm" in r]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-    panels = [("loss", "total loss"), ("lm", "LM loss (next token)"), ("mtp", "MTP loss (token t+2)"),
-              ("indexer", "indexer KL (attention || indexer)")]  # fmt: skip
+    panels = [
+        ("loss", "total loss"),
+        ("lm", "LM loss (next token)"),
+        ("mtp", "MTP loss (token t+2)"),
+        ("indexer", "indexer KL (attention || indexer)"),
+    ]
     for ax, (key, title) in zip(axes.flat, panels):
         ax.plot(*_series(train, key), lw=1, label="train")
         if key == "lm" and val:
@@ -131,7 +148,10 @@ def _stage_starts(train: list[dict[str, Any]]) -> list[tuple[int, str]]:
 
 
 def plot_expert_load(
-    records: list[dict[str, Any]], final_load: list[list[float]], path: str | Path, layer_names: list[str] | None = None
+    records: list[dict[str, Any]],
+    final_load: list[list[float]],
+    path: str | Path,
+    layer_names: list[str] | None = None,
 ) -> None:
     """Left: max/mean expert load per MoE layer over training (1 = perfectly balanced).
     Right: the share of tokens each expert received in the last step, per layer."""
@@ -145,7 +165,9 @@ def plot_expert_load(
     if train:
         for i in range(len(train[0]["imbalance_per_layer"])):
             name = layer_names[i] if layer_names else f"MoE {i}"
-            ax1.plot([r["step"] for r in train], [r["imbalance_per_layer"][i] for r in train], lw=1, label=name)
+            ax1.plot(
+                [r["step"] for r in train], [r["imbalance_per_layer"][i] for r in train], lw=1, label=name
+            )
     ax1.axhline(1.0, color="gray", ls="--")
     ax1.set(xlabel="step", ylabel="max load / mean load", title="expert load imbalance")
     ax1.grid(alpha=0.3)

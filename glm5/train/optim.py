@@ -17,7 +17,9 @@ def is_indexer_param(name: str) -> bool:
     return ".indexer." in name
 
 
-def param_groups(model: nn.Module, lr: float, indexer_lr: float, weight_decay: float, muon: bool) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, indexer_lr: float, weight_decay: float, muon: bool
+) -> list[dict]:
     """Groups: main matrices (decayed; Muon when asked, except the embedding and the LM head), main vectors
     (norms: no decay), and the same two for the indexers. Each group keeps its peak lr in `base_lr`."""
     groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
@@ -29,8 +31,16 @@ def param_groups(model: nn.Module, lr: float, indexer_lr: float, weight_decay: f
     out = []
     for (indexer, matrix, use_muon), params in sorted(groups.items()):
         peak = indexer_lr if indexer else lr
-        out.append({"params": params, "lr": peak, "base_lr": peak, "weight_decay": weight_decay if matrix else 0.0,
-                    "use_muon": use_muon, "indexer": indexer})  # fmt: skip
+        out.append(
+            {
+                "params": params,
+                "lr": peak,
+                "base_lr": peak,
+                "weight_decay": weight_decay if matrix else 0.0,
+                "use_muon": use_muon,
+                "indexer": indexer,
+            }
+        )
     return out
 
 
@@ -73,9 +83,12 @@ class MuonAdamW(torch.optim.Optimizer):
     orthogonalised per expert here. One optimizer (not two) keeps the checkpoint a single state dict.
     """
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95) -> None:
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, momentum=momentum,
-                                      use_muon=False))  # fmt: skip
+    def __init__(
+        self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95
+    ) -> None:
+        super().__init__(
+            groups, dict(lr=lr, betas=betas, eps=1e-8, weight_decay=0.0, momentum=momentum, use_muon=False)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 (torch's signature)
@@ -108,7 +121,9 @@ def build_optimizer(model: nn.Module, recipe, distributed: bool) -> torch.optim.
     """AdamW (torch's, foreach) or MuonAdamW over `param_groups`."""
     muon = recipe.optimizer == "muon"
     if muon and distributed:
-        raise ValueError("optimizer 'muon' needs whole matrices; it is not supported with FSDP yet: use 'adamw'")
+        raise ValueError(
+            "optimizer 'muon' needs whole matrices; it is not supported with FSDP yet: use 'adamw'"
+        )
     groups = param_groups(model, recipe.lr, recipe.indexer_lr, recipe.weight_decay, muon)
     if muon:
         return MuonAdamW(groups, lr=recipe.lr, betas=recipe.betas)

@@ -95,7 +95,9 @@ class ExpertParallelExperts(Experts):
         self.num_experts = experts.num_experts
         self.ep_size = mesh.size()
         if self.num_experts % self.ep_size:
-            raise ValueError(f"{self.num_experts} experts cannot be split over {self.ep_size} expert-parallel ranks")
+            raise ValueError(
+                f"{self.num_experts} experts cannot be split over {self.ep_size} expert-parallel ranks"
+            )
         self.num_local = self.num_experts // self.ep_size
         self.mesh = mesh
         self.gate_up_proj = nn.Parameter(distribute_tensor(experts.gate_up_proj.detach(), mesh, [Shard(0)]))
@@ -122,7 +124,9 @@ class ExpertParallelExperts(Experts):
         y_recv = torch.empty_like(y).index_copy(0, perm, y)  # back to [source][expert]
         y_sorted = _all_to_all(y_recv, send_splits, recv_splits, group)
         y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))  # bf16 GEMMs under autocast
+        return torch.zeros_like(x_ND).index_add_(
+            0, token_of, y_sorted.to(x_ND.dtype)
+        )  # bf16 GEMMs under autocast
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
@@ -131,7 +135,11 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
 
 
 def _moe_layers(model: GLM5ForCausalLM) -> list[DecoderLayer]:
-    return [m for m in model.modules() if isinstance(m, DecoderLayer) and isinstance(getattr(m.mlp, "experts", None), Experts)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, DecoderLayer) and isinstance(getattr(m.mlp, "experts", None), Experts)
+    ]
 
 
 def apply_expert_parallel(model: GLM5ForCausalLM, mesh: DeviceMesh) -> None:
@@ -176,7 +184,9 @@ def apply_fsdp(model: GLM5ForCausalLM, ctx: DistContext) -> None:
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
 
 
-def parallelize(model: GLM5ForCausalLM, ctx: DistContext | None, activation_checkpointing: bool) -> GLM5ForCausalLM:
+def parallelize(
+    model: GLM5ForCausalLM, ctx: DistContext | None, activation_checkpointing: bool
+) -> GLM5ForCausalLM:
     """Expert parallel -> activation checkpointing -> FSDP2 (each only where it applies)."""
     if ctx is not None and ctx.ep_mesh["ep"].size() > 1:
         apply_expert_parallel(model, ctx.ep_mesh["ep"])

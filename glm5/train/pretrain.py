@@ -73,25 +73,43 @@ def training_losses(
     process), so summing the terms over micro-batches and processes gives the global means.
     """
     dev = out.logits.device
-    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(), ignore_index=IGNORE,
-                         reduction="sum") / counts[0]  # fmt: skip
+    lm = (
+        F.cross_entropy(
+            out.logits.flatten(0, 1).float(),
+            mb.targets.to(dev).flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        / counts[0]
+    )
     mtp = lm.new_zeros(())
     for d, logits in enumerate(out.mtp_logits):
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), mb.mtp_targets(d).to(dev).flatten(), ignore_index=IGNORE,
-                             reduction="sum")  # fmt: skip
+        ce = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            mb.mtp_targets(d).to(dev).flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         mtp = mtp + ce / (counts[1 + d] * len(out.mtp_logits))
-    share = mb.num_sequences / counts[-1]  # the model's indexer loss is a mean over this micro-batch's queries
+    share = (
+        mb.num_sequences / counts[-1]
+    )  # the model's indexer loss is a mean over this micro-batch's queries
     idx_losses = [s.indexer_loss for s in out.stats if s.indexer_loss is not None]
     indexer = torch.stack(idx_losses).mean() * share if idx_losses else lm.new_zeros(())
     aux = lm.new_zeros(())
     if recipe.seq_aux_weight > 0 and stage.train == "all":
         for s in out.stats:
             if s.router is not None:
-                aux = aux + seq_aux_loss(s.router.scores, s.router.topk_idx, mb.num_sequences, top_k) / counts[-1]
+                aux = (
+                    aux
+                    + seq_aux_loss(s.router.scores, s.router.topk_idx, mb.num_sequences, top_k) / counts[-1]
+                )
     if stage.train == "indexer":
         objective = recipe.indexer_weight * indexer
     else:
-        objective = lm + recipe.mtp_weight * mtp + recipe.indexer_weight * indexer + recipe.seq_aux_weight * aux
+        objective = (
+            lm + recipe.mtp_weight * mtp + recipe.indexer_weight * indexer + recipe.seq_aux_weight * aux
+        )
     return objective, torch.stack([lm, mtp, indexer, aux]).detach().double()
 
 
@@ -118,21 +136,29 @@ class Trainer:
     """A pre-training run writing into `out`: tokenizer, token files, checkpoints, metrics, plots, the export."""
 
     def __init__(
-        self, recipe: TrainRecipe, out: str | Path, ctx: DistContext | None = None, quiet: bool = False,
+        self,
+        recipe: TrainRecipe,
+        out: str | Path,
+        ctx: DistContext | None = None,
+        quiet: bool = False,
         started: float | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.recipe, self.out, self.ctx, self.quiet = recipe, Path(out), ctx, quiet
         self.started = started if started is not None else time.time()
         self.rank, self.world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
         self.device = ctx.device if ctx else pick_device()
         self.dtype = default_dtype(self.device) if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
         if recipe.batch_size % (self.world * recipe.grad_accum):
-            raise ValueError(f"batch_size {recipe.batch_size} must divide into {self.world} processes x "
-                             f"{recipe.grad_accum} micro-batches")  # fmt: skip
+            raise ValueError(
+                f"batch_size {recipe.batch_size} must divide into {self.world} processes x "
+                f"{recipe.grad_accum} micro-batches"
+            )
         self.console = Console(quiet=quiet or self.rank != 0)
         self.out.mkdir(parents=True, exist_ok=True)
         cached = (self.out / "tokenizer" / "tokenizer.json").is_file()
-        with self.phase("loading the tokenizer" if cached else f"training a {recipe.vocab_size}-id tokenizer"):
+        with self.phase(
+            "loading the tokenizer" if cached else f"training a {recipe.vocab_size}-id tokenizer"
+        ):
             self.tok = self._tokenizer()
         with self.phase("preparing token files"):
             self.train_data, self.val_data, self.train_file = self._data()
@@ -174,24 +200,31 @@ class Trainer:
     def _tokenizer(self) -> GLM5Tokenizer:
         folder = self.out / "tokenizer"
         if self.rank == 0 and not (folder / "tokenizer.json").is_file():
-            GLM5Tokenizer.train(corpus_texts(self.recipe.data), self.recipe.vocab_size).save_pretrained(folder)
+            GLM5Tokenizer.train(corpus_texts(self.recipe.data), self.recipe.vocab_size).save_pretrained(
+                folder
+            )
         self._barrier()
         tok = GLM5Tokenizer.from_pretrained(folder)
         if tok.vocab_size != self.recipe.vocab_size:
-            raise ValueError(f"{folder} holds a tokenizer of {tok.vocab_size} ids but the recipe asks for "
-                             f"{self.recipe.vocab_size}; use a new --out folder")  # fmt: skip
+            raise ValueError(
+                f"{folder} holds a tokenizer of {tok.vocab_size} ids but the recipe asks for "
+                f"{self.recipe.vocab_size}; use a new --out folder"
+            )
         return tok
 
     def _data(self) -> tuple[PackedSequences, PackedSequences, Any]:
         if self.rank == 0:
             build_dataset(self.out / "data", self.tok, self.recipe.data)
         self._barrier()
-        train, val = build_dataset(self.out / "data", self.tok, self.recipe.data)  # cached: only opens the files
+        train, val = build_dataset(
+            self.out / "data", self.tok, self.recipe.data
+        )  # cached: only opens the files
         return PackedSequences(train, self.recipe.seq_len), PackedSequences(val, self.recipe.seq_len), train
 
     def _model(self) -> GLM5ForCausalLM:
-        cfg = self.recipe.model_config().replace(eos_token_id=self.tok.eos_token_ids, pad_token_id=self.tok.pad_token_id,
-                                                 torch_dtype="float32")  # fmt: skip
+        cfg = self.recipe.model_config().replace(
+            eos_token_id=self.tok.eos_token_ids, pad_token_id=self.tok.pad_token_id, torch_dtype="float32"
+        )
         torch.manual_seed(self.recipe.seed)  # the same initial weights on every process
         model = GLM5ForCausalLM(cfg).to(self.device)
         return parallelize(model, self.ctx, self.recipe.activation_checkpointing).train()
@@ -216,7 +249,9 @@ class Trainer:
         counts = step_counts(micro, self.recipe.mtp_depth)
         return all_reduce_sum(counts.to(self.device), self.ctx).clamp_min(1).cpu()
 
-    def _losses(self, out: GLM5Output, mb: Batch, counts: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(
+        self, out: GLM5Output, mb: Batch, counts: torch.Tensor, stage: Stage
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return training_losses(out, mb, counts, self.recipe, stage, self.model.config.num_experts_per_tok)
 
     def _router_loads(self, out: GLM5Output) -> torch.Tensor:
@@ -252,7 +287,9 @@ class Trainer:
             del out, objective
         return self._finish_step(stage, sums, loads, batch.input_ids.numel(), t0)
 
-    def _finish_step(self, stage: Stage, sums: torch.Tensor, loads: torch.Tensor, tokens: int, t0: float) -> dict:
+    def _finish_step(
+        self, stage: Stage, sums: torch.Tensor, loads: torch.Tensor, tokens: int, t0: float
+    ) -> dict:
         """Reduce metrics, clip, skip on a non-finite loss or gradient, else step and move the router biases."""
         r = self.recipe
         group, dev = (self.ctx.group if self.ctx else None), self.device
@@ -274,12 +311,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.last_load = loads
         imbalance = (loads.max(1).values / loads.mean(1).clamp_min(1e-9)).tolist()
-        record = {"kind": "train", "step": self.step, "stage": stage.name, "loss": total, "lm": lm, "mtp": mtp,
-                  "indexer": indexer, "seq_aux": aux, "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(main_norm), "indexer_grad_norm": float(idx_norm),
-                  "expert_imbalance": sum(imbalance) / max(len(imbalance), 1), "imbalance_per_layer": imbalance,
-                  "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
-                  "elapsed_s": time.time() - self.started}  # fmt: skip
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "stage": stage.name,
+            "loss": total,
+            "lm": lm,
+            "mtp": mtp,
+            "indexer": indexer,
+            "seq_aux": aux,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(main_norm),
+            "indexer_grad_norm": float(idx_norm),
+            "expert_imbalance": sum(imbalance) / max(len(imbalance), 1),
+            "imbalance_per_layer": imbalance,
+            "tokens": tokens,
+            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "elapsed_s": time.time() - self.started,
+        }
         if not finite:
             record["skipped"] = "non-finite loss or gradient: no update"
         self.step += 1
@@ -293,19 +342,33 @@ class Trainer:
         """Mean next-token loss on the fixed validation batches (sparse attention as at the end of training)."""
         was_training = self.model.training
         self.model.eval()
-        batches = [b[self.rank :: self.world] for b in self.val_batches] if self.world > 1 else self.val_batches
+        batches = (
+            [b[self.rank :: self.world] for b in self.val_batches] if self.world > 1 else self.val_batches
+        )
         sums = ev.lm_loss_sums(self.model, self.val_data, batches, self.device, self.autocast)
         sums = all_reduce_sum(sums, self.ctx).cpu()
         self.model.train(was_training)
         return float(sums[0] / sums[1].clamp_min(1))
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "planned": self.planned, "data": self.order.state_dict(),
-                "stage_index": self.stage_index, "skipped": self.skipped, "recipe": self.recipe.to_dict()}  # fmt: skip
+        return {
+            "total_steps": self.total_steps,
+            "planned": self.planned,
+            "data": self.order.state_dict(),
+            "stage_index": self.stage_index,
+            "skipped": self.skipped,
+            "recipe": self.recipe.to_dict(),
+        }
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.trainer_state(),
-                               keep=self.recipe.keep_checkpoints)  # fmt: skip
+        return save_checkpoint(
+            self.out / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            keep=self.recipe.keep_checkpoints,
+        )
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in `out`, if any (the recipe must be the same)."""
@@ -318,9 +381,15 @@ class Trainer:
         if {k: v for k, v in saved.to_dict().items() if k not in ignore} != {
             k: v for k, v in self.recipe.to_dict().items() if k not in ignore
         }:
-            raise ValueError(f"{self.out} holds a run with a different recipe; resume it with the same recipe "
-                             "or choose a new --out folder")  # fmt: skip
-        self.step, self.skipped, self.stage_index = state["step"], list(state["skipped"]), state["stage_index"]
+            raise ValueError(
+                f"{self.out} holds a run with a different recipe; resume it with the same recipe "
+                "or choose a new --out folder"
+            )
+        self.step, self.skipped, self.stage_index = (
+            state["step"],
+            list(state["skipped"]),
+            state["stage_index"],
+        )
         self.total_steps, self.planned = state["total_steps"], state["planned"]
         if self.recipe.time_limit_minutes is None or self.recipe.steps != saved.steps:
             self.total_steps, self.planned = max(self.recipe.steps, self.step), True
@@ -332,7 +401,9 @@ class Trainer:
         stages and the schedule stretch or shrink with it)."""
         left = self._deadline() - time.time()
         per_step = sorted(probe_times)[len(probe_times) // 2]
-        steps = torch.tensor([self.step + max(0, int(left / per_step))], dtype=torch.float64, device=self.device)
+        steps = torch.tensor(
+            [self.step + max(0, int(left / per_step))], dtype=torch.float64, device=self.device
+        )
         if self.ctx is not None:
             dist.broadcast(steps, src=0)
         self.total_steps = max(self.step + 1, min(self.recipe.steps, int(steps.item())))
@@ -359,7 +430,11 @@ class Trainer:
         """Train to the planned step count (resuming when a checkpoint exists); returns the metric records."""
         r = self.recipe
         resumed = self.resume()
-        log = MetricsLog(self.out / METRICS_FILE).start(self.step if resumed else None) if self.rank == 0 else None
+        log = (
+            MetricsLog(self.out / METRICS_FILE).start(self.step if resumed else None)
+            if self.rank == 0
+            else None
+        )
         records: list[dict[str, Any]] = []
         probe: list[float] = []
         deadline = self._deadline()
@@ -370,7 +445,12 @@ class Trainer:
                 record = self.train_step()
                 if r.time_limit_minutes is not None:
                     probe.append(time.perf_counter())  # the first step (warm-up allocations) is not timed
-                    if not self.planned and len(probe) > PROBE_STEPS or self.planned and len(probe) > REPLAN_EVERY:
+                    if (
+                        not self.planned
+                        and len(probe) > PROBE_STEPS
+                        or self.planned
+                        and len(probe) > REPLAN_EVERY
+                    ):
                         before = self.total_steps
                         self._plan([b - a for a, b in zip(probe, probe[1:])])
                         probe = probe[-1:]
@@ -382,7 +462,9 @@ class Trainer:
                 if r.checkpoint_every and step % r.checkpoint_every == 0:
                     self.save()
                 records.append(record)
-                if log is not None and (record["step"] % r.log_every == 0 or "skipped" in record or "val_lm" in record):
+                if log is not None and (
+                    record["step"] % r.log_every == 0 or "skipped" in record or "val_lm" in record
+                ):
                     log.write(record)
                 bar.update(record, self.total_steps)
         with self.phase("saving the final checkpoint"):
@@ -402,15 +484,26 @@ class Trainer:
             model.eval()
             tasks = sum(self.recipe.eval_tasks.values())
             with self.phase(f"evaluating: unigram baseline, samples and {tasks} held-out chat tasks"):
-                baseline = ev.unigram_baseline(self.train_file, self.val_data, self.val_batches, self.tok.vocab_size)
-                samples = ev.evaluate_samples(model, self.tok, self.recipe.sample_tokens, self.recipe.eval_tasks)
+                baseline = ev.unigram_baseline(
+                    self.train_file, self.val_data, self.val_batches, self.tok.vocab_size
+                )
+                samples = ev.evaluate_samples(
+                    model, self.tok, self.recipe.sample_tokens, self.recipe.eval_tasks
+                )
             with self.phase(f"exporting the model to {self.out / EXPORT_DIR}, plots and summary.json"):
                 ev.export_hf(model, self.tok, self.out / EXPORT_DIR)
-                summary = {"step": self.step, "val_lm": val, "unigram_baseline": baseline,
-                           "val_perplexity": ev.perplexity(val), "skipped_steps": self.skipped,
-                           "expert_load": self.last_load.tolist(), **samples}  # fmt: skip
-                MetricsLog(self.out / METRICS_FILE).write({"kind": "eval", "step": self.step, "val_lm": val,
-                                                          "baseline": baseline})  # fmt: skip
+                summary = {
+                    "step": self.step,
+                    "val_lm": val,
+                    "unigram_baseline": baseline,
+                    "val_perplexity": ev.perplexity(val),
+                    "skipped_steps": self.skipped,
+                    "expert_load": self.last_load.tolist(),
+                    **samples,
+                }
+                MetricsLog(self.out / METRICS_FILE).write(
+                    {"kind": "eval", "step": self.step, "val_lm": val, "baseline": baseline}
+                )
                 self._plots(baseline)
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self._barrier()
@@ -419,8 +512,10 @@ class Trainer:
     def _plots(self, baseline: float) -> None:
         records = read_metrics(self.out / METRICS_FILE)
         plot_losses(records, self.out / "loss.png", baseline)
-        names = [f"layer {m.layer_idx}" if m.layer_idx < self.model.config.num_hidden_layers else "MTP"
-                 for m in self._moe_layers()]  # fmt: skip
+        names = [
+            f"layer {m.layer_idx}" if m.layer_idx < self.model.config.num_hidden_layers else "MTP"
+            for m in self._moe_layers()
+        ]
         plot_expert_load(records, self.last_load.tolist(), self.out / "expert_load.png", names)
 
     def run(self) -> dict[str, Any]:

@@ -52,8 +52,11 @@ class Stage:
 def _default_stages() -> list[Stage]:
     # GLM-5 pre-trains dense and adds DSA in mid-training: a short indexer warm-up with the main model
     # frozen, then sparse training of everything (the indexer KL is trained throughout).
-    return [Stage("dense", 0.6, dsa=False), Stage("indexer-warmup", 0.05, dsa=False, train="indexer"),
-            Stage("sparse", 0.35, dsa=True)]  # fmt: skip
+    return [
+        Stage("dense", 0.6, dsa=False),
+        Stage("indexer-warmup", 0.05, dsa=False, train="indexer"),
+        Stage("sparse", 0.35, dsa=True),
+    ]
 
 
 @dataclass
@@ -128,7 +131,9 @@ class TrainRecipe:
     """Most recent checkpoints kept on disk."""
     sample_tokens: int = 64
     """Most new tokens per sample generation at the end."""
-    eval_tasks: dict[str, int] = field(default_factory=lambda: {"arithmetic": 12, "unanswerable": 12, "calculator": 6})
+    eval_tasks: dict[str, int] = field(
+        default_factory=lambda: {"arithmetic": 12, "unanswerable": 12, "calculator": 6}
+    )
     """Held-out chat tasks (an unseen seed) answered greedily at the end, for per-kind accuracy."""
     expert_parallel: int = 0
     """Expert-parallel degree in a multi-process run (0 = every process; must divide the process count)."""
@@ -143,12 +148,16 @@ class TrainRecipe:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its fix."""
         if self.model not in PRESETS:
-            raise ValueError(f"recipe model {self.model!r} is not a preset; choose one of {', '.join(PRESETS)}")
+            raise ValueError(
+                f"recipe model {self.model!r} is not a preset; choose one of {', '.join(PRESETS)}"
+            )
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
+            )
         if not self.stages or abs(sum(s.fraction for s in self.stages) - 1.0) > 1e-6:
             raise ValueError("recipe stages must be non-empty and their fractions must sum to 1")
         if self.optimizer not in ("adamw", "muon"):
@@ -162,8 +171,10 @@ class TrainRecipe:
         """The model's GLM5Config (preset + overrides + the tokenizer's vocabulary size)."""
         cfg = GLM5Config.from_preset(self.model).replace(vocab_size=self.vocab_size, **self.model_overrides)
         if self.mtp_depth and not cfg.num_nextn_predict_layers:
-            raise ValueError(f"recipe mtp_depth={self.mtp_depth} but model {self.model!r} has no MTP layer; "
-                             "set mtp_depth = 0 or model_overrides.num_nextn_predict_layers = 1")  # fmt: skip
+            raise ValueError(
+                f"recipe mtp_depth={self.mtp_depth} but model {self.model!r} has no MTP layer; "
+                "set mtp_depth = 0 or model_overrides.num_nextn_predict_layers = 1"
+            )
         return cfg
 
     def stage_index(self, step: int, total_steps: int) -> int:
@@ -231,26 +242,56 @@ def _smoke() -> TrainRecipe:
     # A seconds-long run for tests: a 2-layer model, a small slice of the corpus, few chat tasks.
     return TrainRecipe(
         model="tiny",
-        model_overrides=dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32,
-                             kv_lora_rank=32, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16,
-                             v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                             index_n_heads=2, index_head_dim=16, index_topk=16),
-        vocab_size=512, seq_len=64, batch_size=4, steps=12, warmup_steps=2, eval_every=0, eval_batches=2,
-        checkpoint_every=0, sample_tokens=8, eval_tasks={"arithmetic": 1, "calculator": 1, "unanswerable": 1},
-        data=DataSpec(max_corpus_bytes=400_000, chat_tasks={"arithmetic": 60, "calculator": 20, "unanswerable": 20}),
-    )  # fmt: skip
+        model_overrides=dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            index_n_heads=2,
+            index_head_dim=16,
+            index_topk=16,
+        ),
+        vocab_size=512,
+        seq_len=64,
+        batch_size=4,
+        steps=12,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        checkpoint_every=0,
+        sample_tokens=8,
+        eval_tasks={"arithmetic": 1, "calculator": 1, "unanswerable": 1},
+        data=DataSpec(
+            max_corpus_bytes=400_000, chat_tasks={"arithmetic": 60, "calculator": 20, "unanswerable": 20}
+        ),
+    )
 
 
 def _demo() -> TrainRecipe:
     # `make demo`'s pre-training: the tiny model with a 4K vocabulary, a 1 MB slice of the stdlib and a chat-heavy
     # task mix (single-digit sums the RL stage then trains on, abstentions, calculator calls), fitted to a time limit.
     return TrainRecipe(
-        vocab_size=4096, bias_update_rate=1e-2, steps=2000, time_limit_minutes=4.5, eval_every=0,
-        checkpoint_every=0, sample_tokens=48,
+        vocab_size=4096,
+        bias_update_rate=1e-2,
+        steps=2000,
+        time_limit_minutes=4.5,
+        eval_every=0,
+        checkpoint_every=0,
+        sample_tokens=48,
         eval_tasks={"easy_arithmetic": 8, "arithmetic": 4, "unanswerable": 8, "calculator": 4},
-        data=DataSpec(max_corpus_bytes=1_000_000,
-                      chat_tasks={"easy_arithmetic": 3000, "arithmetic": 500, "calculator": 1500, "unanswerable": 2000}),
-    )  # fmt: skip
+        data=DataSpec(
+            max_corpus_bytes=1_000_000,
+            chat_tasks={"easy_arithmetic": 3000, "arithmetic": 500, "calculator": 1500, "unanswerable": 2000},
+        ),
+    )
 
 
 RECIPES = {"tiny": _tiny, "demo": _demo, "smoke": _smoke}

@@ -88,7 +88,12 @@ def _complete(path: Path) -> bool:
 
 
 def save_checkpoint(
-    folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any], keep: int = 2
+    folder: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer: dict[str, Any],
+    keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` under `folder` (every process calls this); returns its path."""
     folder = Path(folder)
