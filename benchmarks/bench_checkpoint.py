@@ -51,7 +51,7 @@ def _load(impl: str, path: str, fp8: str):
 
 def worker(impl: str, path: str, warmup: str, fp8: str, threads: int, queue) -> None:
     torch.set_num_threads(threads)
-    from glm5.quant import weight_bytes
+    from glm5.model.fp8 import weight_bytes
 
     _load(impl, warmup, fp8)  # lazy imports and one-time set-up are not part of the per-checkpoint cost
     baseline = _status_kib("VmRSS")

@@ -1,6 +1,6 @@
 """glm5's inference engine vs HF transformers `generate` on the bench-tiny config with identical weights.
 
-Workloads (PERFORMANCE.md, issue 6):
+Workloads (docs/performance.md § bench_engine.py, issue 6):
 - batch-1 greedy decode tokens/s at context 32 / 2K / 8K / 16K, and the time to first token of that prompt;
 - throughput at 1 / 8 / 32 concurrent sequences (32-token prompts, 64 new tokens each); HF runs them one
   after another, glm5 batches them continuously;
@@ -9,7 +9,7 @@ Workloads (PERFORMANCE.md, issue 6):
   decodes with 0-3 draft tokens: acceptance length, tokens/s, speed-up, and whether the output equals plain
   greedy decoding;
 - batch-1 decode on the `small` preset as a fraction of the memory-bandwidth roofline (active weight bytes per
-  token / ~25 GB/s, PERFORMANCE.md).
+  token / ~25 GB/s, docs/performance.md § Machine limits).
 
 HF decodes from a prefilled cache: `generate(input_ids, past_key_values=...)` after one prefill forward, so its
 decode rate is not diluted by prefill; glm5 is timed from its first token to its last. The decode rows also run
@@ -39,7 +39,7 @@ import torch
 from common import CONFIG_PATH, RESULTS, build, run_in_fresh_process, save_results  # benchmarks/common.py
 
 BANDWIDTH = 25e9
-"""Bytes/s of weight streaming on the reference 2-core machine (PERFORMANCE.md: ~23-29 GB/s)."""
+"""Bytes/s of weight streaming on the reference 2-core machine (docs/performance.md § Machine limits: ~23-29 GB/s)."""
 
 
 def peak_rss() -> int:

@@ -1,6 +1,6 @@
 """glm5 vs HF transformers GlmMoeDsaForCausalLM on the bench-tiny config with identical weights.
 
-Workloads (PERFORMANCE.md): prefill of 1 x {2K, 8K, 16K} tokens (time, peak RSS) and one AdamW training step
+Workloads (docs/performance.md): prefill of 1 x {2K, 8K, 16K} tokens (time, peak RSS) and one AdamW training step
 on 8 x 256 tokens (forward + backward + step). Every measurement runs in a fresh process (so the peak RSS
 belongs to that workload alone), glm5 and HF interleaved, and the report gives glm5/HF ratios.
 

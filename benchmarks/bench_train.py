@@ -1,17 +1,22 @@
-"""Training throughput and MFU: glm5's full pre-training step vs HF transformers' GlmMoeDsaForCausalLM.
+"""Training throughput and MFU: glm5's full pre-training step vs HF transformers' GlmMoeDsaForCausalLM, in fp32
+and in bf16 autocast.
 
-Same bench-tiny weights (benchmarks/configs/bench-tiny.json), same batch (8 x 256 tokens), same AdamW. glm5 is
+Same bench-tiny weights (benchmarks/configs/bench-tiny.json), same batch (8 x 256 tokens), same AdamW, fp32
+master weights; each side in fp32 and under bf16 autocast (the forward; the loss in fp32). glm5 is
 measured twice: on the same work as HF (LM loss only), and on the step `glm5 train` runs: LM + MTP (one MTP
 layer added to bench-tiny, depth 1) + the DSA indexer KL loss + the sequence-wise balance loss, clipping, and
 the aux-loss-free router-bias update. HF trains the LM loss only (it runs its indexer without gradients and
-has no MTP). Each measurement runs in a fresh process, the three interleaved. MFU = model FLOPs per token x
-tokens/s / the matmul peak measured in this run, where
+has no MTP). Each measurement runs in a fresh process, all six interleaved. The ratios compare each side at its
+best dtype on this machine (bf16 only pays where the CPU has AVX512-BF16/AMX); the dtype `glm5 train --dtype
+auto` picks here is reported too. MFU = model FLOPs per token x tokens/s / the matmul peak measured in this run
+for the dtype of the row, where
 model FLOPs = 6 x active main-model parameters (lm_head included, embedding lookup excluded) + causal
 attention (6 x layers x heads x (qk + v dims) x mean keys per query) — the same count for both sides, so the
 MTP and indexer work glm5 does on top is not credited.
 
-    python benchmarks/bench_train.py            # full run (3 repeats, 4 timed steps each)
-    python benchmarks/bench_train.py --quick    # 1 repeat, 2 timed steps: a smoke run
+    python benchmarks/bench_train.py                 # full run (3 repeats, 4 timed steps each, both dtypes)
+    python benchmarks/bench_train.py --quick         # 1 repeat, 2 timed steps: a smoke run
+    python benchmarks/bench_train.py --dtypes fp32   # one dtype only (bf16 is ~100x slower on AVX2-only CPUs)
 
 Writes benchmarks/results/bench_train.{json,md,png}.
 """
@@ -19,7 +24,6 @@ Writes benchmarks/results/bench_train.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,9 +33,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import CONFIG_PATH, RESULTS, run_in_fresh_process  # benchmarks/common.py
+from common import CONFIG_PATH, RESULTS, run_in_fresh_process, save_results  # benchmarks/common.py
 
 BATCH, SEQ = 8, 256
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("hf", "glm5-lm", "glm5")
 
 
 def model_flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:  # noqa: ANN001
@@ -68,15 +74,17 @@ def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, seconds: float 
     return 2 * n**3 / best / 1e9
 
 
-def _glm5_step(model, opt, ids, recipe, routers):  # noqa: ANN001
+def _glm5_step(model, opt, ids, recipe, routers, dtype):  # noqa: ANN001
     from glm5.data.packing import Batch
+    from glm5.device import autocast
     from glm5.train.optim import clip_grad_norm
     from glm5.train.pretrain import step_counts, training_losses, update_router_bias
     from glm5.train.recipe import Stage
 
     batch = Batch(ids[:, :-1], ids[:, 1:])
     counts = step_counts([batch], recipe.mtp_depth)
-    out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True)
+    with autocast("cpu", dtype):  # as Trainer.train_step: the forward under autocast, the losses in fp32
+        out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True)
     objective, _ = training_losses(
         out, batch, counts, recipe, Stage("sparse", 1.0, dsa=True), model.config.num_experts_per_tok
     )
@@ -89,8 +97,11 @@ def _glm5_step(model, opt, ids, recipe, routers):  # noqa: ANN001
     update_router_bias(routers, loads, recipe.bias_update_rate)
 
 
-def _hf_step(model, opt, ids, glm5: bool = False):  # noqa: ANN001
-    logits = model(ids[:, :-1]).logits if glm5 else model(input_ids=ids[:, :-1], use_cache=False).logits
+def _hf_step(model, opt, ids, dtype, glm5: bool = False):  # noqa: ANN001
+    from glm5.device import autocast
+
+    with autocast("cpu", dtype):
+        logits = model(ids[:, :-1]).logits if glm5 else model(input_ids=ids[:, :-1], use_cache=False).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,7 +109,7 @@ def _hf_step(model, opt, ids, glm5: bool = False):  # noqa: ANN001
     opt.zero_grad(set_to_none=True)
 
 
-def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  # noqa: ANN001
+def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, queue) -> None:  # noqa: ANN001
     """Time `steps` training steps (after one warm-up step) in this fresh process."""
     try:
         from safetensors.torch import load_file
@@ -109,6 +120,7 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
+        dtype = DTYPES[dtype_name]
         cfg = GLM5Config.from_hf_config(CONFIG_PATH)
         state = load_file(weights)
         ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
@@ -119,7 +131,7 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
             opt = torch.optim.AdamW(
                 model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True
             )
-            step = lambda: _hf_step(model, opt, ids, glm5=True)
+            step = lambda: _hf_step(model, opt, ids, dtype, glm5=True)
         elif impl == "glm5":
             recipe = TrainRecipe(mtp_depth=1)
             model = GLM5ForCausalLM(cfg.replace(num_nextn_predict_layers=1))
@@ -127,7 +139,7 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
             model.train()
             opt = build_optimizer(model, recipe, distributed=False)
             routers = [m.mlp.gate for m in model.modules() if hasattr(getattr(m, "mlp", None), "gate")]
-            step = lambda: _glm5_step(model, opt, ids, recipe, routers)
+            step = lambda: _glm5_step(model, opt, ids, recipe, routers, dtype)
         else:
             import transformers
 
@@ -137,7 +149,7 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
             opt = torch.optim.AdamW(
                 model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True
             )
-            step = lambda: _hf_step(model, opt, ids)
+            step = lambda: _hf_step(model, opt, ids, dtype)
         step()  # warm-up (allocations)
         times = []
         for _ in range(steps):
@@ -151,40 +163,78 @@ def worker(impl: str, weights: str, threads: int, steps: int, queue) -> None:  #
 
 
 def peak_worker(threads: int, queue) -> None:  # noqa: ANN001
+    from glm5.device import train_dtype
+
+    torch.set_num_threads(threads)
+    auto, reason = train_dtype("cpu", "auto")
     queue.put(
-        {"float32": matmul_peak(torch.float32, threads), "bfloat16": matmul_peak(torch.bfloat16, threads)}
+        {
+            "float32": matmul_peak(torch.float32, threads),
+            "bfloat16": matmul_peak(torch.bfloat16, threads),
+            "auto": str(auto).removeprefix("torch."),
+            "auto_reason": reason,
+        }
     )
+
+
+WHAT = {
+    "hf": ("HF transformers", "LM loss"),
+    "glm5-lm": ("glm5", "LM loss (the same work as HF)"),
+    "glm5": ("glm5", "LM + MTP + indexer KL + balance (`glm5 train`)"),
+}
+PEAK_KEY = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def best(r: dict, impl: str) -> str | None:
+    """The dtype at which `impl` trained fastest here (None when every run of it failed)."""
+    ok = [d for d in r["meta"]["dtypes"] if "error" not in r["runs"][f"{impl}/{d}"]]
+    return max(ok, key=lambda d: r["runs"][f"{impl}/{d}"]["tokens_per_s"]) if ok else None
 
 
 def markdown(r: dict) -> str:
-    m, hf, ours = r["meta"], r["hf"], r["glm5"]
+    m = r["meta"]
+    peaks = m["peak_gflops"]
     lines = [
         f"bench-tiny ({m['params'] / 1e6:.1f}M params; glm5 adds a {m['mtp_params'] / 1e6:.1f}M MTP layer), "
-        f"train step {BATCH} x {SEQ} tokens, AdamW, fp32, torch {m['torch']}, {m['threads']} threads, {m['cpu']}; "
-        f"median of {m['repeats']} fresh processes x {m['steps']} steps. Matmul peak measured in this run: "
-        f"{m['peak_gflops']['float32']:.0f} GFLOP/s fp32, {m['peak_gflops']['bfloat16']:.1f} GFLOP/s bf16. "
-        f"Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
+        f"train step {BATCH} x {SEQ} tokens, AdamW, fp32 master weights, torch {m['torch']}, {m['threads']} "
+        f"threads, {m['cpu']} ({m['cpu_flags']}); median of {m['repeats']} fresh processes x {m['steps']} steps, "
+        f"all runs interleaved. Matmul peak measured in this run: {peaks['float32']:.0f} GFLOP/s fp32, "
+        f"{peaks['bfloat16']:.1f} GFLOP/s bf16. `glm5 train --dtype auto` picks {peaks['auto']} here "
+        f"({peaks['auto_reason']}). Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
         "",
-        "| implementation | what it trains | step time | tokens/s | MFU (vs fp32 peak) | vs HF |",
-        "|---|---|---:|---:|---:|---:|",
+        "| implementation | what it trains | dtype | step time | tokens/s | MFU (vs that dtype's peak) | vs HF |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    sides = (
-        ("HF transformers", hf, "LM loss"),
-        ("glm5", r["glm5-lm"], "LM loss (the same work as HF)"),
-        ("glm5", ours, "LM + MTP + indexer KL + balance (`glm5 train`)"),
-    )
-    for name, row, what in sides:
-        if "error" in row:
-            lines.append(f"| {name} | {what} | {row['error']} | | | |")
-            continue
-        ratio = row["tokens_per_s"] / hf["tokens_per_s"] if "error" not in hf else float("nan")
-        mfu = f"{row['mfu']:.1%}" + (
-            f" ({row['mfu_with_mtp']:.1%} with MTP)" if "mfu_with_mtp" in row else ""
-        )
-        lines.append(
-            f"| {name} | {what} | {row['seconds']:.2f} s | {row['tokens_per_s']:,.0f} | {mfu} | "
-            f"**{ratio:.2f}x** |"
-        )
+    hf_best = best(r, "hf")
+    hf = r["runs"][f"hf/{hf_best}"] if hf_best else None
+    for impl in IMPLS:
+        name, what = WHAT[impl]
+        for d in m["dtypes"]:
+            row = r["runs"][f"{impl}/{d}"]
+            if "error" in row:
+                lines.append(f"| {name} | {what} | {d} | {row['error']} | | | |")
+                continue
+            ratio = f"{row['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "n/a"
+            if d == best(r, impl):
+                ratio = f"**{ratio}**"
+            mfu = f"{row['mfu']:.1%}" + (
+                f" ({row['mfu_with_mtp']:.1%} with MTP)" if "mfu_with_mtp" in row else ""
+            )
+            lines.append(
+                f"| {name} | {what} | {d} | {row['seconds']:.2f} s | {row['tokens_per_s']:,.0f} | {mfu} | {ratio} |"
+            )
+    lines += [
+        "",
+        f"vs HF: against HF at its best dtype here ({hf_best}); **bold**: each glm5 row at its best dtype.",
+    ]
+    for impl, target in (("glm5", 1.0), ("glm5-lm", 2.0)):
+        key = f"speedup_{impl}"
+        if key in r:
+            verdict = "met" if r[key] >= target else "NOT met"
+            lines.append(
+                f"- {WHAT[impl][1]}: {r[key]:.2f}x HF's LM-only step, each at its best dtype "
+                f"(target >= {target:.1f}x: {verdict})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -194,23 +244,42 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("hf", "glm5-lm", "glm5") if "error" not in r[n]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.bar(names, [r[n]["tokens_per_s"] for n in names], color=["#999", "#7b9", "#3a7"][: len(names)])
+    keys = [f"{i}/{d}" for i in IMPLS for d in r["meta"]["dtypes"] if "error" not in r["runs"][f"{i}/{d}"]]
+    colors = ["#999" if k.startswith("hf/") else "#7b9" if k.startswith("glm5-lm/") else "#3a7" for k in keys]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.bar(keys, [r["runs"][k]["tokens_per_s"] for k in keys], color=colors)
     ax1.set(ylabel="training tokens/s", title="train step 8 x 256 (bench-tiny)")
-    ax2.bar(names, [100 * r[n]["mfu"] for n in names], color=["#999", "#7b9", "#3a7"][: len(names)])
-    ax2.set(ylabel="MFU (% of measured fp32 peak)", title="model FLOPs utilisation")
+    ax2.bar(keys, [100 * r["runs"][k]["mfu"] for k in keys], color=colors)
+    ax2.set(ylabel="MFU (% of that dtype's measured peak)", title="model FLOPs utilisation")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _cpu_flags() -> str:
+    """The CPU's matmul-relevant ISA flags (what decides whether bf16 pays)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 timed steps (smoke run)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtypes", default="fp32,bf16", help="comma-separated dtypes to measure: fp32, bf16 (default both)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        parser.error(f"--dtypes {args.dtypes!r}: use a comma-separated list of {', '.join(DTYPES)}")
     from safetensors.torch import save_file
 
     from glm5 import GLM5Config, GLM5ForCausalLM
@@ -227,45 +296,51 @@ def main(argv: list[str] | None = None) -> int:
             "mtp_params": mtp.num_parameters() - model.num_parameters(),
             "torch": torch.__version__,
             "threads": args.threads,
-            "dtype": "float32",
+            "dtypes": dtypes,
             "repeats": repeats,
             "steps": steps,
             "batch": [BATCH, SEQ],
             "cpu": platform.processor() or platform.machine(),
+            "cpu_flags": _cpu_flags(),
             "flops_per_token": model_flops_per_token(cfg, SEQ),
             "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True),
         }
     }
     result["meta"]["peak_gflops"] = run_in_fresh_process(peak_worker, (args.threads,), timeout=300)
-    runs: dict[str, list[dict]] = {"hf": [], "glm5-lm": [], "glm5": []}
+    runs: dict[str, list[dict]] = {f"{i}/{d}": [] for i in IMPLS for d in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
         save_file({k: v.contiguous() for k, v in model.hf_state_dict(fused_experts=True).items()}, weights)
         for i in range(repeats):
-            for impl in runs:  # interleaved: machine drift hits every side alike
-                print(f"repeat {i + 1}/{repeats}: {impl}", flush=True)
-                runs[impl].append(
-                    run_in_fresh_process(worker, (impl, weights, args.threads, steps), timeout=1800)
+            for key in runs:  # interleaved: machine drift hits every side alike
+                impl, d = key.split("/")
+                print(f"repeat {i + 1}/{repeats}: {key}", flush=True)
+                runs[key].append(
+                    run_in_fresh_process(worker, (impl, d, weights, args.threads, steps), timeout=1800)
                 )
-    peak = result["meta"]["peak_gflops"]["float32"] * 1e9
-    for impl, got in runs.items():
+    result["runs"] = {}
+    for key, got in runs.items():
+        d = key.split("/")[1]
+        peak = result["meta"]["peak_gflops"][PEAK_KEY[d]] * 1e9
         ok = [r for r in got if "error" not in r]
         row = {k: statistics.median(r[k] for r in ok) for k in ok[0]} if ok else got[0]
         if ok:
             row["mfu"] = row["tokens_per_s"] * result["meta"]["flops_per_token"] / peak
-        if ok and impl == "glm5":  # the hardware also did the MTP depth's work
+        if ok and key.startswith("glm5/"):  # the hardware also did the MTP depth's work
             row["mfu_with_mtp"] = row["tokens_per_s"] * result["meta"]["flops_per_token_with_mtp"] / peak
-        result[impl] = row
+        result["runs"][key] = row
+    hf_best = best(result, "hf")
     for impl in ("glm5-lm", "glm5"):
-        if "error" not in result["hf"] and "error" not in result[impl]:
-            result[f"speedup_{impl}"] = result[impl]["tokens_per_s"] / result["hf"]["tokens_per_s"]
-    args.out.mkdir(parents=True, exist_ok=True)
+        ours = best(result, impl)
+        if hf_best and ours:
+            result[f"best_dtype_{impl}"] = ours
+            result[f"speedup_{impl}"] = (
+                result["runs"][f"{impl}/{ours}"]["tokens_per_s"]
+                / result["runs"][f"hf/{hf_best}"]["tokens_per_s"]
+            )
+    result["best_dtype_hf"] = hf_best
     suffix = "_quick" if args.quick else ""
-    (args.out / f"bench_train{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (args.out / f"bench_train{suffix}.md").write_text(table)
-    plot(result, args.out / f"bench_train{suffix}.png")
-    print(table)
+    save_results(args.out, f"bench_train{suffix}", result, markdown(result), plot)
     return 0
 
 

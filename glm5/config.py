@@ -23,7 +23,7 @@ ARCHITECTURE = "GlmMoeDsaForCausalLM"
 class GLM5Config:
     """Architecture of a GLM-5 model (MLA + DSA lightning indexer + sigmoid MoE + MTP).
 
-    Defaults are the published GLM-5 values (MODEL_SPEC §1.1); `from_preset` gives other sizes.
+    Defaults are the published GLM-5 values (docs/model.md § Presets); `from_preset` gives other sizes.
     """
 
     # --- sizes -----------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class GLM5Config:
     index_topk_freq: int | None = None
     """IndexCache: every `freq`-th layer (after the offset) runs its own indexer; None = all layers."""
     index_skip_topk_offset: int | None = None
-    """IndexCache: first layer index from which sharing can start (HF rule, MODEL_SPEC §1.3)."""
+    """IndexCache: first layer index from which sharing can start (HF rule, docs/model.md § IndexCache layer types)."""
     index_topk_pattern: str | None = None
     """IndexCache override: one letter per layer, F = full indexer, S = reuse the previous full layer."""
 
@@ -113,7 +113,7 @@ class GLM5Config:
     """Eps of the input / post-attention / final / MTP RMSNorms."""
     latent_norm_eps: float = 1e-6
     """Eps of q_a_layernorm and kv_a_layernorm. HF builds them with the class default 1e-6, not
-    rms_norm_eps (MODEL_SPEC §1.2); we follow the reference so logits match it."""
+    rms_norm_eps (docs/model.md § Decisions where sources disagree); we follow the reference so logits match it."""
     indexer_norm_eps: float = 1e-6
     """Eps of the indexer's k_norm LayerNorm."""
     hidden_act: str = "silu"
@@ -443,9 +443,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         index_skip_topk_offset=3,
         extra={"index_share_for_mtp_iteration": True},
     ),
-    # ~10M parameters (+0.8M MTP): the CPU workhorse. Identical to PERFORMANCE.md's bench-tiny plus MTP.
+    # ~10M parameters (+2.0M MTP): the CPU workhorse. bench-tiny plus MTP (docs/performance.md § The bench-tiny config).
     "tiny": dict(_TINY),
-    # bench-tiny from PERFORMANCE.md, the config both glm5 and HF are benchmarked on (no MTP).
+    # The config both glm5 and HF are benchmarked on, no MTP (docs/performance.md § The bench-tiny config).
     "bench-tiny": dict(_TINY, num_nextn_predict_layers=0),
     # ~100M parameters in total (~30M active): trains on a CPU in hours, on a GPU in minutes.
     "small": dict(

@@ -3,13 +3,17 @@
 1. Plan: what the real 744B GLM-5 needs on H200s (parameters, memory, devices, decode roofline).
 2. Pre-train a tiny GLM-5 with every feature on (tokenizer trained offline, MLA + DSA dense/warm-up/sparse
    stages, MoE with aux-loss-free balancing, MTP) on the CPython standard library + synthetic GLM chat tasks.
-3. Evaluate it (accuracy, abstention and hallucination rates, perplexity).
-4. Asynchronous RL with the abstention-aware reward (+1 right / 0 "I don't know" / -1 wrong).
-5. Evaluate again and compare.
+3. Evaluate it on held-out frontier items (glm5.data.frontier: easy sums it can learn, hard sums it mostly
+   cannot, unanswerable questions, calculator tool use) and held-out perplexity.
+4. SFT: assistant-only loss on the frontier training items (thinking, tool calls, abstentions) + 10% pre-training
+   text; evaluate again.
+5. Asynchronous RL with the abstention-aware reward (+1 right / 0 "I don't know" / -1 wrong) and a KL anchor to
+   the SFT policy (the variant the post-training ablation picked); evaluate again.
 6. Export the RL policy in the HF layout and as a block-FP8 checkpoint.
 7. Serve the FP8 checkpoint (OpenAI-compatible) and query it with the `openai` SDK: a streamed answer with
    thinking, and a calculator tool call answered and continued.
-8. A summary table; `runs/demo/report.md` holds the numbers and the plots.
+8. A summary table with the post-training targets; `runs/demo/report.md` holds the numbers and the plots,
+   `runs/demo/summary.json` the same numbers ("posttrain": {"sft": ..., "rl": ...}).
 
 `python -m glm5.demo --smoke` runs the same steps at toy sizes in about a minute (the test suite does).
 """
@@ -66,6 +70,22 @@ def plan_glm5() -> dict[str, Any]:
     }
 
 
+PRETRAIN_MINUTES = 2.75
+"""`make demo`'s pre-training budget (the demo recipe's time limit is shortened to this)."""
+SFT_MINUTES = 2.5
+"""`make demo`'s SFT budget."""
+RL_STEPS = 30
+"""`make demo`'s RL updates."""
+EVAL_ITEMS = 40
+"""Held-out frontier items per difficulty in each evaluation (`--smoke`: 3)."""
+TARGETS = (
+    ("hallucination rate SFT -> RL", "relative drop >= 50%"),
+    ("accuracy RL / SFT", ">= 90%"),
+    ("abstention on unanswerable (RL)", ">= 80%"),
+    ("tool-call validity (SFT)", ">= 90%"),
+)
+
+
 def pretrain(out: Path, smoke: bool) -> dict[str, Any]:
     from glm5.train import Trainer, recipe_preset
 
@@ -76,17 +96,30 @@ def pretrain(out: Path, smoke: bool) -> dict[str, Any]:
             eval_tasks={"easy_arithmetic": 1, "unanswerable": 1},
             data=dataclasses.replace(recipe.data, chat_tasks=tasks),
         )
+    else:
+        recipe = recipe.replace(time_limit_minutes=PRETRAIN_MINUTES)
     summary = Trainer(recipe, out).run()
     return {"recipe": "smoke" if smoke else "demo", **summary}
 
 
+def sft(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
+    from glm5.train.sft import SFTTrainer, sft_preset
+
+    recipe = sft_preset("smoke" if smoke else "demo").replace(heldout_eval=0)  # the demo evaluates it next
+    if not smoke:
+        recipe = recipe.replace(time_limit_minutes=SFT_MINUTES)
+    summary = SFTTrainer(recipe, out, init=init).run()
+    return {"recipe": "smoke" if smoke else "demo", **summary}
+
+
 def evaluate(model_dir: Path, data_dir: Path, out: Path, num: int) -> Any:
+    """Held-out frontier items (per difficulty) and held-out perplexity on the pre-training validation split."""
+    from glm5.data.frontier import KINDS
     from glm5.eval import GenerationOptions, LocalBackend, evaluate, write_report
 
-    tasks = ["easy_arithmetic", "unanswerable", "tool_use", "perplexity"]
     result = evaluate(
         LocalBackend(str(model_dir)),
-        tasks,
+        [*KINDS, "perplexity"],
         num=num,
         perplexity_source=data_dir,
         options=GenerationOptions(max_tokens=48),
@@ -98,11 +131,34 @@ def evaluate(model_dir: Path, data_dir: Path, out: Path, num: int) -> Any:
 
 def reinforce(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
     from glm5.rl.cli import run_rl
-    from glm5.rl.recipes import recipe_preset
+    from glm5.rl.posttrain import DEFAULT_VARIANT, posttrain_recipe
 
-    recipe = recipe_preset("math-abstain")
-    recipe = recipe.replace(steps=2, eval_prompts=4) if smoke else recipe.replace(steps=24, eval_prompts=12)
-    return run_rl(recipe, out, init=str(init))
+    recipe = posttrain_recipe(DEFAULT_VARIANT, steps=2 if smoke else RL_STEPS)
+    if smoke:
+        recipe = recipe.replace(task_counts={k: 6 for k in recipe.task_counts})
+    return {"variant": DEFAULT_VARIANT, **run_rl(recipe, out, init=str(init))}
+
+
+def posttrain_numbers(result: Any) -> dict[str, Any]:
+    """The held-out post-training numbers of one evaluation (glm5.eval.frontier.frontier_summary)."""
+    from glm5.eval.frontier import frontier_summary
+
+    return frontier_summary(result)
+
+
+def target_checks(sft_n: dict[str, Any], rl_n: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's four learning targets, measured (value, whether it is met); None where undefined."""
+    h0, h1 = sft_n["hallucination_rate"], rl_n["hallucination_rate"]
+    drop = None if h0 is None or h1 is None or h0 == 0 else 1 - h1 / h0
+    if h0 and h1 is None:  # nothing left to hallucinate on: every item right
+        drop = 1.0
+    ratio = rl_n["accuracy"] / sft_n["accuracy"] if sft_n["accuracy"] else None
+    values = (drop, ratio, rl_n["unanswerable_abstention"], sft_n["tool_call_valid"])
+    bars = (0.5, 0.9, 0.8, 0.9)
+    return [
+        {"target": name, "bar": bar_text, "value": v, "met": v is not None and v >= bar}
+        for (name, bar_text), v, bar in zip(TARGETS, values, bars)
+    ]
 
 
 def export_fp8(src: Path, dst: Path) -> dict[str, Any]:
@@ -144,7 +200,7 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
             for choice in chunk.choices:
                 reasoning += getattr(choice.delta, "reasoning_content", None) or ""
                 content += choice.delta.content or ""
-        tool_question = "What is 12345 * 678?"
+        tool_question = "What is 275 * 59? Use the calculator."
         messages: list[dict[str, Any]] = [{"role": "user", "content": tool_question}]
         first = client.chat.completions.create(
             model="glm5-demo",
@@ -198,11 +254,20 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def eval_row(result: Any, task: str, key: str) -> float | None:
-    return result.metrics.get(task, {}).get(key)
+def eval_text(n: dict[str, Any], ppl: float | None) -> str:
+    """One evaluation as a line: overall numbers, then per difficulty."""
+    per = n["per_difficulty"]
+    easy, hard, unans, tool = (per.get(d, {}) for d in ("easy", "hard", "unanswerable", "tool"))
+    return (
+        f"accuracy {pct(n['accuracy'])}, abstention {pct(n['abstention_rate'])}, hallucination "
+        f"{pct(n['hallucination_rate'])}; easy {pct(easy.get('accuracy'))} right; hard "
+        f"{pct(hard.get('accuracy'))} right / {pct(hard.get('abstention_rate'))} abstained; unanswerable "
+        f"{pct(unans.get('abstention_rate'))} abstained; tool calls {pct(n['tool_call_valid'])} valid, "
+        f"{pct(tool.get('accuracy'))} right" + (f"; ppl {ppl:.0f}" if ppl else "")
+    )
 
 
-def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, str, str]]:
+def summary_rows(s: dict[str, Any], evals: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(stage, result, time) rows: printed as a rich table and written as Markdown in the report."""
     rows: list[tuple[str, str, str]] = []
     add = lambda *row: rows.append(row)  # noqa: E731
@@ -221,28 +286,26 @@ def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, 
         f"{pt['step']} steps, val loss {pt['val_lm']:.2f} vs unigram {pt['unigram_baseline']:.2f} nats",
         f"{times['pretrain']:.0f} s",
     )
-    for label, res, key in (
-        ("eval before RL", before, "eval_before"),
-        ("eval after RL", after, "eval_after"),
-    ):
-        ppl = (res.perplexity or {}).get("perplexity")
-        add(
-            label,
-            f"1-digit sums {pct(eval_row(res, 'easy_arithmetic', 'accuracy'))} right, "
-            f"{pct(eval_row(res, 'easy_arithmetic', 'abstention_rate'))} abstained; unanswerable "
-            f"{pct(eval_row(res, 'unanswerable', 'accuracy'))} abstained; hallucination "
-            f"{pct(eval_row(res, 'overall', 'hallucination_rate'))}; tool use "
-            f"{pct(eval_row(res, 'tool_use', 'accuracy'))}" + (f"; ppl {ppl:.0f}" if ppl else ""),
-            f"{times[key]:.0f} s",
-        )
+    st = s["sft"]
+    add(
+        "SFT (assistant-only loss, frontier tasks + 10% text)",
+        f"{st['step']} steps, held-out chat loss {st['val_lm']:.2f} nats",
+        f"{times['sft']:.0f} s",
+    )
     rl = s["rl"]
     b = rl["buffer"]
     add(
-        "async RL, abstention reward",
+        f"async RL, reward {rl['variant']}",
         f"{rl['steps']} updates ({rl['mode']}): {b['trained']} groups trained, "
         f"{b['filtered']} filtered (zero variance), {b['requeued']} requeued",
         f"{times['rl']:.0f} s",
     )
+    for label, key in (("eval pre-trained", "pretrain"), ("eval SFT", "sft"), ("eval RL", "rl")):
+        ppl = (evals[key].perplexity or {}).get("perplexity")
+        add(label + " (held-out)", eval_text(s["posttrain"][key], ppl), f"{times['eval_' + key]:.0f} s")
+    for t in s["targets"]:
+        value = "-" if t["value"] is None else f"{100 * t['value']:.0f}%"
+        add(f"target: {t['target']}", f"{value} (want {t['bar']}): {'met' if t['met'] else 'NOT met'}", "")
     ex = s["export"]
     add(
         "export HF + FP8",
@@ -262,6 +325,31 @@ def summary_rows(s: dict[str, Any], before: Any, after: Any) -> list[tuple[str, 
     return rows
 
 
+def difficulty_table(s: dict[str, Any]) -> str:
+    """Held-out numbers per difficulty and stage with Wilson 95% intervals (Markdown)."""
+    from glm5.data.frontier import DIFFICULTIES
+
+    def cell(m: dict[str, Any], key: str, ci: str) -> str:
+        if m.get(key) is None:
+            return "-"
+        lo, hi = m[ci] if m.get(ci) else (None, None)
+        return f"{100 * m[key]:.0f}%" + (f" [{100 * lo:.0f}, {100 * hi:.0f}]" if lo is not None else "")
+
+    lines = [
+        "| stage | difficulty | n | accuracy | abstention | hallucination |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for stage in ("pretrain", "sft", "rl"):
+        n = s["posttrain"][stage]
+        for d in (*DIFFICULTIES, "overall"):
+            m = n if d == "overall" else n["per_difficulty"].get(d, {})
+            lines.append(
+                f"| {stage} | {d} | {m.get('n', 0)} | {cell(m, 'accuracy', 'accuracy_ci')} | "
+                f"{cell(m, 'abstention_rate', 'abstention_ci')} | {cell(m, 'hallucination_rate', 'hallucination_ci')} |"
+            )
+    return "\n".join(lines)
+
+
 def summary_table(rows: list[tuple[str, str, str]]) -> Table:
     t = Table(title="glm5 demo: the GLM-5 lifecycle on this machine", title_justify="left")
     t.add_column("stage")
@@ -277,15 +365,15 @@ def summary_markdown(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines + [f"| {a} | {b.replace('|', '/')} | {c} |" for a, b, c in rows])
 
 
-def write_report(out: Path, s: dict[str, Any], before: Any, after: Any) -> Path:
+def write_report(out: Path, s: dict[str, Any], evals: dict[str, Any]) -> Path:
     from glm5.eval import compare
 
-    cmp = compare(before, after, out_dir=out / "eval-compare", labels=("before RL", "after RL"))
+    cmp = compare(evals["sft"], evals["rl"], out_dir=out / "eval-compare", labels=("SFT", "RL"))
     sv = s["serve"]
     lines = [
         "# glm5 demo report",
         "",
-        summary_markdown(summary_rows(s, before, after)),
+        summary_markdown(summary_rows(s, evals)),
         "",
         f"Total wall time {s['total_s'] / 60:.1f} min on this machine. Stage times (s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in s["times"].items())
@@ -306,7 +394,15 @@ def write_report(out: Path, s: dict[str, Any], before: Any, after: Any) -> Path:
         "",
         "![expert load](pretrain/expert_load.png)",
         "",
-        "## Evaluation before and after RL (abstention reward)",
+        "## Post-training on held-out frontier items (Wilson 95% intervals)",
+        "",
+        "Hallucination rate = wrong / (wrong + abstained) over the items not answered correctly.",
+        "",
+        difficulty_table(s),
+        "",
+        "![sft loss](sft/loss.png)",
+        "",
+        "## Evaluation SFT vs RL",
         "",
         cmp,
         "",
@@ -341,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     s: dict[str, Any] = {"times": timer.stages}
-    num = 4 if args.smoke else 24
+    num = 3 if args.smoke else EVAL_ITEMS
+    evals: dict[str, Any] = {}
 
     console.rule("[bold]1. Plan the real GLM-5 on H200")
     t = time.perf_counter()
@@ -358,22 +455,31 @@ def main(argv: list[str] | None = None) -> int:
         else pretrain(out / "pretrain", args.smoke)
     )
     timer.stage("pretrain", t)
+    data = out / "pretrain" / "data"
 
-    console.rule("[bold]3. Evaluate the pre-trained model")
+    console.rule("[bold]3. Evaluate the pre-trained model (held-out frontier items, perplexity)")
     t = time.perf_counter()
-    before = evaluate(out / "pretrain" / "model", out / "pretrain" / "data", out / "eval-before", num)
-    timer.stage("eval_before", t)
+    evals["pretrain"] = evaluate(out / "pretrain" / "model", data, out / "eval-pretrain", num)
+    timer.stage("eval_pretrain", t)
 
-    console.rule("[bold]4. Asynchronous RL with the abstention-aware reward")
+    console.rule("[bold]4. SFT: assistant-only loss on the frontier tasks + a share of pre-training text")
     t = time.perf_counter()
-    rl = reinforce(out / "pretrain" / "model", out / "rl", args.smoke)
-    s["rl"] = {k: rl[k] for k in ("recipe", "steps", "wall_s", "buffer", "mode")}
+    s["sft"] = sft(out / "pretrain", out / "sft", args.smoke)
+    timer.stage("sft", t)
+    t = time.perf_counter()
+    evals["sft"] = evaluate(out / "sft" / "model", data, out / "eval-sft", num)
+    timer.stage("eval_sft", t)
+
+    console.rule("[bold]5. Asynchronous RL: abstention-aware reward, KL anchor to the SFT policy")
+    t = time.perf_counter()
+    rl = reinforce(out / "sft" / "model", out / "rl", args.smoke)
+    s["rl"] = {k: rl[k] for k in ("recipe", "variant", "steps", "wall_s", "buffer", "mode")}
     timer.stage("rl", t)
-
-    console.rule("[bold]5. Evaluate the RL policy")
     t = time.perf_counter()
-    after = evaluate(out / "rl" / "model", out / "pretrain" / "data", out / "eval-after", num)
-    timer.stage("eval_after", t)
+    evals["rl"] = evaluate(out / "rl" / "model", data, out / "eval-rl", num)
+    timer.stage("eval_rl", t)
+    s["posttrain"] = {k: posttrain_numbers(v) for k, v in evals.items()}
+    s["targets"] = target_checks(s["posttrain"]["sft"], s["posttrain"]["rl"])
 
     console.rule("[bold]6. Export: HF layout and block FP8")
     t = time.perf_counter()
@@ -387,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     timer.stage("serve", t)
 
     s["total_s"] = timer.total
-    report = write_report(out, s, before, after)
-    console.print(summary_table(summary_rows(s, before, after)))
+    report = write_report(out, s, evals)
+    console.print(summary_table(summary_rows(s, evals)))
     console.print(f"report: {report}")
     return 0
 

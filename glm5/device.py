@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import platform
 import sys
+import time
 import warnings
 from types import ModuleType
 from typing import Any
@@ -264,3 +266,98 @@ def dist_backend(device: DeviceLike) -> str:
     """The collective backend for tensors on `device`: nccl (CUDA/ROCm), hccl (Ascend), xccl (Intel XPU), gloo (CPU)."""
     kind = device if isinstance(device, str) and ":" not in device else _as_device(device).type
     return DIST_BACKENDS.get(kind, "gloo")
+
+
+# --- the training dtype: bf16 autocast where it is faster, fp32 elsewhere ----------------------------------------
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+"""Values of `glm5 train --dtype`, the recipe's `dtype` field and the GLM5_TRAIN_DTYPE variable."""
+TRAIN_DTYPE_ENV = "GLM5_TRAIN_DTYPE"
+"""Environment variable that sets the training dtype when the recipe says "auto" (float32 or bfloat16)."""
+BF16_MIN_SPEEDUP = 1.25
+"""bf16 autocast is chosen on a CPU when the probe's bf16 step is at least this much faster than fp32 (a margin
+for the casts and the ops autocast leaves in fp32, which the probe does not see)."""
+PROBE_SHAPE = (2048, 256, 512)
+"""(tokens, in features, out features) of the probe's linear layer: a training micro-batch of a small model."""
+SCREEN_SHAPE = (256, 128, 256)
+"""A cheap first look: where bf16 has no fast kernels (AVX2: ~100x slower) the probe stops here."""
+
+
+def _linear_step_seconds(
+    device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], reps: int
+) -> float:
+    """Best time of a linear layer's forward + backward under `autocast(device, dtype)` (fp32 weights)."""
+    tokens, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, k, generator=gen).to(device).requires_grad_()
+    w = torch.randn(n, k, generator=gen).to(device).requires_grad_()
+    best = float("inf")
+    for _ in range(reps + 1):  # the first run allocates and picks kernels: not timed
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            y = torch.nn.functional.linear(x, w)
+        y.float().sum().backward()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        x.grad = w.grad = None
+    return best
+
+
+@functools.cache
+def bf16_probe(device: str = "cpu") -> tuple[float, float]:
+    """(fp32 seconds, bf16 seconds) of a training-like linear step on `device`, measured once per process.
+
+    A screen at SCREEN_SHAPE first: when bf16 is over 2x slower there (no bf16 kernels), the full probe is
+    skipped and its bf16 time reported as that ratio times the fp32 one (~50 ms in all on such a CPU).
+    """
+    dev = torch.device(device)
+    fp32 = _linear_step_seconds(dev, torch.float32, SCREEN_SHAPE, 1)
+    bf16 = _linear_step_seconds(dev, torch.bfloat16, SCREEN_SHAPE, 1)
+    if bf16 > 2 * fp32:
+        return fp32, bf16
+    fp32 = bf16 = float("inf")
+    for _ in range(3):  # interleaved: a busy machine slows both alike
+        fp32 = min(fp32, _linear_step_seconds(dev, torch.float32, PROBE_SHAPE, 1))
+        bf16 = min(bf16, _linear_step_seconds(dev, torch.bfloat16, PROBE_SHAPE, 1))
+    return fp32, bf16
+
+
+def choose_train_dtype(
+    device_type: str, bf16_supported: bool, probe: tuple[float, float] | None
+) -> tuple[torch.dtype, str]:
+    """The "auto" training dtype and why: bf16 autocast on accelerators that support it (no probe needed);
+    on a CPU bf16 when `probe` = (fp32 s, bf16 s) shows it at least BF16_MIN_SPEEDUP x faster; else fp32."""
+    if not bf16_supported:
+        return torch.float32, f"{device_type} has no bfloat16 support"
+    if device_type != "cpu":
+        return torch.bfloat16, f"{device_type} supports bfloat16"
+    if probe is None:
+        return torch.float32, "no probe"
+    fp32, bf16 = probe
+    speedup = fp32 / bf16 if bf16 > 0 else 0.0
+    if speedup >= BF16_MIN_SPEEDUP:
+        return torch.bfloat16, f"probe: bf16 matmuls {speedup:.1f}x faster than fp32"
+    return torch.float32, f"probe: bf16 matmuls {speedup:.2f}x the speed of fp32 (< {BF16_MIN_SPEEDUP}x)"
+
+
+def train_dtype(device: DeviceLike, requested: str = "auto") -> tuple[torch.dtype, str]:
+    """The compute dtype a training run uses on `device` and why (printed at start, kept in the summary).
+
+    requested: "float32" or "bfloat16" are taken as they are; "auto" reads GLM5_TRAIN_DTYPE, then decides with
+    `choose_train_dtype` (on a CPU by `bf16_probe`, cached per process). Weights and optimiser state stay fp32
+    either way; bfloat16 means autocast around the forward.
+    """
+    device = _as_device(device)
+    if requested == "auto":
+        env = os.environ.get(TRAIN_DTYPE_ENV, "").strip().lower()
+        if env and env not in TRAIN_DTYPES:
+            raise ValueError(f"{TRAIN_DTYPE_ENV}={env!r}: use one of {', '.join(TRAIN_DTYPES)}")
+        if env and env != "auto":
+            return getattr(torch, env), f"{TRAIN_DTYPE_ENV}={env}"
+    elif requested in TRAIN_DTYPES:
+        return getattr(torch, requested), "asked for"
+    else:
+        raise ValueError(f"training dtype {requested!r}: use one of {', '.join(TRAIN_DTYPES)}")
+    supported = device.type == "cpu" or torch.bfloat16 in supported_dtypes(device)
+    probe = bf16_probe(str(device)) if device.type == "cpu" else None
+    return choose_train_dtype(device.type, supported, probe)

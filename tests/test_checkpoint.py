@@ -72,7 +72,7 @@ def test_glm5_listing_has_the_published_tensor_counts_and_sizes() -> None:
     glm5, glm52 = GLM5Config.from_preset("glm-5"), GLM5Config.from_preset("glm-5.2")
     bf16, fp8 = list_tensors(glm5), list_tensors(glm5, fp8=True)
     assert not any(isinstance(x, torch.Tensor) for entry in fp8 for x in entry)  # names, shapes, dtypes only
-    assert len(bf16) == 59_870 and total_bytes(bf16) == 1_507_728_316_928  # MODEL_SPEC §11-§12
+    assert len(bf16) == 59_870 and total_bytes(bf16) == 1_507_728_316_928  # docs/model.md (tensor names)
     assert len(fp8) == 119_028 and total_bytes(fp8) == 756_162_687_872
     glm52_fp8 = list_tensors(glm52, fp8=True)
     assert len(glm52_fp8) == 118_629 and total_bytes(glm52_fp8) == 755_617_140_416  # published total_size

@@ -17,6 +17,7 @@ from lifecycle import HoldAfter
 from glm5 import GLM5ForCausalLM
 from glm5.cli import main
 from glm5.engine import LLM, AsyncLLMEngine, SamplingParams
+from glm5.model.fp8 import weight_bytes
 from glm5.tokenizer import GLM5Tokenizer
 
 
@@ -98,8 +99,6 @@ def test_checkpoint_folder_loads_with_its_tokenizer_and_matches_the_in_memory_mo
 
 
 def test_fp8_checkpoint_is_served_with_about_half_the_weight_memory(tmp_path, model) -> None:
-    from glm5.quant import weight_bytes
-
     bf16 = GLM5ForCausalLM(CFG).to(torch.bfloat16)
     bf16.load_state_dict(model.state_dict())
     bf16.save_pretrained(str(tmp_path), fp8=True)

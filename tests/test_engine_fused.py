@@ -356,19 +356,28 @@ MARCH_NODES = [  # fused-vs-model parity through the kernel: decode, several tok
     "tests/test_engine_fused.py::test_native_kernel_verifies_several_tokens_per_row_in_causal_order[lengths2]",
     "tests/test_engine_fused.py::test_native_mtp_layer_equals_the_models_mtp_forward",
     "tests/test_mtp_reference.py::test_the_engines_drafting_step_equals_the_reference[native]",
+    # every weight format through this build's SIMD loads (and its widening of every e4m3 code)
+    *[
+        f"tests/test_engine_formats.py::test_each_format_steps_like_the_model_on_the_same_weights[native-{f}-multi-block]"
+        for f in ("fp32", "bf16", "int8", "fp8")
+    ],
+    "tests/test_engine_formats.py::test_each_format_verifies_several_tokens_and_drafts_with_the_mtp_layer[fp8]",
+    "tests/test_engine_formats.py::test_the_kernel_widens_fp8_exactly_as_dequantize",
 ]
+MARCH_ISA = {"x86-64": "portable", "x86-64-v3": "avx2", "x86-64-v4": "avx512"}
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("march", ["native", "x86-64", "x86-64-v3", "x86-64-v4"])
 def test_the_kernel_built_for_each_cpu_family_equals_the_model(march: str, tmp_path) -> None:  # noqa: ANN001
-    """GLM5_NATIVE_MARCH=x86-64-v3 builds the kernel without AVX-512 (AVX2 + FMA), x86-64-v4 with it, native for
-    this CPU: each build, in its own cache folder and process, passes the fused-vs-model parity tests. So one
-    AVX-512 machine covers the AVX2-only machines' code, and x86-64-v3 also runs on any AVX2 machine."""
+    """GLM5_NATIVE_MARCH=x86-64-v3 builds the kernel without AVX-512 (AVX2 + FMA + F16C), x86-64-v4 with it,
+    x86-64 the portable C path, native for this CPU: each build, in its own cache folder and process, passes the
+    fused-vs-model parity tests in every weight format and reports its SIMD path. So one AVX-512 machine covers
+    the AVX2-only machines' code, and x86-64-v3 also runs on any AVX2 machine."""
     if march != "native":
         if not X86:
             pytest.skip(f"-march={march} is an x86-64 level")
-        missing = MARCH_NEEDS[march] - _cpu_flags()
+        missing = MARCH_NEEDS.get(march, set()) - _cpu_flags()
         if missing:
             pytest.skip(f"this CPU cannot run -march={march} code (lacks {sorted(missing)})")
         probe = subprocess.run(
@@ -389,9 +398,19 @@ def test_the_kernel_built_for_each_cpu_family_equals_the_model(march: str, tmp_p
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert f"{len(MARCH_NODES)} passed" in out.stdout, out.stdout[-2000:]
     (built,) = (tmp_path / "kernels").glob("glm5_decode_*.so")  # built here, with this march
+    isa = subprocess.run(
+        [sys.executable, "-c", "from glm5.kernels import native; print(native.isa())"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert isa == MARCH_ISA.get(march, isa), isa
     if march != "native" and shutil.which("objdump"):  # the flag took effect
         asm = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout
-        if march == "x86-64-v3":
+        if march == "x86-64":
+            assert "ymm" not in asm and "zmm" not in asm  # SSE2 at most
+        elif march == "x86-64-v3":
             assert "zmm" not in asm and "ymm" in asm  # 256-bit AVX code, no AVX-512 register anywhere
         else:
             assert "zmm" in asm  # 512-bit AVX-512 code

@@ -19,7 +19,7 @@ import torch
 from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.checkpoint import fp8
 from glm5.checkpoint.files import CheckpointFolder
-from glm5.quant import FP8Experts, FP8Linear, quantize_model, weight_bytes
+from glm5.model.fp8 import FP8Experts, FP8Linear, quantize_model, weight_bytes
 
 # Routed experts dominate (~94% of the weights) and every matrix is a whole number of 128x128 blocks.
 EXPERT_HEAVY = GLM5Config.from_preset("tiny").replace(
@@ -296,7 +296,7 @@ def test_a_kept_fp8_model_saves_its_e4m3_weights_unchanged_or_dequantised(tmp_pa
 
 
 # --- an independent reference: one 128x128 block at a time ----------------------------------------------
-# Shapes of GLM-5 (MODEL_SPEC §12) scaled down where the real ones would be slow, always with non-square scale
+# GLM-5 shapes (docs/model.md § FP8 block format), scaled down where real ones are slow, always with non-square scale
 # grids (a transposed grid then reads the wrong scale, or fails) and both whole-block and ragged matrices.
 GLM5_LIKE = GLM5Config.from_preset("tiny").replace(
     vocab_size=256,

@@ -67,7 +67,7 @@ def test_per_expert_layout_matches_the_published_names(model) -> None:
 
 def test_tensor_count_follows_the_published_formula(model) -> None:
     """Dense layer 17 tensors, MoE layer 3E + 19 (787 for E = 256), shared-index MoE 3E + 14, MTP +4, globals 3
-    (MODEL_SPEC §11)."""
+    (docs/model.md § Checkpoint tensor names)."""
     E = CFG.n_routed_experts
     attention, indexer, norms, router, shared = 7, 5, 2, 2, 3
     dense = norms + attention + indexer + 3

@@ -1,4 +1,4 @@
-"""The MTP module against an independent reference written from the checkpoint's tensors (MODEL_SPEC §9).
+"""The MTP module vs an independent reference from the checkpoint's tensors (docs/model.md § Multi-token prediction).
 
 The reference takes layer N = num_hidden_layers of `hf_state_dict()` by its published names and computes one MTP
 step the way vLLM's `DeepSeekMultiTokenPredictorLayer` and SGLang's `DeepseekModelNextN` consume the checkpoint:

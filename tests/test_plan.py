@@ -1,4 +1,4 @@
-"""glm5.plan: parameter, memory and KV-cache accounting against MODEL_SPEC §12, §13 and a closed form."""
+"""glm5.plan: parameter, memory and KV-cache accounting against a closed form (docs/model.md § Parameter accounting)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ from glm5.plan import (
     COMPONENTS,
     ParamTable,
     TensorEntry,
-    _component,
-    _fp8_matrix_bytes,
     format_table,
     human_bytes,
     human_count,
     parameter_table,
 )
+from glm5.plan.accounting import _component, _fp8_matrix_bytes
 
 GLM5_MAIN = 743_911_199_232
 GLM5_WITH_MTP = 753_864_119_552
-INDEXER_PARAMS = 9_371_904  # MODEL_SPEC §13, one DSA indexer
+INDEXER_PARAMS = 9_371_904  # one DSA indexer (docs/model.md § Parameter accounting)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def glm52() -> ParamTable:
 
 
 def building_blocks(cfg: GLM5Config) -> dict[str, int]:
-    """MODEL_SPEC §13's per-layer building blocks, written out from the shapes of §11."""
+    """Per-layer building blocks (docs/model.md § Parameter accounting), written out from the tensor shapes."""
     D, H = cfg.hidden_size, cfg.num_attention_heads
     mla = (
         D * cfg.q_lora_rank
@@ -119,7 +118,7 @@ def test_glm5_components_match_the_model_spec_table(glm5):
 
 
 def test_glm5_active_parameters_per_token(glm5):
-    assert glm5.active_no_embed == 39_881_544_192  # MODEL_SPEC §13: 39.882 B
+    assert glm5.active_no_embed == 39_881_544_192  # 39.882 B (docs/model.md § Parameter accounting)
     assert glm5.active_with_head == 40_833_126_912  # 40.833 B
     assert glm5.mtp_active == 591_233_792  # 0.591 B per MTP draft step
     routed_inactive = 75 * (256 - 8) * 37_748_736
@@ -130,11 +129,11 @@ def test_glm5_bf16_bytes_match_model_spec(glm5):
     assert glm5.bf16_bytes() == 2 * GLM5_MAIN + 4 * 75 * 256  # params in BF16 + fp32 router biases
     assert round(glm5.bf16_bytes() / 1e9, 1) == 1487.8
     assert round(glm5.bf16_bytes() / 2**30, 1) == 1385.6
-    assert glm5.bf16_bytes(include_mtp=True) == 1_507_728_316_928  # MODEL_SPEC §12 predicted total_size
+    assert glm5.bf16_bytes(include_mtp=True) == 1_507_728_316_928  # docs/model.md § Checkpoint tensor names
 
 
 def test_glm5_fp8_bytes_reproduce_the_published_split_exactly(glm5):
-    assert glm5.fp8_bytes(include_mtp=True) == 756_162_687_872  # MODEL_SPEC §12
+    assert glm5.fp8_bytes(include_mtp=True) == 756_162_687_872  # docs/model.md § FP8 block format
     assert glm5.fp8_bytes() == 746_130_054_912
     assert round(glm5.fp8_bytes() / 1e9, 1) == 746.1
 
@@ -156,7 +155,7 @@ def test_glm52_ships_21_indexers_and_is_smaller_by_57_indexers(glm5, glm52):
 
 
 def test_glm52_fp8_bytes_equal_the_published_total_size(glm52):
-    # MODEL_SPEC §12: metadata.total_size of GLM-5.2-FP8's model.safetensors.index.json
+    # docs/model.md § FP8 block format: metadata.total_size of GLM-5.2-FP8's model.safetensors.index.json
     assert glm52.fp8_bytes(include_mtp=True) == 755_617_140_416
     assert glm52.kv_bytes_per_token() == 78 * 1152 + 21 * 256
 
@@ -276,7 +275,7 @@ from glm5.plan import (  # noqa: E402
     weight_bytes,
 )
 
-GLM5_FP8 = 746_130_054_912  # MODEL_SPEC §12/§13, main model
+GLM5_FP8 = 746_130_054_912  # main model (docs/model.md § Parameter accounting)
 GLM5_BF16 = 2 * GLM5_MAIN + 4 * 75 * 256
 FP8_EXPERT = 3 * (
     2048 * 6144 + 4 * 16 * 48

@@ -1,5 +1,5 @@
 """DataBuffer: admission under max staleness, consumption policies, exactly-once accounting across requeues,
-filters and checkpoint-restore, blocking get_batch (RL.md A.7 items 5, 6, 13)."""
+filters and checkpoint-restore, blocking get_batch (docs/rl.md § What the tests prove, items 5, 6, 13)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glm5.rl.buffer import BufferConfig, DataBuffer, staleness_histogram
-from glm5.rl.types import COMPLETED, Sample, new_group
+from glm5.rl.types import Sample, SampleStatus, new_group
 
 
 def _prompts(n: int) -> list[dict]:
@@ -24,7 +24,7 @@ def _finish(lease, version: int, n: int = 2) -> list[Sample]:
     group = lease.samples or new_group(lease.prompt_id, lease.epoch, lease.prompt, n, lease.metadata)
     for s in group:
         s.append([5], [-0.5], [version], trainable=True)
-        s.status, s.reward = COMPLETED, float(s.index)
+        s.status, s.reward = SampleStatus.COMPLETED, float(s.index)
     return group
 
 
@@ -234,3 +234,19 @@ def test_outcome_rates_use_the_eval_definitions() -> None:
     # with the plain math reward an abstention on an unanswerable question earns 0 but is still correct
     assert outcome_rates([sample(None, "I don't know.", 0.0)])["accuracy"] == 1.0
     assert outcome_rates([sample("4", "4", 1.0)])["hallucination_rate"] is None
+
+
+def test_a_sample_status_is_an_enum_that_reads_and_serialises_as_its_string():
+    (s,) = new_group(3, 1, [5, 6], 1, {"answer": "7"})
+    assert s.status is SampleStatus.PENDING and not s.done
+    s.append([8, 9], [-0.5, -0.25], [2, 2], trainable=True)
+    s.status = SampleStatus.TRUNCATED
+    assert s.done and s.status == "truncated" and f"{s.status}" == str(s.status) == "truncated"
+    raw = json.dumps(s.to_dict())
+    assert json.loads(raw)["status"] == "truncated" and type(s.to_dict()["status"]) is str
+    back = Sample.from_dict(json.loads(raw))  # a checkpoint's plain string becomes the enum again
+    assert back.status is SampleStatus.TRUNCATED and back == s
+    back.check()
+    assert [m.done for m in SampleStatus] == [False, True, True, False, True]  # aborted rollouts resume
+    with pytest.raises(ValueError, match=r"unknown status 'finished'; use one of pending, completed"):
+        Sample.from_dict(json.loads(raw) | {"status": "finished"})

@@ -1,4 +1,4 @@
-"""RL losses (RL.md A.5, A.7 items 1-4): IS weights, gradients, micro-batch invariance, advantages, PPO/GSPO
+"""RL losses (docs/rl.md § What the tests prove, items 1-4): IS weights, gradients, micro-batching, advantages, PPO/GSPO
 clipping, KL estimators. Expectations are hand-computed or come from naive per-token loops, never from the
 implementation under test."""
 

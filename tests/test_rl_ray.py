@@ -1,5 +1,5 @@
 """The RL system over real Ray actors on CPU: the loop runs unchanged, a killed rollout worker loses no
-samples and its replacement gets the current weights before serving (RL.md A.7 item 11)."""
+samples and its replacement gets the current weights before serving (docs/rl.md § What the tests prove, item 11)."""
 
 from __future__ import annotations
 

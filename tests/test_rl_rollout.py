@@ -1,6 +1,6 @@
 """The RolloutManager on the real engine with scripted outputs: a multi-turn calculator episode assembled token
 by token (prompt, policy turns, environment observation), its masks, logprobs and reward; aborts in the middle
-of an episode; the bounded zero-variance filter; reward judges cancelled at abort (RL.md A.7 item 14)."""
+of an episode; the capped zero-variance filter; reward judges cancelled at abort (docs/rl.md § What the tests prove)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from glm5 import GLM5Config
 from glm5.data.tasks import generate_tasks
 from glm5.engine.engine import EngineConfig, LLMEngine
 from glm5.model import GLM5ForCausalLM
+from glm5.rl.actors import WorkerPool
 from glm5.rl.buffer import BufferConfig, DataBuffer
-from glm5.rl.controller import build_local, run_loop
+from glm5.rl.controller import LoopBuffer, LoopRollout, LoopTrainer, build_local, run_loop
 from glm5.rl.recipes import SMALL_MODEL, build_task, digits_reward, recipe_preset, task_prompts
 from glm5.rl.rewards import CalculatorEnvironment, math_reward
 from glm5.rl.rollout import RolloutConfig, RolloutManager
 from glm5.rl.trainer import RLTrainer
-from glm5.rl.types import ABORTED, COMPLETED, new_group
+from glm5.rl.types import SampleStatus, new_group
 from glm5.tokenizer import GLM5Tokenizer, render_chat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,7 +125,11 @@ def test_a_calculator_episode_is_prompt_turn_observation_turn_with_masks_logprob
     s = _finished_sample(manager, buffer)
     prompt, turn1, turn2 = ep["prompt"]["tokens"], ep["turn1"], ep["turn2"]
     s.check()
-    assert s.status == COMPLETED and s.prompt_len == len(prompt) and s.tokens[: len(prompt)] == prompt
+    assert (
+        s.status == SampleStatus.COMPLETED
+        and s.prompt_len == len(prompt)
+        and s.tokens[: len(prompt)] == prompt
+    )
     obs = s.tokens[len(prompt) + len(turn1) : len(s.tokens) - len(turn2)]
     assert s.tokens == prompt + turn1 + obs + turn2
     # The observation is the GLM tool-response turn holding the calculator's exact result, then the next
@@ -209,7 +214,7 @@ def test_an_episode_aborted_mid_turn_resumes_or_restarts_to_the_same_tokens(epis
     (_, _, group) = buffer.queue[0]
     if partial:
         (aborted,) = group
-        assert aborted.status == ABORTED and aborted.response_len == expected
+        assert aborted.status == SampleStatus.ABORTED and aborted.response_len == expected
         assert aborted.tokens[len(ep["prompt"]["tokens"]) :] == turn1[:cut]
     else:
         assert group is None
@@ -230,6 +235,15 @@ def _constant_reward_system(cap: int | None):
     task = build_task(recipe, None, log=lambda *_: None)
     task["reward_fn"] = lambda reply, metadata: 0.0
     return recipe, build_local(recipe, task)
+
+
+def test_the_loop_collaborators_satisfy_the_loop_protocols():
+    """run_loop's parameters are typed with LoopBuffer / LoopRollout / LoopTrainer: the in-process classes and
+    the Ray worker pool provide every method the loop calls (the Ray buffer/trainer proxies forward any name)."""
+    assert issubclass(DataBuffer, LoopBuffer)
+    assert issubclass(RolloutManager, LoopRollout) and issubclass(WorkerPool, LoopRollout)
+    assert issubclass(RLTrainer, LoopTrainer)
+    assert not issubclass(DataBuffer, LoopRollout) and not issubclass(RLTrainer, LoopBuffer)
 
 
 def test_the_zero_variance_filter_drops_at_most_the_cap_per_step_then_keeps_groups_with_zero_advantage():

@@ -1,6 +1,6 @@
 """The in-process RL system on the real engine: sync = sequential reference, first-step invariants, version
 bounds, weight-sync integrity (object store, disk, torch.distributed over gloo), abort / partial rollouts,
-trainer resume, and the learning smoke test in sync and async mode (RL.md A.7 items 7-10, 12, 14, 16)."""
+trainer resume, and learning smoke test, sync and async (docs/rl.md § What the tests prove, items 7-10, 12, 14, 16)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from glm5.engine.sampling import SamplingParams
 from glm5.rl.controller import build_local, run_loop
 from glm5.rl.recipes import CharTokenizer, build_task, recipe_preset
 from glm5.rl.trainer import RLTrainer, load_rl_checkpoint, save_rl_checkpoint
-from glm5.rl.types import ABORTED, new_group
+from glm5.rl.types import SampleStatus, new_group
 from glm5.rl.weight_sync import DiskTransport, ObjectStoreTransport, state_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -205,7 +205,7 @@ def test_trained_token_versions_stay_within_the_bound(policy, mode, partial, str
     is in flight at an update, and the staggered starts leave groups in flight at every update). Every trained
     sample respects the bound of its policy (drop_and_requeue: the oldest token is at most eta versions old;
     abort_at_update: the newest one), the bound is reached (generation really ran ahead), and samples straddle
-    an update exactly in the modes that allow it (RL.md A.7 item 9)."""
+    an update exactly in the modes that allow it (docs/rl.md § What the tests prove, item 9)."""
     eta = 1
     recipe, system = _system(
         "digits-async",
@@ -319,7 +319,7 @@ def test_abort_keeps_prefix_and_resumes_with_the_remaining_budget(monkeypatch):
     assert kept == shown  # exactly the visible prefix
     # a sample whose stop token was already visible is complete, not cut: it is never continued past its end
     assert all((s.status == "completed") == (s.uid in ended) for g in partial for s in g)
-    assert all(s.status == ABORTED for g in partial for s in g if s.uid not in ended)
+    assert all(s.status == SampleStatus.ABORTED for g in partial for s in g if s.uid not in ended)
     engine.update_weights({}, 7)  # a weight update in between: the continuation is stamped with version 7
     rollout.run_until(lambda: buffer.num_ready() + buffer.counts()["filtered"] >= len(partial), timeout=60)
     done = {s.uid: s for _, group in buffer.completed.values() for s in group}
@@ -447,7 +447,7 @@ LEARNING_SEEDS, LEARNING_STEPS = (0, 1, 2), 30
 
 @pytest.mark.parametrize("name", ["digits-sync", "digits-async"])
 def test_reward_rises_on_the_digits_task(name):
-    """Learning smoke test (RL.md A.7 item 16), statistically robust: 3 seeds x 30 steps, thresholds on their
+    """Learning smoke test (docs/rl.md § What the tests prove, item 16), robust: 3 seeds x 30 steps, thresholds on their
     means. Measured on this 2-core machine over 40 seeds (sync) and 60 runs (async: 40 seeds, plus 10 seeds
     rerun twice, since thread timing moves an async run as much as a new seed does): a single run's rollout
     reward starts at 0.10 +- 0.02 and ends (mean of its last 3 steps) at 0.72 +- 0.12 sync / 0.71 +- 0.12

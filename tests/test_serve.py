@@ -386,6 +386,26 @@ def test_tokenizer_endpoints_round_trip_in_vllms_shape(server, tok) -> None:
     assert post(server, "/tokenize", {"prompt": "hi"}).json()["tokens"][:2] == prefix
 
 
+def test_tokenize_renders_messages_with_the_chat_template_and_names_a_bad_switch(server, tok) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    body = {
+        "messages": messages,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "return_token_strs": True,
+    }
+    r = post(server, "/tokenize", body).json()
+    expected = tok.apply_chat_template(messages, enable_thinking=False, return_loss_mask=False)
+    assert r["tokens"] == expected and r["count"] == len(expected) and len(r["token_strs"]) == len(expected)
+    no_prompt = post(server, "/tokenize", {**body, "add_generation_prompt": False}).json()["tokens"]
+    assert no_prompt == tok.apply_chat_template(
+        messages, enable_thinking=False, add_generation_prompt=False, return_loss_mask=False
+    )
+    bad = post(server, "/tokenize", {"messages": messages, "chat_template_kwargs": {"clear_thinking": "yes"}})
+    error = bad.json()["error"]
+    assert bad.status_code == 400 and error["param"] == "chat_template_kwargs.clear_thinking", error
+    assert "must be true or false" in error["message"]
+
+
 # ------------------------------------------------------------------------------------------------- robustness
 def test_api_key_is_required_when_set(server) -> None:
     with pytest.raises(openai.AuthenticationError):

@@ -36,7 +36,7 @@ from glm5.engine.sharding import (
     state_bytes,
 )
 from glm5.model import ContiguousLatentCache
-from glm5.quant import quantize_model
+from glm5.model.fp8 import quantize_model
 
 TOL = 1e-5
 STEPS = 6

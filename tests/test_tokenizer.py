@@ -19,7 +19,7 @@ from glm5.tokenizer.cli import register
 from glm5.tokenizer.tokenizer import GLM5_FIRST_SPECIAL_ID, default_corpus_files
 
 VOCAB = 1024
-# ids verified on the real zai-org/GLM-5 tokenizer (MODEL_SPEC §14), plus those inferred from order
+# ids verified on the real zai-org/GLM-5 tokenizer (docs/serving.md § Special tokens), plus those inferred from order
 REAL_GLM5_IDS = {
     "<|endoftext|>": 154820,
     "[MASK]": 154821,

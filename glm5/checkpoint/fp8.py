@@ -1,6 +1,6 @@
 """Block FP8 (DeepSeek / GLM-5-FP8 style): e4m3 weights with one fp32 multiplier per 128x128 block.
 
-The single source of truth for which GLM-5 tensors are quantised in `zai-org/GLM-5-FP8` (MODEL_SPEC §12),
+The one source of truth for which GLM-5 tensors are quantised in `zai-org/GLM-5-FP8` (docs/model.md § FP8 block format),
 for the block quantise / dequantise arithmetic and for the `quantization_config` of config.json.
 
 Format: a quantised weight W [out, in] is stored as `torch.float8_e4m3fn` plus `<name>_scale_inv` (for

@@ -7,7 +7,7 @@ Internal names equal the HF names except in two places:
 - MTP module i is `mtp.{i}.*` internally and `model.layers.{num_hidden_layers + i}.*` in the checkpoint,
   without the shared embedding and head (copies of them, as some loaders add, are ignored on load).
 Block-FP8 scales follow their weight: `x.weight` -> `x.weight_scale_inv`; fused experts held in FP8
-(`glm5.quant`) carry `gate_up_proj_scale_inv` [E, 2*ceil(F/128), ceil(D/128)] (gate rows first) and
+(`glm5.model.fp8`) carry `gate_up_proj_scale_inv` [E, 2*ceil(F/128), ceil(D/128)] (gate rows first) and
 `down_proj_scale_inv`, split into the per-expert `...experts.{e}.{gate,up,down}_proj.weight_scale_inv`.
 """
 

@@ -108,7 +108,7 @@ def load_pretrained(
 
     dtype: of the floating-point weights (default: the config's); routers and their bias stay fp32.
     fp8: "dequantize" turns e4m3 weights into `dtype`; "keep" needs `prepare`, which swaps FP8 modules into
-      the meta model (glm5.quant.quantize_model); e4m3 weights are then copied as they are and BF16 weights
+      the meta model (glm5.model.fp8.quantize_model); e4m3 weights are then copied as they are and BF16 weights
       of the quantised split are quantised on the way in.
     Raises CheckpointError (a ValueError) naming the file and tensor for any mismatch.
     """
@@ -291,7 +291,7 @@ def save_pretrained(
     Per-expert tensors, MTP as layers num_hidden_layers.. (without the shared embedding and head), weights in
     the model's dtype (that of lm_head; routers too, as published), `e_score_correction_bias` fp32. fp8=True
     writes the quantised split as e4m3 + `weight_scale_inv` and the published `quantization_config`; a model
-    holding FP8 weights (glm5.quant) is written as it is (fp8=True) or dequantised (fp8=False).
+    holding FP8 weights (glm5.model.fp8) is written as it is (fp8=True) or dequantised (fp8=False).
     """
     hf = to_hf_state_dict(state_dict, cfg)
     head = hf.get("lm_head.weight", hf.get("model.embed_tokens.weight"))

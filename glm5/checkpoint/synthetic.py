@@ -1,7 +1,7 @@
 """The published GLM-5 tensor layout of any config, listed without allocating, and random checkpoints in it.
 
 `list_tensors` derives every tensor of `zai-org/GLM-5` (BF16) or `zai-org/GLM-5-FP8` from the config alone
-(MODEL_SPEC §11, §12): no model is built, so the 744B listing takes well under a second. The tests check it
+(docs/model.md § Checkpoint tensor names, § FP8 block format): no model is built (744B: < 1 s). The tests check it
 against the model's own `hf_state_dict` on small configs, and against the published counts and byte totals
 for the glm-5 / glm-5.2 presets. `write_random_checkpoint` streams a random checkpoint in that layout,
 tensor by tensor, for loader tests and benchmarks at any size.

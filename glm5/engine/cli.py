@@ -105,6 +105,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
     )
     p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8", "fp8"),
+        help="hold the weight matrices as fp32, bf16, int8 (group scales) or block FP8, computing in fp32 "
+        "(CPU decoding reads them as stored; default: an FP8 checkpoint's FP8, else --dtype)",
+    )
+    p.add_argument(
         "--speculative-tokens",
         type=int_range(0, 3, name="draft_tokens"),
         default=0,
@@ -136,7 +142,24 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
         default=1,
         metavar="E",
         dest="expert_parallel_size",
-        help="T x E processes in all; the routed experts are divided over all of them (default 1)",
+        help="T x E processes in all; the routed experts are divided over all of them (default 1; with "
+        "--data-parallel-size D it must be D x T)",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=positive_int,
+        default=1,
+        metavar="D",
+        dest="data_parallel_size",
+        help="data-parallel attention: D x T processes, each group of T its own requests, scheduler and KV "
+        "cache, the experts over all ranks (needs --expert-parallel-size D x T; default 1)",
+    )
+    p.add_argument(
+        "--moe-dispatch",
+        choices=("allgather", "alltoall"),
+        default="allgather",
+        help="how the MoE layers exchange tokens between data-parallel ranks (default allgather)",
     )
 
 
@@ -144,23 +167,43 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
     """Validate the layout against the model's config before anything is loaded (ValueError naming the rule);
     returns the LLM options for it."""
     tp, ep = args.tensor_parallel_size, args.expert_parallel_size
-    if tp * ep == 1:
+    dp = getattr(args, "data_parallel_size", 1)
+    flags = f"--tensor-parallel-size {tp} --expert-parallel-size {ep}" + (
+        f" --data-parallel-size {dp}" if dp > 1 else ""
+    )
+    if dp > 1:
+        from glm5.engine.dp import resolve_layout
+        from glm5.engine.sharding import LayoutError
+
+        try:
+            groups = resolve_layout(tp, ep, dp)[1]
+        except LayoutError as e:
+            raise ValueError(str(e)) from None
+    elif tp * ep == 1:
         return {}
+    else:
+        groups = ep
     if getattr(args, "model", None) is None:
         raise ValueError(
-            f"--tensor-parallel-size {tp} --expert-parallel-size {ep} needs --model PATH: every rank "
-            "loads its own slices of a checkpoint folder (a --preset has none)"
+            f"{flags} needs --model PATH: every rank loads its own slices of a checkpoint folder (a --preset "
+            "has none)"
         )
     from glm5.config import GLM5Config
     from glm5.engine.sharding import LayoutError, ShardLayout, check_layout
 
     cfg = cfg if cfg is not None else GLM5Config.from_hf_config(args.model)
     try:
-        check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=getattr(args, "fp8", None) == "keep")
+        fp8 = getattr(args, "fp8", None) == "keep"
+        check_layout(cfg, ShardLayout(0, tp, 0, groups), fp8=fp8, data_parallel=dp > 1)
     except LayoutError as e:
-        raise ValueError(
-            f"--tensor-parallel-size {tp} --expert-parallel-size {ep} cannot shard {args.model}: {e}"
-        ) from None
+        raise ValueError(f"{flags} cannot shard {args.model}: {e}") from None
+    if dp > 1:
+        return {
+            "tensor_parallel_size": tp,
+            "expert_parallel_size": ep,
+            "data_parallel_size": dp,
+            "moe_dispatch": getattr(args, "moe_dispatch", "allgather"),
+        }
     return {"tensor_parallel_size": tp, "expert_parallel_size": ep}
 
 
@@ -204,17 +247,32 @@ def build_llm(args: argparse.Namespace) -> Any:
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     options: dict[str, Any] = {"num_speculative_tokens": args.speculative_tokens, **check_parallel(args)}
     if args.model is not None:
-        llm = LLM(args.model, args.tokenizer, dtype=dtype, device=device, fp8=args.fp8, **options)
+        weights = {"weights": args.weights, "dtype": None} if args.weights else {"dtype": dtype}
+        llm = LLM(args.model, args.tokenizer, device=device, fp8=args.fp8, **weights, **options)
         if "tensor_parallel_size" in options:
             import atexit
 
             atexit.register(llm.shutdown)  # stop the worker processes when the command ends
+        _report_decode_path(llm)
         return llm
     from glm5 import GLM5Config, GLM5ForCausalLM
 
     torch.manual_seed(args.init_seed)
     model = GLM5ForCausalLM(GLM5Config.from_preset(args.preset))
-    return LLM(model, args.tokenizer, dtype=dtype, device=device, **options)
+    llm = LLM(model, args.tokenizer, dtype=dtype, device=device, **options)
+    _report_decode_path(llm)
+    return llm
+
+
+def _report_decode_path(llm: Any) -> None:
+    """One stderr line on how decode runs: the native kernel's SIMD path and the weights' format."""
+    fused = getattr(llm.engine, "fused", None)
+    if fused is not None:
+        from glm5.kernels import native
+        from glm5.kernels.formats import weight_format
+
+        where = native.describe() if fused.lib is not None else "fused decode step: torch ops"
+        print(f"{where}; weights held as {weight_format(fused.model)}", file=sys.stderr)
 
 
 def _sampling(args: argparse.Namespace, **extra: Any) -> Any:

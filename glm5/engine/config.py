@@ -36,6 +36,12 @@ class EngineConfig:
     projections and folded norms, each layer one call into the native C kernel where a C compiler exists.
     None: on for float32 models on a CPU, where dispatch dominates decode; the model's own forward otherwise
     (or when the model is unsupported: FP8 "keep" weights, the "mask" attention). True asks for it anywhere."""
+    compile: str = "auto"
+    """The decode step under torch.compile (glm5.engine.compiled): "on", "off" or "auto" (on for CUDA devices, with
+    CUDA graphs through mode "reduce-overhead"); where the fused CPU step applies, it runs instead. A compile that
+    fails warns once and decodes eagerly."""
+    compile_backend: str = "inductor"
+    """torch.compile backend of the compiled decode step ("eager"/"aot_eager" check the capture without codegen)."""
     force_token: Callable[[list[int], list[int]], int | None] | None = None
     """Scripted output: `(prompt ids, output ids so far) -> token id to emit instead of the sampled one, or None`.
     The forced token then goes through the usual logprobs, stop and streaming handling (glm5/serve/scripted.py

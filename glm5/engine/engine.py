@@ -24,6 +24,7 @@ Each `LLMEngine.step()`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from glm5.engine.config import EngineConfig
+from glm5.engine.dp import step_parts
 from glm5.engine.executor import Executor, make_executor
 from glm5.engine.fused import FusedDecoder
 from glm5.engine.kv_cache import BlockManager
@@ -98,7 +100,14 @@ class LLMEngine:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {cfg.block_size}) is too small; give more memory"
             )
-        self.scheduler = Scheduler(
+        dp = getattr(self.executor, "data_parallel_size", 1)
+        if dp > 1:  # data-parallel attention: one scheduler per DP rank (glm5/engine/dp.py)
+            from glm5.engine.dp import DPScheduler
+
+            make_scheduler: Any = functools.partial(DPScheduler, dp)
+        else:
+            make_scheduler = Scheduler
+        self.scheduler = make_scheduler(
             cfg,
             num_blocks,
             self.max_model_len,
@@ -255,6 +264,8 @@ class LLMEngine:
         }
         if self.spec_metrics is not None:
             out["speculative"] = self.spec_metrics.as_dict()
+        if hasattr(self.scheduler, "members"):
+            out["data_parallel"] = self.scheduler.stats()
         return out
 
     def shutdown(self) -> None:
@@ -271,7 +282,8 @@ class LLMEngine:
             if not scheduled.is_empty:
                 result = self.executor.execute(scheduled)
                 self.scheduler.update_from_output(scheduled, result)
-                self._record(scheduled, result)
+                for part, part_result in step_parts(scheduled, result):  # one, or one per DP rank
+                    self._record(part, part_result)
             self.num_steps += 1
             return self._drain()
 

@@ -43,8 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5.checkpoint.fp8 import scale_shape
 from glm5.kernels import native
+from glm5.kernels.formats import WeightOnlyExperts, WeightOnlyLinear
 from glm5.model.attention import MLAttention
+from glm5.model.fp8 import FP8Experts, FP8Linear
 from glm5.model.moe import MoE
 
 
@@ -84,24 +87,53 @@ def _rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
 
 
+class FP8LayoutError(ValueError):
+    """A block-FP8 weight whose `weight_scale_inv` does not match its 128x128 blocks (named in the message)."""
+
+
+_FORMAT_MODULES = (nn.Linear, FP8Linear, WeightOnlyLinear)
+
+
+def check_fp8_layout(model: nn.Module) -> None:
+    """Every block-FP8 weight's `weight_scale_inv` has one entry per 128x128 block (the stacked experts' gate and
+    up halves quantised separately, as GLM-5-FP8 stores them); raises FP8LayoutError naming the first that has
+    not (a scale grid for other blocks would be applied to the wrong weights)."""
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            checks = [("weight_scale_inv", m._buffers["weight"].shape, m.weight_scale_inv, 1)]
+        elif isinstance(m, FP8Experts):
+            checks = [
+                ("gate_up_proj_scale_inv", m.gate_up_proj.shape, m.gate_up_proj_scale_inv, 2),
+                ("down_proj_scale_inv", m.down_proj.shape, m.down_proj_scale_inv, 1),
+            ]
+        else:
+            continue
+        for scale_name, shape, scale, parts in checks:
+            *lead, rows, cols = shape
+            if rows % parts:
+                raise FP8LayoutError(f"{name}: {tuple(shape)} does not split into {parts} quantised parts")
+            so, si = scale_shape((rows // parts, cols))
+            expected = (*lead, parts * so, si)
+            if tuple(scale.shape) != expected:
+                raise FP8LayoutError(
+                    f"{name}.{scale_name} has shape {tuple(scale.shape)}; the {tuple(shape)} e4m3 weight in "
+                    f"128x128 blocks{' (gate and up quantised separately)' if parts == 2 else ''} needs {expected}: "
+                    "re-export the checkpoint with glm5's FP8 converter"
+                )
+
+
 @dataclass
 class _Layer:
-    """One decoder layer's packed weights and the modules used in place."""
+    """One decoder layer (main or MTP): its modules, used in place by both back ends."""
 
+    layer: nn.Module
     attn: MLAttention
-    w_in: torch.Tensor  # [q_lora + r + R (+ Di + Hi), D], input_layernorm folded in
-    b_in: torch.Tensor | None
-    in_eps: float
-    w_q: torch.Tensor  # [H*(nope+R) (+ Hi*Di), q_lora], q_a_layernorm folded in
-    q_eps: float
-    w_uk: torch.Tensor  # [H, nope, r] * softmax scale
-    w_uv_t: torch.Tensor  # [H, r, v]
-    ffn_in: torch.Tensor  # [E + 2F, D] (router, shared gate, shared up) or [2F, D]; post norm folded in
-    ffn_eps: float
-    post_norm_w: torch.Tensor
+    idx_scale: (
+        float  # the indexer's head-weight and score scales (ReLU is homogeneous): on weights_proj's output
+    )
     moe: MoE | None
-    down: nn.Linear | None  # shared expert's or dense MLP's down_proj (used in place)
-    args: native.LayerArgs | None = None  # the native kernel's arguments (pointers into the tensors above)
+    down: nn.Module | None  # shared expert's or dense MLP's down_proj
+    args: native.LayerArgs | None = None  # the native kernel's arguments (pointers into the model's tensors)
 
 
 class FusedDecoder:
@@ -113,7 +145,7 @@ class FusedDecoder:
             raise ValueError(f"the fused decode step does not support this model: {reason}")
         self.model = model
         self.lib = None
-        if native_kernel is not False and model.lm_head.weight.device.type == "cpu":
+        if native_kernel is not False and model.model.embed_tokens.weight.device.type == "cpu":
             self.lib = native.load()
         if native_kernel and self.lib is None:
             raise RuntimeError(f"the native decode kernel is unavailable: {native.load_error()}")
@@ -128,19 +160,29 @@ class FusedDecoder:
         self.rank, self.Hi, self.Di = cfg.kv_lora_rank, cfg.index_n_heads, cfg.index_head_dim
         self.layers: list[_Layer] = []
         self.mtp_layers: list[_Layer] = []
-        self._held: list[torch.Tensor] = []  # the source tensors of the packs, kept alive (see _fresh)
+        self.lm_head: native.Mat | None = None
+        self.eh_proj: list[native.Mat] = []
+        self._held: list[
+            torch.Tensor
+        ] = []  # the source tensors the kernel points at, kept alive (see _fresh)
         self._versions: list[int] = []
         self._ptrs: list[int] = []
         self._tracked: list[torch.Tensor] = []
         self._trusted = False  # inside `step()`: the packs were checked at its start
         self._slots: list[tuple[dict, str]] = []
+        self._names = {id(m): n for n, m in model.named_modules()}
         self.num_builds = 0
+        check_fp8_layout(model)
 
     @staticmethod
     def unsupported(model: nn.Module) -> str | None:
         """Why the fused step cannot run this model (None: it can)."""
-        if not all(p.dtype == torch.float32 for p in model.parameters()):
-            return "weights that are not all float32 (FP8 or bf16)"
+        dtype = model.model.embed_tokens.weight.dtype
+        if dtype != torch.float32:
+            return (
+                f"a model computing in {dtype} (the fused step computes in float32; keep low-precision weights "
+                "with float32 activations through weights='bf16' / 'fp8' / 'int8')"
+            )
         if model.attention.impl != "sparse":
             return f"attention impl {model.attention.impl!r} (the fused step is the sparse one)"
         for layer in (*model.model.layers, *getattr(model, "mtp", ())):
@@ -148,16 +190,20 @@ class FusedDecoder:
             linears = [attn.q_a_proj, attn.q_b_proj, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj]
             if attn.indexer is not None:
                 linears += [attn.indexer.wq_b, attn.indexer.wk, attn.indexer.weights_proj]
-            if not all(type(m) is nn.Linear for m in linears):
-                return "projections that are not plain nn.Linear"
+            if not all(type(m) in _FORMAT_MODULES for m in linears):
+                return "projections that are not nn.Linear, FP8Linear or WeightOnlyLinear"
+            for m in linears:
+                if type(m) is nn.Linear and m.weight.dtype not in (torch.float32, torch.bfloat16):
+                    return f"a {m.weight.dtype} nn.Linear weight"
         return None
 
-    # --- packing ---------------------------------------------------------------------------------
+    # --- the model's tensors ---------------------------------------------------------------------
     def _sources(self) -> list[torch.Tensor]:
-        """Every tensor the packs are made of or point at, looked up afresh in their modules' dicts
+        """Every tensor the kernel points at, looked up afresh in their modules' dicts
         (load_state_dict(assign=True) replaces them; in-place updates bump their version counters)."""
         if not self._slots:  # (owner dict, name) of every parameter and buffer of the layers, found once
-            for layer in (*self.model.model.layers, *getattr(self.model, "mtp", ())):
+            owners = (*self.model.model.layers, *getattr(self.model, "mtp", ()), self.model.lm_head)
+            for layer in owners:
                 for m in layer.modules():
                     self._slots += [(m._parameters, n) for n, t in m._parameters.items() if t is not None]
                     self._slots += [(m._buffers, n) for n, t in m._buffers.items() if t is not None]
@@ -179,9 +225,10 @@ class FusedDecoder:
         )
 
     def invalidate(self) -> None:
-        """Rebuild the packs before the next step (after changes the checks cannot see: writes through
-        `.data`, or modules replaced by new ones)."""
+        """Rebuild the kernel's arguments before the next step (after changes the checks cannot see: writes
+        through `.data`, or modules replaced by new ones)."""
         self._held, self._slots, self.layers = [], [], []
+        self._names = {id(m): n for n, m in self.model.named_modules()}
 
     def _ensure_fresh(self) -> None:
         if not (self._trusted and self.layers) and not self._fresh():
@@ -207,7 +254,11 @@ class FusedDecoder:
             try:
                 for L in self.layers + self.mtp_layers:
                     L.args = self._native_args(L)
+                self.lm_head = self._mat(self.model.lm_head)
+                self.eh_proj = [self._mat(m.eh_proj) for m in getattr(self.model, "mtp", ())]
             except ValueError as e:  # e.g. a non-contiguous parameter: the torch ops handle any layout
+                if isinstance(e, FP8LayoutError):
+                    raise
                 warnings.warn(f"native decode kernel disabled: {e}", stacklevel=2)
                 self.lib = None
         self._held = self._sources()
@@ -217,55 +268,81 @@ class FusedDecoder:
         self.num_builds += 1
 
     def _pack(self, layer: nn.Module) -> _Layer:
-        """One decoder layer (main or MTP) as packed matrices plus the modules used in place."""
-        attn, idx = layer.self_attn, layer.self_attn.indexer
-        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
-        rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
-        q_rows = [attn.q_b_proj.weight]
-        if idx is not None:
-            idx_scale = self.Hi**-0.5 * idx.scale  # head-weight and score scales (ReLU is homogeneous)
-            rows += [idx.wk.weight, idx.weights_proj.weight * idx_scale]
-            q_rows += [idx.wq_b.weight]
-        b_in = None
-        if attn.q_a_proj.bias is not None:
-            b_in = torch.cat(
-                [
-                    attn.q_a_proj.bias,
-                    attn.kv_a_proj_with_mqa.bias,
-                    *([] if idx is None else [attn.q_a_proj.bias.new_zeros(self.Di + self.Hi)]),
-                ]
-            )
-        w_uk, w_uv = attn._kv_b()
-        mlp = layer.mlp
+        """One decoder layer (main or MTP): its modules (nothing is copied: both back ends read the model's
+        own tensors)."""
+        attn, idx, mlp = layer.self_attn, layer.self_attn.indexer, layer.mlp
+        idx_scale = 1.0 if idx is None else self.Hi**-0.5 * idx.scale
         if isinstance(mlp, MoE):
             shared = mlp.shared_experts
-            ffn_rows = [mlp.gate.weight] + (
-                [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
-            )
-            down = None if shared is None else shared.down_proj
-            moe = mlp
+            down, moe = (None if shared is None else shared.down_proj), mlp
         else:
-            ffn_rows = [mlp.gate_proj.weight, mlp.up_proj.weight]
             down, moe = mlp.down_proj, None
-        return _Layer(
-            attn=attn,
-            w_in=torch.cat(rows) * norm_in.weight,
-            b_in=b_in,
-            in_eps=norm_in.eps,
-            w_q=torch.cat(q_rows) * attn.q_a_layernorm.weight,
-            q_eps=attn.q_a_layernorm.eps,
-            w_uk=(w_uk * attn.scale).contiguous(),
-            w_uv_t=w_uv.transpose(1, 2).contiguous(),
-            ffn_in=torch.cat(ffn_rows) * norm_post.weight,
-            ffn_eps=norm_post.eps,
-            post_norm_w=norm_post.weight,
-            moe=moe,
-            down=down,
+        return _Layer(layer=layer, attn=attn, idx_scale=idx_scale, moe=moe, down=down)
+
+    def _name(self, m: nn.Module) -> str:
+        return self._names.get(id(m), type(m).__name__)
+
+    def _mat(self, m: nn.Module, out_scale: float = 1.0) -> native.Mat:
+        """The kernel's view of one matrix module, pointing at its stored tensors (no copy)."""
+        name, scale, split = self._name(m), None, 0
+        if isinstance(m, FP8Linear):
+            w, fmt, scale = m._buffers["weight"], "fp8", m.weight_scale_inv
+        elif isinstance(m, WeightOnlyLinear):
+            w, fmt, scale = m.stored, m.fmt, m.weight_scale
+        elif type(m) is nn.Linear:
+            w = m.weight
+            fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(w.dtype)
+            if fmt is None:
+                raise ValueError(
+                    f"{name}.weight is {w.dtype}: the kernel reads float32 or bfloat16 nn.Linear"
+                )
+        else:
+            raise ValueError(f"{name} is a {type(m).__name__}, not a matrix module the kernel reads")
+        rows, cols = w.shape[-2:]
+        return self._mat_of(name, w, scale, fmt, rows, cols, split or rows, m.bias, out_scale)
+
+    def _bank(self, experts: nn.Module, which: str) -> native.Mat:
+        """Expert 0 of a routed-expert bank ([E, rows, cols]), in the bank's format."""
+        name = f"{self._name(experts)}.{which}"
+        if isinstance(experts, FP8Experts):
+            w, scale, fmt = getattr(experts, which), getattr(experts, f"{which}_scale_inv"), "fp8"
+        elif isinstance(experts, WeightOnlyExperts):
+            w, scale, fmt = (
+                getattr(experts, f"{which}_stored"),
+                getattr(experts, f"{which}_scale"),
+                experts.fmt,
+            )
+        else:
+            w, scale = getattr(experts, which), None
+            fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(w.dtype)
+            if fmt is None:
+                raise ValueError(f"{name} is {w.dtype}: the kernel reads float32 or bfloat16 experts")
+        rows, cols = w.shape[-2:]
+        split = rows // 2 if which == "gate_up_proj" else rows  # gate and up: separately quantised halves
+        return self._mat_of(name, w, scale, fmt, rows, cols, split, None, 1.0)
+
+    @staticmethod
+    def _mat_of(name, w, scale, fmt, rows, cols, split, bias, out_scale) -> native.Mat:  # noqa: ANN001
+        if not w.is_contiguous():
+            raise ValueError(f"{name} ({tuple(w.shape)}) is not contiguous")
+        if scale is not None and (not scale.is_contiguous() or scale.dtype != torch.float32):
+            raise ValueError(f"{name}'s scales are not contiguous float32")
+        if bias is not None and (not bias.is_contiguous() or bias.dtype != torch.float32):
+            raise ValueError(f"{name}.bias is not contiguous float32")
+        return native.Mat(
+            w=w.data_ptr(),
+            scale=None if scale is None else scale.data_ptr(),
+            bias=None if bias is None else bias.data_ptr(),
+            fmt=native.FORMATS[fmt],
+            rows=rows,
+            cols=cols,
+            split=split,
+            out_scale=out_scale,
         )
 
     def _native_args(self, L: _Layer) -> native.LayerArgs:
-        """The C kernel's arguments for one layer: sizes, flags and weight pointers (per-step fields set later)."""
-        cfg, attn, idx = self.cfg, L.attn, L.attn.indexer
+        """The C kernel's arguments for one layer: sizes, flags and weight views (per-step fields set later)."""
+        cfg, attn, idx, layer = self.cfg, L.attn, L.attn.indexer, L.layer
 
         def ptr(t: torch.Tensor | None) -> int | None:
             if t is None:
@@ -274,9 +351,31 @@ class FusedDecoder:
                 raise ValueError(f"a {tuple(t.shape)} {t.dtype} tensor is not contiguous float32")
             return t.data_ptr()
 
+        ins = [attn.q_a_proj, attn.kv_a_proj_with_mqa] + ([] if idx is None else [idx.wk])
+        in_mats = [self._mat(m) for m in ins]
+        q_mats = [self._mat(attn.q_b_proj)] + ([] if idx is None else [self._mat(idx.wq_b)])
+        if idx is not None:
+            in_mats.append(self._mat(idx.weights_proj, L.idx_scale))
+        mlp = layer.mlp
+        if L.moe is not None:
+            w = mlp.gate.weight
+            fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(w.dtype)
+            if fmt is None:
+                raise ValueError(
+                    f"{self._name(mlp.gate)}.weight is {w.dtype}: the kernel reads fp32 or bf16 routers"
+                )
+            router = self._mat_of(
+                f"{self._name(mlp.gate)}.weight", w, None, fmt, *w.shape, w.shape[0], None, 1.0
+            )
+            shared = mlp.shared_experts
+            ffn_mats = [router] + (
+                [] if shared is None else [self._mat(shared.gate_proj), self._mat(shared.up_proj)]
+            )
+        else:
+            ffn_mats = [self._mat(mlp.gate_proj), self._mat(mlp.up_proj)]
         a = native.LayerArgs(
             D=cfg.hidden_size,
-            q_lora=L.w_q.shape[1],
+            q_lora=in_mats[0].rows,
             rank=self.rank,
             R=self.R,
             H=self.H,
@@ -285,30 +384,36 @@ class FusedDecoder:
             Hi=self.Hi,
             Di=self.Di,
             topk=attn.topk,
-            n_in=L.w_in.shape[0],
-            n_q=L.w_q.shape[0],
+            n_in=sum(m.rows for m in in_mats),
+            n_q=sum(m.rows for m in q_mats),
             has_indexer=idx is not None,
             rope_interleave=cfg.rope_interleave,
             idx_rope_interleave=cfg.indexer_rope_interleave,
-            in_eps=L.in_eps,
-            q_eps=L.q_eps,
+            in_eps=layer.input_layernorm.eps,
+            q_eps=attn.q_a_layernorm.eps,
             kv_eps=attn.kv_a_layernorm.eps,
-            ffn_eps=L.ffn_eps,
+            ffn_eps=layer.post_attention_layernorm.eps,
             softmax_scale=attn.scale,
-            w_in=ptr(L.w_in),
-            b_in=ptr(L.b_in),
-            w_q=ptr(L.w_q),
+            kv_b=self._mat(attn.kv_b_proj),
+            o=self._mat(attn.o_proj),
+            n_in_mats=len(in_mats),
+            n_q_mats=len(q_mats),
+            in_norm_w=ptr(layer.input_layernorm.weight),
+            q_norm_w=ptr(attn.q_a_layernorm.weight),
             kv_norm_w=ptr(attn.kv_a_layernorm.weight),
-            w_uk=ptr(L.w_uk),
-            w_uv_t=ptr(L.w_uv_t),
-            o_w=ptr(attn.o_proj.weight),
-            o_b=ptr(attn.o_proj.bias),
-            ffn_in=ptr(L.ffn_in),
-            post_norm_w=ptr(L.post_norm_w),
-            down_w=None if L.down is None else ptr(L.down.weight),
+            n_ffn_mats=len(ffn_mats),
+            post_norm_w=ptr(layer.post_attention_layernorm.weight),
             ffn_inter=0 if L.down is None else L.down.weight.shape[1],
             is_moe=L.moe is not None,
         )
+        for i, m in enumerate(in_mats):
+            a.in_[i] = m
+        for i, m in enumerate(q_mats):
+            a.q[i] = m
+        for i, m in enumerate(ffn_mats):
+            a.ffn[i] = m
+        if L.down is not None:
+            a.down = self._mat(L.down)
         if idx is not None:
             a.idx_ln_eps, a.idx_ln_w, a.idx_ln_b = (
                 idx.k_norm.eps,
@@ -326,16 +431,13 @@ class FusedDecoder:
                 gate.n_group,
                 gate.topk_group,
             )
+            a.gate_up, a.down_e = self._bank(experts, "gate_up_proj"), self._bank(experts, "down_proj")
             a.Fe, a.norm_topk, a.route_scale = (
-                experts.down_proj.shape[-1],
+                a.gate_up.rows // 2,
                 gate.norm_topk_prob,
                 gate.routed_scaling_factor,
             )
-            a.e_bias, a.gate_up, a.down_e = (
-                ptr(gate.e_score_correction_bias),
-                ptr(experts.gate_up_proj),
-                ptr(experts.down_proj),
-            )
+            a.e_bias = ptr(gate.e_score_correction_bias)
         return a
 
     # --- the step --------------------------------------------------------------------------------
@@ -377,7 +479,7 @@ class FusedDecoder:
         if input_ids.dim() == 2:
             h = h.view(*input_ids.shape, -1)
         hidden = self._rms_norm(h, model.model.norm)
-        return model.lm_head(hidden), hidden
+        return self._linear(self.lm_head, hidden), hidden
 
     @torch.no_grad()
     def mtp_forward(
@@ -397,13 +499,21 @@ class FusedDecoder:
         index = min(depth, len(model.mtp) - 1)  # one module, applied recursively
         module = model.mtp[index]
         emb = model.model.embed_tokens(next_ids)
-        u = module.eh_proj(
-            torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1)
+        u = self._linear(
+            self.eh_proj[index],
+            torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1),
         )
         h = self._run_kernel(
             u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache, next_ids.shape[1]
         ).view_as(u)
-        return h, model.lm_head(self._rms_norm(h, module.shared_head.norm))
+        return h, self._linear(self.lm_head, self._rms_norm(h, module.shared_head.norm))
+
+    def _linear(self, mat: native.Mat, x: torch.Tensor) -> torch.Tensor:
+        """x [..., cols] W^T (+ b) in the kernel library, W read as stored (lm_head, eh_proj)."""
+        x = x.contiguous()
+        out = x.new_empty(*x.shape[:-1], mat.rows)
+        self.lib.glm5_linear(ctypes.byref(mat), x.data_ptr(), x.numel() // mat.cols, out.data_ptr())
+        return out
 
     def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """RMSNorm `norm` of x in the kernel library (one call instead of F.rms_norm's eight ops)."""
@@ -450,23 +560,20 @@ class FusedDecoder:
         return h
 
     def _layer(self, L: _Layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, prev_topk):  # noqa: ANN001
+        """One layer as torch ops on the model's modules (each reads its weights in its own format)."""
         B = h.shape[0]
         H, nope, R, rank, Hi, Di = self.H, self.nope, self.R, self.rank, self.Hi, self.Di
-        attn, has_idx = L.attn, L.attn.indexer is not None
+        attn, layer, ix = L.attn, L.layer, L.attn.indexer
 
-        # --- projections of the layer input (input_layernorm folded in)
-        proj = F.linear(h, L.w_in) * _rms_factor(h, L.in_eps)
-        if L.b_in is not None:
-            proj = proj + L.b_in
-        q_lora = L.w_q.shape[1]
-        c_q, kv = proj[:, :q_lora], proj[:, q_lora : q_lora + rank + R]
-        qq = F.linear(c_q, L.w_q) * _rms_factor(c_q, L.q_eps)
-        q = qq[:, : H * (nope + R)].view(B, H, nope + R)
+        # --- projections of the normed layer input and of the normed query latent
+        x = layer.input_layernorm(h)
+        c_q = attn.q_a_layernorm(attn.q_a_proj(x))
+        kv = attn.kv_a_proj_with_mqa(x)
+        q = attn.q_b_proj(c_q).view(B, H, nope + R)
+        w_uk, w_uv = attn.absorbed_kv_b()
         q_lat = torch.cat(
             [
-                torch.bmm(q[..., :nope].transpose(0, 1), L.w_uk).transpose(
-                    0, 1
-                ),  # absorbed: q_nope W_UK (scaled)
+                torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1) * attn.scale,  # absorbed
                 torch.matmul(q[..., nope:], rot_q),
             ],
             dim=-1,
@@ -474,17 +581,9 @@ class FusedDecoder:
         c_kv = attn.kv_a_layernorm(kv[:, :rank])
         k_pe = torch.matmul(kv[:, None, rank:], rot)[:, 0]
         idx_k = None
-        if has_idx:
-            ix = attn.indexer
-            wk_end = q_lora + rank + R + Di
+        if ix is not None:
             idx_k = torch.matmul(
-                F.layer_norm(
-                    proj[:, None, q_lora + rank + R : wk_end],
-                    (Di,),
-                    ix.k_norm.weight,
-                    ix.k_norm.bias,
-                    ix.k_norm.eps,
-                ),
+                F.layer_norm(ix.wk(x)[:, None], (Di,), ix.k_norm.weight, ix.k_norm.bias, ix.k_norm.eps),
                 rot_idx,
             )  # [B,1,Di]
         kv_all, idx_all = cache.update_latent(attn.layer_idx, torch.cat([c_kv, k_pe], -1)[:, None], idx_k)
@@ -494,9 +593,9 @@ class FusedDecoder:
         K = min(attn.topk, S)
         topk = None
         if self.model.attention.dsa and S > attn.topk:
-            if has_idx:
-                idx_q = torch.matmul(qq[:, H * (nope + R) :].view(B, Hi, Di), rot_idx)  # [B, Hi, Di]
-                idx_w = proj[:, None, wk_end:]  # [B, 1, Hi], both scales folded in
+            if ix is not None:
+                idx_q = torch.matmul(ix.wq_b(c_q).view(B, Hi, Di), rot_idx)  # [B, Hi, Di]
+                idx_w = (ix.weights_proj(x) * L.idx_scale)[:, None]  # [B, 1, Hi], both scales
                 per_head = torch.bmm(idx_q, idx_all.transpose(1, 2)).relu_()  # [B, Hi, S]
                 scores = torch.bmm(idx_w, per_head)  # [B, 1, S]
                 if ragged:  # shorter rows: their padding keys are never chosen
@@ -518,20 +617,16 @@ class FusedDecoder:
         if hidden_keys is not None:
             scores = scores.masked_fill(hidden_keys[:, None], float("-inf"))
         o_lat = torch.bmm(torch.softmax(scores, dim=-1), keys[..., :rank])  # [B, H, r]
-        o = torch.bmm(o_lat.transpose(0, 1), L.w_uv_t).transpose(0, 1).reshape(B, H * self.v)
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, H * self.v)
         h = h + attn.o_proj(o)
 
-        # --- feed-forward (post_attention_layernorm folded into the fused input matrix)
-        s = _rms_factor(h, L.ffn_eps)
-        m = F.linear(h, L.ffn_in) * s
+        # --- feed-forward on the normed stream
+        x = layer.post_attention_layernorm(h)
         if L.moe is not None:
-            E = L.moe.gate.num_experts
-            weights, expert_idx = L.moe.gate.route(m[:, :E].sigmoid())
-            y = L.moe.experts(h * s * L.post_norm_w, expert_idx, weights)
-            if L.down is not None:
-                gate, up = m[:, E:].chunk(2, dim=-1)
-                y = y + L.down(F.silu(gate) * up)
+            weights, expert_idx, _ = L.moe.gate(x)
+            y = L.moe.experts(x, expert_idx, weights)
+            if L.moe.shared_experts is not None:
+                y = y + L.moe.shared_experts(x)
         else:
-            gate, up = m.chunk(2, dim=-1)
-            y = L.down(F.silu(gate) * up)
+            y = layer.mlp(x)
         return h + y, topk

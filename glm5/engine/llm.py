@@ -27,6 +27,10 @@ class LLM:
     every rank runs the same program and ranks > 0 serve rank 0's steps inside this constructor, then exit.
     Needs a checkpoint folder (each rank reads only its slices); the layout is checked against its config.json
     before anything is loaded (`glm5.engine.sharding.LayoutError` names the rule).
+
+    data_parallel_size d > 1: data-parallel attention (glm5/engine/dp.py): d x tensor_parallel_size processes,
+    each DP rank its own requests, scheduler and KV cache, the experts over all ranks (expert_parallel_size must
+    be d x tensor_parallel_size); moe_dispatch: "allgather" (default) or "alltoall".
     """
 
     def __init__(
@@ -37,22 +41,42 @@ class LLM:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         fp8: str | None = None,
+        weights: str | None = None,
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        moe_dispatch: str = "allgather",
         **engine_options: Any,
     ) -> None:
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
+        if weights is not None and tp * ep * int(data_parallel_size) > 1 and weights != "fp8":
+            raise ValueError(
+                f"weights={weights!r} is for one process; a sharded model holds the checkpoint's weights "
+                "(fp8='keep' keeps an FP8 checkpoint's)"
+            )
         if tp < 1 or ep < 1:
             raise ValueError(f"tensor_parallel_size={tp} and expert_parallel_size={ep} must be at least 1")
+        if int(data_parallel_size) > 1:  # data-parallel attention (glm5/engine/dp.py): ep = dp x tp
+            from glm5.engine.dp import resolve_layout
+
+            tp, groups, _ = resolve_layout(tp, ep, int(data_parallel_size))
+            engine_options = {**engine_options, "_dp": (groups, moe_dispatch)}
+            self._init_sharded(model_or_path, tokenizer, tp, groups, dtype, device, fp8, engine_options)
+            return
         if tp * ep > 1:
             self._init_sharded(model_or_path, tokenizer, tp, ep, dtype, device, fp8, engine_options)
             return
         model = model_or_path
         if isinstance(model_or_path, (str, os.PathLike)):
-            model, found = _load(model_or_path, dtype=dtype, device=device, fp8=fp8)
+            model, found = _load(model_or_path, dtype=dtype, device=device, fp8=fp8, weights=weights)
             tokenizer = tokenizer if tokenizer is not None else found
-        elif dtype is not None or device is not None:
-            model = model.to(device=device, dtype=dtype)
+        else:
+            if dtype is not None or device is not None:
+                model = model.to(device=device, dtype=dtype)
+            if weights is not None:
+                from glm5.kernels.formats import convert_model
+
+                model = convert_model(model, weights)
         if isinstance(tokenizer, (str, os.PathLike)):
             from glm5.tokenizer import GLM5Tokenizer
 
@@ -74,6 +98,7 @@ class LLM:
         from glm5.engine.multiproc import MultiProcExecutor
         from glm5.engine.sharding import ShardLayout, check_layout
 
+        dp = engine_options.pop("_dp", None)  # (DP ranks, MoE dispatch) for data-parallel attention
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(
                 f"tensor_parallel_size={tp} x expert_parallel_size={ep} needs a checkpoint folder: every "
@@ -86,7 +111,7 @@ class LLM:
                 f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors"
             )
         cfg = GLM5Config.from_hf_config(folder)
-        check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=fp8 == "keep")
+        check_layout(cfg, ShardLayout(0, tp, 0, ep), fp8=fp8 == "keep", data_parallel=dp is not None)
         config = _engine_config(engine_options)
         if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
             tokenizer = folder
@@ -94,7 +119,17 @@ class LLM:
             from glm5.tokenizer import GLM5Tokenizer
 
             tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
-        executor = MultiProcExecutor(folder, config, tp, ep, dtype=dtype, device=device, fp8=fp8)
+        executor = MultiProcExecutor(
+            folder,
+            config,
+            tp,
+            ep,
+            dtype=dtype,
+            device=device,
+            fp8=fp8,
+            data_parallel=dp is not None,
+            dispatch=dp[1] if dp else "allgather",
+        )
         try:
             self.engine = LLMEngine(None, tokenizer, config, executor=executor)
         except BaseException:
@@ -184,9 +219,16 @@ def _progress(total: int) -> tuple[Any, Any]:
 
 
 def _load(
-    path: str | os.PathLike, dtype: torch.dtype | None, device: Any, fp8: str | None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None,
+    device: Any,
+    fp8: str | None,
+    weights: str | None = None,
 ) -> tuple[Any, Any]:
-    """A checkpoint folder -> (model, tokenizer or None)."""
+    """A checkpoint folder -> (model, tokenizer or None). `weights` (see glm5.kernels.formats): how the matrices
+    are held, activations float32; None: an FP8 checkpoint keeps its FP8 weights (fp8="keep" unless `fp8`
+    says otherwise), any other loads as `dtype`."""
+    from glm5.kernels.formats import convert_model, resolve_weights
     from glm5.model import GLM5ForCausalLM
 
     folder = os.fspath(path)
@@ -196,10 +238,13 @@ def _load(
         raise ValueError(
             "loading a checkpoint folder needs GLM5ForCausalLM.from_pretrained (not in this build)"
         )
+    weights, fp8 = resolve_weights(folder, weights, fp8, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
     if fp8 is not None:
         kwargs["fp8"] = fp8
     model = GLM5ForCausalLM.from_pretrained(folder, **kwargs)
+    if weights is not None:
+        model = convert_model(model, weights)
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         from glm5.tokenizer import GLM5Tokenizer

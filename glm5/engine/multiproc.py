@@ -13,6 +13,12 @@ step bypasses the shards' all-reduces), the smallest cache size of all ranks. Pe
 identical logits, the seeds the output carries), and only rank 0's `ModelRunnerOutput` is returned. Workers
 compare rank 0's previous tokens with their own and fail loudly on a difference.
 
+Data-parallel attention (`data_parallel=True`, glm5/engine/dp.py): the ep_size TP groups are DP ranks. The
+engine's `DPScheduler` hands `execute` a `DPSchedulerOutput` (one SchedulerOutput per DP rank); rank 0 broadcasts
+`("dpstep", parts)`, every rank runs its DP rank's part, then `MoEDispatcher.finish_step` (the dummy step: it
+answers the other ranks' MoE calls with no tokens until all are done), and rank 0 gathers every rank's output
+and dispatcher counters: each DP rank's first TP rank's output is returned, its TP peers' must be equal.
+
 Faults: a thread watches the worker processes; a dead worker (or a collective that fails) raises
 `EngineDeadError` naming the rank, and every later call raises it too. Rank 0's work runs in a daemon thread
 that the caller waits on while watching the workers, so a collective stuck on a dead peer never hangs the
@@ -98,6 +104,8 @@ class _Spec:
     fp8: str | None = None
     topk_sync: str = "off"
     threads: int | None = 1
+    data_parallel: bool = False
+    dispatch: str = "allgather"
 
 
 def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tuple[Any, ModelRunner]:
@@ -124,6 +132,8 @@ def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tup
         device=device,
         fp8=spec.fp8 or "dequantize",
         topk_sync=spec.topk_sync,
+        data_parallel=spec.data_parallel,
+        dispatch=spec.dispatch,
     )
     runner = ModelRunner(model, spec.config)
     blocks = torch.tensor([runner.num_blocks], dtype=torch.int64)
@@ -160,8 +170,25 @@ def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
                     f"{prev[0]} -> {prev[1]}: the ranks' logits or sampling state differ"
                 )
             last = runner.execute(out)
+        elif kind == "dpstep":
+            _dp_step(runner, control, rank, payload[0])
         elif kind == "update":
             _update_local(runner, payload[0])
+
+
+def _dp_step(runner: ModelRunner, control: Any, rank: int, parts: list[SchedulerOutput]) -> Any:
+    """Run this rank's DP part, answer the other ranks' MoE calls until all are done, and gather every rank's
+    (output, dispatcher counters) on rank 0 (returned there; None elsewhere)."""
+    import torch.distributed as dist
+
+    plan = runner.model.shard_plan
+    result = runner.execute(parts[plan.layout.ep_rank])
+    d = plan.dispatcher
+    d.finish_step()
+    mine = (result, {"calls": d.calls, "dummy_calls": d.dummy_calls, "idle_steps": d.idle_steps})
+    box = [None] * dist.get_world_size(control) if rank == 0 else None
+    dist.gather_object(mine, box, dst=0, group=control)
+    return box
 
 
 def _own_names(model: Any, state_dict: dict[str, torch.Tensor], hf_names: bool) -> dict[str, torch.Tensor]:
@@ -250,7 +277,8 @@ class _Caller:
 
 
 class MultiProcExecutor(Executor):
-    """Rank 0 of W = tp_size x ep_size ranks (see the module docstring). Built from a checkpoint folder."""
+    """Rank 0 of W = tp_size x ep_size ranks (see the module docstring). Built from a checkpoint folder.
+    `data_parallel_size`: the number of DP ranks (ep_size with data_parallel, else 1)."""
 
     def __init__(
         self,
@@ -264,7 +292,11 @@ class MultiProcExecutor(Executor):
         fp8: str | None = None,
         topk_sync: str = "off",
         threads: int | None = 1,
+        data_parallel: bool = False,
+        dispatch: str = "allgather",
     ) -> None:
+        """data_parallel: the ep_size TP groups are data-parallel ranks (glm5/engine/dp.py), whose MoE layers
+        exchange tokens by `dispatch` ("allgather" or "alltoall", glm5.engine.sharding.MoEDispatcher)."""
         if config.fused_decode:
             log.warning(
                 "fused_decode=True is turned off for a sharded model: the fused step bypasses the "
@@ -284,7 +316,13 @@ class MultiProcExecutor(Executor):
                     f"every rank): {exc}"
                 ) from None
         self.world_size = W = tp_size * ep_size
-        self.spec = _Spec(os.fspath(path), config, tp_size, ep_size, dtype, device, fp8, topk_sync, threads)
+        dp = bool(data_parallel) and ep_size > 1
+        self.spec = _Spec(
+            os.fspath(path), config, tp_size, ep_size, dtype, device, fp8, topk_sync, threads, dp, dispatch
+        )
+        self.data_parallel_size = ep_size if dp else 1
+        self.counters: dict[int, dict[str, int]] = {}
+        """Data-parallel attention: every rank's MoE dispatcher totals (calls, dummy_calls, idle_steps)."""
         self.procs: dict[int, Any] = {}
         self.dead: EngineDeadError | None = None
         self._closed = False
@@ -296,8 +334,8 @@ class MultiProcExecutor(Executor):
             rank, world = external
             if world != W:
                 raise ValueError(
-                    f"torchrun started WORLD_SIZE={world} processes; tensor_parallel_size x "
-                    f"expert_parallel_size = {W}"
+                    f"torchrun started WORLD_SIZE={world} processes; the layout has {W} (tensor_parallel_size "
+                    f"{tp_size} x {'data' if data_parallel else 'expert'}_parallel_size {ep_size})"
                 )
             local = int(os.environ.get("LOCAL_RANK", rank))
             if rank > 0:  # this process is a worker: serve rank 0's steps, then exit with it
@@ -428,6 +466,8 @@ class MultiProcExecutor(Executor):
         dist.broadcast_object_list([message], src=0, group=self._control)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self.data_parallel_size > 1:
+            return self._execute_dp(scheduler_output)
         with self._lock:
             prev = self._last
 
@@ -438,6 +478,32 @@ class MultiProcExecutor(Executor):
             result = self._wait(step, None, "step")
             self._last = (result.seq_ids, result.token_ids)
             return result
+
+    def _execute_dp(self, scheduled: Any) -> Any:
+        from glm5.engine.dp import DPRunnerOutput, DPSchedulerOutput
+
+        if not isinstance(scheduled, DPSchedulerOutput):
+            raise TypeError("a data-parallel executor runs DPSchedulerOutputs (one part per DP rank)")
+        t = self.spec.tp_size
+        with self._lock:
+
+            def step() -> list:
+                self._broadcast(("dpstep", scheduled.parts))
+                return _dp_step(self._runner, self._control, 0, scheduled.parts)
+
+            gathered = self._wait(step, None, "step")
+        results = [r for r, _ in gathered]
+        for rank, res in enumerate(results):
+            lead = results[rank - rank % t]
+            if (res.seq_ids, res.token_ids) != (lead.seq_ids, lead.token_ids):
+                self.dead = EngineDeadError(
+                    f"rank {rank} sampled {res.seq_ids} -> {res.token_ids} but its DP rank's first rank "
+                    f"{rank - rank % t} sampled {lead.seq_ids} -> {lead.token_ids}: the ranks' logits differ",
+                    rank,
+                )
+                raise self.dead
+        self.counters = {rank: c for rank, (_, c) in enumerate(gathered)}
+        return DPRunnerOutput([results[g * t] for g in range(self.data_parallel_size)], self.counters)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
         """Whole (unsharded) tensors, by the model's names or the checkpoint's (hf_names): rank 0 converts the

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from glm5.engine.compiled import CompiledDecode, compile_wanted
 from glm5.engine.config import EngineConfig
 from glm5.engine.fused import FusedDecoder
 from glm5.engine.kv_cache import PagedLatentCache, RunnerLatentCache
@@ -123,6 +124,9 @@ class ModelRunner:
         # the MTP layer's entries lag one position behind the main cache's: a cache of its own
         self.mtp_cache = make(mtp_layers) if k else None
         self.fused = self._make_fused(cfg.fused_decode)
+        # accelerators' fast decode: the model's decode forward compiled (CUDA graphs where available)
+        wanted = compile_wanted(cfg.compile, self.device)
+        self.compiled = CompiledDecode(model, cfg.compile_backend, device=self.device) if wanted else None
         self.drafter = MTPDrafter(model, self.mtp_cache, k, self.fused) if k else None
         self.seqs: dict[int, SeqState] = {}
 
@@ -305,6 +309,9 @@ class ModelRunner:
         ids = torch.tensor(rows, device=self.device)
         if self._fused_now():
             logits, hidden = self.fused(ids[:, 0], self.cache)
+        elif self.compiled is not None:
+            logits, hidden = self.compiled(ids, self.cache, return_hidden=self.drafter is not None)
+            logits, hidden = logits[:, -1], None if hidden is None else hidden[:, -1]
         else:
             out = self.model(ids, self.cache, return_hidden=self.drafter is not None)
             logits, hidden = out.logits[:, -1], out.hidden_states

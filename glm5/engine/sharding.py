@@ -26,9 +26,19 @@ So with t x e ranks attention is split t ways and replicated e ways, while the M
 weights) are split over all W ranks, as DeepSeek-V3's reference (experts over the whole world, shared
 expert split like a TP MLP) and vLLM's `--enable-expert-parallel` (EP = all ranks) divide them. Because
 every rank holds every token, the experts need no all-to-all: each rank runs the tokens routed to its own
-experts and one all-reduce sums them (DeepSeek's reference does the same). A data-parallel-attention
-layout (each EP replica its own requests) would replace that all-reduce by all-gather + reduce-scatter or
-all-to-all; it is not implemented here.
+experts and one all-reduce sums them (DeepSeek's reference does the same).
+
+Data-parallel attention (`data_parallel=True`: the e TP groups are d = e data-parallel ranks, each serving its
+own requests with its own cache): the weights are split as above except the shared expert, which is split over
+the TP group only (like a dense MLP: every DP rank runs it on its own tokens, + all-reduce over TP). The routed
+experts stay divided over all W ranks, and the tokens travel to them through `MoEDispatcher`:
+"allgather" (the default) all-gathers every DP rank's tokens with their routing, each rank runs its experts on
+all of them, and the partial outputs go back with one all-to-all, summed at the destination in rank order (a
+reduce-scatter whose sum order is fixed, so the t TP ranks of a DP rank get the same bits); "alltoall" sends
+each (token, expert) pair only to the rank that owns the expert and the results back. Every call starts with a
+small all-gather of (tokens, layer, active) from every rank, so a rank computes each peer's tokens with the
+experts of the layer that peer is in; a rank whose step has no more forwards keeps answering calls with zero
+tokens (`finish_step`, the dummy step) until every rank is done, which keeps the collectives in lockstep.
 
 Rules (`check_layout`, enforced before anything is read; `LayoutError` names the rule):
 heads % t == 0 (so t <= heads); n_routed_experts % W == 0; intermediate_size % t == 0 (dense layers);
@@ -70,12 +80,14 @@ from torch import nn
 from glm5.checkpoint.sharded import ShardSlice, check_block_aligned
 from glm5.config import GLM5Config
 from glm5.model.attention import MLAttention
+from glm5.model.fp8 import FP8Experts, FP8Linear, quantize_model
 from glm5.model.layers import MLP
 from glm5.model.model import DecoderLayer, GLM5ForCausalLM
 from glm5.model.moe import MoE, RouterStats
-from glm5.quant import FP8Experts, FP8Linear
 
 TOPK_SYNC = ("off", "check", "broadcast")
+DISPATCH = ("allgather", "alltoall")
+"""MoE token dispatch under data-parallel attention (module docstring); the first is the default."""
 FP8_BLOCK = 128
 
 
@@ -144,9 +156,13 @@ def init_groups(tp_size: int, ep_size: int = 1) -> ParallelGroups:
 
 
 # --- layout rules ---------------------------------------------------------------------------------
-def check_layout(cfg: GLM5Config, layout: ShardLayout, fp8: bool = False) -> None:
-    """Refuse a layout the model cannot take (LayoutError naming the rule). fp8: weights stay e4m3."""
+def check_layout(
+    cfg: GLM5Config, layout: ShardLayout, fp8: bool = False, data_parallel: bool = False
+) -> None:
+    """Refuse a layout the model cannot take (LayoutError naming the rule). fp8: weights stay e4m3.
+    data_parallel: the ep_size TP groups are data-parallel ranks (the shared expert is then split over TP only)."""
     t, W = layout.tp_size, layout.world_size
+    S = t if data_parallel else W  # the ranks the shared expert is split over
     H, E = cfg.num_attention_heads, cfg.n_routed_experts
     if t > H:
         raise LayoutError(
@@ -170,11 +186,12 @@ def check_layout(cfg: GLM5Config, layout: ShardLayout, fp8: bool = False) -> Non
             "split column/row over the TP group (rule: intermediate_size % tp_size == 0)"
         )
     shared = cfg.moe_intermediate_size * cfg.n_shared_experts
-    if shared % W:
+    if shared % S:
+        over = "tp_size" if data_parallel else "tp_size x ep_size"
         raise LayoutError(
-            f"tp_size x ep_size = {W} does not divide the shared expert's width {shared} (moe_"
-            "intermediate_size x n_shared_experts): it is split over all ranks (rule: shared % "
-            "(tp_size x ep_size) == 0)"
+            f"{over} = {S} does not divide the shared expert's width {shared} (moe_"
+            f"intermediate_size x n_shared_experts): it is split over those ranks (rule: shared % "
+            f"({over}) == 0)"
         )
     if cfg.attention_bias and t > 1:
         raise LayoutError(
@@ -191,7 +208,7 @@ def check_layout(cfg: GLM5Config, layout: ShardLayout, fp8: bool = False) -> Non
                 h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
             ),
             (t, "o_proj columns (heads/tp x v_head_dim)", h * cfg.v_head_dim),
-            (W, "shared expert width / (tp_size x ep_size)", shared // W),
+            (S, "shared expert width / its ranks", shared // S),
         ]
         if dense:
             splits.append((t, "dense MLP intermediate_size / tp_size", cfg.intermediate_size // t))
@@ -364,6 +381,179 @@ class ShardedMoE(MoE):
         return y, stats
 
 
+class MoEDispatcher:
+    """The token exchange of the MoE layers under data-parallel attention (see the module docstring).
+
+    One per rank, shared by every `DPShardedMoE` of the model (each registers under a layer id). Every call is
+    a collective over all W ranks and starts with an all-gather of (tokens, layer id, active) per rank: each
+    rank then runs its local experts for each peer's tokens with the experts of that peer's layer. A rank
+    whose step is over calls `finish_step`, which keeps answering calls with zero tokens until every rank is
+    done. Counters: `calls` (real calls), `dummy_calls` (calls answered with no tokens of its own) and
+    `idle_steps` (steps in which this rank ran no forward but answered its peers)."""
+
+    def __init__(
+        self, group: dist.ProcessGroup | None, layout: ShardLayout, mode: str, model: nn.Module
+    ) -> None:
+        if mode not in DISPATCH:
+            raise ValueError(f"dispatch={mode!r}: choose one of {DISPATCH}")
+        self.group, self.layout, self.mode = group, layout, mode
+        self.W, self.t, self.rank = layout.world_size, layout.tp_size, layout.rank
+        self.layers: list[ShardedMoE] = []
+        self._model = model
+        self.calls = self.dummy_calls = self.idle_steps = 0
+        self._step_calls = 0
+
+    def register(self, moe: ShardedMoE) -> int:
+        self.layers.append(moe)
+        return len(self.layers) - 1
+
+    # --- the protocol ------------------------------------------------------------------------------
+    def _meta(self, n: int, layer: int, active: int, device: torch.device) -> list[list[int]]:
+        mine = torch.tensor([n, layer, active], dtype=torch.int64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(self.W)]
+        dist.all_gather(parts, mine, group=self.group)
+        return torch.stack(parts).tolist()
+
+    def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
+        return recv
+
+    def _template(self) -> tuple[int, int, torch.dtype, torch.device]:
+        emb = self._model.model.embed_tokens.weight
+        return self._model.config.hidden_size, self._model.config.num_experts_per_tok, emb.dtype, emb.device
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        D, K, dtype, device = self._template()
+        return (
+            torch.empty(0, D, dtype=dtype, device=device),
+            torch.empty(0, K, dtype=torch.int64, device=device),
+            torch.empty(0, K, dtype=torch.float32, device=device),
+        )
+
+    def exchange(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for this rank's tokens x [N, D] (idx, w: [N, K] global expert ids and
+        weights), from every rank's experts."""
+        self.calls += 1
+        self._step_calls += 1
+        meta = self._meta(x.shape[0], layer, 1, x.device)
+        return self._run(meta, x, idx, w)
+
+    def finish_step(self) -> None:
+        """The dummy step: answer the peers' calls with no tokens until every rank has finished its step."""
+        x, idx, w = self._empty()
+        answered = 0
+        while True:
+            meta = self._meta(0, -1, 0, x.device)
+            if not any(m[2] for m in meta):
+                break
+            answered += 1
+            self._run(meta, x, idx, w)
+        self.dummy_calls += answered
+        if answered and not self._step_calls:
+            self.idle_steps += 1
+        self._step_calls = 0
+
+    def _run(
+        self, meta: list[list[int]], x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        if self.mode == "allgather":
+            return self._allgather(meta, x, idx, w)
+        return self._alltoall(meta, x, idx, w)
+
+    def _allgather(
+        self, meta: list[list[int]], x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        W, t, K = self.W, self.t, idx.shape[1]
+        N = max(m[0] for m in meta)
+        pad = N - x.shape[0]
+        route = torch.cat([idx.double(), w.double()], 1)
+        xs = [torch.empty(N, x.shape[1], dtype=x.dtype, device=x.device) for _ in range(W)]
+        rs = [torch.empty(N, 2 * K, dtype=torch.float64, device=x.device) for _ in range(W)]
+        dist.all_gather(xs, F.pad(x, (0, 0, 0, pad)), group=self.group)
+        dist.all_gather(rs, F.pad(route, (0, 0, 0, pad)), group=self.group)
+        out: dict[int, torch.Tensor] = {}
+        for g in range(W // t):  # the t ranks of a DP rank hold the same tokens: compute them once
+            s = g * t
+            n, layer = meta[s][0], meta[s][1]
+            if n:
+                r = rs[s][:n]
+                out[g] = self.layers[layer]._routed(xs[s][:n], r[:, :K].long(), r[:, K:].float())
+        send = torch.cat([out[d // t] if meta[d][0] else x.new_empty(0, x.shape[1]) for d in range(W)])
+        recv = self._a2a(send, [m[0] for m in meta], [x.shape[0]] * W)
+        return recv.view(W, x.shape[0], x.shape[1]).sum(0) if x.shape[0] else x.clone()
+
+    def _alltoall(
+        self, meta: list[list[int]], x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        W, t, K = self.W, self.t, idx.shape[1]
+        per_rank = self.layers[0].experts.num_experts
+        owner = (idx // per_rank).reshape(-1)
+        order = torch.sort(owner, stable=True).indices
+        counts = torch.bincount(owner, minlength=W).tolist()
+        token_of = torch.div(order, K, rounding_mode="floor")
+        lead = self.rank % t == 0  # one rank per DP rank sends its pairs; its TP peers get the results too
+        send_counts = counts if lead else [0] * W
+        recv_counts = self._a2a(
+            torch.tensor(send_counts, dtype=torch.int64, device=x.device), [1] * W, [1] * W
+        )
+        recv_counts = recv_counts.tolist()
+        if lead:
+            local = (idx.reshape(-1) - owner * per_rank)[order]
+            send_x = x.index_select(0, token_of)
+            send_r = torch.stack([local.double(), w.reshape(-1)[order].double()], 1)
+        else:
+            send_x, send_r = (
+                x.new_empty(0, x.shape[1]),
+                torch.empty(0, 2, dtype=torch.float64, device=x.device),
+            )
+        recv_x = self._a2a(send_x, send_counts, recv_counts)
+        recv_r = self._a2a(send_r, send_counts, recv_counts)
+        ys, off = [], 0
+        for s in range(W):
+            c = recv_counts[s]
+            if c:
+                r = recv_r[off : off + c]
+                experts = self.layers[meta[s][1]].experts
+                ys.append(experts(recv_x[off : off + c], r[:, :1].long(), r[:, 1:].float()).to(x.dtype))
+            else:
+                ys.append(x.new_empty(0, x.shape[1]))
+            off += c
+        lead_of = [d - d % t for d in range(W)]
+        send_back = torch.cat([ys[lead_of[d]] for d in range(W)])
+        back = self._a2a(send_back, [recv_counts[lead_of[d]] for d in range(W)], counts)
+        return torch.zeros_like(x).index_add_(0, token_of, back)
+
+
+class DPShardedMoE(ShardedMoE):
+    """An MoE layer under data-parallel attention: this rank's tokens are routed here (router replicated within
+    the TP group), dispatched to the experts' ranks by the `MoEDispatcher`, and the shared expert (split over
+    the TP group) is added, with one all-reduce over the TP group."""
+
+    def __init__(
+        self, moe: MoE, expert_start: int, dispatcher: MoEDispatcher, tp: _Comm, topk_sync: str
+    ) -> None:
+        super().__init__(moe, expert_start, tp, topk_sync)
+        self._dispatcher = dispatcher
+        self.layer_id = dispatcher.register(self)
+
+    def forward(self, x: torch.Tensor, want_stats: bool = False):
+        x_ND = x.reshape(-1, x.shape[-1])
+        weights, topk_idx, scores = self.gate(x_ND)
+        if self._topk_sync != "off":
+            topk_idx = self._comm.agree(topk_idx, self._topk_sync, "the router's expert choice")
+            weights = self._comm.agree(weights, self._topk_sync, "the router's weights")
+        y = self._dispatcher.exchange(self.layer_id, x_ND, topk_idx, weights)
+        if self.shared_experts is not None:
+            y = y + self._comm.all_reduce(self.shared_experts(x_ND))
+        y = y.view_as(x)
+        stats = None
+        if want_stats:
+            load = torch.bincount(topk_idx.reshape(-1), minlength=self.gate.num_experts).float()
+            stats = RouterStats(scores=scores, topk_idx=topk_idx, expert_load=load)
+        return y, stats
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rows [vocab_start, vocab_start + local rows) of the embedding: ids outside look up zeros, then an
     all-reduce over the TP group adds the one rank's row to zeros (exact)."""
@@ -416,6 +606,10 @@ class ShardPlan:
     slices: dict[str, ShardSlice] = field(default_factory=dict)
     groups: ParallelGroups = field(default_factory=ParallelGroups)
     comms: dict[str, _Comm] = field(default_factory=dict)
+    data_parallel: bool = False
+    """The TP groups are data-parallel ranks (each its own tokens): the MoE layers exchange tokens."""
+    dispatcher: MoEDispatcher | None = None
+    """The MoE token exchange (data-parallel attention only)."""
 
     @property
     def topk_checks(self) -> int:
@@ -446,24 +640,31 @@ def shard_model(
     *,
     groups: ParallelGroups | None = None,
     topk_sync: str = "off",
+    data_parallel: bool = False,
+    dispatch: str = DISPATCH[0],
 ) -> ShardPlan:
     """Turn a built GLM5ForCausalLM into this rank's shard, in place (see the module docstring for the
     layout); returns the plan, also stored as `model.shard_plan`.
 
-    Works on a materialised model (BF16/FP32, or FP8-kept via glm5.quant: splits must then be block-aligned)
+    Works on a materialised model (BF16/FP32, or FP8-kept via glm5.model.fp8: splits must then be block-aligned)
     and on the meta device (shapes only, for `load_sharded` and memory planning). groups: the process groups
     (default: `init_groups` when torch.distributed is initialised, else none: fine on the meta device, a
     forward then raises). topk_sync: "off" | "check" | "broadcast" (module docstring, Determinism).
+    data_parallel: the ep_size TP groups are data-parallel ranks, each with its own tokens (data-parallel
+    attention; the MoE layers exchange tokens by `dispatch`, "allgather" or "alltoall").
     Raises LayoutError before changing anything when the layout breaks a rule.
     """
     if topk_sync not in TOPK_SYNC:
         raise ValueError(f"topk_sync={topk_sync!r}: choose one of {TOPK_SYNC}")
     if getattr(model, "shard_plan", None) is not None:
         raise ValueError("this model is already sharded")
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch={dispatch!r}: choose one of {DISPATCH}")
     layout = ShardLayout(tp_rank, tp_size, ep_rank, ep_size)
     fp8 = any(isinstance(m, (FP8Linear, FP8Experts)) for m in model.modules())
     cfg = model.config
-    check_layout(cfg, layout, fp8=fp8)
+    dp = data_parallel and ep_size > 1
+    check_layout(cfg, layout, fp8=fp8, data_parallel=dp)
     if groups is None:
         groups = (
             init_groups(tp_size, ep_size)
@@ -472,7 +673,10 @@ def shard_model(
         )
     t, W = tp_size, layout.world_size
     tp, moe = _Comm(groups.tp, t, "tensor-parallel"), _Comm(groups.moe, W, "MoE (all ranks)")
-    plan = ShardPlan(layout, groups=groups, comms={"tp": tp, "moe": moe})
+    plan = ShardPlan(layout, groups=groups, comms={"tp": tp, "moe": moe}, data_parallel=dp)
+    if dp:  # each TP group has its own tokens: agreements stay within it, the MoE layers exchange tokens
+        plan.dispatcher = MoEDispatcher(groups.moe, layout, dispatch, model)
+        plan.comms["moe"] = tp
     if W == 1:
         model.shard_plan = plan
         return plan
@@ -482,7 +686,7 @@ def shard_model(
         attn: MLAttention = layer.self_attn
         a = f"{name}.self_attn"
         if attn.indexer is not None and topk_sync != "off":
-            _wrap_select(attn.indexer, moe, topk_sync, f"{a}.indexer top-k")
+            _wrap_select(attn.indexer, tp if dp else moe, topk_sync, f"{a}.indexer top-k")
         if t > 1:
             h = attn.num_heads // t
             h0 = tp_rank * h
@@ -507,8 +711,14 @@ def shard_model(
                     experts._buffers[key] = new
                 slices[f"{name}.mlp.experts.{key}"] = ShardSlice(0, e0, e1)
             experts.num_experts = e1 - e0
-            if layer.mlp.shared_experts is not None:
-                _shard_mlp(f"{name}.mlp.shared_experts", layer.mlp.shared_experts, W, layout.rank, slices)
+            shared = layer.mlp.shared_experts
+            if dp:
+                if shared is not None and t > 1:
+                    _shard_mlp(f"{name}.mlp.shared_experts", shared, t, tp_rank, slices)
+                layer.mlp = DPShardedMoE(layer.mlp, e0, plan.dispatcher, tp, topk_sync)
+                continue
+            if shared is not None:
+                _shard_mlp(f"{name}.mlp.shared_experts", shared, W, layout.rank, slices)
             layer.mlp = ShardedMoE(layer.mlp, e0, moe, topk_sync)
         elif t > 1:
             _shard_mlp(f"{name}.mlp", layer.mlp, t, tp_rank, slices)
@@ -545,6 +755,8 @@ def load_sharded(
     device: torch.device | str | None = None,
     fp8: str = "dequantize",
     topk_sync: str = "off",
+    data_parallel: bool = False,
+    dispatch: str = DISPATCH[0],
 ) -> GLM5ForCausalLM:
     """This rank's shard of the checkpoint folder at `path` (HF layout, BF16/FP32 or block FP8).
 
@@ -552,23 +764,31 @@ def load_sharded(
     sharded on the meta device; then only the local shapes are allocated and filled from the byte ranges of
     this rank's slices (glm5.checkpoint.sharded). fp8: "dequantize" (any split) or "keep" (e4m3 weights and
     their scale blocks, splits on 128-blocks). Every rank of the layout must call it (it creates the process
-    groups when `groups` is None and torch.distributed is initialised).
+    groups when `groups` is None and torch.distributed is initialised). data_parallel / dispatch: see
+    `shard_model`.
     """
     from glm5.checkpoint.sharded import load_pretrained_sharded
-    from glm5.quant import quantize_model
 
     layout = ShardLayout(tp_rank, tp_size, ep_rank, ep_size)
 
     def shard(model: nn.Module) -> dict[str, ShardSlice]:
         return shard_model(
-            model, tp_rank, tp_size, ep_rank, ep_size, groups=groups, topk_sync=topk_sync
+            model,
+            tp_rank,
+            tp_size,
+            ep_rank,
+            ep_size,
+            groups=groups,
+            topk_sync=topk_sync,
+            data_parallel=data_parallel,
+            dispatch=dispatch,
         ).slices
 
     return load_pretrained_sharded(
         path,
         GLM5ForCausalLM,
         shard,
-        check=lambda cfg: check_layout(cfg, layout, fp8 == "keep"),
+        check=lambda cfg: check_layout(cfg, layout, fp8 == "keep", data_parallel and ep_size > 1),
         dtype=dtype,
         device=device,
         fp8=fp8,
@@ -595,19 +815,23 @@ def rank_weight_bytes(
     rank: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     fp8: bool = False,
+    data_parallel: bool = False,
 ) -> int:
     """Weight bytes one rank keeps under a layout, computed on the meta device (nothing allocated): the model
-    in `dtype` (routers fp32, as loaded), FP8-kept split when fp8."""
+    in `dtype` (routers fp32, as loaded), FP8-kept split when fp8. data_parallel: the ep_size TP groups are
+    data-parallel ranks (the shared expert split over TP only)."""
     from glm5.checkpoint.pretrained import _routers_to_fp32
-    from glm5.quant import quantize_model
 
     layout = ShardLayout.from_rank(rank, tp_size, ep_size)
-    check_layout(cfg, layout, fp8=fp8)
+    dp = data_parallel and ep_size > 1
+    check_layout(cfg, layout, fp8=fp8, data_parallel=dp)
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
     model.to(dtype)
     _routers_to_fp32(model)
     if fp8:
         quantize_model(model)
-    shard_model(model, layout.tp_rank, tp_size, layout.ep_rank, ep_size, groups=ParallelGroups())
+    shard_model(
+        model, layout.tp_rank, tp_size, layout.ep_rank, ep_size, groups=ParallelGroups(), data_parallel=dp
+    )
     return state_bytes(model)

@@ -8,7 +8,18 @@ from pathlib import Path
 
 from glm5.argtypes import existing_dir, int_range, nonnegative_float, output_path, positive_int, text
 
-TASKS = ("arithmetic", "easy_arithmetic", "unanswerable", "tool_use", "word_problem", "perplexity")
+TASKS = (
+    "arithmetic",
+    "easy_arithmetic",
+    "unanswerable",
+    "tool_use",
+    "word_problem",
+    "frontier_easy",
+    "frontier_hard",
+    "frontier_unanswerable",
+    "frontier_tool",
+    "perplexity",
+)
 """Every task name (glm5.eval.tasks.ALL_TASKS, spelled out: importing it here would slow every `glm5` command)."""
 
 

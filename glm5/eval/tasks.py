@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from glm5.data.frontier import KINDS as FRONTIER_KINDS
+from glm5.data.frontier import heldout_generator
 from glm5.data.tasks import (
     Task,
     arithmetic_tasks,
@@ -22,8 +24,12 @@ QA_TASKS: dict[str, Callable[[int, int], list[Task]]] = {
     "unanswerable": unanswerable_tasks,
     "tool_use": calculator_tasks,
     "word_problem": word_problem_tasks,
+    **{kind: heldout_generator(kind) for kind in FRONTIER_KINDS},
 }
-"""Question-answer tasks: name -> generator(count, seed). `tool_use` offers the calculator tool."""
+"""Question-answer tasks: name -> generator(count, seed). `tool_use` and `frontier_tool` offer the calculator
+tool; the `frontier_*` tasks are the held-out items of glm5.data.frontier (never trained on)."""
+FRONTIER_TASKS = FRONTIER_KINDS
+"""The post-training frontier tasks (easy, hard, unanswerable, tool), one per difficulty."""
 PERPLEXITY = "perplexity"
 ALL_TASKS = (*QA_TASKS, PERPLEXITY)
 DEFAULT_TASKS = ("arithmetic", "unanswerable", "tool_use", PERPLEXITY)

@@ -1,37 +1,87 @@
-/* One GLM-5 decoder layer for one new token per row (the decode step), float32, in a single call.
+/* One GLM-5 decoder layer for the new tokens of a decode step, in a single call; weights in fp32, bf16,
+   block FP8 or int8, activations and accumulation in fp32.
 
-   The arithmetic of glm5/engine/fused.py (itself checked against GLM5ForCausalLM.forward): packed projections
-   with the RMSNorm weights folded in, weight-absorbed MLA over the DSA top-k latent entries of a paged cache,
-   the lightning indexer, RoPE, the sigmoid router with bias-corrected (group-limited) top-k, routed and shared
-   experts. A step of a small model is a few hundred tiny tensor operations; here a layer is one C call whose
-   cost is the bytes it reads (weights, the indexer keys of the context, the selected latents).
+   THE CONTRACT (twin: glm5/engine/fused.py builds the arguments, glm5/kernels/native.py mirrors the structs;
+   the library exports sizeof(LayerArgs) and sizeof(Mat), and the loader refuses a mismatch):
 
-   Built at run time by glm5/kernels/native.py with the system C compiler (cc -O3 -march=native -fopenmp); no
-   Python headers, loaded with ctypes. Plain C99 plus GCC/Clang vector extensions (8 floats); OpenMP (optional)
-   splits the indexer's scan of long contexts over threads. */
+   Mat       one weight matrix [rows, cols] as the model stores it, never copied or re-quantised:
+             fmt 0 fp32; 1 bf16 (uint16 bits); 2 FP8 e4m3 with `scale` = weight_scale_inv [ceil(rows'/128),
+             ceil(cols/128)] fp32 multipliers (rows before `split` and from `split` on are two separately
+             quantised matrices, as the stacked experts' gate and up are: their scale rows follow each other);
+             3 int8 with `scale` [rows, ceil(cols/32)] fp32 (one multiplier per group of 32 inputs). y = out_scale
+             * (W x) + bias (bias fp32 [rows] or NULL). Owned by the model (Python keeps it alive).
+   LayerArgs sizes and eps (set once per layer), the layer's matrices (`in` = [q_a; kv_a (; indexer wk; indexer
+             weights_proj x its scales)] read by the input-normed row, `q` = [q_b (; indexer wq_b)] read by the
+             normed query latent, kv_b, o, `ffn` = [router (; shared gate; shared up)] or [gate; up], `down`, the
+             expert banks `gate_up` [E, 2Fe, D] and `down_e` [E, D, Fe] described by expert 0), the fp32 norm
+             vectors; then per-call fields set by fused.py before each call: B rows, the residual stream `h`
+             [B, D] (updated in place, owned by the caller), rope cos/sin, the paged cache stores (owned by the
+             cache; the kernel writes each row's new latent and indexer key into `write_slot`), gather tables,
+             lengths, and the DSA top-k scratch `topk_idx`/`topk_count` (caller-owned, shared by the layers of
+             one call sequence so IndexCache layers reuse the previous selection). Scratch buffers are the
+             kernel's own (malloc per call).
+   Rows of one sequence (speculative verification: T tokens) come in order, each writes its cache entry and
+   attends up to it. The arithmetic is GLM5ForCausalLM.forward's (tests/test_engine_fused.py and
+   tests/test_engine_formats.py hold it to the model on the same dequantised weights).
+
+   SIMD: chosen by the build's target (glm5/kernels/native.py compiles with -march=native by default, so the
+   path matches the CPU it loads on; GLM5_NATIVE_MARCH builds another): AVX-512, AVX2 + F16C + FMA, or portable
+   C. FP8 e4m3 -> fp32 is exact in registers: the byte b, sign-extended to 16 bits, shifted left by 7 and with
+   bit 14 cleared, is the IEEE half of (e4m3 value x 2^-8), normals and subnormals alike (vcvtph2ps makes it
+   fp32); the 2^8 goes into the block scale. NaN codes (0x7f / 0xff, never produced by quantize) are not kept.
+   bf16 is widened by a shift. int8 by a sign extension. Large products are split over OpenMP threads by
+   output row (each output is summed by one thread in a fixed order: deterministic). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define GLM5_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define GLM5_ISA "avx2"
+#else
+#define GLM5_ISA "portable"
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  /* unaligned loads */
 
+enum { FMT_F32 = 0, FMT_BF16 = 1, FMT_FP8 = 2, FMT_I8 = 3 };
+#define FP8_BLOCK 128
+#define I8_GROUP 32
+
+typedef struct {
+    const void *w;          /* [rows, cols] elements of fmt */
+    const float *scale;     /* FP8: block multipliers; int8: group multipliers; NULL otherwise */
+    const float *bias;      /* [rows] or NULL */
+    int64_t fmt, rows, cols;
+    int64_t split;          /* FP8: first row of the second separately quantised part (rows: none) */
+    float out_scale;
+    int32_t pad_;
+} Mat;
+
 typedef struct {
     /* sizes */
     int64_t B, D, q_lora, rank, R, H, nope, v, Hi, Di, topk;
-    int64_t n_in, n_q;     /* rows of w_in and w_q */
+    int64_t n_in, n_q;     /* rows of the `in` and `q` products (sum over their matrices) */
     int64_t has_indexer, dsa, rope_interleave, idx_rope_interleave;
     float in_eps, q_eps, kv_eps, idx_ln_eps, ffn_eps, softmax_scale;
-    /* attention weights (packed ones with norms and scales folded in) */
-    const float *w_in, *b_in, *w_q, *kv_norm_w, *w_uk, *w_uv_t, *o_w, *o_b, *idx_ln_w, *idx_ln_b;
-    /* feed-forward: ffn_in = [router; shared gate; shared up] (MoE) or [gate; up] (dense) */
-    const float *ffn_in, *post_norm_w, *down_w;
+    /* attention weights */
+    Mat in[4], q[2], kv_b, o;
+    int64_t n_in_mats, n_q_mats;
+    const float *in_norm_w, *q_norm_w, *kv_norm_w, *idx_ln_w, *idx_ln_b;
+    /* feed-forward: ffn = [router; shared gate; shared up] (MoE) or [gate; up] (dense) */
+    Mat ffn[3], down;
+    int64_t n_ffn_mats;
+    const float *post_norm_w;
     int64_t ffn_inter;     /* dense intermediate, or the shared expert's (0: none) */
     int64_t is_moe, E, top_k, n_group, topk_group, Fe, norm_topk;
     float route_scale;
-    const float *e_bias, *gate_up, *down_e;   /* [E], [E, 2Fe, D], [E, D, Fe] */
+    const float *e_bias;
+    Mat gate_up, down_e;   /* the banks [E, 2Fe, D], [E, D, Fe], as expert 0 */
     /* per step */
     float *h;                           /* [B, D] residual stream, updated in place */
     const float *cos, *sin;             /* [P, R/2] */
@@ -44,6 +94,118 @@ typedef struct {
     int64_t *topk_idx;                  /* [B, topk]: written by indexer layers, read by shared ones */
     int64_t *topk_count;                /* [B]: keys selected (0: none, the row attends to all its keys) */
 } LayerArgs;
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* e4m3 code -> its value x 2^-8 (the same scaling as the SIMD conversion), for tails and the portable path */
+static float E4M3[256];
+__attribute__((constructor)) static void init_e4m3(void) {
+    for (int b = 0; b < 256; b++) {
+        int e = (b >> 3) & 15, m = b & 7;
+        float mag = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        E4M3[b] = ((b & 0x80) ? -mag : mag) * (1.0f / 256.0f);
+    }
+}
+static inline float bf16f(uint16_t u) {
+    uint32_t bits = (uint32_t)u << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* --- vectors of VW floats: loads that widen each format ------------------------------------------------- */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VW 16
+typedef __m512 VF;
+#define VZERO _mm512_setzero_ps()
+#define VSET1(s) _mm512_set1_ps(s)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VHSUM(a) _mm512_reduce_add_ps(a)
+#define VSTORE(p, a) _mm512_storeu_ps(p, a)
+#define LD_F32(p) _mm512_loadu_ps(p)
+#define LD_BF16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LD_FP8(p)                                                                                        \
+    _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p))), 7), \
+                                     _mm256_set1_epi16((short)0xBF80)))
+#define LD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VW 8
+typedef __m256 VF;
+#define VZERO _mm256_setzero_ps()
+#define VSET1(s) _mm256_set1_ps(s)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+static inline float VHSUM(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define VSTORE(p, a) _mm256_storeu_ps(p, a)
+#define LD_F32(p) _mm256_loadu_ps(p)
+#define LD_BF16(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LD_FP8(p)                                                                                   \
+    _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(p))), 7), \
+                                  _mm_set1_epi16((short)0xBF80)))
+#define LD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#else
+#define VW 1
+typedef float VF;
+#define VZERO 0.0f
+#define VSET1(s) (s)
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VADD(a, b) ((a) + (b))
+#define VMUL(a, b) ((a) * (b))
+#define VHSUM(a) (a)
+#define VSTORE(p, a) (*(p) = (a))
+#define LD_F32(p) (*(const float *)(p))
+#define LD_BF16(p) bf16f(*(const uint16_t *)(p))
+#define LD_FP8(p) E4M3[*(const uint8_t *)(p)]
+#define LD_I8(p) ((float)*(const int8_t *)(p))
+#endif
+/* scalar twins of the loads (tails) */
+#define SC_F32(p, i) (((const float *)(p))[i])
+#define SC_BF16(p, i) bf16f(((const uint16_t *)(p))[i])
+#define SC_FP8(p, i) E4M3[((const uint8_t *)(p))[i]]
+#define SC_I8(p, i) ((float)((const int8_t *)(p))[i])
+
+/* sum_i w[i] x[i] over n, w in one format (FP8: the e4m3 values x 2^-8) */
+#define DEF_DOT(name, T, LD, SC)                                                              \
+    static inline float name(const T *w, const float *x, int64_t n) {                        \
+        VF a0 = VZERO, a1 = VZERO;                                                            \
+        int64_t i = 0;                                                                        \
+        for (; i + 2 * VW <= n; i += 2 * VW) {                                                \
+            a0 = VFMA(LD(w + i), LD_F32(x + i), a0);                                          \
+            a1 = VFMA(LD(w + i + VW), LD_F32(x + i + VW), a1);                                \
+        }                                                                                     \
+        for (; i + VW <= n; i += VW) a0 = VFMA(LD(w + i), LD_F32(x + i), a0);                 \
+        float s = VHSUM(VADD(a0, a1));                                                        \
+        for (; i < n; i++) s += SC(w, i) * x[i];                                              \
+        return s;                                                                             \
+    }
+DEF_DOT(dot_bf16, uint16_t, LD_BF16, SC_BF16)
+DEF_DOT(dot_fp8, uint8_t, LD_FP8, SC_FP8)
+DEF_DOT(dot_i8, int8_t, LD_I8, SC_I8)
+#if VW > 1
+DEF_DOT(dot_f32v, float, LD_F32, SC_F32)
+#endif
+
+/* out[i] = w[i] * s (w widened from its format) */
+#define DEF_CVT(name, T, LD, SC)                                                              \
+    static inline void name(const T *w, float s, float *out, int64_t n) {                    \
+        int64_t i = 0;                                                                        \
+        VF sv = VSET1(s);                                                                     \
+        for (; i + VW <= n; i += VW) VSTORE(out + i, VMUL(LD(w + i), sv));                    \
+        for (; i < n; i++) out[i] = SC(w, i) * s;                                             \
+    }
+DEF_CVT(cvt_bf16, uint16_t, LD_BF16, SC_BF16)
+DEF_CVT(cvt_fp8, uint8_t, LD_FP8, SC_FP8)
+DEF_CVT(cvt_i8, int8_t, LD_I8, SC_I8)
 
 static float dot(const float *a, const float *b, int64_t n) {
     v8 acc0 = {0}, acc1 = {0};
@@ -66,19 +228,136 @@ static float dot(const float *a, const float *b, int64_t n) {
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
+#if VW > 1
+#define dot_f32 dot_f32v
+#else
+#define dot_f32 dot
+#endif
 
 static void axpy(float *y, float a, const float *x, int64_t n) {   /* y += a x */
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-/* Y[b, n] = W[n, :] . X[b, :] for all rows b: each weight row is read once for the whole batch. */
-static void linear(const float *W, int64_t N, int64_t K, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
-    for (int64_t n = 0; n < N; n++) {
-        const float *w = W + n * K;
-        for (int64_t b = 0; b < B; b++) Y[b * ldy + n] = dot(w, X + b * ldx, K);
+/* --- weight matrices in any format -------------------------------------------------------------------- */
+static inline size_t elem_size(int64_t fmt) { return fmt == FMT_F32 ? 4 : fmt == FMT_BF16 ? 2 : 1; }
+
+/* the scale row of matrix row r (FP8 blocks of 128 rows, restarting at `split`; int8 one row each) */
+static inline const float *scale_row(const Mat *m, int64_t r) {
+    if (m->fmt == FMT_FP8) {
+        int64_t sr = r < m->split ? r / FP8_BLOCK : cdiv(m->split, FP8_BLOCK) + (r - m->split) / FP8_BLOCK;
+        return m->scale + sr * cdiv(m->cols, FP8_BLOCK);
+    }
+    return m->scale + r * cdiv(m->cols, I8_GROUP);
+}
+
+/* expert e of a bank described by expert 0 (the banks are [E, rows, cols] with their scales stacked alike) */
+static Mat expert_mat(const Mat *bank, int64_t e) {
+    Mat m = *bank;
+    m.w = (const char *)bank->w + (size_t)(e * bank->rows * bank->cols) * elem_size(bank->fmt);
+    if (bank->fmt == FMT_FP8)
+        m.scale += e * (cdiv(bank->split, FP8_BLOCK) + cdiv(bank->rows - bank->split, FP8_BLOCK)) *
+                   cdiv(bank->cols, FP8_BLOCK);
+    else if (bank->fmt == FMT_I8)
+        m.scale += e * bank->rows * cdiv(bank->cols, I8_GROUP);
+    return m;
+}
+
+/* W[r, :] . x, without the out_scale and bias */
+static float row_dot(const Mat *m, int64_t r, const float *x) {
+    const int64_t K = m->cols;
+    switch (m->fmt) {
+        case FMT_F32: return dot_f32((const float *)m->w + r * K, x, K);
+        case FMT_BF16: return dot_bf16((const uint16_t *)m->w + r * K, x, K);
+        case FMT_FP8: {
+            const uint8_t *q = (const uint8_t *)m->w + r * K;
+            const float *s = scale_row(m, r);
+            float acc = 0.0f;
+            for (int64_t j = 0, kb = 0; j < K; j += FP8_BLOCK, kb++) {
+                int64_t n = K - j < FP8_BLOCK ? K - j : FP8_BLOCK;
+                acc += (s[kb] * 256.0f) * dot_fp8(q + j, x + j, n);
+            }
+            return acc;
+        }
+        default: {
+            const int8_t *q = (const int8_t *)m->w + r * K;
+            const float *s = scale_row(m, r);
+            float acc = 0.0f;
+            for (int64_t j = 0, g = 0; j < K; j += I8_GROUP, g++) {
+                int64_t n = K - j < I8_GROUP ? K - j : I8_GROUP;
+                acc += s[g] * dot_i8(q + j, x + j, n);
+            }
+            return acc;
+        }
     }
 }
 
+/* out = W[r, :] as fp32 (the dequantised row: code x its scale, one rounding, as glm5.checkpoint.fp8.dequantize) */
+static void row_get(const Mat *m, int64_t r, float *out) {
+    const int64_t K = m->cols;
+    switch (m->fmt) {
+        case FMT_F32: memcpy(out, (const float *)m->w + r * K, K * sizeof(float)); return;
+        case FMT_BF16: cvt_bf16((const uint16_t *)m->w + r * K, 1.0f, out, K); return;
+        case FMT_FP8: {
+            const uint8_t *q = (const uint8_t *)m->w + r * K;
+            const float *s = scale_row(m, r);
+            for (int64_t j = 0, kb = 0; j < K; j += FP8_BLOCK, kb++)
+                cvt_fp8(q + j, s[kb] * 256.0f, out + j, K - j < FP8_BLOCK ? K - j : FP8_BLOCK);
+            return;
+        }
+        default: {
+            const int8_t *q = (const int8_t *)m->w + r * K;
+            const float *s = scale_row(m, r);
+            for (int64_t j = 0, g = 0; j < K; j += I8_GROUP, g++)
+                cvt_i8(q + j, s[g], out + j, K - j < I8_GROUP ? K - j : I8_GROUP);
+            return;
+        }
+    }
+}
+
+/* y += a * W[r, :] */
+static void row_axpy(const Mat *m, int64_t r, float a, float *y, float *tmp) {
+    if (m->fmt == FMT_F32) {
+        axpy(y, a, (const float *)m->w + r * m->cols, m->cols);
+        return;
+    }
+    row_get(m, r, tmp);
+    axpy(y, a, tmp, m->cols);
+}
+
+#define ROW_TMP 16384  /* widest row the several-inputs path widens on the stack (wider: one dot per input) */
+
+/* Y[b, off + i] = out_scale * (W[i, :] . X[b, :]) + bias[i] for the rows i of n_mats matrices stacked (their outputs
+   side by side from column 0 of Y). Each weight row is read once for all B inputs; rows are split over threads. */
+static void linear_cat(const Mat *mats, int64_t n_mats, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
+    int64_t start[5] = {0}, total = 0, work = 0;
+    for (int64_t k = 0; k < n_mats; k++) {
+        start[k] = total;
+        total += mats[k].rows;
+        work += mats[k].rows * mats[k].cols;
+    }
+    start[n_mats] = total;
+    #pragma omp parallel for schedule(static) if (work * B >= (1 << 16))
+    for (int64_t g = 0; g < total; g++) {
+        int64_t k = 0;
+        while (g >= start[k + 1]) k++;
+        const Mat *m = mats + k;
+        const int64_t r = g - start[k];
+        const float add = m->bias ? m->bias[r] : 0.0f;
+        if (B == 1) {
+            Y[g] = m->out_scale * row_dot(m, r, X) + add;
+        } else if (m->fmt == FMT_F32 || m->cols > ROW_TMP) {
+            for (int64_t b = 0; b < B; b++) Y[b * ldy + g] = m->out_scale * row_dot(m, r, X + b * ldx) + add;
+        } else {
+            float tmp[ROW_TMP];
+            row_get(m, r, tmp);
+            for (int64_t b = 0; b < B; b++) Y[b * ldy + g] = m->out_scale * dot_f32(tmp, X + b * ldx, m->cols) + add;
+        }
+    }
+}
+
+static void linear(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
+    linear_cat(m, 1, X, ldx, B, Y, ldy);
+}
 static float rms_factor(const float *x, int64_t n, float eps) {
     return 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
 }
@@ -242,11 +521,9 @@ static inline __attribute__((always_inline)) int attend_row(
         const float *lat = a->kv_store + slots[keys[j]] * W;
         for (int64_t hh = 0; hh < H; hh++) axpy(o_lat + hh * rank, att[hh * nk + j], lat, rank);
     }
-    for (int64_t hh = 0; hh < H; hh++) {  /* o_h = o_lat_h W_UV^T */
-        float *oh = o_row + hh * a->v;
-        memset(oh, 0, a->v * sizeof(float));
-        for (int64_t i = 0; i < rank; i++) axpy(oh, o_lat[hh * rank + i], a->w_uv_t + (hh * rank + i) * a->v, a->v);
-    }
+    for (int64_t hh = 0; hh < H; hh++)  /* o_h = o_lat_h W_UV^T: W_UV_h is rows nope.. of head h's kv_b rows */
+        for (int64_t i = 0; i < a->v; i++)
+            o_row[hh * a->v + i] = row_dot(&a->kv_b, hh * (a->nope + a->v) + a->nope + i, o_lat + hh * rank);
     return 0;
 }
 
@@ -265,25 +542,31 @@ static int attention(const LayerArgs *a) {
     float *scores = malloc(sizeof(float) * keys_cap), *att = malloc(sizeof(float) * H * sel_cap);
     float *q_lat = malloc(sizeof(float) * H * W), *o_lat = malloc(sizeof(float) * H * rank);
     float *idx_q = malloc(sizeof(float) * (Hi * Di + 1)), *scratch = malloc(sizeof(float) * (W + Di + 512));
-    float *r = malloc(sizeof(float) * B);
+    float *xn = malloc(sizeof(float) * B * D), *cq = malloc(sizeof(float) * B * q_lora);
+    float *tmp = malloc(sizeof(float) * (rank + 16));
     int64_t *all_keys = malloc(sizeof(int64_t) * sel_cap);
-    if (!proj || !qq || !o || !out || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !r || !all_keys)
+    if (!proj || !qq || !o || !out || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !xn || !cq ||
+        !tmp || !all_keys)
         goto done;
 
-    /* projections of the layer input: [c_q | kv | indexer k | indexer head weights], then the query latent's */
-    linear(a->w_in, a->n_in, D, a->h, D, B, proj, a->n_in);
+    /* projections of the normed layer input: [c_q | kv | indexer k | indexer head weights], then the normed query
+       latent's [q | indexer q] */
     for (int64_t b = 0; b < B; b++) {
-        float f = rms_factor(a->h + b * D, D, a->in_eps);
-        float *p = proj + b * a->n_in;
-        for (int64_t i = 0; i < a->n_in; i++) p[i] = p[i] * f + (a->b_in ? a->b_in[i] : 0.0f);
-        r[b] = rms_factor(p, q_lora, a->q_eps);
+        const float *x = a->h + b * D;
+        float f = rms_factor(x, D, a->in_eps);
+        for (int64_t i = 0; i < D; i++) xn[b * D + i] = x[i] * f * a->in_norm_w[i];
     }
-    linear(a->w_q, a->n_q, q_lora, proj, a->n_in, B, qq, a->n_q);
+    linear_cat(a->in, a->n_in_mats, xn, D, B, proj, a->n_in);
+    for (int64_t b = 0; b < B; b++) {
+        const float *p = proj + b * a->n_in;
+        float f = rms_factor(p, q_lora, a->q_eps);
+        for (int64_t i = 0; i < q_lora; i++) cq[b * q_lora + i] = p[i] * f * a->q_norm_w[i];
+    }
+    linear_cat(a->q, a->n_q_mats, cq, q_lora, B, qq, a->n_q);
 
     for (int64_t b = 0; b < B; b++) {
         const float *p = proj + b * a->n_in, *cs = a->cos + b * a->rope_stride, *sn = a->sin + b * a->rope_stride;
-        float *q = qq + b * a->n_q;
-        for (int64_t i = 0; i < a->n_q; i++) q[i] *= r[b];
+        const float *q = qq + b * a->n_q;
         /* the new latent entry [rmsnorm(c_kv) ; rope(k_pe)] and indexer key, written to the cache */
         float *kv_new = a->kv_store + a->write_slot[b] * W;
         float f = rms_factor(p + q_lora, rank, a->kv_eps);
@@ -304,30 +587,32 @@ static int attention(const LayerArgs *a) {
             memcpy(idx_q, q + H * qk, Hi * Di * sizeof(float));
             for (int64_t j = 0; j < Hi; j++) rope(idx_q + j * Di, cs, sn, R, a->idx_rope_interleave, 1.0f, scratch);
         }
-        /* absorbed query per head: [q_nope W_UK (softmax scale folded) ; rope(q_pe) * scale] */
+        /* absorbed query per head: [q_nope W_UK ; rope(q_pe)] x softmax scale (W_UK_h: rows 0..nope of head h's
+           kv_b rows) */
         for (int64_t hh = 0; hh < H; hh++) {
             float *ql = q_lat + hh * W;
-            const float *qn = q + hh * qk, *wuk = a->w_uk + hh * nope * rank;
+            const float *qn = q + hh * qk;
             memset(ql, 0, rank * sizeof(float));
-            for (int64_t n = 0; n < nope; n++) axpy(ql, qn[n], wuk + n * rank, rank);
+            for (int64_t n = 0; n < nope; n++) row_axpy(&a->kv_b, hh * (nope + a->v) + n, qn[n], ql, tmp);
+            for (int64_t i = 0; i < rank; i++) ql[i] *= a->softmax_scale;
             memcpy(ql + rank, qn + nope, R * sizeof(float));
             rope(ql + rank, cs, sn, R, a->rope_interleave, a->softmax_scale, scratch);
         }
         rc = attend_row(a, b, q_lat, idx_q, idx_w, scores, att, all_keys, o_lat, o + b * H * a->v);
         if (rc) goto done;
     }
-    linear(a->o_w, D, H * a->v, o, H * a->v, B, out, D);
+    linear(&a->o, o, H * a->v, B, out, D);
     for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < D; i++) a->h[b * D + i] += out[b * D + i] + (a->o_b ? a->o_b[i] : 0.0f);
+        for (int64_t i = 0; i < D; i++) a->h[b * D + i] += out[b * D + i];
     rc = 0;
 done:
     free(proj); free(qq); free(o); free(out); free(scores); free(att);
-    free(q_lat); free(o_lat); free(idx_q); free(scratch); free(r); free(all_keys);
+    free(q_lat); free(o_lat); free(idx_q); free(scratch); free(xn); free(cq); free(tmp); free(all_keys);
     return rc;
 }
 
 /* h += FFN(post_attention_layernorm(h)) for every row: the router and the routed experts, the shared expert (or
-   the dense MLP). ffn_in = [router; shared gate; shared up] (MoE) or [gate; up] (dense), norm folded in. */
+   the dense MLP). ffn = [router; shared gate; shared up] (MoE) or [gate; up] (dense), read by the normed row. */
 static int feed_forward(const LayerArgs *a) {
     const int64_t B = a->B, D = a->D, F = a->ffn_inter, Fe = a->Fe, K = a->is_moe ? a->top_k : 0;
     const int64_t n_ffn = a->is_moe ? a->E + 2 * F : 2 * F;
@@ -339,18 +624,20 @@ static int feed_forward(const LayerArgs *a) {
     int64_t *ids = malloc(sizeof(int64_t) * (B * K + 1)), *rows = malloc(sizeof(int64_t) * (B * K + 1));
     if (!m || !y || !act || !wts || !xn || !xe || !ye || !gu || !ids || !rows) goto done;
 
-    linear(a->ffn_in, n_ffn, D, a->h, D, B, m, n_ffn);
     for (int64_t b = 0; b < B; b++) {
-        float f = rms_factor(a->h + b * D, D, a->ffn_eps);
-        float *mb = m + b * n_ffn, *x = a->h + b * D;
-        for (int64_t i = 0; i < n_ffn; i++) mb[i] *= f;
+        const float *x = a->h + b * D;
+        float f = rms_factor(x, D, a->ffn_eps);
+        for (int64_t i = 0; i < D; i++) xn[b * D + i] = x[i] * f * a->post_norm_w[i];
+    }
+    linear_cat(a->ffn, a->n_ffn_mats, xn, D, B, m, n_ffn);
+    for (int64_t b = 0; b < B; b++) {
+        float *mb = m + b * n_ffn;
         memset(y + b * D, 0, D * sizeof(float));
         const float *gate_up = mb;  /* the shared expert's (or dense MLP's) gate and up */
         if (a->is_moe) {
             float sc[256], choice[256];
             for (int64_t e = 0; e < a->E; e++) sc[e] = 1.0f / (1.0f + expf(-mb[e]));
             route(a, sc, ids + b * K, wts + b * K, choice);
-            for (int64_t i = 0; i < D; i++) xn[b * D + i] = x[i] * f * a->post_norm_w[i];  /* what experts read */
             gate_up = mb + a->E;
         }
         for (int64_t i = 0; i < F; i++) act[b * F + i] = silu(gate_up[i]) * gate_up[F + i];
@@ -366,14 +653,15 @@ static int feed_forward(const LayerArgs *a) {
                 n++;
             }
         if (n == 0) continue;
-        linear(a->gate_up + e * 2 * Fe * D, 2 * Fe, D, xe, D, n, gu, 2 * Fe);
+        Mat gate_up = expert_mat(&a->gate_up, e), down = expert_mat(&a->down_e, e);
+        linear(&gate_up, xe, D, n, gu, 2 * Fe);
         for (int64_t i = 0; i < n; i++)
             for (int64_t c = 0; c < Fe; c++) gu[i * 2 * Fe + c] = silu(gu[i * 2 * Fe + c]) * gu[i * 2 * Fe + Fe + c];
-        linear(a->down_e + e * D * Fe, D, Fe, gu, 2 * Fe, n, ye, D);
+        linear(&down, gu, 2 * Fe, n, ye, D);
         for (int64_t i = 0; i < n; i++) axpy(y + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
     }
     if (F > 0) {  /* the shared expert's / dense MLP's down projection, for all rows at once (into m, now free) */
-        linear(a->down_w, D, F, act, F, B, m, D);
+        linear(&a->down, act, F, B, m, D);
         for (int64_t b = 0; b < B; b++) axpy(y + b * D, 1.0f, m + b * D, D);
     }
     for (int64_t b = 0; b < B; b++) axpy(a->h + b * D, 1.0f, y + b * D, D);
@@ -383,15 +671,22 @@ done:
     return rc;
 }
 
-/* The argument struct's size as this compiler lays it out: the loader refuses the library unless it equals the
-   ctypes mirror's (glm5/kernels/native.py LayerArgs), so the two declarations cannot drift apart silently. */
+/* The structs' sizes as this compiler lays them out: the loader refuses the library unless they equal the ctypes
+   mirrors' (glm5/kernels/native.py LayerArgs, Mat), so the declarations cannot drift apart silently. */
 int64_t glm5_layer_args_size(void) { return (int64_t)sizeof(LayerArgs); }
+int64_t glm5_mat_size(void) { return (int64_t)sizeof(Mat); }
+
+/* The SIMD path this build runs ("avx512", "avx2" or "portable"). */
+const char *glm5_isa(void) { return GLM5_ISA; }
 
 int glm5_decode_layer(const LayerArgs *a) {
     if (a->E > 256 || a->n_group > 64 || a->top_k > 256) return 2;
     int rc = attention(a);
     return rc ? rc : feed_forward(a);
 }
+
+/* Y [B, rows] = X [B, cols] W^T x out_scale + bias (lm_head, eh_proj: any format, rows over threads). */
+void glm5_linear(const Mat *m, const float *X, int64_t B, float *Y) { linear(m, X, m->cols, B, Y, m->rows); }
 
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (the final and the MTP norms). */
 void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out) {

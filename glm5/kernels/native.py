@@ -45,6 +45,22 @@ def compile_flags() -> list[str]:
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
+FORMATS = {"fp32": 0, "bf16": 1, "fp8": 2, "int8": 3}
+"""Weight formats of a `Mat` (the C enum): fp32, bf16 bits, block-FP8 e4m3 with 128x128 scales, int8 with one
+scale per group of 32 inputs."""
+
+
+class Mat(ctypes.Structure):
+    """Mirror of the C `Mat`: one weight matrix as the model stores it (see decode_layer.c's contract)."""
+
+    _fields_ = [
+        *[(n, _ptr) for n in "w scale bias".split()],
+        *[(n, _i64) for n in "fmt rows cols split".split()],
+        ("out_scale", _f32),
+        ("pad_", ctypes.c_int32),
+    ]
+
+
 class LayerArgs(ctypes.Structure):
     """Mirror of the C `LayerArgs` (same field order and types)."""
 
@@ -52,11 +68,22 @@ class LayerArgs(ctypes.Structure):
         *[(n, _i64) for n in "B D q_lora rank R H nope v Hi Di topk n_in n_q".split()],
         *[(n, _i64) for n in "has_indexer dsa rope_interleave idx_rope_interleave".split()],
         *[(n, _f32) for n in "in_eps q_eps kv_eps idx_ln_eps ffn_eps softmax_scale".split()],
-        *[(n, _ptr) for n in "w_in b_in w_q kv_norm_w w_uk w_uv_t o_w o_b idx_ln_w idx_ln_b".split()],
-        *[(n, _ptr) for n in "ffn_in post_norm_w down_w".split()],
+        ("in_", Mat * 4),
+        ("q", Mat * 2),
+        ("kv_b", Mat),
+        ("o", Mat),
+        *[(n, _i64) for n in "n_in_mats n_q_mats".split()],
+        *[(n, _ptr) for n in "in_norm_w q_norm_w kv_norm_w idx_ln_w idx_ln_b".split()],
+        ("ffn", Mat * 3),
+        ("down", Mat),
+        ("n_ffn_mats", _i64),
+        ("post_norm_w", _ptr),
         *[(n, _i64) for n in "ffn_inter is_moe E top_k n_group topk_group Fe norm_topk".split()],
         ("route_scale", _f32),
-        *[(n, _ptr) for n in "e_bias gate_up down_e h cos sin".split()],
+        ("e_bias", _ptr),
+        ("gate_up", Mat),
+        ("down_e", Mat),
+        *[(n, _ptr) for n in "h cos sin".split()],
         ("rope_stride", _i64),
         *[(n, _ptr) for n in "kv_store idx_store write_slot gather".split()],
         ("gather_stride", _i64),
@@ -146,19 +173,27 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return None
-    lib.glm5_layer_args_size.argtypes = []
-    lib.glm5_layer_args_size.restype = _i64
-    c_size, py_size = lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)
-    if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
-        _error = (
-            f"{SOURCE.name}'s LayerArgs is {c_size} bytes but native.LayerArgs is {py_size}: the two "
-            "declarations differ; the native kernel is off (torch back end)"
-        )
-        return None
+    for fn in ("glm5_layer_args_size", "glm5_mat_size"):
+        getattr(lib, fn).argtypes = []
+        getattr(lib, fn).restype = _i64
+    for name, c_size, py_size in (
+        ("LayerArgs", lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)),
+        ("Mat", lib.glm5_mat_size(), ctypes.sizeof(Mat)),
+    ):
+        if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
+            _error = (
+                f"{SOURCE.name}'s {name} is {c_size} bytes but native.{name} is {py_size}: the two "
+                "declarations differ; the native kernel is off (torch back end)"
+            )
+            return None
     lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     lib.glm5_decode_layer.restype = ctypes.c_int
     lib.glm5_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
     lib.glm5_rms_norm.restype = None
+    lib.glm5_linear.argtypes = [ctypes.POINTER(Mat), _ptr, _i64, _ptr]
+    lib.glm5_linear.restype = None
+    lib.glm5_isa.argtypes = []
+    lib.glm5_isa.restype = ctypes.c_char_p
     _lib = lib
     return lib
 
@@ -166,3 +201,21 @@ def _load() -> ctypes.CDLL | None:
 def load_error() -> str | None:
     """Why `load()` returned None (None if it has not been called or succeeded)."""
     return _error
+
+
+def isa() -> str | None:
+    """The SIMD path of the loaded kernel: "avx512", "avx2" or "portable" (None: no kernel)."""
+    lib = load()
+    return None if lib is None else lib.glm5_isa().decode()
+
+
+def describe() -> str:
+    """One line for `glm5 info --hardware` and engine start: the kernel's build target, SIMD path and formats,
+    or why it is off."""
+    lib = load()
+    if lib is None:
+        return f"native decode kernel: off ({load_error()}); the fused step runs as torch ops"
+    return (
+        f"native decode kernel: {isa()} SIMD (-march={march()}), weights {'/'.join(FORMATS)} read as stored, "
+        f"fp32 accumulation"
+    )

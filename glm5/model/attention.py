@@ -1,6 +1,6 @@
 """MLA attention with DeepSeek Sparse Attention: the lightning indexer, top-k selection and three attention paths.
 
-Paths (MODEL_SPEC §3, §5):
+Paths (docs/model.md § Attention paths):
 - expanded dense: per-head K/V from the latent, causal SDPA. Used when every key is selected (S <= index_topk,
   where DSA is exactly dense attention) or when DSA is switched off (the indexer warm-up stage).
 - absorbed sparse (the default above index_topk): W_UK is folded into the query, so every head attends over
@@ -93,7 +93,7 @@ class Indexer(nn.Module):
 
     def scores_at(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Scores at chosen keys only: idx [B,C,K] -> [B,C,K] fp32 (O(C*K) work)."""
-        k_sel = _gather_rows(k, idx).float()  # [B,C,K,Di]
+        k_sel = _gather_rows(k.float(), idx)  # [B,C,K,Di] (cast S rows, not C*K: the same values)
         s = torch.matmul(q.float(), k_sel.transpose(-1, -2)) * self.scale  # [B,C,Hi,K]
         return torch.matmul(w.unsqueeze(-2), F.relu(s)).squeeze(-2)
 
@@ -102,7 +102,7 @@ class Indexer(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, pos: Positions, chunk: int | None
     ) -> torch.Tensor:
         """Causal top-k keys per query: [B,T,K] with K = min(index_topk, S). Rows with fewer than K visible keys
-        also return some future keys; attention masks them out again (MODEL_SPEC §16.6). Exactly equal scores
+        also return some future keys; attention masks them again (docs/model.md § Top-k selection). Exactly equal scores
         (in practice only toy configs with a few indexer heads, where every ReLU can be 0) are broken
         arbitrarily, as torch.topk and the reference do.
 
@@ -258,6 +258,11 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg) if has_indexer else None
 
     # --- pieces ----------------------------------------------------------------------------------
+    def absorbed_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj for the weight-absorbed form: (W_UK [H, nope, r], W_UV [H, v, r]), views of its (dequantised)
+        weight. Public for the fused decode step (glm5/engine/fused.py)."""
+        return self._kv_b()
+
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as W_UK [H, nope, r] and W_UV [H, v, r] (rows per head: 192 k_nope then 256 v)."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
@@ -317,7 +322,7 @@ class MLAttention(nn.Module):
 
         idx_q = idx_k = idx_w = None
         if self.indexer is not None:
-            # The indexer sees detached inputs: it is trained only by its own loss (DSA recipe, MODEL_SPEC §10).
+            # The indexer sees detached inputs: it is trained only by its own loss (docs/model.md § Training stages).
             with torch.set_grad_enabled(want_stats and torch.is_grad_enabled()):
                 idx_q, idx_k, idx_w = self.indexer.project(x.detach(), c_q.detach(), cos, sin)
         if cache is not None:
@@ -386,6 +391,7 @@ class MLAttention(nn.Module):
         width = S if topk_idx is None else topk_idx.shape[-1]
         step = _chunk_len(T, width * (self.num_heads + idx_q.shape[2]), opts.query_chunk)
         total = q_lat.new_zeros((), dtype=torch.float32)
+        kv_lat32 = kv_lat.float()  # cast once (under bf16 autocast), not per gathered key
         for s0 in range(0, T, step):
             s1 = min(s0 + step, T)
             pos = q_pos[:, s0:s1]  # [P,C]
@@ -395,9 +401,9 @@ class MLAttention(nn.Module):
                     visible = (torch.arange(S, device=pos.device).view(1, 1, -1) <= pos[..., None]).expand(
                         B, -1, -1
                     )
-                    scores = _scores_vs_shared_keys(q_c, kv_lat.float()) * self.scale
+                    scores = _scores_vs_shared_keys(q_c, kv_lat32) * self.scale
                 else:
-                    keys = _gather_rows(kv_lat, topk_idx[:, s0:s1]).float()  # [B,C,K,Dc]
+                    keys = _gather_rows(kv_lat32, topk_idx[:, s0:s1])  # [B,C,K,Dc]
                     visible = topk_idx[:, s0:s1] <= pos[..., None]
                     scores = torch.matmul(q_c, keys.transpose(-1, -2)) * self.scale
                 scores = scores.masked_fill(~visible[:, :, None], float("-inf"))

@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5.checkpoint import pretrained
+from glm5.checkpoint.hf import from_hf_state_dict, to_hf_state_dict
 from glm5.config import GLM5Config
 from glm5.model.attention import AttentionOptions, MLAttention, Positions
 from glm5.model.cache import LatentCache
+from glm5.model.fp8 import quantize_model
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
 from glm5.model.moe import MoE, RouterStats
 
@@ -257,8 +260,6 @@ class GLM5ForCausalLM(nn.Module):
     # --- checkpoints (names and files live in glm5.checkpoint) --------------------------------------
     def hf_state_dict(self, fused_experts: bool = False) -> dict[str, torch.Tensor]:
         """This model's weights under the published HF names (per-expert keys unless fused_experts)."""
-        from glm5.checkpoint.hf import to_hf_state_dict
-
         return to_hf_state_dict(self.state_dict(), self.config, fused_experts=fused_experts)
 
     @classmethod
@@ -272,27 +273,21 @@ class GLM5ForCausalLM(nn.Module):
         """Load a checkpoint folder (config.json + safetensors shards, BF16 or block-FP8), streaming.
 
         dtype: of the weights (default: config.json's); routers stay fp32. fp8: "dequantize" (e4m3 weights
-        become `dtype`) or "keep" (e4m3 weights stay in memory, about half the bytes; see glm5.quant).
+        become `dtype`) or "keep" (e4m3 weights stay in memory, about half the bytes; see glm5.model.fp8).
         Raises glm5.checkpoint.files.CheckpointError (a ValueError) naming the file and tensor on bad input.
         """
-        from glm5.checkpoint.pretrained import load_pretrained
-
-        prepare = None
-        if fp8 == "keep":
-            from glm5.quant import quantize_model as prepare
-        return load_pretrained(path, cls, dtype=dtype, device=device, fp8=fp8, prepare=prepare)
+        prepare = quantize_model if fp8 == "keep" else None
+        return pretrained.load_pretrained(path, cls, dtype=dtype, device=device, fp8=fp8, prepare=prepare)
 
     def save_pretrained(self, path: str, fp8: bool = False, max_shard_size: int | str = "5GB") -> None:
         """Write config.json and size-limited safetensors shards in the published layout (atomically);
         fp8=True writes GLM-5-FP8's block-FP8 split and quantization_config."""
-        from glm5.checkpoint.pretrained import save_pretrained
-
-        save_pretrained(self.state_dict(), self.config, path, fp8=fp8, max_shard_size=max_shard_size)
+        pretrained.save_pretrained(
+            self.state_dict(), self.config, path, fp8=fp8, max_shard_size=max_shard_size
+        )
 
     def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load weights named as in the HF checkpoint (per-expert or fused `gate_up_proj` experts)."""
-        from glm5.checkpoint.hf import from_hf_state_dict
-
         sd = from_hf_state_dict(hf_sd, self.config, strict=strict)
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("rotary.")]

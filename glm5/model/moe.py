@@ -15,7 +15,7 @@ from glm5.model.layers import MLP
 
 @dataclass
 class RouterStats:
-    """What training needs from one MoE layer's router (MODEL_SPEC §7)."""
+    """What training needs from one MoE layer's router (docs/model.md § Router)."""
 
     scores: torch.Tensor
     """[N, E] fp32 sigmoid scores, with grad (for a sequence-wise balance loss)."""

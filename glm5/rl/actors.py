@@ -1,4 +1,4 @@
-"""Thin Ray actor wrappers around the plain classes (RL.md A.2), and the driver-side proxies that let the same
+"""Thin Ray actor wrappers of the plain classes (docs/rl.md § Ray actors), and the driver-side proxies that let the same
 `run_loop` drive them.
 
     DataBuffer      -> a threaded actor (num_cpus=0): leases, completions and a blocking get_batch at once

@@ -1,5 +1,5 @@
 """`DataBuffer`: the prompt cursor, leases, the completed-group queue, staleness admission and consumption,
-and a checkpointable state (RL.md A.1, A.4).
+and a checkpointable state (docs/rl.md § The data buffer).
 
 Every prompt group (one prompt, one epoch) is *leased* to a rollout worker and ends in exactly one terminal
 state: trained or filtered (with a reason). A lease that does not finish is requeued (its partial samples
@@ -128,7 +128,7 @@ class DataBuffer:
 
     # --- admission -------------------------------------------------------------------------------
     def capacity(self) -> int:
-        """How many more groups may start now (RL.md A.4)."""
+        """How many more groups may start now (docs/rl.md § Admission and staleness)."""
         with self._cond:
             c = self.cfg
             running = len(self.leases)

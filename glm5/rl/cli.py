@@ -94,6 +94,7 @@ def run_rl(
     import torch
 
     from glm5.rl.controller import build_local, run_loop
+    from glm5.rl.posttrain import attach_reference
     from glm5.rl.recipes import build_task
     from glm5.rl.rollout import evaluate_policy
     from glm5.train.metrics import MetricsLog
@@ -104,6 +105,7 @@ def run_rl(
     task = build_task(recipe, init, log=console.print)  # loads --init: a failure here leaves no --out folder
     out.mkdir(parents=True, exist_ok=True)
     system = build_local(recipe, task, str(out))
+    attach_reference(system["trainer"], task["model"])  # a loss with a KL term: anchored to the initial policy
     if use_ray:
         from glm5.rl.actors import build_ray
 

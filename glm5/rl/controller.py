@@ -16,11 +16,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from glm5.engine.engine import EngineConfig, LLMEngine
 from glm5.eval.metrics import outcome_rates
-from glm5.rl.buffer import staleness_histogram
+from glm5.rl.buffer import DataBuffer, staleness_histogram
+from glm5.rl.rollout import RolloutManager, pareto_delay
+from glm5.rl.trainer import RLTrainer
 from glm5.rl.types import Sample
+from glm5.rl.weight_sync import DiskTransport, ObjectStoreTransport, WeightTransport
+
+if TYPE_CHECKING:
+    from glm5.rl.recipes import RLRecipe
+
+
+@runtime_checkable
+class LoopBuffer(Protocol):
+    """What the loop asks of the data buffer: glm5.rl.buffer.DataBuffer, or BufferProxy over Ray."""
+
+    def batch_size(self) -> int: ...
+
+    def num_ready(self) -> int: ...
+
+    def get_batch(self, num_groups: int | None = None, timeout: float = 0.0) -> list[list[Sample]] | None: ...
+
+    def set_version(self, version: int) -> None: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class LoopRollout(Protocol):
+    """What the loop asks of generation: glm5.rl.rollout.RolloutManager, or WorkerPool over Ray."""
+
+    def sync_weights(self, transport: WeightTransport, version: int) -> None: ...
+
+    def run_until(self, done: Callable[[], bool], timeout: float = 600.0) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def check(self) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class LoopTrainer(Protocol):
+    """What the loop asks of the trainer: glm5.rl.trainer.RLTrainer, or TrainerProxy over Ray."""
+
+    def weights(self) -> Any:
+        """The current state dict (over Ray: an object-store reference to it)."""
+        ...
+
+    def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]: ...
 
 
 def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:
@@ -43,10 +93,10 @@ def batch_stats(groups: list[list[Sample]], version: int) -> dict[str, Any]:
 
 
 def run_loop(
-    buffer: Any,
-    rollout: Any,
-    trainer: Any,
-    transport: Any,
+    buffer: LoopBuffer,
+    rollout: LoopRollout,
+    trainer: LoopTrainer,
+    transport: WeightTransport,
     *,
     steps: int,
     overlap: bool,
@@ -59,9 +109,10 @@ def run_loop(
 ) -> list[dict[str, Any]]:
     """Train until the trainer reaches version `steps`; returns one metrics record per step.
 
-    `rollout` is a RolloutManager (or a pool/proxy with run_until, start, stop, check, sync_weights, metrics);
-    `on_step(record, batch)` sees every step (progress, logs, test assertions); `checkpoint(version)` is called
-    every `checkpoint_every` steps after the weights are synced and the buffer's version set.
+    The collaborators are whatever satisfies LoopBuffer, LoopRollout, LoopTrainer and WeightTransport: the
+    in-process objects (build_local) or their Ray proxies (glm5.rl.actors.build_ray). `on_step(record, batch)`
+    sees every step (progress, logs, test assertions); `checkpoint(version)` is called every
+    `checkpoint_every` steps after the weights are synced and the buffer's version set.
     """
     version = start_version
     batch_size = buffer.batch_size()
@@ -119,15 +170,9 @@ def run_loop(
     return records
 
 
-def build_local(recipe: Any, task: dict[str, Any], out: str | None = None) -> dict[str, Any]:
+def build_local(recipe: RLRecipe, task: dict[str, Any], out: str | None = None) -> dict[str, Any]:
     """The in-process system of a recipe (buffer, engine + rollout manager, trainer, weight transport) around
     the policy and prompts of `task` (glm5.rl.recipes.build_task)."""
-    from glm5.engine.engine import EngineConfig, LLMEngine
-    from glm5.rl.buffer import DataBuffer
-    from glm5.rl.rollout import RolloutManager, pareto_delay
-    from glm5.rl.trainer import RLTrainer
-    from glm5.rl.weight_sync import DiskTransport, ObjectStoreTransport
-
     buffer_cfg, rollout_cfg, trainer_cfg = recipe.configs()
     policy = task["model"]
     engine_model = type(policy)(policy.config)  # the engine holds its own copy, synced through the transport
@@ -151,7 +196,7 @@ def build_local(recipe: Any, task: dict[str, Any], out: str | None = None) -> di
     )
     trainer = RLTrainer(policy, trainer_cfg)
     if recipe.transport == "disk":
-        transport: Any = DiskTransport(f"{out or '.'}/weights")
+        transport: WeightTransport = DiskTransport(f"{out or '.'}/weights")
     else:
         transport = ObjectStoreTransport(use_ray=False)
     return {

@@ -3,7 +3,7 @@
 * Advantages from one scalar reward per rollout: GRPO (group mean, optional group std), REINFORCE++-baseline
   (group mean, then batch std), RLOO (leave-one-out mean); GAE for a later critic.
 * Policy loss: PPO-clip with asymmetric (eps_low, eps_high) and optional dual clip, or the GSPO sequence ratio.
-* Off-policy correction with three log-prob tensors (RL.md A.5, B 1.6): the behavior policy mu that sampled the
+* Off-policy correction (docs/rl.md § Off-policy correction), 3 log-probs: the behavior policy mu that sampled the
   tokens (the inference engine), the proximal policy pi_old (the trainer's recompute before the update) and the
   current pi_theta. ``decoupled`` multiplies the PPO-clip term (ratio pi_theta/pi_old) by an importance weight
   f(pi_old/mu) -- truncate (TIS), mask (MIS/icepop) or clip, at token, sequence or geometric level;
@@ -246,14 +246,18 @@ def importance_weights(
     return weights, changed & mask
 
 
-def _reduce(
+def aggregate(
     token_loss: Tensor,
     mask: Tensor,
     cfg: LossConfig,
-    num_rollouts: int | None,
-    num_tokens: int | None,
-    rollout_token_counts: Tensor | None,
+    num_rollouts: int | None = None,
+    num_tokens: int | None = None,
+    rollout_token_counts: Tensor | None = None,
 ) -> Tensor:
+    """The scalar loss from per-token losses over the masked tokens, by ``cfg.reduction``:
+    rollout_token_mean = sum_i (sum_t l_it / n_i) / N, token_sum_global = sum_it l_it / sum_i n_i and
+    constant = sum_it l_it / (N * C), with N = num_rollouts (default: this batch's rows), n_i = rollout i's
+    tokens (rollout_token_counts when a rollout spans several rows) and C = loss_constant (default T)."""
     masked = torch.where(mask > 0, token_loss * mask, 0.0)
     rollouts = num_rollouts if num_rollouts is not None else mask.shape[0]
     if cfg.reduction == "rollout_token_mean":
@@ -279,7 +283,73 @@ def _check_shapes(named: dict[str, Tensor | None], advantages: Tensor) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- the loss
+# ---------------------------------------------------------------------------- the loss, piece by piece
+def importance_ratio(current_logp: Tensor, old_logp: Tensor, mask: Tensor, sequence: bool = False) -> Tensor:
+    """r = pi_theta / pi_old per token = exp(logp - old_logp); sequence=True (GSPO): every token of a row gets
+    exp(mean over the row's masked tokens of the log-ratio). Padding may hold anything: its log-ratio is set
+    to 0 before exp, so no inf/NaN reaches the gradient."""
+    log_ratio = torch.where(mask > 0, current_logp - old_logp, 0.0)
+    if sequence:
+        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = seq.expand_as(log_ratio)
+    return log_ratio.exp()
+
+
+def clipped_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
+    """PPO-clip per token: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), and where the clipped term won."""
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def dual_clip(pg: Tensor, adv: Tensor, c: float | None) -> tuple[Tensor, Tensor]:
+    """Dual clip: for A < 0 the token loss is capped at -c A (c = None: off), and where the cap bit."""
+    if c is None:
+        return pg, torch.zeros_like(pg, dtype=torch.bool)
+    cap = -adv * c
+    capped = (adv < 0) & (pg > cap)
+    return torch.where(adv < 0, torch.minimum(pg, cap), pg), capped
+
+
+def off_policy_sequence_mask(
+    current_logp: Tensor, behavior_logp: Tensor, mask: Tensor, adv: Tensor, delta: float
+) -> Tensor:
+    """OPSM: the negative-advantage tokens of rows whose mean log(mu / pi_theta) over masked tokens exceeds
+    delta (those tokens are dropped from the loss)."""
+    seq_kl = masked_rowmean(torch.where(mask > 0, (behavior_logp - current_logp).detach(), 0.0), mask)
+    return (adv < 0) & (seq_kl > delta)
+
+
+def reference_kl(current_logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate (kl_penalty) with the padding log-probs zeroed first."""
+    valid = mask > 0
+    return kl_penalty(torch.where(valid, current_logp, 0.0), torch.where(valid, ref_logp, 0.0), estimator)
+
+
+def regularized(pg: Tensor, kl: Tensor, entropy: Tensor, kl_coef: float, entropy_coef: float) -> Tensor:
+    """Token loss = pg + kl_coef * KL - entropy_coef * H (a term only enters when its coefficient is > 0)."""
+    token_loss = pg
+    if kl_coef > 0:
+        token_loss = token_loss + kl_coef * kl
+    if entropy_coef > 0:
+        token_loss = token_loss - entropy_coef * entropy
+    return token_loss
+
+
+def _check_inputs(
+    named: dict[str, Tensor | None], advantages: Tensor, cfg: LossConfig, rollout_token_counts: Tensor | None
+) -> None:
+    _check_shapes(named, advantages)
+    current_logp = named["current_logp"]
+    assert current_logp is not None
+    if cfg.kl_coef > 0 and named["ref_logp"] is None:
+        raise ValueError("LossConfig.kl_coef > 0 needs ref_logp (the reference model's log-probs)")
+    if cfg.entropy_coef > 0 and named["entropy"] is None:
+        raise ValueError("LossConfig.entropy_coef > 0 needs entropy (the current policy's per-token entropy)")
+    if rollout_token_counts is not None and rollout_token_counts.shape != current_logp.shape[:1]:
+        raise ValueError(f"rollout_token_counts must have shape [B] = {tuple(current_logp.shape[:1])}")
+
+
 def policy_loss(
     current_logp: Tensor,
     proximal_logp: Tensor,
@@ -303,71 +373,45 @@ def policy_loss(
     each row belongs to; the rollout then counts once (pass num_rollouts = the number of distinct rollouts).
     Metrics are token means over this batch's masked tokens.
     """
-    _check_shapes(
-        {
-            "current_logp": current_logp,
-            "proximal_logp": proximal_logp,
-            "behavior_logp": behavior_logp,
-            "loss_mask": loss_mask,
-            "ref_logp": ref_logp,
-            "entropy": entropy,
-        },
-        advantages,
-    )
-    if cfg.kl_coef > 0 and ref_logp is None:
-        raise ValueError("LossConfig.kl_coef > 0 needs ref_logp (the reference model's log-probs)")
-    if cfg.entropy_coef > 0 and entropy is None:
-        raise ValueError("LossConfig.entropy_coef > 0 needs entropy (the current policy's per-token entropy)")
-    if rollout_token_counts is not None and rollout_token_counts.shape != current_logp.shape[:1]:
-        raise ValueError(f"rollout_token_counts must have shape [B] = {tuple(current_logp.shape[:1])}")
+    named = {
+        "current_logp": current_logp,
+        "proximal_logp": proximal_logp,
+        "behavior_logp": behavior_logp,
+        "loss_mask": loss_mask,
+        "ref_logp": ref_logp,
+        "entropy": entropy,
+    }
+    _check_inputs(named, advantages, cfg, rollout_token_counts)
     mask = loss_mask.to(current_logp.dtype)
-    valid = mask > 0
     adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).detach().to(current_logp.dtype)
     old = (behavior_logp if cfg.off_policy == "bypass" else proximal_logp).detach()
 
-    # Padding may hold anything: zero the log-ratio there before exp so no inf/NaN reaches the gradient.
-    log_ratio = torch.where(valid, current_logp - old, 0.0)
-    if cfg.policy_loss == "gspo":
-        seq = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-        log_ratio = seq.expand_as(log_ratio)
-    ratio = log_ratio.exp()
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - cfg.eps_clip_low, 1.0 + cfg.eps_clip_high)
-    pg = torch.maximum(pg1, pg2)
-    clipped = pg2 > pg1
-    dual = torch.zeros_like(clipped)
-    if cfg.dual_clip_c is not None:
-        cap = -adv * cfg.dual_clip_c
-        dual = (adv < 0) & (pg > cap)
-        pg = torch.where(adv < 0, torch.minimum(pg, cap), pg)
-
+    ratio = importance_ratio(current_logp, old, mask, sequence=cfg.policy_loss == "gspo")
+    pg, clipped = clipped_surrogate(ratio, adv, cfg.eps_clip_low, cfg.eps_clip_high)
+    pg, dual = dual_clip(pg, adv, cfg.dual_clip_c)
     if cfg.off_policy == "decoupled":
         weights, changed = importance_weights(proximal_logp, behavior_logp, loss_mask, cfg)
         pg = pg * weights
     else:
         weights, changed = torch.ones_like(pg), torch.zeros_like(clipped)
-
     opsm = torch.zeros_like(clipped)
     if cfg.opsm_delta is not None:
-        seq_kl = masked_rowmean(torch.where(valid, (behavior_logp - current_logp).detach(), 0.0), mask)
-        opsm = (adv < 0) & (seq_kl > cfg.opsm_delta)
+        opsm = off_policy_sequence_mask(current_logp, behavior_logp, mask, adv, cfg.opsm_delta)
         pg = torch.where(opsm, 0.0, pg)
-
-    token_loss = pg
-    kl = torch.zeros_like(pg)
-    if ref_logp is not None:
-        kl = kl_penalty(
-            torch.where(valid, current_logp, 0.0), torch.where(valid, ref_logp, 0.0), cfg.kl_estimator
-        )
-        if cfg.kl_coef > 0:
-            token_loss = token_loss + cfg.kl_coef * kl
+    kl = (
+        torch.zeros_like(pg)
+        if ref_logp is None
+        else reference_kl(current_logp, ref_logp, mask, cfg.kl_estimator)
+    )
     ent = entropy if entropy is not None else torch.zeros_like(pg)
-    if cfg.entropy_coef > 0:
-        token_loss = token_loss - cfg.entropy_coef * ent
+    token_loss = regularized(pg, kl, ent, cfg.kl_coef, cfg.entropy_coef)
 
-    reduce = lambda x: _reduce(x, mask, cfg, num_rollouts, num_tokens, rollout_token_counts)  # noqa: E731
+    def reduce(x: Tensor) -> Tensor:
+        return aggregate(x, mask, cfg, num_rollouts, num_tokens, rollout_token_counts)
+
     loss = reduce(token_loss)
     with torch.no_grad():
+        valid = mask > 0
         metrics = {
             "loss": loss.detach(),
             "pg_loss": reduce(pg.detach()),

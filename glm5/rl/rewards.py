@@ -94,6 +94,30 @@ def abstention_reward(reply: str, metadata: dict[str, Any]) -> float:
     return 1.0 if answers_match(reply, str(answer)) else -1.0
 
 
+def graded_abstention_reward(right: float = 1.0, abstain: float = 0.0, wrong: float = -1.0) -> RewardFn:
+    """The abstention-aware reward with its three values: `right` for a right answer (abstaining on an
+    unanswerable question included), `abstain` for "I don't know" on an answerable one, `wrong` for a wrong
+    answer (answering an unanswerable question included). Needs wrong < abstain < right: then a policy that
+    maximises it answers exactly when its chance p of being right exceeds (abstain - wrong) / (right - wrong)
+    (1/2 for +1/0/-1), so the abstention credit sets the confidence bar; the closer it is to `right`, the more
+    the policy declines (at abstain = right it never needs to answer)."""
+    if not wrong < abstain < right:
+        raise ValueError(
+            f"graded abstention reward needs wrong < abstain < right, got {wrong}, {abstain}, {right}"
+        )
+
+    def reward(reply: str, metadata: dict[str, Any]) -> float:
+        answer = metadata.get("answer")
+        if is_abstention(reply):
+            return right if answer is None else abstain
+        if answer is None:
+            return wrong
+        return right if answers_match(reply, str(answer)) else wrong
+
+    reward.__name__ = f"abstention_reward_{right:g}_{abstain:g}_{wrong:g}"
+    return reward
+
+
 def reasoning_gym_reward(reply: str, metadata: dict[str, Any]) -> float:
     """The reasoning-gym scorer of the dataset an item came from, when the metadata carries the item
     (``metadata["reasoning_gym_entry"]``: the dict ``reasoning_gym.create_dataset`` yields); else math_reward."""
@@ -111,6 +135,8 @@ REWARDS: dict[str, RewardFn] = {
     "abstain": abstention_reward,
     "tool": math_reward,  # calculator tasks: the final reply must state the exact result
     "reasoning_gym": reasoning_gym_reward,
+    "abstain-generous": graded_abstention_reward(1.0, 0.5, -1.0),
+    "abstain-harsh": graded_abstention_reward(1.0, 0.0, -2.0),
 }
 """Built-in rewards by name."""
 

@@ -1,6 +1,6 @@
 """`RolloutManager`: leases prompt groups from the `DataBuffer`, generates n samples per prompt on an
 `LLMEngine`, runs tool environments between turns, scores, filters zero-variance groups, and hands groups back;
-on weight updates it drains, aborts (partial rollouts) or updates in place (RL.md A.2-A.4).
+on weight updates it drains, aborts (partial rollouts) or updates in place (docs/rl.md § Rollouts).
 
 Token ids, the engine's per-token logprobs and per-token weight versions go straight into `Sample`s; text is
 decoded only for the reward and the environment. One manager drives one engine, either inline (`run_until`,
@@ -30,9 +30,11 @@ from typing import Any
 
 from glm5.engine.sampling import SamplingParams
 from glm5.rl.buffer import Lease
-from glm5.rl.types import ABORTED, COMPLETED, FAILED, PENDING, TRUNCATED, Sample, new_group
+from glm5.rl.types import Sample, SampleStatus, new_group
 
 UPDATE_MODES = ("drain", "abort", "in_place")
+FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
+"""A finished request's finish_reason -> the sample's status (anything else: FAILED)."""
 
 
 @dataclass
@@ -215,9 +217,9 @@ class RolloutManager:
         budget = self.cfg.max_new_tokens - sum(sample.loss_mask)
         room = self.engine.max_model_len - len(sample.tokens)
         if budget <= 0 or room <= 0:
-            sample.status = TRUNCATED
+            sample.status = SampleStatus.TRUNCATED
             return
-        sample.status = PENDING
+        sample.status = SampleStatus.PENDING
         self._ids += 1
         rid = f"{self.worker}:{sample.uid}:{self._ids}"
         seed = zlib.crc32(f"{self.cfg.seed}/{sample.uid}/{len(sample.tokens)}".encode())
@@ -263,7 +265,7 @@ class RolloutManager:
                     )
                     self._submit(req.lease_id, s)
                     continue
-            s.status = {"stop": COMPLETED, "length": TRUNCATED}.get(req.finish_reason, FAILED)
+            s.status = FINISH_STATUS.get(req.finish_reason, SampleStatus.FAILED)
         for lease_id in [i for i, (_, group) in self.groups.items() if all(s.done for s in group)]:
             lease, group = self.groups.pop(lease_id)
             replies = self._replies(group)
@@ -307,7 +309,9 @@ class RolloutManager:
             if reply is None:
                 rewards.append(None)  # scored before
             else:
-                rewards.append(float(self.reward_fn(reply, s.metadata)) if s.status != FAILED else 0.0)
+                rewards.append(
+                    float(self.reward_fn(reply, s.metadata)) if s.status != SampleStatus.FAILED else 0.0
+                )
         return rewards
 
     def _collect_scores(self) -> None:
@@ -361,7 +365,7 @@ class RolloutManager:
             for req in self.requests.values():
                 keep = req.visible(now)
                 req.sample.append(req.ids[:keep], req.logprobs[:keep], req.versions[:keep], trainable=True)
-                req.sample.status = ABORTED
+                req.sample.status = SampleStatus.ABORTED
             self.requests.clear()
             n = 0
             for lease_id, (future, _, group, _) in list(self.scoring.items()):

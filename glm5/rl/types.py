@@ -9,13 +9,33 @@ multi-turn episodes the environment's tokens between turns). Per response token 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-PENDING, COMPLETED, TRUNCATED, ABORTED, FAILED = "pending", "completed", "truncated", "aborted", "failed"
-STATUSES = (PENDING, COMPLETED, TRUNCATED, ABORTED, FAILED)
-"""pending: not started or still generating; completed: ended by a stop token (or the environment);
-truncated: hit max_new_tokens; aborted: cut by a weight update (a partial rollout, resumable); failed: error."""
+
+class SampleStatus(str, enum.Enum):
+    """Where a rollout stands. String-valued: a status compares equal to, prints as and serialises to its value
+    ("completed", ...), so checkpoints, JSON and logs read as plain strings."""
+
+    PENDING = "pending"
+    """Not started or still generating."""
+    COMPLETED = "completed"
+    """Ended by a stop token (or the environment)."""
+    TRUNCATED = "truncated"
+    """Hit max_new_tokens (or the engine's max_model_len)."""
+    ABORTED = "aborted"
+    """Cut by a weight update: a partial rollout, resumable."""
+    FAILED = "failed"
+    """The engine or the environment failed."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def done(self) -> bool:
+        """No more generation: completed, truncated or failed (an aborted rollout resumes)."""
+        return self in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED, SampleStatus.FAILED)
 
 
 @dataclass
@@ -42,12 +62,21 @@ class Sample:
     """Per response token: the weight version of the engine when it produced (or observed) the token."""
     reward: float | None = None
     """Scalar reward of the whole rollout (None until scored)."""
-    status: str = PENDING
-    """One of STATUSES."""
+    status: SampleStatus = SampleStatus.PENDING
+    """Where the rollout stands (a plain string such as "completed" is converted on construction)."""
     epoch: int = 0
     """Pass over the data this sample belongs to."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Task data for the reward (answer, kind, tools, ...) plus rollout notes (turn, attempts, aborts)."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.status = SampleStatus(self.status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in SampleStatus)
+            raise ValueError(
+                f"Sample {self.uid}: unknown status {self.status!r}; use one of {allowed}"
+            ) from None
 
     @property
     def response_len(self) -> int:
@@ -59,7 +88,7 @@ class Sample:
 
     @property
     def done(self) -> bool:
-        return self.status in (COMPLETED, TRUNCATED, FAILED)
+        return self.status.done
 
     def trained_versions(self) -> list[int]:
         """Versions of the tokens that carry loss (the ones staleness is about)."""
@@ -87,7 +116,7 @@ class Sample:
         """Drop the response (a restart from scratch: partial rollouts off)."""
         del self.tokens[self.prompt_len :]
         self.loss_mask, self.behavior_logprobs, self.token_versions = [], [], []
-        self.reward, self.status = None, PENDING
+        self.reward, self.status = None, SampleStatus.PENDING
         for key in ("turn", "reply"):  # episode notes of the dropped response (the tool budget starts over)
             self.metadata.pop(key, None)
 
@@ -96,10 +125,11 @@ class Sample:
         n = self.response_len
         assert len(self.loss_mask) == len(self.behavior_logprobs) == len(self.token_versions) == n, self.uid
         assert all(a <= b for a, b in zip(self.token_versions, self.token_versions[1:])), self.uid
-        assert self.status in STATUSES, self.status
+        assert isinstance(self.status, SampleStatus), self.status
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON-able values (the status as its string)."""
+        return dataclasses.asdict(self) | {"status": self.status.value}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sample:

@@ -1,4 +1,4 @@
-"""`WeightTransport`: how versioned policy weights travel from the trainer to the rollout engines (RL.md A.3).
+"""`WeightTransport`: how versioned weights travel from trainer to rollout engines (docs/rl.md § Weight transports).
 
 Three implementations behind one interface, `publish(state_dict, version)` on the trainer side and
 `fetch(version=None) -> (state_dict, version)` on the engine side (None = the newest):

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -102,16 +104,15 @@ def _error(
 class _Guard:
     """Outermost ASGI layer: counts answers per endpoint and status, checks the API key in constant time, refuses
     POST bodies that are not JSON (415) and bodies over the limit (by Content-Length, or while reading a chunked
-    body) with 413."""
+    body) with 413. The server's state is the application's (`scope["app"].state.server`)."""
 
-    def __init__(self, app: Any, state_ref: dict[str, ServerState]) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.state_ref = state_ref
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = self.state_ref["state"]
+        state: ServerState = scope["app"].state.server
         path = scope.get("path", "")
         endpoint = (
             path if path in _KNOWN_PATHS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
@@ -242,194 +243,196 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts[:5]) + more, param
 
 
-def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> FastAPI:
-    """The server's FastAPI app around a running engine (serve it with uvicorn)."""
-    config = config or ServerConfig()
-    state = ServerState(engine, config)
-    state_ref = {"state": state}
+# --- the server's state, lifespan and error handlers ------------------------------------------------------------
+async def server_state(request: Request) -> ServerState:
+    """The running server (`app.state.server`, set by create_app), as a route dependency."""
+    return request.app.state.server
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
-        yield
-        # uvicorn has drained (glm5.serve.server), stopped accepting and waited for open responses up to the
-        # graceful timeout; what is left was cancelled: give it a moment to release, then abort the rest
-        state.draining = True
-        try:
-            await asyncio.wait_for(state.idle.wait(), DRAIN_IDLE_WAIT_S)
-        except TimeoutError:
-            log.warning("shutting down with %d sequences still admitted: aborting them", state.num_pending)
-        await engine.shutdown()
 
-    app = FastAPI(
-        title="glm5 OpenAI-compatible server", version="1", lifespan=lifespan, responses=ERROR_RESPONSES
+State = Annotated[ServerState, Depends(server_state)]
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    # uvicorn has drained (glm5.serve.server), stopped accepting and waited for open responses up to the
+    # graceful timeout; what is left was cancelled: give it a moment to release, then abort the rest
+    state: ServerState = app.state.server
+    state.draining = True
+    try:
+        await asyncio.wait_for(state.idle.wait(), DRAIN_IDLE_WAIT_S)
+    except TimeoutError:
+        log.warning("shutting down with %d sequences still admitted: aborting them", state.num_pending)
+    await state.engine.shutdown()
+
+
+async def api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = _validation_message(exc)
+    return _error(400, message, param=param, code="invalid_value")
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def server_bug(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error")
+    return _error(500, f"internal server error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    APIError: api_error,
+    RequestValidationError: invalid_request,
+    StarletteHTTPException: http_error,
+    Exception: server_bug,
+}
+
+router = APIRouter()
+
+
+# --- generation ------------------------------------------------------------------------------------------------
+async def generate(
+    request: Request,
+    state: ServerState,
+    body: Any,
+    num_seqs: int,
+    what: str,
+    prepare: Any,
+    run: Any,
+    run_sse: Any,
+    param: str = "n",
+) -> Response:
+    """Admit the request's sequences, prepare it (render + tokenize) in a worker thread, then stream it (SSE) or
+    answer it whole; a client that disconnects is aborted."""
+    state.check_model(body.model)
+    state.check_num_seqs(num_seqs, what, param)
+    ticket = state.admit(num_seqs)
+    try:
+        prep = await run_in_threadpool(_prepare, prepare, state, body)
+    except BaseException:
+        ticket.release()
+        raise
+    if body.stream:
+        return _sse(run_sse(state, prep, ticket), ticket)
+    try:
+        result = await unless_disconnected(request, run(state, prep), state.config.disconnect_poll_s)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        ticket.release()
+    return JSONResponse(result)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State) -> Response:
+    return await generate(
+        request, state, body, body.n, f"n = {body.n}", chat.prepare_chat, chat.chat_completion, chat.chat_sse
     )
-    app.state.server = state
-    app.add_middleware(_Guard, state_ref=state_ref)
 
-    def st() -> ServerState:
-        return state_ref["state"]
 
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+@router.post("/v1/completions", response_model=None)
+async def completions_(body: CompletionRequest, request: Request, state: State) -> Response:
+    num_prompts = completions.num_prompts(body.prompt)
+    return await generate(
+        request,
+        state,
+        body,
+        num_prompts * body.n,
+        f"{num_prompts} prompts x n {body.n}",
+        completions.prepare_completion,
+        completions.completion,
+        completions.completion_sse,
+        param="n" if body.n > 1 else "prompt",
+    )
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return _error(400, message, param=param, code="invalid_value")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+# --- models, tokenizer, health, metrics --------------------------------------------------------------------------
+def _card(state: ServerState, model_id: str) -> ModelCard:
+    # `root` is the served name, never the checkpoint's filesystem path
+    return ModelCard(id=model_id, root=state.config.model_name, max_model_len=state.max_model_len)
 
-    @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return _error(500, f"internal server error: {type(exc).__name__}: {exc}", "internal_error")
 
-    # --- generation ------------------------------------------------------------------------------
-    async def generate(
-        request: Request,
-        body: Any,
-        num_seqs: int,
-        what: str,
-        prepare: Any,
-        run: Any,
-        run_sse: Any,
-        param: str = "n",
-    ) -> Response:
-        """Admit the request's sequences, prepare it (render + tokenize) in a worker thread, then stream it (SSE) or
-        answer it whole; a client that disconnects is aborted."""
-        state = st()
-        state.check_model(body.model)
-        state.check_num_seqs(num_seqs, what, param)
-        ticket = state.admit(num_seqs)
-        try:
-            prep = await run_in_threadpool(_prepare, prepare, state, body)
-        except BaseException:
-            ticket.release()
-            raise
-        if body.stream:
-            return _sse(run_sse(state, prep, ticket), ticket)
-        try:
-            result = await unless_disconnected(request, run(state, prep), state.config.disconnect_poll_s)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            ticket.release()
-        return JSONResponse(result)
+@router.get("/v1/models", response_model=ModelList)
+async def models(state: State) -> ModelList:
+    return ModelList(data=[_card(state, state.config.model_name)])
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await generate(
-            request, body, body.n, f"n = {body.n}", chat.prepare_chat, chat.chat_completion, chat.chat_sse
-        )
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions_(body: CompletionRequest, request: Request) -> Response:
-        num_prompts = completions.num_prompts(body.prompt)
-        return await generate(
-            request,
-            body,
-            num_prompts * body.n,
-            f"{num_prompts} prompts x n {body.n}",
-            completions.prepare_completion,
-            completions.completion,
-            completions.completion_sse,
-            param="n" if body.n > 1 else "prompt",
-        )
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, state: State) -> ModelCard:
+    """One model (the openai SDK's `client.models.retrieve(id)`); 404 for a name this server does not serve."""
+    state.check_model(model_id)
+    served = {state.config.model_name, *state.config.aliases}
+    return _card(state, model_id if model_id in served else state.config.model_name)
 
-    # --- models, tokenizer, health, metrics ----------------------------------------------------
-    def card(model_id: str) -> ModelCard:
-        # `root` is the served name, never the checkpoint's filesystem path
-        state = st()
-        return ModelCard(id=model_id, root=state.config.model_name, max_model_len=state.max_model_len)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
-        return ModelList(data=[card(st().config.model_name)])
+# sync routes: FastAPI runs them in worker threads, so long texts never stall the event loop
+@router.post("/tokenize", response_model=TokenizeResponse)
+def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
+    check_text(body)
+    state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
+    if body.prompt is not None:
+        ids = state.tokenizer.encode(
+            body.prompt,
+            add_special_tokens=body.add_special_tokens,
+            allow_special=state.config.allow_special_tokens_in_prompt,
+        )  # as /v1/completions
+    else:
+        ids = chat.tokenize_chat(state, body)
+    strs = [state.token_str(t) for t in ids] if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs)
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
-    async def model(model_id: str) -> ModelCard:
-        """One model (the openai SDK's `client.models.retrieve(id)`); 404 for a name this server does not serve."""
-        state = st()
-        state.check_model(model_id)
-        served = {state.config.model_name, *state.config.aliases}
-        return card(model_id if model_id in served else state.config.model_name)
 
-    # sync routes: FastAPI runs them in worker threads, so long texts never stall the event loop
-    @app.post("/tokenize", response_model=TokenizeResponse)
-    def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        state = st()
-        check_text(body)
-        state.check_model(body.model)
-        tok = state.tokenizer
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
-        if body.prompt is not None:
-            ids = tok.encode(
-                body.prompt,
-                add_special_tokens=body.add_special_tokens,
-                allow_special=state.config.allow_special_tokens_in_prompt,
-            )  # as /v1/completions
-        else:
-            kwargs = body.chat_template_kwargs or {}
-            enable = kwargs.get("enable_thinking", True)
-            clear = kwargs.get("clear_thinking", True)
-            if not isinstance(enable, bool) or not isinstance(clear, bool):
-                raise APIError(
-                    "chat_template_kwargs.enable_thinking / clear_thinking must be booleans",
-                    param="chat_template_kwargs",
-                )
-            messages = chat.message_dicts(body.messages)
-            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-            try:
-                ids = tok.apply_chat_template(
-                    messages,
-                    tools=tools,
-                    enable_thinking=enable,
-                    clear_thinking=clear,
-                    add_generation_prompt=body.add_generation_prompt,
-                    return_loss_mask=False,
-                )
-            except ValueError as exc:
-                raise APIError(str(exc), param="messages") from None
-        strs = [state.token_str(t) for t in ids] if body.return_token_strs else None
-        return TokenizeResponse(
-            count=len(ids), max_model_len=state.max_model_len, tokens=ids, token_strs=strs
-        )
+@router.post("/detokenize", response_model=DetokenizeResponse)
+def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
+    state.check_model(body.model)
+    vocab = state.tokenizer.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    @app.post("/detokenize", response_model=DetokenizeResponse)
-    def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        state = st()
-        state.check_model(body.model)
-        vocab = state.tokenizer.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param="tokens")
-        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
-    @app.get("/tokenizer_info", response_model=TokenizerInfo)
-    async def tokenizer_info() -> TokenizerInfo:
-        state = st()
-        tok = state.tokenizer
-        eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else None
-        pad = tok.id_to_token(tok.pad_token_id) if tok.pad_token_id is not None else None
-        return TokenizerInfo(
-            eos_token=eos, pad_token=pad, model_max_length=state.max_model_len, vocab_size=tok.vocab_size
-        )
+@router.get("/tokenizer_info", response_model=TokenizerInfo)
+async def tokenizer_info(state: State) -> TokenizerInfo:
+    tok = state.tokenizer
+    eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else None
+    pad = tok.id_to_token(tok.pad_token_id) if tok.pad_token_id is not None else None
+    return TokenizerInfo(
+        eos_token=eos, pad_token=pad, model_max_length=state.max_model_len, vocab_size=tok.vocab_size
+    )
 
-    @app.get("/health")
-    async def health() -> Response:
-        state = st()
-        if state.draining:
-            return _error(503, "shutting down", code="shutting_down")
-        return JSONResponse({"status": "ok", "num_pending": state.num_pending})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(st().metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+@router.get("/health")
+async def health(state: State) -> Response:
+    if state.draining:
+        return _error(503, "shutting down", code="shutting_down")
+    return JSONResponse({"status": "ok", "num_pending": state.num_pending})
 
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(engine: AsyncLLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The server's FastAPI app around a running engine (serve it with uvicorn): the routes of `router`, the
+    OpenAI-style error handlers and `_Guard`, with the server's state in `app.state.server`."""
+    app = FastAPI(
+        title="glm5 OpenAI-compatible server",
+        version="1",
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.state.server = ServerState(engine, config or ServerConfig())
+    app.add_middleware(_Guard)
+    app.include_router(router)
     return app
 
 
@@ -440,8 +443,6 @@ def _prepare(prepare: Any, state: ServerState, body: Any) -> Any:
 
 
 def _sse(stream: Any, ticket: Any) -> StreamingResponse:
-    from starlette.background import BackgroundTask
-
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
@@ -450,4 +451,4 @@ def _sse(stream: Any, ticket: Any) -> StreamingResponse:
     )
 
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["ServerConfig", "create_app", "router"]

@@ -33,7 +33,14 @@ from glm5.serve.core import (
     sse,
     sse_error,
 )
-from glm5.serve.protocol import ChatCompletionRequest, ChatMessage, ImagePart, random_id
+from glm5.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ImagePart,
+    Thinking,
+    TokenizeRequest,
+    random_id,
+)
 from glm5.tokenizer.parser import OutputParser, merge_deltas
 
 
@@ -85,14 +92,16 @@ def _message_dict(m: ChatMessage, index: int = 0) -> dict[str, Any]:
     return out
 
 
-def _thinking_switches(body: ChatCompletionRequest) -> tuple[bool, bool]:
+def _thinking_switches(
+    chat_template_kwargs: dict[str, Any] | None, thinking: Thinking | None = None
+) -> tuple[bool, bool]:
     """(enable_thinking, clear_thinking) from chat_template_kwargs and Z.ai's `thinking` object."""
-    kwargs = body.chat_template_kwargs or {}
+    kwargs = chat_template_kwargs or {}
     enable, clear = kwargs.get("enable_thinking", True), kwargs.get("clear_thinking", True)
-    if body.thinking is not None:
-        enable = body.thinking.type == "enabled"
-        if body.thinking.clear_thinking is not None:
-            clear = body.thinking.clear_thinking
+    if thinking is not None:
+        enable = thinking.type == "enabled"
+        if thinking.clear_thinking is not None:
+            clear = thinking.clear_thinking
     for name, value in (("enable_thinking", enable), ("clear_thinking", clear)):
         if not isinstance(value, bool):
             raise APIError(
@@ -121,7 +130,7 @@ def _response_format_message(body: ChatCompletionRequest) -> dict[str, Any] | No
 def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
     tok = state.tokenizer
     messages = message_dicts(body.messages)
-    enable, clear = _thinking_switches(body)
+    enable, clear = _thinking_switches(body.chat_template_kwargs, body.thinking)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice
     names = [t["function"]["name"] for t in tools or []]
@@ -161,6 +170,26 @@ def plan_chat(state: ServerState, body: ChatCompletionRequest) -> ChatPlan:
         call_open = tok.require_special_ids(["<tool_call>"])["<tool_call>"]
         ids = ids + [call_open] + tok.encode(prefill.removeprefix("<tool_call>"))
     return ChatPlan(ids, enable, tools, prefill)
+
+
+def tokenize_chat(state: ServerState, body: TokenizeRequest) -> list[int]:
+    """POST /tokenize with `messages`: the ids the chat template renders them to (as vLLM's /tokenize: the
+    tools, chat_template_kwargs and add_generation_prompt apply; no tool_choice or response_format). A 400
+    names the field for what the template cannot take."""
+    enable, clear = _thinking_switches(body.chat_template_kwargs)
+    messages = message_dicts(body.messages or [])
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    try:
+        return state.tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            enable_thinking=enable,
+            clear_thinking=clear,
+            add_generation_prompt=body.add_generation_prompt,
+            return_loss_mask=False,
+        )
+    except ValueError as exc:
+        raise APIError(str(exc), param="messages") from None
 
 
 class _Choice:

@@ -88,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
     )
     p.add_argument(
+        "--weights",
+        choices=("fp32", "bf16", "int8", "fp8"),
+        help="hold the weight matrices as fp32, bf16, int8 (group scales) or block FP8, computing in fp32 "
+        "(CPU decoding reads them as stored; default: an FP8 checkpoint's FP8, else --dtype)",
+    )
+    p.add_argument(
         "--speculative-tokens",
         type=int_range(0, 3, name="draft_tokens"),
         default=0,
@@ -183,9 +189,10 @@ def run_serve(args: argparse.Namespace) -> int:
         model,
         args.tokenizer,
         scripted=args.scripted_outputs,
-        dtype=dtype,
+        dtype=None if args.weights else dtype,
         device=device,
         fp8=args.fp8,
+        **({"weights": args.weights} if args.weights else {}),
         **options,
     )
     served = args.served_model_name or name

@@ -1,6 +1,6 @@
 """GLM-5 chat format: OpenAI-style messages -> the exact GLM-5 prompt text, or token ids + loss mask.
 
-The rendering reproduces the GLM-5 Jinja template (MODEL_SPEC §14, SERVING §2.1-2.2), e.g.::
+The rendering reproduces the GLM-5 Jinja template (docs/serving.md § Chat template), e.g.::
 
     [gMASK]<sop><|user|>你好<|assistant|><think>
 

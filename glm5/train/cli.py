@@ -1,6 +1,7 @@
 """CLI subcommand `glm5 train`; ``register(subparsers)`` adds it to the `glm5` parser.
 
     glm5 train --preset tiny --out runs/tiny [--config recipe.toml] [--steps N] [--time-limit MINUTES]
+               [--dtype auto|bf16|fp32]
     torchrun --nproc_per_node 2 -m glm5.cli train --preset tiny --out runs/tiny2     # FSDP2 + expert parallel
 
 An existing --out folder with a checkpoint is resumed (same recipe).
@@ -57,12 +58,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=output_path,
         help="output folder (runs/NAME); resumed if it has a checkpoint",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        help="compute dtype (default: the recipe's, auto = bf16 autocast where a probe finds it faster, else fp32)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
-def load_recipe(preset: str, config: str | None, steps: int | None, time_limit: float | None):  # noqa: ANN201
-    """The recipe: --preset (or the file's `preset`), changed by the file, then by --steps / --time-limit."""
+DTYPE_NAMES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+"""`--dtype` value -> the recipe's `dtype`."""
+
+
+def load_recipe(  # noqa: ANN201
+    preset: str, config: str | None, steps: int | None, time_limit: float | None, dtype: str | None = None
+):
+    """The recipe: --preset (or the file's `preset`), changed by the file, then by --steps / --time-limit /
+    --dtype."""
     from glm5.train.recipe import TrainRecipe, read_recipe_file, recipe_preset
 
     if config:
@@ -81,6 +94,8 @@ def load_recipe(preset: str, config: str | None, steps: int | None, time_limit: 
         changes["steps"] = steps
     if time_limit is not None:
         changes["time_limit_minutes"] = time_limit
+    if dtype is not None:
+        changes["dtype"] = DTYPE_NAMES[dtype]
     recipe = recipe.replace(**changes) if changes else recipe
     try:
         recipe.model_config()  # the model overrides and mtp_depth, checked before the run folder is made
@@ -242,7 +257,7 @@ def run_train(args: argparse.Namespace) -> int:
     from glm5.train.pretrain import Trainer
 
     started = time.time()
-    recipe = load_recipe(args.preset, args.config, args.steps, args.time_limit)
+    recipe = load_recipe(args.preset, args.config, args.steps, args.time_limit, getattr(args, "dtype", None))
     out = Path(args.out)
     new_folder = not out.exists()
     ctx = init_distributed(recipe.expert_parallel or None)
@@ -267,7 +282,7 @@ def print_summary(console: Console, s: dict, out: Path, seconds: float) -> None:
     table = Table(title="glm5 train", show_header=False)
     gain = s["unigram_baseline"] - s["val_lm"]
     rows = [
-        ("steps", str(s["step"])),
+        ("steps", str(s["step"]) + (f" ({s['dtype']})" if "dtype" in s else "")),
         ("validation loss", f"{s['val_lm']:.3f} nats (perplexity {s['val_perplexity']:.1f})"),
         ("unigram baseline", f"{s['unigram_baseline']:.3f} nats ({gain:+.3f} learned from context)"),
         ("held-out chat accuracy", ", ".join(f"{k} {v:.0%}" for k, v in s["accuracy"].items())),

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from glm5.data.dataset import build_dataset, corpus_texts
 from glm5.data.packing import IGNORE, Batch, BatchOrder, PackedSequences
-from glm5.device import autocast, default_dtype, pick_device
+from glm5.device import autocast, pick_device, train_dtype
 from glm5.model import GLM5ForCausalLM, GLM5Output
 from glm5.tokenizer import GLM5Tokenizer
 from glm5.train import evaluate as ev
@@ -147,13 +147,14 @@ class Trainer:
         self.started = started if started is not None else time.time()
         self.rank, self.world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
         self.device = ctx.device if ctx else pick_device()
-        self.dtype = default_dtype(self.device) if recipe.dtype == "auto" else getattr(torch, recipe.dtype)
+        self.dtype, self.dtype_reason = self._train_dtype()
         if recipe.batch_size % (self.world * recipe.grad_accum):
             raise ValueError(
                 f"batch_size {recipe.batch_size} must divide into {self.world} processes x "
                 f"{recipe.grad_accum} micro-batches"
             )
         self.console = Console(quiet=quiet or self.rank != 0)
+        self.console.print(f"compute dtype: {self.dtype_label} ({self.dtype_reason})", highlight=False)
         self.out.mkdir(parents=True, exist_ok=True)
         cached = (self.out / "tokenizer" / "tokenizer.json").is_file()
         with self.phase(
@@ -240,7 +241,26 @@ class Trainer:
             return stats.layer_idx - self.model.config.first_k_dense_replace
         return num_main + min(stats.mtp_depth, len(self.model.mtp) - 1)
 
+    def _train_dtype(self) -> tuple[torch.dtype, str]:
+        """The recipe's dtype ("auto": `glm5.device.train_dtype` -- bf16 autocast where a probe finds it faster);
+        rank 0's choice holds for every process."""
+        dtype, reason = train_dtype(self.device, self.recipe.dtype)
+        if self.ctx is not None and self.recipe.dtype == "auto":
+            flag = torch.tensor([float(dtype == torch.bfloat16)], device=self.device)
+            dist.broadcast(flag, src=0)
+            if (torch.bfloat16 if flag.item() else torch.float32) != dtype:
+                dtype, reason = (torch.bfloat16 if flag.item() else torch.float32), "rank 0's choice"
+        return dtype, reason
+
+    @property
+    def dtype_label(self) -> str:
+        """ "float32" or "bfloat16 autocast" (weights and optimiser state stay fp32)."""
+        return (
+            "float32" if self.dtype == torch.float32 else f"{str(self.dtype).removeprefix('torch.')} autocast"
+        )
+
     def autocast(self):  # noqa: ANN201
+        """The forward's mixed-precision context: every training or evaluation forward runs inside it."""
         return autocast(self.device, self.dtype)
 
     # --- one step --------------------------------------------------------------------------------
@@ -327,6 +347,7 @@ class Trainer:
             "imbalance_per_layer": imbalance,
             "tokens": tokens,
             "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "elapsed_s": time.time() - self.started,
         }
         if not finite:
@@ -358,6 +379,7 @@ class Trainer:
             "stage_index": self.stage_index,
             "skipped": self.skipped,
             "recipe": self.recipe.to_dict(),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def save(self) -> Path:
@@ -376,7 +398,7 @@ class Trainer:
         if path is None:
             return False
         state = load_checkpoint(path, self.model, self.optimizer)
-        saved = TrainRecipe.from_dict({k: v for k, v in state["recipe"].items()})
+        saved = type(self.recipe).from_dict({k: v for k, v in state["recipe"].items()})
         ignore = ("steps", "time_limit_minutes")
         if {k: v for k, v in saved.to_dict().items() if k not in ignore} != {
             k: v for k, v in self.recipe.to_dict().items() if k not in ignore
@@ -394,6 +416,11 @@ class Trainer:
         if self.recipe.time_limit_minutes is None or self.recipe.steps != saved.steps:
             self.total_steps, self.planned = max(self.recipe.steps, self.step), True
         self.order.load_state_dict(state["data"])
+        saved_dtype = state.get("dtype")
+        if self.recipe.dtype == "auto" and saved_dtype and getattr(torch, saved_dtype) != self.dtype:
+            # an "auto" run keeps the dtype it started with (a probe on a busy machine may decide otherwise)
+            self.dtype, self.dtype_reason = getattr(torch, saved_dtype), "the resumed run's"
+            self.console.print(f"compute dtype: {self.dtype_label} (the resumed run's)", highlight=False)
         return True
 
     def _plan(self, probe_times: list[float]) -> None:
@@ -499,10 +526,17 @@ class Trainer:
                     "val_perplexity": ev.perplexity(val),
                     "skipped_steps": self.skipped,
                     "expert_load": self.last_load.tolist(),
+                    "dtype": str(self.dtype).removeprefix("torch."),
                     **samples,
                 }
                 MetricsLog(self.out / METRICS_FILE).write(
-                    {"kind": "eval", "step": self.step, "val_lm": val, "baseline": baseline}
+                    {
+                        "kind": "eval",
+                        "step": self.step,
+                        "val_lm": val,
+                        "baseline": baseline,
+                        "dtype": str(self.dtype).removeprefix("torch."),
+                    }
                 )
                 self._plots(baseline)
                 (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

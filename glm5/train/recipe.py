@@ -30,7 +30,7 @@ TRAINABLE = ("all", "indexer")
 
 @dataclass
 class Stage:
-    """A phase of training (MODEL_SPEC §10): attention mode and which parameters learn."""
+    """A phase of training (docs/model.md § Training stages): attention mode and which parameters learn."""
 
     name: str
     """Label in logs and plots."""
@@ -113,7 +113,9 @@ class TrainRecipe:
     """Training phases in order (see Stage)."""
 
     dtype: str = "auto"
-    """Compute dtype: "auto" (float32 on CPU, bfloat16 on accelerators), "float32" or "bfloat16" (autocast)."""
+    """Compute dtype: "float32", "bfloat16" (autocast; weights and optimiser state stay fp32) or "auto": bfloat16 on
+    accelerators that support it and on CPUs where a short probe finds bf16 matmuls faster (AVX512-BF16/AMX), else
+    float32 (glm5.device.train_dtype; the GLM5_TRAIN_DTYPE variable overrides it)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (memory for time)."""
     seed: int = 0

@@ -1,0 +1,197 @@
+"""Weight-only storage formats for CPU decoding: bf16 and an int8 with per-group scales, beside block FP8.
+
+`LLM(path, weights=...)` picks how the weight matrices are held in memory; activations, norms, biases, routers,
+embeddings and the KV cache stay float32, so every format computes the same model on its stored values:
+
+- "fp32": as the checkpoint dequantised (the default for non-FP8 checkpoints);
+- "bf16": every matrix (MLA and indexer projections, MLPs, experts, lm_head, MTP eh_proj) as bfloat16;
+- "int8": every matrix as int8 with one fp32 scale per group of `INT8_GROUP` = 32 inputs along each row
+  (llama.cpp's Q8_0 layout: scale = group amax / 127, codes rounded to nearest);
+- "fp8": the published GLM-5-FP8 split in e4m3 with its 128x128 `weight_scale_inv` (kept exactly as an FP8
+  checkpoint stores it; an fp32 checkpoint is quantised by glm5.checkpoint.fp8.quantize), the other matrices
+  (indexer weights_proj, lm_head, eh_proj) in bf16, as GLM-5-FP8 publishes them.
+
+The native decode kernel (decode_layer.c) reads every format as stored and widens it in registers; the model's
+own forward (prefill, the torch back end) dequantises one matrix (one expert) at a time, like glm5's FP8 modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.model.fp8 import FP8Experts, FP8Linear, _apply_keeping_fp8, quantize_model
+from glm5.model.moe import Experts
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "fp8")
+INT8_GROUP = 32
+"""Inputs per int8 scale (along each weight row)."""
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (int8 codes [..., out, in], fp32 scales [..., out, ceil(in/32)]): per group of 32 inputs,
+    scale = amax / 127 (1 for an all-zero group), code = round(w / scale)."""
+    *lead, rows, cols = w.shape
+    groups = math.ceil(cols / INT8_GROUP)
+    g = F.pad(w.float(), (0, groups * INT8_GROUP - cols)).view(*lead, rows, groups, INT8_GROUP)
+    amax = g.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(*lead, rows, groups * INT8_GROUP)[..., :cols].contiguous(), scale
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes x their group's scale (one fp32 rounding, as the kernel widens them), in `dtype`."""
+    cols = q.shape[-1]
+    if scale.shape[-1] != math.ceil(cols / INT8_GROUP) or scale.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"int8 scales of shape {tuple(scale.shape)} do not fit codes {tuple(q.shape)} "
+            f"(one per {INT8_GROUP} inputs: {(*q.shape[:-1], math.ceil(cols / INT8_GROUP))})"
+        )
+    s = scale.float().repeat_interleave(INT8_GROUP, -1)[..., :cols]
+    return (q.float() * s).to(dtype)
+
+
+def _encode(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if fmt == "bf16":
+        return w.detach().to(torch.bfloat16).contiguous(), None
+    return int8_quantize(w.detach())
+
+
+def _decode(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype) if scale is None else int8_dequantize(w, scale, dtype)
+
+
+class WeightOnlyLinear(nn.Module):
+    """y = x W^T (+ b) with W held as bf16 or int8 (+ group scales) and widened into x's dtype at each call.
+    `weight` reads as the widened matrix (code written for nn.Linear keeps working); `stored` and
+    `weight_scale` are what the kernel reads."""
+
+    def __init__(self, linear: nn.Linear, fmt: str) -> None:
+        super().__init__()
+        if fmt not in ("bf16", "int8"):
+            raise ValueError(f"WeightOnlyLinear holds bf16 or int8, not {fmt!r}")
+        self.fmt, self.in_features, self.out_features = fmt, linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        stored, scale = _encode(linear.weight, fmt)
+        self.register_buffer("stored", stored)
+        self.register_buffer("weight_scale", scale)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return _decode(self.stored, self.weight_scale, self.compute_dtype)
+
+    @property
+    def weight_scale_device(self) -> torch.device:
+        return self.stored.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _decode(self.stored, self.weight_scale, x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        return _apply_keeping_fp8(self, fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"
+
+
+class WeightOnlyExperts(nn.Module):
+    """Routed experts [E, 2F, D] / [E, D, F] held as bf16 or int8 (+ group scales); the call of
+    glm5.model.moe.Experts, each used expert widened on its own (as FP8Experts)."""
+
+    def __init__(self, experts: Experts, fmt: str) -> None:
+        super().__init__()
+        self.fmt = fmt
+        E, two_f, _ = experts.gate_up_proj.shape
+        self.num_experts, self.intermediate_size = E, two_f // 2
+        self.compute_dtype = experts.gate_up_proj.dtype
+        for name in ("gate_up_proj", "down_proj"):
+            stored, scale = _encode(getattr(experts, name), fmt)
+            self.register_buffer(f"{name}_stored", stored)
+            self.register_buffer(f"{name}_scale", scale)
+
+    @property
+    def weight_scale_device(self) -> torch.device:
+        return self.gate_up_proj_stored.device
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def one(name: str) -> torch.Tensor:
+            scale = getattr(self, f"{name}_scale")
+            return _decode(getattr(self, f"{name}_stored")[e], None if scale is None else scale[e], dtype)
+
+        return one("gate_up_proj"), one("down_proj")
+
+    forward = FP8Experts.forward
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        return _apply_keeping_fp8(self, fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, intermediate_size={self.intermediate_size}, {self.fmt}"
+
+
+def weight_format(model: nn.Module) -> str:
+    """The format a model's matrices are held in: "fp8" (any FP8 module), "bf16" / "int8", else "fp32"."""
+    modules = list(model.modules())
+    if any(isinstance(m, (FP8Linear, FP8Experts)) for m in modules):
+        return "fp8"
+    for m in modules:
+        if isinstance(m, (WeightOnlyLinear, WeightOnlyExperts)):
+            return m.fmt
+    return "fp32"
+
+
+def resolve_weights(
+    folder: str, weights: str | None, fp8: str | None, dtype: torch.dtype | str | None
+) -> tuple[str | None, str | None]:
+    """LLM's `weights` and `fp8` options for the checkpoint at `folder` -> (format to convert to or None, the
+    loader's fp8 mode or None). An FP8 checkpoint keeps FP8 by default; conflicting options are refused."""
+    with open(os.path.join(folder, "config.json")) as f:
+        is_fp8 = json.load(f).get("quantization_config") is not None
+    if weights is None:
+        return ("fp8", "keep") if fp8 is None and is_fp8 else (None, fp8)
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if dtype is not None and dtype not in (torch.float32, "float32"):
+        raise ValueError(f"weights={weights!r} computes in float32; drop dtype={dtype!r}")
+    if (weights == "fp8" and fp8 == "dequantize") or (weights != "fp8" and fp8 == "keep"):
+        raise ValueError(f"weights={weights!r} contradicts fp8={fp8!r}: give one of them")
+    if weights == "fp8":
+        return weights, "keep" if is_fp8 else fp8
+    return weights, "dequantize" if is_fp8 else fp8
+
+
+@torch.no_grad()
+def convert_model(model: nn.Module, weights: str) -> nn.Module:
+    """Hold `model`'s matrices (a float32 or bfloat16 GLM5ForCausalLM, or one with FP8 modules already) in
+    `weights` format with float32 activations, in place; returns it. bf16 weights become "bf16" without a copy."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    current = weight_format(model)
+    if current not in ("fp32", weights):
+        raise ValueError(
+            f"the model's weights are held as {current}; converting them to {weights} would round twice "
+            f"(load the checkpoint with weights={weights!r} instead)"
+        )
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"weights={weights!r} converts float32 or bfloat16 models, not {dtype}")
+    if weights != "fp32":
+        if weights == "fp8" and current != "fp8":
+            quantize_model(model)
+        fmt = "bf16" if weights == "fp8" else weights  # GLM-5-FP8 holds its other matrices in bf16
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and not (tied and child is model.lm_head):
+                    setattr(parent, name, WeightOnlyLinear(child, fmt))
+                elif type(child) is Experts:
+                    setattr(parent, name, WeightOnlyExperts(child, fmt))
+    return model.float()  # activations, norms, biases, embeddings; the stored formats stay

@@ -1,0 +1,243 @@
+"""Formatting of `glm5 info` and `glm5 plan`: human-readable counts and bytes, and the rich tables."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from glm5.config import GLM5Config
+from glm5.plan.accounting import COMPONENTS, ParamTable
+from glm5.plan.planner import Plan
+
+
+def summarize_config(cfg: GLM5Config) -> str:
+    """One line: layers, experts, widths, context."""
+    layers = cfg.num_hidden_layers
+    dense = min(cfg.first_k_dense_replace, layers)
+    shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+    experts = f"{cfg.n_routed_experts} experts (top-{cfg.num_experts_per_tok}{shared})"
+    return (
+        f"{layers} layers ({dense} dense, {layers - dense} MoE), {experts}, hidden {cfg.hidden_size:,}, "
+        f"vocab {cfg.vocab_size:,}, context {cfg.max_position_embeddings:,}"
+    )
+
+
+def human_count(n: int) -> str:
+    """753864119552 -> '753.9B'; 9952920320 -> '9.95B'; 951582720 -> '951.6M' (two decimals below 10)."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:,.{2 if abs(value) < 10 else 1}f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int, binary: bool = False) -> str:
+    """At least three significant digits, in units up to GB: 1487822475264 -> '1,488 GB', 746130054912 ->
+    '746 GB', 22267035648 -> '22.3 GB'; binary=True -> GiB etc."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB")) if binary else (1000, ("B", "KB", "MB", "GB"))
+    value, unit = float(n), units[0]
+    for unit in units:
+        if abs(value) < base or unit == units[-1]:
+            break
+        value /= base
+    if unit == "B":
+        return f"{n:,} B"
+    digits = max(0, 3 - len(str(int(abs(value)))))
+    return f"{value:,.{digits}f} {unit}"
+
+
+def format_table(table: ParamTable, title: str | None = None) -> Table:
+    """A rich Table: parameters by component, totals, active parameters, weight memory and KV cache."""
+    cfg, main = table.config, table.total_main
+    out = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    out.add_column("", no_wrap=True)
+    out.add_column("exact", justify="right", no_wrap=True)
+    out.add_column("approx", justify="right", no_wrap=True)
+    out.add_column("share / GiB", justify="right", no_wrap=True)
+    components = sorted(COMPONENTS, key=lambda c: -table.component_params(c))
+    for comp in components:
+        n = table.component_params(comp)
+        if n:
+            out.add_row(COMPONENTS[comp], f"{n:,}", human_count(n), f"{100 * n / main:.2f}%")
+    out.add_section()
+    k, num_experts, num_mtp = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.num_nextn_predict_layers
+    mtp = f"MTP ({num_mtp} module{'' if num_mtp == 1 else 's'}, unique)"
+    rows = [("total (main model)", main), (mtp, table.mtp_params), ("total incl. MTP", table.total_with_mtp)]
+    rows = rows if num_mtp else rows[:1]  # without MTP modules the MTP rows would repeat the main model
+    rows += [
+        (f"active/token, no embed ({k}/{num_experts})", table.active_no_embed),
+        ("active/token + lm_head", table.active_with_head),
+    ]
+    if num_mtp:
+        rows.append(("active per MTP draft step", table.mtp_active))
+    for label, n in rows:
+        out.add_row(label, f"{n:,}", human_count(n), "")
+    out.add_section()
+    memory = [("BF16 weights (main)", table.bf16_bytes()), ("FP8 weights (main)", table.fp8_bytes())]
+    if num_mtp:
+        memory.insert(1, ("BF16 weights incl. MTP", table.bf16_bytes(include_mtp=True)))
+        memory.append(("FP8 weights incl. MTP", table.fp8_bytes(include_mtp=True)))
+    for label, n in memory:
+        out.add_row(label, f"{n:,} B", human_bytes(n), human_bytes(n, binary=True))
+    out.add_section()
+    seq = cfg.max_position_embeddings
+    layers, indexers = cfg.num_hidden_layers, table.num_indexer_layers
+    for label, fp8 in (
+        (f"KV/token ({layers} MLA + {indexers} idx)", False),
+        ("KV/token, FP8 indexer keys", True),
+    ):
+        n = table.kv_bytes_per_token(fp8_indexer=fp8)
+        out.add_row(label, f"{n:,} B", human_bytes(n), human_bytes(n, binary=True))
+        n = table.kv_bytes(fp8_indexer=fp8)
+        out.add_row(f"  x {seq:,} tokens", f"{n:,} B", human_bytes(n), human_bytes(n, binary=True))
+    biases = table.num_router_bias
+    out.caption = (
+        f"+ {biases:,} fp32 router-bias buffer entries, counted in the bytes\nGB = 1e9 B, GiB = 2^30 B"
+    )
+    out.caption_justify = "left"
+    return out
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:,.2f}"
+
+
+def _seconds(x: float) -> str:
+    return f"{x * 1e3:,.2f} ms" if x < 1 else f"{x:,.2f} s"
+
+
+def format_plan(p: Plan) -> Table:
+    """The plan as one rich Table with sections: memory per device, layout, decode, prefill, cost, implied."""
+    s, hw, m, d = p.settings, p.hardware, p.memory, p.decode
+    approx = " (approximate figures)" if hw.approximate else ""
+    mtp = f", MTP {s.mtp_steps} steps accepting {s.mtp_accept:g}" if s.mtp_steps else ""
+    title = (
+        f"{p.preset} on {p.devices} x {hw.name}{approx}: {s.dtype} weights, {s.context:,}-token context x "
+        f"{s.concurrency} sequences{mtp}"
+    )
+    if p.parameters:  # what is planned: the model's size and what a token uses
+        extra = f" (+ {human_count(p.mtp_parameters)} MTP)" if p.mtp_parameters else ""
+        title = (
+            f"{p.preset}: {human_count(p.parameters)} parameters{extra}, {human_count(p.active_parameters)} "
+            f"active per token\n{title}"
+        )
+    out = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    # Narrow consoles wrap the label and note cells rather than cut them (`glm5 plan` prints piped output at
+    # the table's full width, so nothing wraps there).
+    out.add_column("", overflow="fold", min_width=20)
+    out.add_column("value", justify="right", no_wrap=True)
+    out.add_column("note", overflow="fold", min_width=20)
+    w = p.weights
+    weights_all = w.total + (w.mtp_total if s.mtp_steps else 0)
+    out.add_row(
+        f"weights ({s.dtype}{' incl. MTP' if s.mtp_steps else ''})",
+        human_bytes(weights_all),
+        f"{weights_all:,} B",
+    )
+    out.add_row(
+        "KV cache per token",
+        f"{p.kv_bytes_per_token:,} B",
+        f"{s.kv_dtype} MLA latent + fp8 indexer keys (+ fp32 scale)",
+    )
+    out.add_section()
+    cap = m.capacity
+    for label, value in (
+        ("weights", m.weights),
+        ("KV latent cache", m.kv_latent),
+        ("indexer key cache", m.kv_indexer),
+        (f"activation margin ({s.margin:.0%})", m.margin),
+    ):
+        out.add_row(
+            f"  per device: {label}", human_bytes(round(value)), f"{value / cap:.1%} of {hw.memory_gb:g} GB"
+        )
+    verdict = "fits" if m.fits else "DOES NOT FIT"
+    out.add_row("  per device: total", human_bytes(round(m.total)), f"{m.total / cap:.1%}, {verdict}")
+    out.add_section()
+    dp = p.devices // p.attn_tp
+    domains = math.ceil(p.devices / hw.scale_up)
+    out.add_row(
+        "minimum devices (perfect sharding)", f"{p.min_devices:,}", "weights + all caches / usable memory"
+    )
+    out.add_row(
+        "suggested devices",
+        f"{p.devices:,}",
+        f"{domains} scale-up domain{'s' if domains > 1 else ''} of {hw.scale_up}",
+    )
+    out.add_row(
+        "layout",
+        f"TP{p.attn_tp} x DP{dp} attn, EP{p.devices}",
+        "experts sharded over all devices; MLA/dense/shared/embed TP within a DP group",
+    )
+    out.add_section()
+    for kind, nbytes in d.step_bytes.items():
+        out.add_row(f"  decode step reads: {kind}", human_bytes(round(nbytes)), "")
+    total_bytes = sum(d.step_bytes.values())
+    out.add_row(
+        "decode step at 100% peak",
+        _seconds(max(d.memory_seconds, d.compute_seconds)),
+        f"{human_bytes(round(total_bytes))} / {p.devices} x {hw.bandwidth_tbs:g} TB/s; {d.bound}-bound "
+        f"(compute {_seconds(d.compute_seconds)})",
+    )
+    out.add_row("decode roofline per user", f"{_rate(d.per_user(1.0))} tok/s", "100% of peak bandwidth")
+    out.add_row(
+        "decode per user",
+        f"{_rate(p.decode_per_user)} tok/s",
+        f"at {s.bandwidth_efficiency:.0%} efficiency"
+        + (f", x{s.mtp_accept:g} accepted" if s.mtp_steps else ""),
+    )
+    out.add_row("decode aggregate", f"{_rate(p.decode_aggregate)} tok/s", f"{s.concurrency} sequences")
+    out.add_section()
+    out.add_row(
+        "prefill FLOPs per token",
+        f"{p.prefill_flops_per_token / 1e9:,.1f} GFLOP",
+        f"avg over a {s.context:,}-token prompt (2 x active + MLA + indexer)",
+    )
+    out.add_row(
+        "prefill throughput",
+        f"{_rate(p.prefill_tokens_per_s)} tok/s",
+        f"{p.devices} x {hw.flops(s.dtype) / 1e12:,.0f} TFLOP/s ({s.dtype}) x MFU {s.mfu:.0%}",
+    )
+    out.add_row(
+        "prefill of one full context",
+        _seconds(s.context / p.prefill_tokens_per_s),
+        "whole cluster on one prompt",
+    )
+    if s.price_per_hour is not None:
+        out.add_section()
+        out.add_row(
+            "cost per 1M output tokens",
+            f"{p.cost_per_million(p.decode_aggregate):,.3f}",
+            f"{s.price_per_hour:g}/device-hour x {p.devices}, at the decode aggregate",
+        )
+        out.add_row(
+            "cost per 1M input tokens",
+            f"{p.cost_per_million(p.prefill_tokens_per_s):,.3f}",
+            "at the prefill rate",
+        )
+    out.add_section()
+    for row in p.implied:
+        if "implied_efficiency" in row:
+            extra = ""
+            if "implied_efficiency_range" in row:
+                lo, hi = row["implied_efficiency_range"]
+                extra = f" ({lo:.1%}-{hi:.1%} for 17-19 tok/s)"
+            out.add_row(
+                f"implied: {row['what']}",
+                f"{row['implied_efficiency']:.1%}",
+                f"{_rate(row['measured_per_user'])} tok/s/user vs roofline {_rate(row['roofline_per_user'])}{extra}",
+            )
+        else:
+            limit = "memory" if row["memory_limit"] < row["bandwidth_limit"] else "bandwidth"
+            out.add_row(
+                f"implied: {row['what']}",
+                f"{row['max_concurrency']:,} users",
+                f"{_rate(row['aggregate'])} tok/s in total; {limit}-limited (bandwidth allows "
+                f"{row['bandwidth_limit']:,}, memory {row['memory_limit']:,} at this context)",
+            )
+    out.caption = (
+        f"hardware: {hw.source}. GB = 1e9 B. Decode roofline = bytes read per step / aggregate HBM "
+        "bandwidth (or FLOPs / peak when larger); efficiency and MFU are assumptions (--bandwidth-efficiency, --mfu)."
+    )
+    out.caption_justify = "left"
+    return out

@@ -1,0 +1,149 @@
+"""Data-parallel attention + expert parallelism (glm5/engine/dp.py, glm5.engine.sharding.MoEDispatcher): real gloo
+processes spawned by the engine, one thread each. Under continuous batching with uneven load -- a long request on
+one DP rank while the other's short one ends, so that rank answers the MoE calls with no tokens of its own (the
+dummy step) -- every request's greedy tokens equal one process's and its logprobs agree within 1e-5; a request
+sharing a cached prefix goes to the DP rank that holds it, the others to the least loaded rank. Layouts: DP2+EP2
+with each token dispatch, with MTP speculation (the ranks then run different layers' MoE calls at once), and
+DP2 x TP2 with EP4 (4 processes). Bad flags are refused before anything loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from configs import MICRO, biased_model
+
+from glm5.engine import LLM, SamplingParams
+from glm5.engine.dp import DPScheduler, resolve_layout
+from glm5.engine.sharding import LayoutError
+
+pytestmark = pytest.mark.dist
+
+TOL = 1e-5
+CFG = MICRO.replace(n_group=4, topk_group=2, vocab_size=255, max_position_embeddings=256)
+ENGINE = dict(block_size=4, num_blocks=160, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dp") / "micro"
+    biased_model(CFG).save_pretrained(str(folder))
+    return folder
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, CFG.vocab_size, (n,), generator=g).tolist() for n in (13, 5, 21)]
+
+
+def _run(llm: LLM) -> dict[str, tuple[list[int], list[dict]]]:
+    """a (12 tokens) and b (2) start together; after 5 steps c (a's prompt + 3 tokens: a prefix hit) and d join."""
+    eng, (p0, p1, p2) = llm.engine, _prompts()
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+
+    eng.add_request("a", p0, params(12))
+    eng.add_request("b", p1, params(2))
+    out: dict[str, tuple[list[int], list[dict]]] = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            tokens, lps = out.setdefault(o.request_id, ([], []))
+            tokens += o.outputs[0].token_ids
+            lps += o.outputs[0].logprobs
+        steps += 1
+        if steps == 5:
+            eng.add_request("c", p0 + [7, 8, 9], params(6))
+            eng.add_request("d", p2, params(5))
+    return out
+
+
+def _same(ref: dict, got: dict) -> None:
+    assert ref.keys() == got.keys() == {"a", "b", "c", "d"}
+    for rid in ref:
+        assert got[rid][0] == ref[rid][0], rid
+        for la, lb in zip(ref[rid][1], got[rid][1], strict=True):
+            assert la.keys() == lb.keys()
+            assert max(abs(la[t] - lb[t]) for t in la) < TOL
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt) -> dict:
+    torch.set_num_threads(1)
+    return {k: _run(LLM(str(ckpt), num_speculative_tokens=k, **ENGINE)) for k in (0, 2)}
+
+
+@pytest.mark.parametrize(
+    "tp, dispatch, k",
+    [
+        (1, "allgather", 0),
+        (1, "alltoall", 0),
+        (1, "allgather", 2),
+        pytest.param(2, "alltoall", 2, marks=pytest.mark.slow),
+        pytest.param(2, "allgather", 0, marks=pytest.mark.slow),
+    ],
+    ids=["dp2_ep2_allgather", "dp2_ep2_alltoall", "dp2_ep2_mtp2", "dp2xtp2_ep4_alltoall_mtp2", "dp2xtp2_ep4"],
+)
+def test_dp_attention_reproduces_one_process(ckpt, reference, tp, dispatch, k) -> None:
+    dp = 2
+    with LLM(
+        str(ckpt),
+        tensor_parallel_size=tp,
+        expert_parallel_size=dp * tp,
+        data_parallel_size=dp,
+        moe_dispatch=dispatch,
+        num_speculative_tokens=k,
+        **ENGINE,
+    ) as llm:
+        executor = llm.engine.executor
+        assert executor.data_parallel_size == dp and len(executor.procs) == dp * tp - 1
+        assert isinstance(llm.engine.scheduler, DPScheduler)
+        got = _run(llm)
+        _same(reference[k], got)
+        sched = llm.engine.scheduler
+        # a -> DP rank 0, b -> 1 (least loaded); c shares a's cached prefix -> 0; d -> 1 (least loaded)
+        assert sched.routed == [2, 2]
+        counters = executor.counters
+        idle = [r for r in range(dp * tp) if r // tp == 1]
+        busy = [r for r in range(dp * tp) if r // tp == 0]
+        # while a decodes alone, DP rank 1's ranks ran dummy steps: MoE calls answered with no tokens
+        assert all(counters[r]["idle_steps"] > 0 and counters[r]["dummy_calls"] > 0 for r in idle)
+        assert all(counters[r]["dummy_calls"] == 0 for r in busy)
+        # every call is a collective over all ranks: each rank made the same number of them
+        assert len({c["calls"] + c["dummy_calls"] for c in counters.values()}) == 1
+        stats = llm.engine.stats()["data_parallel"]
+        assert stats["size"] == dp and stats["routed"] == [2, 2]
+        if k:
+            assert llm.engine.spec_metrics.num_draft_tokens > 0
+
+
+def test_prefix_hit_routes_to_the_rank_holding_it(ckpt) -> None:
+    with LLM(str(ckpt), expert_parallel_size=2, data_parallel_size=2, **ENGINE) as llm:
+        p0 = _prompts()[0]
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        llm.generate([p0, _prompts()[1]], params)  # p0 -> DP rank 0, the other -> 1
+        (out,) = llm.generate([p0 + [1, 2]], params)
+        assert out.metrics.num_cached_tokens >= 12  # found a's three cached blocks: it went to DP rank 0
+        assert llm.engine.scheduler.routed == [2, 1]
+
+
+def test_layout_flags_are_checked_before_loading(ckpt, capsys) -> None:
+    assert resolve_layout(2, 4, 2) == (2, 2, True)
+    assert resolve_layout(2, 1, 1) == (2, 1, False)
+    with pytest.raises(LayoutError, match="pass --expert-parallel-size 4"):
+        resolve_layout(2, 2, 2)
+    with pytest.raises(LayoutError, match="pass --expert-parallel-size 2"):
+        LLM(str(ckpt), data_parallel_size=2)
+    from glm5.cli import main
+
+    base = ["generate", "--model", str(ckpt), "--prompt-ids", "1,2"]
+    assert main([*base, "-dp", "2"]) == 2
+    assert "pass --expert-parallel-size 2" in capsys.readouterr().err
+    assert main([*base, "-dp", "2", "-ep", "2", "--moe-dispatch", "ring"]) == 2
+    assert "--moe-dispatch" in capsys.readouterr().err
+    # 8 experts over 3 ranks: refused by the layout rules, nothing loaded
+    assert main([*base, "-dp", "3", "-ep", "3"]) == 2
+    assert "n_routed_experts" in capsys.readouterr().err

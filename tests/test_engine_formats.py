@@ -1,0 +1,221 @@
+"""Low-precision weights in the fused decode step: every weight format (fp32, bf16, int8 with group scales, block
+FP8 as stored) x back end (the native kernel, the torch ops) x the fused-step configuration matrix, against the
+model's own forward on the same stored weights; the FP8 block layout checked; the format conversions and the
+kernel's SIMD path reported; LLM(weights=...) end to end on a saved checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from configs import MICRO
+from test_engine_fused import VARIANTS, noisy_model, twin_caches
+
+from glm5.checkpoint.fp8 import dequantize
+from glm5.engine.fused import FP8LayoutError, FusedDecoder
+from glm5.engine.kv_cache import PagedLatentCache
+from glm5.kernels import native
+from glm5.kernels.formats import (
+    INT8_GROUP,
+    WeightOnlyExperts,
+    WeightOnlyLinear,
+    convert_model,
+    int8_dequantize,
+    int8_quantize,
+    weight_format,
+)
+from glm5.model.fp8 import FP8Experts, FP8Linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FORMATS = ["fp32", "bf16", "int8", "fp8"]
+KERNELS = [
+    "torch",
+    pytest.param("native", marks=pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")),
+]
+FORMAT_VARIANTS = {
+    **VARIANTS,
+    # several 128x128 FP8 blocks per matrix with ragged edges (320 inputs, 144-row q_a, experts of 136 whose
+    # gate and up halves are quantised apart), int8 groups with a partial last group (kv_b's 24 inputs)
+    "multi-block": MICRO.replace(
+        hidden_size=320, q_lora_rank=144, intermediate_size=200, moe_intermediate_size=136, n_routed_experts=4
+    ),
+}
+
+
+def formatted_model(variant: str, fmt: str):  # noqa: ANN201
+    model = convert_model(noisy_model(FORMAT_VARIANTS[variant]), fmt)
+    assert weight_format(model) == fmt
+    return model
+
+
+@pytest.mark.parametrize("variant", list(FORMAT_VARIANTS))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_each_format_steps_like_the_model_on_the_same_weights(kernel: str, fmt: str, variant: str) -> None:
+    """Logits, hidden states and cache entries of the fused step equal the model forward's on the stored
+    weights (its modules widen them in torch; the kernel in registers), crossing index_topk, ragged rows."""
+    model = formatted_model(variant, fmt)
+    lengths = [3, 17, 30]
+    ref_cache, fused_cache = twin_caches(model, lengths)
+    fused = FusedDecoder(model, native_kernel=kernel == "native")
+    ids = list(range(len(lengths)))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        nxt = torch.randint(1, model.config.vocab_size, (len(lengths),), generator=g)
+        for cache in (ref_cache, fused_cache):
+            cache.prepare(ids, [[t] for t in nxt.tolist()])
+        with torch.no_grad():
+            ref = model(nxt[:, None], ref_cache, return_hidden=True)
+        logits, hidden = fused(nxt, fused_cache)
+        torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, ref.hidden_states[:, -1], rtol=1e-4, atol=1e-4)
+    assert (fused.lib is not None) == (kernel == "native")  # the kernel read the format itself
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "fp8"])
+def test_each_format_verifies_several_tokens_and_drafts_with_the_mtp_layer(fmt: str) -> None:
+    """Several new tokens per row (each weight row widened once for all of them) and the MTP layer in the
+    kernel (eh_proj and lm_head in the format too) equal the model's forward and mtp_forward."""
+    model = convert_model(noisy_model(MICRO.replace(index_n_heads=16)), fmt)
+    ref_cache, fused_cache = twin_caches(model, [6, 30])
+    fused = FusedDecoder(model, native_kernel=True)
+    new = torch.randint(1, model.config.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    for cache in (ref_cache, fused_cache):
+        cache.prepare([0, 1], new.tolist())
+    with torch.no_grad():
+        ref = model(new, ref_cache, return_hidden=True)
+    logits, hidden = fused(new, fused_cache)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden, ref.hidden_states, rtol=1e-4, atol=1e-4)
+
+    mtp_layer = model.config.num_hidden_layers
+    caches = [PagedLatentCache(model.config, num_blocks=64, block_size=4, layers=[mtp_layer]) for _ in "ab"]
+    for cache in caches:
+        cache.add_sequence(0), cache.add_sequence(1)
+    g = torch.Generator().manual_seed(3)
+    for depth, T in [(0, 5), (1, 1)]:  # prompt catch-up, a draft step
+        h_in = torch.randn(2, T, model.config.hidden_size, generator=g)
+        ids = torch.randint(1, model.config.vocab_size, (2, T), generator=g)
+        for cache in caches:
+            cache.prepare([0, 1], ids.tolist())
+        with torch.no_grad():
+            ref_h, ref_logits = model.mtp_forward(h_in, ids, caches[0], depth=depth)
+        h, mtp_logits = fused.mtp_forward(h_in, ids, caches[1], depth=depth)
+        torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mtp_logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_groups_round_trip_within_half_a_step() -> None:
+    w = torch.randn(5, 70) * torch.logspace(
+        -3, 1, 70
+    )  # groups of very different ranges, a partial last group
+    q, s = int8_quantize(w)
+    assert q.dtype == torch.int8 and s.shape == (5, 3) and q.abs().max() == 127
+    step = s.repeat_interleave(INT8_GROUP, -1)[:, :70]
+    assert ((int8_dequantize(q, s) - w).abs() <= step / 2 + 1e-7).all()
+    with pytest.raises(ValueError, match="one per 32 inputs"):
+        int8_dequantize(q, s[:, :2])
+
+
+def test_conversion_keeps_float32_activations_and_refuses_double_rounding() -> None:
+    model = convert_model(noisy_model(MICRO), "fp8")
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_a_proj, FP8Linear) and isinstance(model.model.layers[1].mlp.experts, FP8Experts)
+    # what GLM-5-FP8 publishes in bf16: the indexer head weights, lm_head, eh_proj
+    assert isinstance(model.lm_head, WeightOnlyLinear) and model.lm_head.fmt == "bf16"
+    assert isinstance(attn.indexer.weights_proj, WeightOnlyLinear)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="round twice"):
+        convert_model(model, "int8")
+    int8 = convert_model(noisy_model(MICRO), "int8")
+    assert isinstance(int8.model.layers[1].mlp.experts, WeightOnlyExperts)
+    with pytest.raises(ValueError, match="weights='nf4': choose one of fp32, bf16, int8, fp8"):
+        convert_model(noisy_model(MICRO), "nf4")
+    assert FusedDecoder.unsupported(noisy_model(MICRO).to(torch.bfloat16)).startswith("a model computing in")
+
+
+def test_a_mismatched_fp8_block_layout_is_refused_naming_the_tensor() -> None:
+    model = convert_model(noisy_model(MICRO), "fp8")
+    q_b = model.model.layers[1].self_attn.q_b_proj
+    q_b.weight_scale_inv = torch.ones(2, 1)  # a 128-row grid where one block covers all of its rows
+    with pytest.raises(
+        FP8LayoutError, match=r"model\.layers\.1\.self_attn\.q_b_proj\.weight_scale_inv has shape"
+    ):
+        FusedDecoder(model)
+    # experts whose gate and up were quantised together: with F = 16 their rows share one block
+    model = convert_model(noisy_model(MICRO), "fp8")
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj_scale_inv = experts.gate_up_proj_scale_inv[:, :1].contiguous()
+    with pytest.raises(FP8LayoutError, match=r"mlp\.experts\.gate_up_proj_scale_inv .*quantised separately"):
+        FusedDecoder(model)
+
+
+def test_the_kernel_widens_fp8_exactly_as_dequantize() -> None:
+    """Every e4m3 code (normals, subnormals, both signs) times a block scale, through the kernel's GEMV on unit
+    vectors: the columns of the dequantised matrix, bit for bit."""
+    lib = native.load()
+    if lib is None:
+        pytest.skip(f"no kernel: {native.load_error()}")
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # NaN codes are never stored
+    q = codes.view(torch.float8_e4m3fn).reshape(2, 127)
+    scale = torch.tensor([[0.37]])
+    dense = dequantize(q, scale, torch.float32)
+    mat = native.Mat(
+        w=q.data_ptr(),
+        scale=scale.data_ptr(),
+        bias=None,
+        fmt=native.FORMATS["fp8"],
+        rows=2,
+        cols=127,
+        split=2,
+    )
+    mat.out_scale = 1.0
+    eye = torch.eye(127)
+    out = torch.empty(127, 2)
+    lib.glm5_linear(mat, eye.data_ptr(), 127, out.data_ptr())  # several inputs: each row widened once
+    assert torch.equal(out.t(), dense)
+    for j in range(127):  # one input: the blocked dot product
+        lib.glm5_linear(mat, eye[j].data_ptr(), 1, out[j].data_ptr())
+    assert torch.equal(out.t(), dense)
+
+
+def test_the_kernel_reports_its_simd_path() -> None:
+    text = native.describe()
+    if native.load() is None:
+        assert "off" in text
+    else:
+        assert native.isa() in ("avx512", "avx2", "portable") and native.isa() in text and "fp8" in text
+
+
+@pytest.mark.parametrize("weights", FORMATS)
+def test_llm_loads_each_format_and_decodes_as_the_model_on_those_weights(weights: str, tmp_path) -> None:  # noqa: ANN001
+    """LLM(path, weights=...) on a saved checkpoint: the fused step (the kernel where it builds) samples the
+    greedy tokens that the model's own forward samples on the same stored weights."""
+    from glm5.engine import LLM, SamplingParams
+
+    noisy_model(MICRO).save_pretrained(str(tmp_path))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(5, 30)), [3, 4]]
+    llm = LLM(str(tmp_path), weights=weights, block_size=4)
+    assert weight_format(llm.engine.fused.model) == weights
+    plain = LLM(convert_model(noisy_model(MICRO), weights), block_size=4, fused_decode=False)
+    assert plain.engine.fused is None
+    out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert out == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+
+
+def test_an_fp8_checkpoint_keeps_fp8_by_default_and_options_must_agree(tmp_path) -> None:  # noqa: ANN001
+    from glm5.engine import LLM
+
+    noisy_model(MICRO).save_pretrained(str(tmp_path), fp8=True)
+    llm = LLM(str(tmp_path), block_size=4)
+    assert weight_format(llm.engine.fused.model) == "fp8"  # kept, and the fused step runs it
+    assert weight_format(LLM(str(tmp_path), fp8="dequantize", block_size=4).engine.fused.model) == "fp32"
+    with pytest.raises(ValueError, match="weights='int8' contradicts fp8='keep'"):
+        LLM(str(tmp_path), weights="int8", fp8="keep")
+    with pytest.raises(ValueError, match="computes in float32; drop dtype"):
+        LLM(str(tmp_path), weights="bf16", dtype=torch.bfloat16)
