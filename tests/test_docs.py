@@ -7,7 +7,8 @@ file, or a bare section sign for the file itself) names a heading of that file; 
 (c) no file in the tree names a design document outside the repository;
 (d) relative markdown links (and their #anchors) in README.md and docs/*.md resolve;
 (e) the package map of docs/architecture.md names every module of glm5/, and only existing ones;
-(f) every repository path (glm5/..., tests/..., benchmarks/..., docs/...) named in README.md and docs/*.md exists.
+(f) every repository path (glm5/..., tests/..., benchmarks/..., docs/...) named in README.md and docs/*.md exists;
+(g) docs/performance.md has a section for every benchmark script in benchmarks/.
 
 Each check is a function of the repository root returning its problems, so the last test runs them on a small
 planted tree and checks that each catches its bad reference.
@@ -261,7 +262,26 @@ def missing_paths(root: Path) -> list[str]:
     return problems
 
 
-CHECKS = [missing_docs, bad_citations, outside_references, broken_links, unmapped_modules, missing_paths]
+def unlisted_benchmarks(root: Path) -> list[str]:
+    """(g) benchmark scripts without a heading of their own in docs/performance.md."""
+    perf = root / DOCS / "performance.md"
+    known = set(headings(perf)) if perf.is_file() else set()
+    return [
+        f"{p.relative_to(root)}: no '### {p.name}' section in {DOCS}/performance.md (what it measures, command, peer)"
+        for p in sorted((root / "benchmarks").glob("bench_*.py"))
+        if p.name not in known
+    ]
+
+
+CHECKS = [
+    missing_docs,
+    bad_citations,
+    outside_references,
+    broken_links,
+    unmapped_modules,
+    missing_paths,
+    unlisted_benchmarks,
+]
 
 
 # ------------------------------------------------------------------------------------------------- the repository
@@ -291,6 +311,9 @@ def _planted_tree(root: Path) -> None:
         "  y.py         another\n```\n"
     )
     (root / "glm5" / "x.py").write_text(f'"""See {DOCS}/a.md {SECTION}Good heading and {DOCS}/b.md."""\n')
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "bench_one.py").write_text("")
+    (root / DOCS / "performance.md").write_text("# P\n\n### bench_one.py\n")
     (root / "glm5" / "sub" / "__init__.py").write_text("")
     (root / "glm5" / "sub" / "y.py").write_text(f"# {DOCS}/b.md {SECTION}Other part, {SECTION}B\n")
     (root / "README.md").write_text(
@@ -330,6 +353,7 @@ def _planted_tree(root: Path) -> None:
         (broken_links, lambda r: (r / DOCS / "a.md").write_text("# A\n\n[b](b.md#no-such-part)\n")),
         (unmapped_modules, lambda r: (r / "glm5" / "sub" / "z.py").write_text("")),
         (unmapped_modules, lambda r: (r / "glm5" / "x.py").unlink()),
+        (unlisted_benchmarks, lambda r: (r / "benchmarks" / "bench_two.py").write_text("")),
         (
             missing_paths,
             lambda r: (r / DOCS / "b.md").write_text("# B\n\n## Other part\n\nSee `glm5/gone.py`.\n"),
