@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from glm5.engine.sampling import SamplingParams
-from glm5.rl.buffer import Lease
+from glm5.eval.metrics import outcome_rates
+from glm5.rl.buffer import BufferConfig, DataBuffer, Lease
 from glm5.rl.types import Sample, SampleStatus, new_group
+from glm5.tokenizer import parse_output
 
 UPDATE_MODES = ("drain", "abort", "in_place")
 FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
@@ -123,8 +125,6 @@ def plain_reply(text: str, metadata: dict[str, Any]) -> str:
 
 def chat_reply(text: str, metadata: dict[str, Any]) -> str:
     """The final content of a GLM-5 chat response: reasoning and tool calls stripped."""
-    from glm5.tokenizer import parse_output
-
     return parse_output(text, metadata.get("tools")).get("content") or ""
 
 
@@ -468,9 +468,6 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Greedy answers to held-out prompts on `engine` (at its current weight version): mean reward, and the
     accuracy, abstention and hallucination rates of `glm5.eval.metrics.outcome_rates`."""
-    from glm5.eval.metrics import outcome_rates
-    from glm5.rl.buffer import BufferConfig, DataBuffer
-
     buffer = DataBuffer(
         prompts,
         BufferConfig(batch_size=len(prompts), max_concurrent=len(prompts), num_epochs=1, shuffle=False),

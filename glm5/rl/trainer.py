@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glm5.rl.losses import LossConfig, compute_advantages, policy_loss
 from glm5.rl.types import Sample
 from glm5.train.optim import clip_grad_norm, is_indexer_param, param_groups
+from glm5.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -38,9 +40,7 @@ class TrainerConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     """LossConfig fields (glm5.rl.losses): estimator, clipping, off-policy correction, reduction, KL..."""
 
-    def loss_config(self) -> Any:
-        from glm5.rl.losses import LossConfig
-
+    def loss_config(self) -> LossConfig:
         return LossConfig(**self.loss)
 
 
@@ -107,8 +107,6 @@ class RLTrainer:
 
     def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]:
         """One optimizer step on a batch of groups; returns metrics (loss terms, IS statistics, grad norm)."""
-        from glm5.rl.losses import compute_advantages, policy_loss
-
         t0 = time.perf_counter()
         samples = [s for g in groups for s in g]
         group_index = torch.tensor([i for i, g in enumerate(groups) for _ in g])
@@ -223,16 +221,12 @@ def save_rl_checkpoint(
 ) -> Any:
     """Atomic checkpoint (glm5/train/state.py): weights, optimizer, RNG, the version and the whole buffer state
     (cursor, requeued and partial groups, outstanding leases, completed groups, terminal states)."""
-    from glm5.train.state import save_checkpoint
-
     state = {"version": trainer.version, "buffer": buffer_state, **(extra or {})}
     return save_checkpoint(folder, trainer.version, trainer.model, trainer.optimizer, state, keep=keep)
 
 
 def load_rl_checkpoint(folder: str, trainer: RLTrainer) -> dict[str, Any] | None:
     """Restore the newest checkpoint under `folder` into `trainer`; returns its state (None: nothing saved)."""
-    from glm5.train.state import latest_checkpoint, load_checkpoint
-
     path = latest_checkpoint(folder)
     if path is None:
         return None

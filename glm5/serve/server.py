@@ -19,7 +19,13 @@ import threading
 import time
 from typing import Any
 
+import uvicorn
+
+from glm5.engine import LLM, AsyncLLMEngine
+from glm5.serve.app import create_app
 from glm5.serve.core import ServerConfig
+from glm5.serve.scripted import ScriptedOutputs, load_script
+from glm5.tokenizer import GLM5Tokenizer
 
 log = logging.getLogger("glm5.serve")
 
@@ -36,17 +42,12 @@ def build_engine(
     device: Any = None,
     fp8: str | None = None,
     **engine_options: Any,
-) -> Any:
+) -> AsyncLLMEngine:
     """An `AsyncLLMEngine` over a checkpoint folder or model; `scripted` (a JSON path or a list of
     {"match", "output"} entries) replays given outputs (glm5/serve/scripted.py)."""
-    from glm5.engine import LLM, AsyncLLMEngine
-    from glm5.tokenizer import GLM5Tokenizer
-
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
     if scripted is not None:
-        from glm5.serve.scripted import ScriptedOutputs, load_script
-
         if tokenizer is None and isinstance(model, (str, os.PathLike)):
             if os.path.isfile(os.path.join(os.fspath(model), "tokenizer.json")):
                 tokenizer = GLM5Tokenizer.from_pretrained(model)
@@ -68,10 +69,6 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until interrupted (blocking)."""
-    import uvicorn
-
-    from glm5.serve.app import create_app
-
     app = create_app(engine, config)
     uconfig = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s
@@ -88,7 +85,6 @@ class EngineFailed(RuntimeError):
 
 def draining_server(config: Any, app: Any, graceful_timeout_s: float) -> Any:
     """A `uvicorn.Server` that drains before it shuts down (see the module docstring)."""
-    import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def __init__(self) -> None:
@@ -146,8 +142,6 @@ class ServerThread:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", graceful_timeout_s: float = 30.0) -> None:
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
