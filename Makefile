@@ -42,6 +42,13 @@ format: venv
 bench: venv
 	$(PY) benchmarks/bench_model.py
 
+# On a machine with a CUDA GPU, in one call (< 5 min): the `gpu`-marked tests, then a short decode (eager vs
+# compiled + CUDA graphs) / prefill / training-step benchmark -> benchmarks/results/gpu_check.{json,md}, or OUT=DIR.
+# Exits 2 with "no CUDA device" anywhere else.
+.PHONY: gpu-check
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py $(if $(OUT),--out $(OUT))
+
 # Mutation audit (tests/mutants.py): each curated bug, applied to a temporary copy, must fail the tests that claim
 # it (~8 min on 2 cores). MUTANTS=name1,name2 runs a subset; `$(PY) tests/mutants.py --list` shows them all.
 .PHONY: mutants

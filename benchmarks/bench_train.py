@@ -109,8 +109,9 @@ def _hf_step(model, opt, ids, dtype, glm5: bool = False):  # noqa: ANN001
     opt.zero_grad(set_to_none=True)
 
 
-def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, queue) -> None:  # noqa: ANN001
-    """Time `steps` training steps (after one warm-up step) in this fresh process."""
+def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, clock: str, queue) -> None:  # noqa: ANN001
+    """Time `steps` training steps (after one warm-up step) in this fresh process; clock "cpu" counts this
+    process's CPU time (steady on a shared machine with --threads 1), "wall" the elapsed time."""
     try:
         from safetensors.torch import load_file
 
@@ -152,10 +153,11 @@ def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, q
             step = lambda: _hf_step(model, opt, ids, dtype)
         step()  # warm-up (allocations)
         times = []
+        now = time.process_time if clock == "cpu" else time.perf_counter
         for _ in range(steps):
-            start = time.perf_counter()
+            start = now()
             step()
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         seconds = statistics.median(times)
         queue.put({"seconds": seconds, "tokens_per_s": BATCH * SEQ / seconds})
     except Exception as e:  # report, don't hang the parent
@@ -194,11 +196,12 @@ def best(r: dict, impl: str) -> str | None:
 def markdown(r: dict) -> str:
     m = r["meta"]
     peaks = m["peak_gflops"]
+    clock = "times are process CPU time (a loaded machine)" if m.get("clock") == "cpu" else "wall-clock times"
     lines = [
         f"bench-tiny ({m['params'] / 1e6:.1f}M params; glm5 adds a {m['mtp_params'] / 1e6:.1f}M MTP layer), "
         f"train step {BATCH} x {SEQ} tokens, AdamW, fp32 master weights, torch {m['torch']}, {m['threads']} "
         f"threads, {m['cpu']} ({m['cpu_flags']}); median of {m['repeats']} fresh processes x {m['steps']} steps, "
-        f"all runs interleaved. Matmul peak measured in this run: {peaks['float32']:.0f} GFLOP/s fp32, "
+        f"all runs interleaved; {clock}. Matmul peak measured in this run: {peaks['float32']:.0f} GFLOP/s fp32, "
         f"{peaks['bfloat16']:.1f} GFLOP/s bf16. `glm5 train --dtype auto` picks {peaks['auto']} here "
         f"({peaks['auto_reason']}). Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
         "",
@@ -275,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtypes", default="fp32,bf16", help="comma-separated dtypes to measure: fp32, bf16 (default both)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (a quiet machine); cpu: the process's CPU time, steady on a loaded machine "
+        "(use it with --threads 1: with more, OpenMP spin-waits count too)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -297,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": args.threads,
             "dtypes": dtypes,
+            "clock": args.clock,
             "repeats": repeats,
             "steps": steps,
             "batch": [BATCH, SEQ],
@@ -316,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                 impl, d = key.split("/")
                 print(f"repeat {i + 1}/{repeats}: {key}", flush=True)
                 runs[key].append(
-                    run_in_fresh_process(worker, (impl, d, weights, args.threads, steps), timeout=1800)
+                    run_in_fresh_process(
+                        worker, (impl, d, weights, args.threads, steps, args.clock), timeout=1800
+                    )
                 )
     result["runs"] = {}
     for key, got in runs.items():
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 / result["runs"][f"hf/{hf_best}"]["tokens_per_s"]
             )
     result["best_dtype_hf"] = hf_best
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("_cpuclock" if args.clock == "cpu" else "")
     save_results(args.out, f"bench_train{suffix}", result, markdown(result), plot)
     return 0
 

@@ -31,6 +31,7 @@ EXIT_USAGE = 2
 COMMAND_GROUPS = (
     "glm5.tokenizer.cli",
     "glm5.train.cli",
+    "glm5.train.sft_cli",
     "glm5.engine.cli",
     "glm5.eval.cli",
     "glm5.serve.cli",
@@ -306,6 +307,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.caption = caption
         console = Console(width=max(console.width, natural))
     console.print(table)
+    from glm5.plan import launch_commands
+
+    folder = None if args.path is None else args.path.removesuffix("config.json").rstrip("/") or "."
+    print("\n" + "\n".join(launch_commands(result, folder or "/path/to/checkpoint")))  # never wrapped
     return 0
 
 

@@ -19,16 +19,33 @@ def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> 
     assert summary["plan"]["total_params"] == 743_911_199_232
     assert summary["plan"]["active_params"] == 39_881_544_192
     assert round(summary["plan"]["bf16_gb"]) == 1488 and round(summary["plan"]["fp8_gb"]) == 746
-    # pre-training, RL and the exports produced loadable checkpoints
+    # pre-training, SFT, RL and the exports produced loadable checkpoints
     assert summary["pretrain"]["step"] > 0 and summary["pretrain"]["val_lm"] > 0
+    assert summary["sft"]["step"] > 0 and summary["sft"]["val_lm"] > 0
     assert summary["rl"]["steps"] == 2 and summary["rl"]["buffer"]["trained"] > 0
+    assert summary["rl"]["variant"] == "abstain+kl"
     assert 0.4 < summary["export"]["fp8_bytes"] / summary["export"]["hf_bytes"] < 0.6
     GLM5ForCausalLM.from_pretrained(out / "export-fp8", fp8="keep")
-    # evaluation before and after, compared
-    for name in ("eval-before", "eval-after"):
+    GLM5ForCausalLM.from_pretrained(out / "sft" / "model")
+    # held-out evaluation after each stage, per difficulty, and the post-training numbers in summary.json
+    kinds = {"frontier_easy", "frontier_hard", "frontier_unanswerable", "frontier_tool", "overall"}
+    for name in ("eval-pretrain", "eval-sft", "eval-rl"):
         results = json.loads((out / name / "results.json").read_text())
-        assert {"easy_arithmetic", "unanswerable", "tool_use", "overall"} <= set(results["metrics"])
+        assert kinds <= set(results["metrics"])
         assert results["perplexity"]["perplexity"] > 1
+    for stage in ("sft", "rl"):
+        numbers = summary["posttrain"][stage]
+        for key in ("accuracy", "abstention_rate", "tool_call_valid"):
+            assert 0.0 <= numbers[key] <= 1.0, (stage, key)
+        h = numbers["hallucination_rate"]
+        assert h is None or 0.0 <= h <= 1.0
+        assert set(numbers["per_difficulty"]) == {"easy", "hard", "unanswerable", "tool"}
+    assert [t["target"] for t in summary["targets"]] == [
+        "hallucination rate SFT -> RL",
+        "accuracy RL / SFT",
+        "abstention on unanswerable (RL)",
+        "tool-call validity (SFT)",
+    ]
     assert (out / "eval-compare" / "comparison.png").stat().st_size > 0
     # the server answered the openai SDK: a streamed completion and a tool-call request
     serve = summary["serve"]
@@ -46,8 +63,15 @@ def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> 
         assert tool["then"]["tool_result"]  # the calculator's answer (or its error message) went back
     report = (out / "report.md").read_text()
     assert "| stage | result | time |" in report and "| total |" in report  # the summary table
-    for heading in ("Pre-training", "Evaluation before and after RL", "Serving"):
+    for heading in (
+        "Pre-training",
+        "Post-training on held-out frontier items",
+        "Evaluation SFT vs RL",
+        "Serving",
+    ):
         assert heading in report
-    for png in ("pretrain/loss.png", "rl/rl.png", "eval-compare/comparison.png"):
+    assert "| stage | difficulty | n | accuracy | abstention | hallucination |" in report
+    assert "target: hallucination rate SFT -> RL" in report
+    for png in ("pretrain/loss.png", "sft/loss.png", "rl/rl.png", "eval-compare/comparison.png"):
         assert (out / png).is_file() and f"({png})" in report
     assert "glm5 demo: the GLM-5 lifecycle" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from configs import MICRO
 from test_engine_fused import VARIANTS, noisy_model, twin_caches
 
 from glm5.checkpoint.fp8 import dequantize
-from glm5.engine.fused import FP8LayoutError, FusedDecoder
+from glm5.engine.fused import FP8LayoutError, FusedDecoder, matrix_view
 from glm5.engine.kv_cache import PagedLatentCache
 from glm5.kernels import native
 from glm5.kernels.formats import (
@@ -219,3 +219,37 @@ def test_an_fp8_checkpoint_keeps_fp8_by_default_and_options_must_agree(tmp_path)
         LLM(str(tmp_path), weights="int8", fp8="keep")
     with pytest.raises(ValueError, match="computes in float32; drop dtype"):
         LLM(str(tmp_path), weights="bf16", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_kernels_threaded_products_do_not_depend_on_the_thread_count(fmt: str) -> None:
+    """Rows split over OpenMP threads: each output summed by one thread in a fixed order, so 1 and 2 threads
+    give the same bits, for one input and for several (a verification's k + 1 rows)."""
+    lib = native.load()
+    if lib is None:
+        pytest.skip(f"no kernel: {native.load_error()}")
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(520, 1030, bias=True)  # ragged FP8 blocks and int8 groups
+    with torch.no_grad():
+        linear.weight.normal_(generator=g), linear.bias.normal_(generator=g)
+    model_like = torch.nn.Module()
+    model_like.proj = (
+        linear if fmt == "fp32" else WeightOnlyLinear(linear, "bf16" if fmt == "bf16" else "int8")
+    )
+    if fmt == "fp8":
+        model_like.proj = FP8Linear.from_linear(linear)
+    mat = matrix_view(model_like.proj)
+    before = torch.get_num_threads()
+    try:
+        for B in (1, 3):
+            x = torch.randn(B, 520, generator=g)
+            outs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out = torch.empty(B, 1030)
+                lib.glm5_linear(mat, x.data_ptr(), B, out.data_ptr())
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1])
+            torch.testing.assert_close(outs[0], model_like.proj(x), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)

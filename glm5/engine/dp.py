@@ -178,6 +178,14 @@ class DPScheduler:
     def mtp_cache(self) -> BlockManager | None:
         return self.members[0].mtp_cache
 
+    def cache_usage(self) -> dict[str, int | float]:
+        """The main caches' usage summed over the DP ranks (block size and bytes per block: one rank's)."""
+        usages = [m.cache.usage() for m in self.members]
+        total = dict(usages[0])
+        for key in ("num_blocks", "used_blocks", "free_blocks", "cached_blocks", "used_bytes", "total_bytes"):
+            total[key] = sum(u[key] for u in usages)
+        return total
+
     def stats(self) -> dict[str, Any]:
         return {
             "size": len(self.members),

@@ -254,17 +254,18 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Scheduler, cache and speculative-decoding counters."""
+        dp = hasattr(self.scheduler, "members")  # data-parallel attention: every DP rank's caches
         out: dict[str, Any] = {
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
             "weight_version": self.weight_version,
-            "kv_cache": self.cache.usage(),
+            "kv_cache": self.scheduler.cache_usage() if dp else self.cache.usage(),
         }
         if self.spec_metrics is not None:
             out["speculative"] = self.spec_metrics.as_dict()
-        if hasattr(self.scheduler, "members"):
+        if dp:
             out["data_parallel"] = self.scheduler.stats()
         return out
 

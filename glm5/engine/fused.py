@@ -122,6 +122,44 @@ def check_fp8_layout(model: nn.Module) -> None:
                 )
 
 
+def matrix_view(m: nn.Module, name: str = "", out_scale: float = 1.0) -> native.Mat:
+    """The kernel's view of one matrix module (nn.Linear fp32 / bf16, FP8Linear, WeightOnlyLinear), pointing at its
+    stored tensors (no copy); `out_scale` multiplies its outputs."""
+    name, scale = name or type(m).__name__, None
+    if isinstance(m, FP8Linear):
+        w, fmt, scale = m._buffers["weight"], "fp8", m.weight_scale_inv
+    elif isinstance(m, WeightOnlyLinear):
+        w, fmt, scale = m.stored, m.fmt, m.weight_scale
+    elif type(m) is nn.Linear:
+        w = m.weight
+        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(w.dtype)
+        if fmt is None:
+            raise ValueError(f"{name}.weight is {w.dtype}: the kernel reads float32 or bfloat16 nn.Linear")
+    else:
+        raise ValueError(f"{name} is a {type(m).__name__}, not a matrix module the kernel reads")
+    rows, cols = w.shape[-2:]
+    return _mat_of(name, w, scale, fmt, rows, cols, rows, m.bias, out_scale)
+
+
+def _mat_of(name, w, scale, fmt, rows, cols, split, bias, out_scale) -> native.Mat:  # noqa: ANN001
+    if not w.is_contiguous():
+        raise ValueError(f"{name} ({tuple(w.shape)}) is not contiguous")
+    if scale is not None and (not scale.is_contiguous() or scale.dtype != torch.float32):
+        raise ValueError(f"{name}'s scales are not contiguous float32")
+    if bias is not None and (not bias.is_contiguous() or bias.dtype != torch.float32):
+        raise ValueError(f"{name}.bias is not contiguous float32")
+    return native.Mat(
+        w=w.data_ptr(),
+        scale=None if scale is None else scale.data_ptr(),
+        bias=None if bias is None else bias.data_ptr(),
+        fmt=native.FORMATS[fmt],
+        rows=rows,
+        cols=cols,
+        split=split,
+        out_scale=out_scale,
+    )
+
+
 @dataclass
 class _Layer:
     """One decoder layer (main or MTP): its modules, used in place by both back ends."""
@@ -283,23 +321,7 @@ class FusedDecoder:
         return self._names.get(id(m), type(m).__name__)
 
     def _mat(self, m: nn.Module, out_scale: float = 1.0) -> native.Mat:
-        """The kernel's view of one matrix module, pointing at its stored tensors (no copy)."""
-        name, scale, split = self._name(m), None, 0
-        if isinstance(m, FP8Linear):
-            w, fmt, scale = m._buffers["weight"], "fp8", m.weight_scale_inv
-        elif isinstance(m, WeightOnlyLinear):
-            w, fmt, scale = m.stored, m.fmt, m.weight_scale
-        elif type(m) is nn.Linear:
-            w = m.weight
-            fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(w.dtype)
-            if fmt is None:
-                raise ValueError(
-                    f"{name}.weight is {w.dtype}: the kernel reads float32 or bfloat16 nn.Linear"
-                )
-        else:
-            raise ValueError(f"{name} is a {type(m).__name__}, not a matrix module the kernel reads")
-        rows, cols = w.shape[-2:]
-        return self._mat_of(name, w, scale, fmt, rows, cols, split or rows, m.bias, out_scale)
+        return matrix_view(m, self._name(m), out_scale)
 
     def _bank(self, experts: nn.Module, which: str) -> native.Mat:
         """Expert 0 of a routed-expert bank ([E, rows, cols]), in the bank's format."""
@@ -319,26 +341,7 @@ class FusedDecoder:
                 raise ValueError(f"{name} is {w.dtype}: the kernel reads float32 or bfloat16 experts")
         rows, cols = w.shape[-2:]
         split = rows // 2 if which == "gate_up_proj" else rows  # gate and up: separately quantised halves
-        return self._mat_of(name, w, scale, fmt, rows, cols, split, None, 1.0)
-
-    @staticmethod
-    def _mat_of(name, w, scale, fmt, rows, cols, split, bias, out_scale) -> native.Mat:  # noqa: ANN001
-        if not w.is_contiguous():
-            raise ValueError(f"{name} ({tuple(w.shape)}) is not contiguous")
-        if scale is not None and (not scale.is_contiguous() or scale.dtype != torch.float32):
-            raise ValueError(f"{name}'s scales are not contiguous float32")
-        if bias is not None and (not bias.is_contiguous() or bias.dtype != torch.float32):
-            raise ValueError(f"{name}.bias is not contiguous float32")
-        return native.Mat(
-            w=w.data_ptr(),
-            scale=None if scale is None else scale.data_ptr(),
-            bias=None if bias is None else bias.data_ptr(),
-            fmt=native.FORMATS[fmt],
-            rows=rows,
-            cols=cols,
-            split=split,
-            out_scale=out_scale,
-        )
+        return _mat_of(name, w, scale, fmt, rows, cols, split, None, 1.0)
 
     def _native_args(self, L: _Layer) -> native.LayerArgs:
         """The C kernel's arguments for one layer: sizes, flags and weight views (per-step fields set later)."""
@@ -364,9 +367,7 @@ class FusedDecoder:
                 raise ValueError(
                     f"{self._name(mlp.gate)}.weight is {w.dtype}: the kernel reads fp32 or bf16 routers"
                 )
-            router = self._mat_of(
-                f"{self._name(mlp.gate)}.weight", w, None, fmt, *w.shape, w.shape[0], None, 1.0
-            )
+            router = _mat_of(f"{self._name(mlp.gate)}.weight", w, None, fmt, *w.shape, w.shape[0], None, 1.0)
             shared = mlp.shared_experts
             ffn_mats = [router] + (
                 [] if shared is None else [self._mat(shared.gate_proj), self._mat(shared.up_proj)]

@@ -189,8 +189,6 @@ typedef float VF;
         return s;                                                                             \
     }
 DEF_DOT(dot_bf16, uint16_t, LD_BF16, SC_BF16)
-DEF_DOT(dot_fp8, uint8_t, LD_FP8, SC_FP8)
-DEF_DOT(dot_i8, int8_t, LD_I8, SC_I8)
 #if VW > 1
 DEF_DOT(dot_f32v, float, LD_F32, SC_F32)
 #endif
@@ -262,32 +260,60 @@ static Mat expert_mat(const Mat *bank, int64_t e) {
     return m;
 }
 
+/* sum_j s[j / G] * (W[j] . x[j]) over the K inputs of one FP8 (G = 128, codes x 2^-8: the scale carries 2^8) or int8
+   (G = 32) row: per group a vector sum, scaled into one of two vector accumulators (no horizontal sum per group) */
+#define DEF_SCALED_DOT(name, T, LD, SC, G, MUL)                                                              \
+    static float name(const T *q, const float *s, const float *x, int64_t K) {                               \
+        VF acc0 = VZERO, acc1 = VZERO;                                                                       \
+        float tail = 0.0f;                                                                                   \
+        for (int64_t j = 0, g = 0; j < K; j += G, g++) {                                                     \
+            const int64_t n = K - j < G ? K - j : G;                                                         \
+            const float sc = s[g] * (MUL);                                                                   \
+            VF t0 = VZERO, t1 = VZERO;                                                                       \
+            int64_t i = 0;                                                                                   \
+            for (; i + 2 * VW <= n; i += 2 * VW) {                                                           \
+                t0 = VFMA(LD(q + j + i), LD_F32(x + j + i), t0);                                             \
+                t1 = VFMA(LD(q + j + i + VW), LD_F32(x + j + i + VW), t1);                                   \
+            }                                                                                                \
+            for (; i + VW <= n; i += VW) t0 = VFMA(LD(q + j + i), LD_F32(x + j + i), t0);                    \
+            if (g & 1) acc1 = VFMA(VADD(t0, t1), VSET1(sc), acc1);                                           \
+            else acc0 = VFMA(VADD(t0, t1), VSET1(sc), acc0);                                                 \
+            float st = 0.0f;                                                                                 \
+            for (; i < n; i++) st += SC(q + j, i) * x[j + i];                                                \
+            tail += st * sc;                                                                                 \
+        }                                                                                                    \
+        return VHSUM(VADD(acc0, acc1)) + tail;                                                               \
+    }
+DEF_SCALED_DOT(dot_fp8_row, uint8_t, LD_FP8, SC_FP8, FP8_BLOCK, 256.0f)
+DEF_SCALED_DOT(dot_i8_row, int8_t, LD_I8, SC_I8, I8_GROUP, 1.0f)
+
+/* out[b] = w . X[b] for B <= 4 inputs in one pass over w (fp32) */
+static void dot_multi(const float *w, const float *X, int64_t ldx, int64_t B, int64_t n, float *out) {
+    VF a0 = VZERO, a1 = VZERO, a2 = VZERO, a3 = VZERO;
+    const float *x0 = X, *x1 = X + (B > 1 ? ldx : 0), *x2 = X + (B > 2 ? 2 * ldx : 0), *x3 = X + (B > 3 ? 3 * ldx : 0);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) {
+        VF wv = LD_F32(w + i);
+        a0 = VFMA(wv, LD_F32(x0 + i), a0);
+        a1 = VFMA(wv, LD_F32(x1 + i), a1);
+        a2 = VFMA(wv, LD_F32(x2 + i), a2);
+        a3 = VFMA(wv, LD_F32(x3 + i), a3);
+    }
+    float r[4] = {VHSUM(a0), VHSUM(a1), VHSUM(a2), VHSUM(a3)};
+    for (; i < n; i++) {
+        r[0] += w[i] * x0[i]; r[1] += w[i] * x1[i]; r[2] += w[i] * x2[i]; r[3] += w[i] * x3[i];
+    }
+    for (int64_t b = 0; b < B; b++) out[b] = r[b];
+}
+
 /* W[r, :] . x, without the out_scale and bias */
 static float row_dot(const Mat *m, int64_t r, const float *x) {
     const int64_t K = m->cols;
     switch (m->fmt) {
         case FMT_F32: return dot_f32((const float *)m->w + r * K, x, K);
         case FMT_BF16: return dot_bf16((const uint16_t *)m->w + r * K, x, K);
-        case FMT_FP8: {
-            const uint8_t *q = (const uint8_t *)m->w + r * K;
-            const float *s = scale_row(m, r);
-            float acc = 0.0f;
-            for (int64_t j = 0, kb = 0; j < K; j += FP8_BLOCK, kb++) {
-                int64_t n = K - j < FP8_BLOCK ? K - j : FP8_BLOCK;
-                acc += (s[kb] * 256.0f) * dot_fp8(q + j, x + j, n);
-            }
-            return acc;
-        }
-        default: {
-            const int8_t *q = (const int8_t *)m->w + r * K;
-            const float *s = scale_row(m, r);
-            float acc = 0.0f;
-            for (int64_t j = 0, g = 0; j < K; j += I8_GROUP, g++) {
-                int64_t n = K - j < I8_GROUP ? K - j : I8_GROUP;
-                acc += s[g] * dot_i8(q + j, x + j, n);
-            }
-            return acc;
-        }
+        case FMT_FP8: return dot_fp8_row((const uint8_t *)m->w + r * K, scale_row(m, r), x, K);
+        default: return dot_i8_row((const int8_t *)m->w + r * K, scale_row(m, r), x, K);
     }
 }
 
@@ -326,33 +352,69 @@ static void row_axpy(const Mat *m, int64_t r, float a, float *y, float *tmp) {
 
 #define ROW_TMP 16384  /* widest row the several-inputs path widens on the stack (wider: one dot per input) */
 
-/* Y[b, off + i] = out_scale * (W[i, :] . X[b, :]) + bias[i] for the rows i of n_mats matrices stacked (their outputs
-   side by side from column 0 of Y). Each weight row is read once for all B inputs; rows are split over threads. */
-static void linear_cat(const Mat *mats, int64_t n_mats, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
-    int64_t start[5] = {0}, total = 0, work = 0;
-    for (int64_t k = 0; k < n_mats; k++) {
-        start[k] = total;
-        total += mats[k].rows;
-        work += mats[k].rows * mats[k].cols;
-    }
-    start[n_mats] = total;
-    #pragma omp parallel for schedule(static) if (work * B >= (1 << 16))
-    for (int64_t g = 0; g < total; g++) {
-        int64_t k = 0;
-        while (g >= start[k + 1]) k++;
-        const Mat *m = mats + k;
-        const int64_t r = g - start[k];
-        const float add = m->bias ? m->bias[r] : 0.0f;
-        if (B == 1) {
-            Y[g] = m->out_scale * row_dot(m, r, X) + add;
-        } else if (m->fmt == FMT_F32 || m->cols > ROW_TMP) {
-            for (int64_t b = 0; b < B; b++) Y[b * ldy + g] = m->out_scale * row_dot(m, r, X + b * ldx) + add;
-        } else {
-            float tmp[ROW_TMP];
+/* One product of a batch of them: Y[b, i] = out_scale * (W[i, :] . X[b, :]) + bias[i] for the B inputs. */
+typedef struct {
+    Mat m;
+    const float *X;
+    int64_t ldx, B;
+    float *Y;
+    int64_t ldy;
+} Job;
+
+/* One output row of a job: each weight row is read once for all of the job's inputs */
+static void job_row(const Job *j, int64_t r) {
+    const Mat *m = &j->m;
+    const float add = m->bias ? m->bias[r] : 0.0f;
+    const int64_t B = j->B;
+    if (B == 1) {
+        j->Y[r] = m->out_scale * row_dot(m, r, j->X) + add;
+    } else if (m->cols > ROW_TMP) {
+        for (int64_t b = 0; b < B; b++) j->Y[b * j->ldy + r] = m->out_scale * row_dot(m, r, j->X + b * j->ldx) + add;
+    } else {  /* the row widened once (in place for fp32), then dotted with up to 4 inputs per pass */
+        float tmp[ROW_TMP], d[4];
+        const float *w = (const float *)m->w + r * m->cols;
+        if (m->fmt != FMT_F32) {
             row_get(m, r, tmp);
-            for (int64_t b = 0; b < B; b++) Y[b * ldy + g] = m->out_scale * dot_f32(tmp, X + b * ldx, m->cols) + add;
+            w = tmp;
+        }
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+            const int64_t nb = B - b0 < 4 ? B - b0 : 4;
+            dot_multi(w, j->X + b0 * j->ldx, j->ldx, nb, m->cols, d);
+            for (int64_t b = 0; b < nb; b++) j->Y[(b0 + b) * j->ldy + r] = m->out_scale * d[b] + add;
         }
     }
+}
+
+/* Several independent products in one pass: their rows (all jobs' together) are split over the threads, so a
+   layer's projections, or all its routed experts, cost one fork-join, not one each. Each output is summed by one
+   thread in a fixed order: the result does not depend on the thread count. */
+#define MAX_JOBS 260  /* 256 experts + the shared one */
+static void run_jobs(const Job *jobs, int64_t n_jobs) {
+    int64_t start[MAX_JOBS + 1], total = 0, work = 0;
+    for (int64_t k = 0; k < n_jobs; k++) {
+        start[k] = total;
+        total += jobs[k].m.rows;
+        work += jobs[k].m.rows * jobs[k].m.cols * jobs[k].B;
+    }
+    start[n_jobs] = total;
+    #pragma omp parallel for schedule(static) if (work >= (1 << 17))
+    for (int64_t g = 0; g < total; g++) {
+        int64_t lo = 0, hi = n_jobs - 1;  /* the job holding row g: binary search over the starts */
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) / 2;
+            if (start[mid] <= g) lo = mid; else hi = mid - 1;
+        }
+        job_row(jobs + lo, g - start[lo]);
+    }
+}
+
+/* Y[b, :] = the outputs of n_mats matrices reading the same X, side by side from column 0 of Y */
+static void linear_cat(const Mat *mats, int64_t n_mats, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
+    Job jobs[4];
+    memset(jobs, 0, sizeof jobs);
+    for (int64_t k = 0, off = 0; k < n_mats; off += mats[k].rows, k++)
+        jobs[k] = (Job){mats[k], X, ldx, B, Y + off, ldy};
+    run_jobs(jobs, n_mats);
 }
 
 static void linear(const Mat *m, const float *X, int64_t ldx, int64_t B, float *Y, int64_t ldy) {
@@ -619,10 +681,12 @@ static int feed_forward(const LayerArgs *a) {
     int rc = 1;
     float *m = malloc(sizeof(float) * B * (n_ffn > D ? n_ffn : D)), *y = malloc(sizeof(float) * B * D);
     float *act = malloc(sizeof(float) * (B * F + 1)), *wts = malloc(sizeof(float) * (B * K + 1));
-    float *xn = malloc(sizeof(float) * B * D), *xe = malloc(sizeof(float) * B * D), *ye = malloc(sizeof(float) * B * D);
-    float *gu = malloc(sizeof(float) * (B * 2 * Fe + 1));
+    float *xn = malloc(sizeof(float) * B * D), *xe = malloc(sizeof(float) * (B * K * D + 1));
+    float *ye = malloc(sizeof(float) * (B * K * D + 1)), *gu = malloc(sizeof(float) * (B * K * 2 * Fe + 1));
     int64_t *ids = malloc(sizeof(int64_t) * (B * K + 1)), *rows = malloc(sizeof(int64_t) * (B * K + 1));
-    if (!m || !y || !act || !wts || !xn || !xe || !ye || !gu || !ids || !rows) goto done;
+    int64_t used_rows = 0;
+    Job *jobs = malloc(sizeof(Job) * (a->E + 1)), *downs = malloc(sizeof(Job) * (a->E + 2));
+    if (!m || !y || !act || !wts || !xn || !xe || !ye || !gu || !ids || !rows || !jobs || !downs) goto done;
 
     for (int64_t b = 0; b < B; b++) {
         const float *x = a->h + b * D;
@@ -642,32 +706,38 @@ static int feed_forward(const LayerArgs *a) {
         }
         for (int64_t i = 0; i < F; i++) act[b * F + i] = silu(gate_up[i]) * gate_up[F + i];
     }
-    /* routed experts, one at a time over every row that chose it: each expert's weights are read once per
-       step, not once per row (a batch, or the k + 1 tokens of a speculative verification) */
+    /* routed experts: the rows that chose each one gathered, then every used expert's gate_up in one pass over
+       the threads and every down projection (with the shared expert's / dense MLP's) in another; each expert's
+       weights are read once per step, not once per row (a batch, or the k + 1 tokens of a verification) */
+    int64_t n_used = 0;
     for (int64_t e = 0; e < (a->is_moe ? a->E : 0); e++) {
         int64_t n = 0;
         for (int64_t t = 0; t < B * K; t++)
             if (ids[t] == e) {
-                rows[n] = t;
-                memcpy(xe + n * D, xn + (t / K) * D, D * sizeof(float));
+                rows[used_rows + n] = t;
+                memcpy(xe + (used_rows + n) * D, xn + (t / K) * D, D * sizeof(float));
                 n++;
             }
         if (n == 0) continue;
-        Mat gate_up = expert_mat(&a->gate_up, e), down = expert_mat(&a->down_e, e);
-        linear(&gate_up, xe, D, n, gu, 2 * Fe);
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t c = 0; c < Fe; c++) gu[i * 2 * Fe + c] = silu(gu[i * 2 * Fe + c]) * gu[i * 2 * Fe + Fe + c];
-        linear(&down, gu, 2 * Fe, n, ye, D);
-        for (int64_t i = 0; i < n; i++) axpy(y + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
+        jobs[n_used] = (Job){expert_mat(&a->gate_up, e), xe + used_rows * D, D, n, gu + used_rows * 2 * Fe, 2 * Fe};
+        downs[n_used] = (Job){expert_mat(&a->down_e, e), gu + used_rows * 2 * Fe, 2 * Fe, n, ye + used_rows * D, D};
+        used_rows += n;
+        n_used++;
     }
-    if (F > 0) {  /* the shared expert's / dense MLP's down projection, for all rows at once (into m, now free) */
-        linear(&a->down, act, F, B, m, D);
+    run_jobs(jobs, n_used);
+    for (int64_t i = 0; i < used_rows; i++)
+        for (int64_t c = 0; c < Fe; c++) gu[i * 2 * Fe + c] = silu(gu[i * 2 * Fe + c]) * gu[i * 2 * Fe + Fe + c];
+    if (F > 0)  /* the shared expert's / dense MLP's down projection, for all rows at once (into m, now free) */
+        downs[n_used] = (Job){a->down, act, F, B, m, D};
+    run_jobs(downs, n_used + (F > 0));
+    for (int64_t i = 0; i < used_rows; i++) axpy(y + (rows[i] / K) * D, wts[rows[i]], ye + i * D, D);
+    if (F > 0)
         for (int64_t b = 0; b < B; b++) axpy(y + b * D, 1.0f, m + b * D, D);
-    }
     for (int64_t b = 0; b < B; b++) axpy(a->h + b * D, 1.0f, y + b * D, D);
     rc = 0;
 done:
     free(m); free(y); free(act); free(wts); free(xn); free(xe); free(ye); free(gu); free(ids); free(rows);
+    free(jobs); free(downs);
     return rc;
 }
 

@@ -27,9 +27,11 @@ from glm5.plan.planner import (
     expected_distinct_experts,
     implied_figures,
     kv_bytes_per_token_layer,
+    launch_commands,
     min_devices_bound,
     plan,
     prefill_flops_per_token,
+    tp_replicated,
     weight_bytes,
 )
 from glm5.plan.report import format_plan, format_table, human_bytes, human_count, summarize_config
@@ -59,10 +61,12 @@ __all__ = [
     "human_count",
     "implied_figures",
     "kv_bytes_per_token_layer",
+    "launch_commands",
     "min_devices_bound",
     "parameter_table",
     "plan",
     "prefill_flops_per_token",
     "summarize_config",
+    "tp_replicated",
     "weight_bytes",
 ]

@@ -4,7 +4,10 @@ rooflines, MTP and cost of one deployment on the hardware catalog (glm5/hardware
 Assumptions, all explicit:
 - Layout: experts are sharded by expert parallelism over all N devices (EP = N); everything else (MLA,
   indexers, dense MLPs, shared experts, embedding, lm_head) is split by attention tensor parallelism TP and
-  replicated over N / TP data-parallel attention groups ("DP attention"). Each sequence lives in one DP
+  replicated over N / TP data-parallel attention groups ("DP attention"), except what the engine keeps whole on
+  every rank of a TP group (glm5/engine/sharding.py): q_a/kv_a projections and their norms, the indexers, the
+  routers and the norms (`WeightBytes.replicated`). `launch_commands` prints the `glm5 serve` (and `torchrun`)
+  lines that run this layout. Each sequence lives in one DP
   group; MLA's latent has a single head, so a TP group holds its sequences' cache on every member.
 - KV cache: the MLA latent (kv_lora_rank + qk_rope_head_dim values per token per layer) in BF16 (or the
   656-B "fp8_ds_mla" layout with --kv-dtype fp8); the DSA indexer key (index_head_dim per token per layer
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from glm5.config import GLM5Config
 from glm5.hardware import HARDWARE, Hardware
-from glm5.plan.accounting import ParamTable, parameter_table
+from glm5.plan.accounting import ParamTable, TensorEntry, parameter_table
 
 DEFAULT_BANDWIDTH_EFFICIENCY = 0.6
 """Share of peak HBM bandwidth decode reaches. Tuned MoE decode kernels stream weights at ~60-80% of peak;
@@ -54,6 +57,11 @@ class WeightBytes:
     mtp_total: int
     """Unique MTP-module bytes (it shares the embedding and lm_head)."""
     mtp_routed: int
+    replicated: int = 0
+    """Main-model bytes every rank of a TP group keeps whole: q_a/kv_a projections and their norms, indexers,
+    routers, norms."""
+    mtp_replicated: int = 0
+    """The same in the MTP modules (plus their eh_proj)."""
 
     @property
     def dense_read(self) -> int:
@@ -79,6 +87,10 @@ def weight_bytes(table: ParamTable, dtype: str) -> WeightBytes:
     }
     routed = total(False, "routed_experts")
     num_experts = table.config.n_routed_experts
+
+    def replicated(mtp: bool) -> int:
+        return sum(getattr(e, attr) for e in table.entries if e.in_mtp == mtp and tp_replicated(e))
+
     return WeightBytes(
         dtype,
         total(False),
@@ -89,7 +101,19 @@ def weight_bytes(table: ParamTable, dtype: str) -> WeightBytes:
         len(moe_layers),
         total(True),
         total(True, "routed_experts"),
+        replicated(False),
+        replicated(True),
     )
+
+
+TP_REPLICATED_ATTENTION = ("q_a_proj", "kv_a_proj_with_mqa", "q_a_layernorm", "kv_a_layernorm")
+
+
+def tp_replicated(entry: TensorEntry) -> bool:
+    """Whether the engine keeps this tensor whole on every rank of a TP group (glm5/engine/sharding.py)."""
+    if entry.component in ("routers", "indexers", "norms", "mtp_glue"):
+        return True
+    return entry.component == "attention" and any(f".{k}." in entry.name for k in TP_REPLICATED_ATTENTION)
 
 
 def kv_bytes_per_token_layer(cfg: GLM5Config, kv_dtype: str = "bf16") -> tuple[int, int]:
@@ -184,11 +208,17 @@ def device_memory(
     """Memory of the busiest device with `devices` devices and attention TP `attn_tp` (see the module notes)."""
     cfg, w = table.config, weight_bytes(table, s.dtype)
     experts_per_device = math.ceil(cfg.n_routed_experts / devices)
-    weights = (w.total - w.routed) / attn_tp + w.num_moe_layers * experts_per_device * w.per_expert
+    weights = (
+        (w.total - w.routed - w.replicated) / attn_tp
+        + w.replicated
+        + w.num_moe_layers * experts_per_device * w.per_expert
+    )
     if s.mtp_steps:
         weights += (
-            w.mtp_total - w.mtp_routed
-        ) / attn_tp + w.mtp_routed * experts_per_device / cfg.n_routed_experts
+            (w.mtp_total - w.mtp_routed - w.mtp_replicated) / attn_tp
+            + w.mtp_replicated
+            + w.mtp_routed * experts_per_device / cfg.n_routed_experts
+        )
     dp = devices // attn_tp
     tokens = math.ceil(s.concurrency / dp) * s.context  # the sequences of the busiest DP group
     latent, key = kv_bytes_per_token_layer(cfg, s.kv_dtype)
@@ -360,6 +390,8 @@ class Plan:
     """Unique parameters of the MTP modules (they share the embedding and head)."""
     active_parameters: int = 0
     """Main-model parameters one token uses, without embed_tokens and lm_head."""
+    config: GLM5Config | None = None
+    """The planned model's config."""
 
     @property
     def decode_per_user(self) -> float:
@@ -416,7 +448,55 @@ class Plan:
                 "mtp": self.mtp_parameters,
                 "active": self.active_parameters,
             },
+            "launch": launch_commands(self),
         }
+
+
+def launch_commands(p: Plan, model: str = "/path/to/checkpoint") -> list[str]:
+    """The plan's layout as `glm5 serve` flags: one command on one node, or the `torchrun` line each node runs
+    (nodes of `hardware.scale_up` devices), preceded by a comment with the per-rank memory the plan predicts.
+
+    TP t x DP d attention with experts over all N = t x d ranks is `-tp t` when d = 1 (the engine then divides
+    the experts over the t ranks), else `-tp t -dp d -ep N` (data-parallel attention, glm5/engine/dp.py), with
+    `--max-num-seqs` the sequences of one DP rank."""
+    s, hw, cfg = p.settings, p.hardware, p.config
+    t, n = p.attn_tp, p.devices
+    d = n // t
+    flags = ["--model", model]
+    if s.dtype == "fp8":
+        flags += ["--fp8", "keep"]
+    if t > 1:
+        flags += ["-tp", str(t)]
+    if d > 1:
+        flags += ["-dp", str(d), "-ep", str(n)]
+    if s.mtp_steps:
+        flags += ["--speculative-tokens", str(s.mtp_steps)]
+    flags += ["--max-num-seqs", str(math.ceil(s.concurrency / d))]
+    if cfg is not None and s.context < cfg.max_position_embeddings:
+        flags += ["--max-model-len", str(s.context)]
+    from glm5.plan.report import human_bytes
+
+    m, w = p.memory, p.weights
+    mtp = ""
+    if not s.mtp_steps and w.mtp_total:
+        per_rank = (w.mtp_total - w.mtp_routed - w.mtp_replicated) / t + w.mtp_replicated + w.mtp_routed / n
+        mtp = f" (+ {human_bytes(round(per_rank))}: the MTP layer, loaded without --speculative-tokens too)"
+    lines = [
+        f"# per rank (predicted): weights {human_bytes(round(m.weights))}{mtp}, KV cache "
+        f"{human_bytes(round(m.kv_latent + m.kv_indexer))}, total with the margin {human_bytes(round(m.total))} "
+        f"of {human_bytes(round(m.capacity))}"
+    ]
+    per_node = max(k for k in range(1, min(n, hw.scale_up) + 1) if n % k == 0)
+    nodes = n // per_node
+    if nodes == 1:
+        return [*lines, " ".join(["glm5", "serve", *flags])]
+    launcher = [
+        "torchrun",
+        *("--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--node-rank", "$NODE_RANK"),
+        *("--master-addr", "$HEAD_ADDR", "--master-port", "29500"),
+    ]
+    lines.append(f"# on each of the {nodes} nodes (NODE_RANK 0 .. {nodes - 1}; the HTTP port is on node 0):")
+    return [*lines, " ".join([*launcher, "-m", "glm5.cli", "serve", *flags, "--host", "0.0.0.0"])]
 
 
 REPORTED_ZAI = (17.0, 19.0)
@@ -531,4 +611,5 @@ def plan(cfg: GLM5Config, hw: Hardware, settings: PlanSettings, preset: str = ""
         table.total_main,
         table.mtp_params,
         table.active_no_embed,
+        cfg,
     )
