@@ -34,7 +34,8 @@ from glm5.plan.planner import (
     tp_replicated,
     weight_bytes,
 )
-from glm5.plan.report import format_plan, format_table, human_bytes, human_count, summarize_config
+from glm5.plan.report import format_plan, format_table, summarize_config
+from glm5.plan.units import human_bytes, human_count
 
 __all__ = [
     "COMPONENTS",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from glm5.config import GLM5Config
 from glm5.hardware import HARDWARE, Hardware
 from glm5.plan.accounting import ParamTable, TensorEntry, parameter_table
+from glm5.plan.units import human_bytes
 
 DEFAULT_BANDWIDTH_EFFICIENCY = 0.6
 """Share of peak HBM bandwidth decode reaches. Tuned MoE decode kernels stream weights at ~60-80% of peak;
@@ -474,7 +475,6 @@ def launch_commands(p: Plan, model: str = "/path/to/checkpoint") -> list[str]:
     flags += ["--max-num-seqs", str(math.ceil(s.concurrency / d))]
     if cfg is not None and s.context < cfg.max_position_embeddings:
         flags += ["--max-model-len", str(s.context)]
-    from glm5.plan.report import human_bytes
 
     m, w = p.memory, p.weights
     mtp = ""
