@@ -285,7 +285,9 @@ SCREEN_SHAPE = (256, 128, 256)
 def _linear_step_seconds(
     device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], reps: int
 ) -> float:
-    """Best time of a linear layer's forward + backward under `autocast(device, dtype)` (fp32 weights)."""
+    """Best time of a linear layer's forward + backward under `autocast(device, dtype)` (fp32 weights): on a CPU
+    the process's CPU time (a machine shared with other work slows the wall clock, not that), elsewhere wall time."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     tokens, k, n = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, k, generator=gen).to(device).requires_grad_()
@@ -293,12 +295,12 @@ def _linear_step_seconds(
     best = float("inf")
     for _ in range(reps + 1):  # the first run allocates and picks kernels: not timed
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         with autocast(device, dtype):
             y = torch.nn.functional.linear(x, w)
         y.float().sum().backward()
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
         x.grad = w.grad = None
     return best
 
@@ -307,19 +309,26 @@ def _linear_step_seconds(
 def bf16_probe(device: str = "cpu") -> tuple[float, float]:
     """(fp32 seconds, bf16 seconds) of a training-like linear step on `device`, measured once per process.
 
+    On a CPU it runs on one thread and counts CPU time, so the ratio is the kernels' and not the machine's load.
     A screen at SCREEN_SHAPE first: when bf16 is over 2x slower there (no bf16 kernels), the full probe is
-    skipped and its bf16 time reported as that ratio times the fp32 one (~50 ms in all on such a CPU).
+    skipped and the screen's times returned. ~0.2 s in all.
     """
     dev = torch.device(device)
-    fp32 = _linear_step_seconds(dev, torch.float32, SCREEN_SHAPE, 1)
-    bf16 = _linear_step_seconds(dev, torch.bfloat16, SCREEN_SHAPE, 1)
-    if bf16 > 2 * fp32:
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":  # one thread: the kernels' speed ratio, free of OpenMP waits on a busy machine
+        torch.set_num_threads(1)
+    try:
+        fp32 = _linear_step_seconds(dev, torch.float32, SCREEN_SHAPE, 1)
+        bf16 = _linear_step_seconds(dev, torch.bfloat16, SCREEN_SHAPE, 1)
+        if bf16 > 2 * fp32:
+            return fp32, bf16
+        fp32 = bf16 = float("inf")
+        for _ in range(3):  # interleaved
+            fp32 = min(fp32, _linear_step_seconds(dev, torch.float32, PROBE_SHAPE, 1))
+            bf16 = min(bf16, _linear_step_seconds(dev, torch.bfloat16, PROBE_SHAPE, 1))
         return fp32, bf16
-    fp32 = bf16 = float("inf")
-    for _ in range(3):  # interleaved: a busy machine slows both alike
-        fp32 = min(fp32, _linear_step_seconds(dev, torch.float32, PROBE_SHAPE, 1))
-        bf16 = min(bf16, _linear_step_seconds(dev, torch.bfloat16, PROBE_SHAPE, 1))
-    return fp32, bf16
+    finally:
+        torch.set_num_threads(threads)
 
 
 def choose_train_dtype(
