@@ -50,6 +50,9 @@ LLAMA_CPP = {  # issue 19: llama.cpp on the same machine, `small`, batch 1, 128 
 LLAMA_RSS_MB = {"F32": "539-638", "Q8_0": "165-264", "BF16": "285-384"}
 COUNTERPART = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "fp8": "Q8_0"}
 CHECKPOINT = {"fp32": "fp32", "bf16": "bf16", "int8": "bf16", "fp8": "fp8"}
+SHARD = "64MB"
+"""Shard size of the bench checkpoints: the loader maps one shard at a time, so a shard is what loading adds to
+the peak; GLM-5-FP8's 5 GB shards are 1/140 of its weights, a 64 MB shard ~1/8 of `small` in fp32."""
 
 
 def peak_rss() -> int:
@@ -77,9 +80,9 @@ def write_checkpoints(root: str) -> dict:
     for module in model.modules():
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias.normal_(0.0, 0.01)
-    model.save_pretrained(str(root / "fp32"))
-    convert_checkpoint(root / "fp32", root / "bf16", "bf16")
-    convert_checkpoint(root / "fp32", root / "fp8", "fp8")
+    model.save_pretrained(str(root / "fp32"), max_shard_size=SHARD)
+    convert_checkpoint(root / "fp32", root / "bf16", "bf16", max_shard_size=SHARD)
+    convert_checkpoint(root / "fp32", root / "fp8", "fp8", max_shard_size=SHARD)
     return {}
 
 
@@ -162,6 +165,17 @@ def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
     }
 
 
+def run_baseline(threads: int) -> dict:
+    """The peak RSS of a process that imports glm5 and torch and loads the kernel, holding no model: what every
+    measurement's peak includes besides weights, cache and activations."""
+    from glm5.engine import LLM  # noqa: F401
+    from glm5.kernels import native
+
+    torch.set_num_threads(threads)
+    native.load()
+    return {"peak_rss": peak_rss()}
+
+
 def run_bandwidth(threads: int) -> dict:
     """STREAM-like copy: best of 5 copies of a 256 MB fp32 array (bytes read + written / s)."""
     torch.set_num_threads(threads)
@@ -188,6 +202,7 @@ def worker(fn_name: str, args: tuple, queue) -> None:  # noqa: ANN001
 def markdown(results: dict) -> str:
     meta, rows, contexts = results["meta"], results["rows"], results["contexts"]
     bw = results["bandwidth_bytes_per_s"]
+    base = results["baseline_rss"] / 2**20
     lines = [
         f"# bench_cpu: `small` ({meta['params'] / 1e6:.1f}M parameters), batch-1 greedy decode of {NEW_TOKENS} "
         f"tokens, {meta['threads']} threads",
@@ -195,7 +210,9 @@ def markdown(results: dict) -> str:
         f"{meta['cpu']}; flags {meta['simd_flags']}; {meta['kernel']}. Medians of {meta['rounds']} interleaved "
         f"rounds, a fresh process per measurement; machine load average {meta['load']} during the run (other "
         "jobs share its 2 cores: numbers are noisy). STREAM-like copy bandwidth "
-        f"{bw / 1e9:.1f} GB/s (median). llama.cpp: quoted from issue 19, not re-measured.",
+        f"{bw / 1e9:.1f} GB/s (median). Runtime RSS (import glm5 + torch, the kernel loaded, no model): "
+        f"{base:.0f} MB; `peak - runtime` compares the rest with weights + KV cache. Checkpoint shards of {SHARD}. "
+        "llama.cpp: quoted from issue 19, not re-measured.",
         "",
         "| engine / weights | "
         + " | ".join(f"decode @{c}" for c in contexts)
@@ -215,9 +232,10 @@ def markdown(results: dict) -> str:
         pre = [f"{by_ctx[str(c)]['prefill_tok_s']:.0f}" for c in contexts if c >= 512]
         rss = [by_ctx[str(c)]["peak_rss"] / 2**20 for c in contexts]
         held = [(by_ctx[str(c)]["weight_bytes"] + by_ctx[str(c)]["kv_bytes"]) / 2**20 for c in contexts]
+        over = max((r - base) / h for r, h in zip(rss, held))
         lines.append(
             f"| glm5 {fmt} | " + " | ".join(dec + pre) + f" | {min(rss):.0f}-{max(rss):.0f} MB | "
-            f"{min(held):.0f}-{max(held):.0f} MB (x{max(r / h for r, h in zip(rss, held)):.2f} max) |"
+            f"{min(held):.0f}-{max(held):.0f} MB (peak - runtime: x{over:.2f} max) |"
         )
     lines += [
         "",
@@ -305,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         runs: dict[tuple[str, int], list[dict]] = {}
         bandwidth = []
+        baseline = run_in_fresh_process(worker, ("run_baseline", (args.threads,)), 120)["peak_rss"]
         for rnd in range(rounds):
             bandwidth.append(
                 run_in_fresh_process(worker, ("run_bandwidth", (args.threads,)), 120)["bytes_per_s"]
@@ -346,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "contexts": contexts,
         "bandwidth_bytes_per_s": statistics.median(bandwidth),
         "bandwidth_runs": bandwidth,
+        "baseline_rss": baseline,
         "llama_cpp_issue_19": LLAMA_CPP,
         "rows": rows,
     }

@@ -115,7 +115,7 @@ def run_layout(
         tensor_parallel_size=tp,
         expert_parallel_size=ep,
         data_parallel_size=dp,
-        moe_dispatch=dispatch or "allgather",
+        moe_dispatch=dispatch or "alltoall",
         fused_decode=fused,
         enable_prefix_caching=False,
         kv_cache_memory=256 << 20,

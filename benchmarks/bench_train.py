@@ -83,8 +83,12 @@ def _glm5_step(model, opt, ids, recipe, routers, dtype):  # noqa: ANN001
 
     batch = Batch(ids[:, :-1], ids[:, 1:])
     counts = step_counts([batch], recipe.mtp_depth)
-    with autocast("cpu", dtype):  # as Trainer.train_step: the forward under autocast, the losses in fp32
-        out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True)
+    targets = {
+        "targets": batch.targets,
+        "mtp_targets": [batch.mtp_targets(d) for d in range(recipe.mtp_depth)],
+    }
+    with autocast("cpu", dtype):  # as Trainer.train_step: the forward under autocast, heads fused with the CE
+        out = model(batch.input_ids, mtp_depth=recipe.mtp_depth, return_stats=True, **targets)
     objective, _ = training_losses(
         out, batch, counts, recipe, Stage("sparse", 1.0, dsa=True), model.config.num_experts_per_tok
     )
@@ -101,8 +105,12 @@ def _hf_step(model, opt, ids, dtype, glm5: bool = False):  # noqa: ANN001
     from glm5.device import autocast
 
     with autocast("cpu", dtype):
-        logits = model(ids[:, :-1]).logits if glm5 else model(input_ids=ids[:, :-1], use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        if glm5:  # glm5's training forward: the LM head fused with its cross-entropy (glm5.model.loss)
+            loss = model(ids[:, :-1], targets=ids[:, 1:], mtp_targets=[]).lm_loss_sum / ids[:, 1:].numel()
+        else:
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+    if not glm5:
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

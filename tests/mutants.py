@@ -300,6 +300,49 @@ MUTANTS: list[Mutant] = [
         ),
         ("tests/test_rl_buffer.py",),
     ),
+    # --- data-parallel attention + EP, RL on a multi-process rollout engine (issue 16) ---------------------
+    Mutant(
+        "dp-alltoall-own-layer",
+        "an expert owner runs each peer's tokens with the experts of the layer that peer is in",
+        (
+            (
+                "glm5/engine/sharding.py",
+                "experts = self.layers[meta[s][1]].experts",
+                "experts = self.layers[meta[self.rank][1]].experts",
+            ),
+        ),
+        ("tests/test_dp.py -k dp2_ep2_alltoall",),
+    ),
+    Mutant(
+        "dp-allgather-own-layer",
+        "all-gather dispatch: each DP rank's tokens run through the experts of its own layer",
+        (
+            (
+                "glm5/engine/sharding.py",
+                "n, layer = meta[s][0], meta[s][1]",
+                "n, layer = meta[s][0], meta[self.rank][1]",
+            ),
+        ),
+        ("tests/test_dp.py -k dp2_ep2_allgather",),
+    ),
+    Mutant(
+        "dp-route-ignores-prefix",
+        "the front rank routes a request to the DP rank whose cache holds its prefix",
+        (("glm5/engine/dp.py", "hit = len(m.cache.match_prefix(", "hit = 0 * len(m.cache.match_prefix("),),
+        ("tests/test_dp.py -k prefix_hit",),
+    ),
+    Mutant(
+        "rl-dead-rollout-rank-not-replaced",
+        "a dead rank of a multi-process rollout engine is replaced, nothing lost",
+        (
+            (
+                "glm5/rl/rollout.py",
+                "if not isinstance(exc, EngineDeadError) or self.engine_factory is None:",
+                "if True:",
+            ),
+        ),
+        ("tests/test_dp_rl.py -k killed",),
+    ),
 ]
 
 

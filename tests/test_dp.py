@@ -9,6 +9,7 @@ DP2 x TP2 with EP4 (4 processes). Bad flags are refused before anything loads.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.dist
 TOL = 1e-5
 CFG = MICRO.replace(n_group=4, topk_group=2, vocab_size=255, max_position_embeddings=256)
 ENGINE = dict(block_size=4, num_blocks=160, max_num_seqs=8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +131,11 @@ def test_prefix_hit_routes_to_the_rank_holding_it(ckpt) -> None:
     with LLM(str(ckpt), expert_parallel_size=2, data_parallel_size=2, **ENGINE) as llm:
         p0 = _prompts()[0]
         params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-        llm.generate([p0, _prompts()[1]], params)  # p0 -> DP rank 0, the other -> 1
+        llm.generate([_prompts()[1], p0], params)  # the first -> DP rank 0, p0 -> 1
+        # both ranks idle now: the least loaded would be rank 0, but rank 1's cache holds p0's three blocks
         (out,) = llm.generate([p0 + [1, 2]], params)
-        assert out.metrics.num_cached_tokens >= 12  # found a's three cached blocks: it went to DP rank 0
-        assert llm.engine.scheduler.routed == [2, 1]
+        assert out.metrics.num_cached_tokens >= 12
+        assert llm.engine.scheduler.routed == [1, 2]
 
 
 def test_layout_flags_are_checked_before_loading(ckpt, capsys) -> None:
@@ -147,3 +155,69 @@ def test_layout_flags_are_checked_before_loading(ckpt, capsys) -> None:
     # 8 experts over 3 ranks: refused by the layout rules, nothing loaded
     assert main([*base, "-dp", "3", "-ep", "3"]) == 2
     assert "n_routed_experts" in capsys.readouterr().err
+
+
+def test_plan_prints_a_launch_command_whose_rank_bytes_it_predicts(ckpt, capsys, monkeypatch) -> None:
+    """`glm5 plan` on the checkpoint prints a `glm5 serve` line; the serve front end accepts its flags as they
+    are, and the engine built with them holds, on rank 0, the weight bytes the plan predicted (within 2%)."""
+    import glm5.serve.server as server
+    from glm5.cli import main
+    from glm5.engine.sharding import rank_weight_bytes, state_bytes
+    from glm5.hardware import HARDWARE
+    from glm5.plan import PlanSettings, plan
+
+    args = ["plan", str(ckpt), "--dtype", "bf16", "--devices", "2", "--attn-tp", "1"]
+    args += ["--mtp-steps", "1", "--mtp-accept", "1.5", "--context", "64", "--concurrency", "4"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (cmd,) = [line for line in lines if line.startswith("glm5 serve")]
+    assert any(line.startswith("# per rank (predicted): weights") for line in lines)
+    assert f"--model {ckpt} " in cmd and " -dp 2 -ep 2 " in cmd
+    seen: dict = {}
+
+    class Loaded(Exception):
+        pass
+
+    def build_engine(model, tokenizer, **options):  # noqa: ANN001, ANN202 - records what serve would load
+        seen.update(options)
+        raise Loaded
+
+    monkeypatch.setattr(server, "build_engine", build_engine)
+    with pytest.raises(Loaded):
+        main([*cmd.split()[1:], "--port", str(_free_port())])
+    assert seen["data_parallel_size"] == 2 and seen["expert_parallel_size"] == 2
+    assert seen["num_speculative_tokens"] == 1 and seen["max_num_seqs"] == 2 and seen["max_model_len"] == 64
+    predicted = plan(
+        CFG, HARDWARE["h200"], PlanSettings(dtype="bf16", devices=2, attn_tp=1, mtp_steps=1)
+    ).memory
+    layout = {k: seen[k] for k in ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size")}
+    with LLM(str(ckpt), dtype=torch.bfloat16, num_speculative_tokens=1, **layout, **ENGINE) as llm:
+        held = state_bytes(llm.engine.model)
+    assert abs(predicted.weights / held - 1) < 0.02
+    assert rank_weight_bytes(CFG, 1, 2, rank=1, data_parallel=True) == held  # rank 1 holds as much
+
+
+@pytest.mark.slow
+def test_plan_predicts_the_glm5_rank_bytes_of_its_layouts() -> None:
+    """The meta-built GLM-5 sharded as the plan's layouts: per-rank weight bytes within 2% of the plan's."""
+    from glm5 import GLM5Config
+    from glm5.engine.sharding import rank_weight_bytes
+    from glm5.hardware import HARDWARE
+    from glm5.plan import PlanSettings, device_memory, parameter_table
+
+    cfg = GLM5Config.from_preset("glm-5")
+    table = parameter_table(cfg)
+    for dtype, t, d in (("fp8", 1, 16), ("bf16", 8, 2), ("fp8", 4, 4)):
+        s = PlanSettings(dtype=dtype, devices=t * d, attn_tp=t, mtp_steps=1)
+        predicted = device_memory(table, HARDWARE["h200"], s, t * d, t).weights
+        held = rank_weight_bytes(cfg, t, d, dtype=torch.bfloat16, fp8=dtype == "fp8", data_parallel=True)
+        assert abs(predicted / held - 1) < 0.02, (dtype, t, d, predicted, held)
+    # 16 H200s (nodes of 8): one torchrun line per node, the layout the plan chose
+    from glm5.plan import launch_commands, plan
+
+    p = plan(cfg, HARDWARE["h200"], PlanSettings(dtype="fp8", devices=16))
+    *_, cmd = launch_commands(p, "/ckpt")
+    assert cmd.startswith("torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK")
+    assert f"-m glm5.cli serve --model /ckpt --fp8 keep -dp {16 // p.attn_tp} -ep 16" in cmd.replace(
+        f"-tp {p.attn_tp} ", ""
+    )

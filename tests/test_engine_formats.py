@@ -253,3 +253,30 @@ def test_the_kernels_threaded_products_do_not_depend_on_the_thread_count(fmt: st
             torch.testing.assert_close(outs[0], model_like.proj(x), rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("fmt", ["fp32", "fp8"])
+def test_greedy_drafts_in_one_kernel_call_equal_the_step_by_step_drafts(fmt: str) -> None:
+    """k - 1 greedy MTP steps in one C call (glm5_mtp_draft) propose the tokens that k - 1 calls of mtp_forward +
+    argmax propose, and speculative decoding still equals plain greedy decoding."""
+    from glm5.engine import LLM, SamplingParams
+
+    model = convert_model(noisy_model(MICRO.replace(index_n_heads=16)), fmt)
+    prompts = [list(range(5, 30)), [3, 4, 9]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(model, block_size=4).generate(prompts, params)]
+    drafts, outs = {}, {}
+    for mode in ("kernel", "steps"):
+        llm = LLM(model, block_size=4, num_speculative_tokens=3)
+        runner_fused = llm.engine.fused
+        assert runner_fused.drafts_in_kernel(llm.engine.executor.runner.mtp_cache)
+        if mode == "steps":
+            runner_fused.drafts_in_kernel = lambda cache: False
+        drafter, seen = llm.engine.executor.runner.drafter, []
+        propose = drafter.propose
+        drafter.propose = lambda *a: seen.append(propose(*a)[0].tolist()) or (torch.tensor(seen[-1]), None)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        drafts[mode] = seen
+    assert drafts["kernel"] == drafts["steps"] and len(drafts["kernel"]) > 2
+    assert outs["kernel"] == outs["steps"] == plain

@@ -367,6 +367,7 @@ MARCH_NODES = [  # fused-vs-model parity through the kernel: decode, several tok
 MARCH_ISA = {"x86-64": "portable", "x86-64-v3": "avx2", "x86-64-v4": "avx512"}
 
 
+@pytest.mark.slow  # four builds, each running the parity nodes in a fresh process (~20 s each on 2 cores)
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.parametrize("march", ["native", "x86-64", "x86-64-v3", "x86-64-v4"])
 def test_the_kernel_built_for_each_cpu_family_equals_the_model(march: str, tmp_path) -> None:  # noqa: ANN001

@@ -1,6 +1,7 @@
 """Pre-training data: the embedded corpus, synthetic chat tasks, memory-mapped token files and packing."""
 
 from glm5.data.dataset import DataSpec, build_dataset, corpus_files, corpus_texts
+from glm5.data.frontier import frontier_tasks  # also registers the frontier_* task kinds
 from glm5.data.packing import IGNORE, Batch, BatchOrder, PackedSequences
 from glm5.data.tasks import (
     ABSTENTION,
@@ -28,6 +29,7 @@ __all__ = [
     "check_answer",
     "corpus_files",
     "corpus_texts",
+    "frontier_tasks",
     "generate_tasks",
     "is_abstention",
 ]

@@ -10,8 +10,8 @@ Difficulties (each a `Task.kind`, `Task.meta["difficulty"]` the short name):
   items, so held-out items are new, and a model of a few million parameters mostly cannot add them in its head.
   The reference reply answers them, except for a share ``HARD_ABSTAIN_SHARE`` answered with the abstention:
   the SFT policy then samples both behaviours on a hard item, and RL learns where each pays.
-- ``frontier_unanswerable`` (unanswerable): questions about made-up or unknowable things (glm5.data.tasks);
-  the right reply is the abstention.
+- ``frontier_unanswerable`` (unanswerable): questions about made-up or unknowable things (glm5.data.tasks's
+  generator, with a short thought); the right reply is the abstention.
 - ``frontier_tool`` (tool): a product of a three-digit and a two-digit number with the calculator tool offered:
   think, call ``calculator`` with the expression, read the observation, answer with it (a multi-turn episode).
 
@@ -26,7 +26,14 @@ import hashlib
 import random
 from typing import Any
 
-from glm5.data.tasks import ABSTENTION, CALCULATOR_TOOL, Task, calculator, unanswerable_tasks
+from glm5.data.tasks import (
+    ABSTENTION,
+    CALCULATOR_TOOL,
+    TASK_GENERATORS,
+    Task,
+    calculator,
+    unanswerable_tasks,
+)
 
 HELDOUT_FRACTION = 0.25
 """Share of items (by hashed identity) that are held out for evaluation."""
@@ -40,6 +47,8 @@ ANSWERABLE = ("easy", "hard", "tool")
 
 _PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.")
 _HARD_THINKING = "These numbers are too large to add reliably in my head."
+_UNKNOWABLE_THINKING = "Nothing I know answers this."
+"""Short thinking before the abstention on unanswerable items (a reply must fit the RL token budget)."""
 _TOOL_QUESTIONS = ("What is {e}? Use the calculator.", "Compute {e} with the calculator.")
 
 
@@ -150,7 +159,12 @@ def _unanswerable(count: int, seed: int, heldout: bool) -> list[Task]:
             question = t.messages[0]["content"]
             if is_heldout(item_key("unanswerable", question)) == heldout and len(tasks) < count:
                 meta = {"difficulty": "unanswerable", "key": question}
-                tasks.append(Task("frontier_unanswerable", t.messages, None, meta=meta))
+                reply = {
+                    "role": "assistant",
+                    "reasoning_content": _UNKNOWABLE_THINKING,
+                    "content": ABSTENTION,
+                }
+                tasks.append(Task("frontier_unanswerable", [t.messages[0], reply], None, meta=meta))
         batch += 1
     return tasks
 
@@ -179,3 +193,6 @@ def train_generator(kind: str) -> Any:
 def heldout_generator(kind: str) -> Any:
     """generator(count, seed) of held-out items of `kind` (for the evaluation tasks)."""
     return lambda count, seed: frontier_tasks(kind, count, seed, "heldout")
+
+
+TASK_GENERATORS.update({kind: train_generator(kind) for kind in KINDS})

@@ -305,30 +305,15 @@ def unanswerable_tasks(count: int, seed: int) -> list[Task]:
     return tasks
 
 
-def _frontier(kind: str, split: str) -> Callable[[int, int], list[Task]]:
-    """A generator of the post-training frontier items (glm5.data.frontier), imported on first use."""
-
-    def generate(count: int, seed: int) -> list[Task]:
-        from glm5.data.frontier import frontier_tasks
-
-        return frontier_tasks(kind, count, seed, split)
-
-    generate.__name__ = f"{kind}_{split}_tasks"
-    return generate
-
-
 TASK_GENERATORS: dict[str, Callable[[int, int], list[Task]]] = {
     "arithmetic": arithmetic_tasks,
     "easy_arithmetic": easy_arithmetic_tasks,
     "word_problem": word_problem_tasks,
     "calculator": calculator_tasks,
     "unanswerable": unanswerable_tasks,
-    **{
-        f"frontier_{d}": _frontier(f"frontier_{d}", "train") for d in ("easy", "hard", "unanswerable", "tool")
-    },
 }
-"""kind -> generator(count, seed) -> tasks; the same (count, seed) always gives the same tasks. The
-``frontier_*`` kinds draw only *training* items of glm5.data.frontier (its held-out items are for evaluation)."""
+"""kind -> generator(count, seed) -> tasks; the same (count, seed) always gives the same tasks. glm5.data.frontier
+adds its ``frontier_*`` kinds here when imported (glm5.data's __init__ does): they draw only *training* items."""
 
 
 def generate_tasks(counts: dict[str, int], seed: int) -> list[Task]:

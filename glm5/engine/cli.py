@@ -158,8 +158,8 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--moe-dispatch",
         choices=("allgather", "alltoall"),
-        default="allgather",
-        help="how the MoE layers exchange tokens between data-parallel ranks (default allgather)",
+        default="alltoall",
+        help="how the MoE layers exchange tokens between data-parallel ranks (default alltoall)",
     )
 
 
@@ -202,7 +202,7 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
             "tensor_parallel_size": tp,
             "expert_parallel_size": ep,
             "data_parallel_size": dp,
-            "moe_dispatch": getattr(args, "moe_dispatch", "allgather"),
+            "moe_dispatch": getattr(args, "moe_dispatch", "alltoall"),
         }
     return {"tensor_parallel_size": tp, "expert_parallel_size": ep}
 

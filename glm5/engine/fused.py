@@ -1,33 +1,45 @@
-"""The decode step with fused weights: one new token per sequence in far fewer, larger operations.
+"""The decode step in far fewer, larger operations: one new token per sequence, weights read as the model holds them.
 
 At decode a GLM-5 layer multiplies a handful of vectors by small matrices, so on a CPU the time goes into
-operator dispatch (~600 eager ops per step of the 4-layer bench model), not arithmetic. `FusedDecoder` runs the
-same step as `GLM5ForCausalLM.forward` with a cache and T = 1, rearranged:
+operator dispatch (~600 eager ops per step of the 4-layer bench model) and into streaming the weights, not
+arithmetic. `FusedDecoder` runs the same step as `GLM5ForCausalLM.forward` with a cache and T = 1:
 
-- every projection that reads the same input is one matrix: [q_a; kv_a; indexer wk; indexer weights_proj]
-  from the layer input, [q_b; indexer wq_b] from the query latent, [router; shared gate; shared up] (or the
-  dense MLP's [gate; up]) from the post-attention input;
-- the RMSNorm weight in front of a fused matrix is folded into its columns and the 1/rms factor is applied to
-  the (narrower) product: W (w * x * s) = s * (W diag(w)) x; constant scales (softmax, 1/sqrt(H) of the
-  indexer head weights, 1/sqrt(d) of its scores) are folded into the matrices too;
-- RoPE for the position of each row is one small matrix product (a [R, R] rotation built once per step,
-  shared by every layer), also for the indexer, whose rotation leaves its non-rope dims alone;
-- attention is the weight-absorbed MLA over the top-k latent entries (or all entries up to index_topk), the
-  same arithmetic as `sparse_latent_attention`, with no masks when every row sees all of its keys.
+- with the native kernel (glm5/kernels/decode_layer.c, built and loaded by glm5.kernels.native; the default on a
+  CPU with a C compiler) each decoder layer -- main or MTP -- is one C call that reads every weight matrix in
+  the format it is stored in (fp32, bf16, block FP8 e4m3 with its 128x128 scales, int8 with group scales; see
+  glm5.kernels.formats), widens it in registers and accumulates in fp32; it writes the layer's paged-cache
+  entries itself, runs the indexer over the context and attends over the selected latents. lm_head and the MTP
+  eh_proj are kernel products too. A row may bring several new tokens (speculative verification: row-major,
+  each attends up to itself; every weight row is widened once for all of them), and the MTP layer drafts
+  through it (`mtp_forward`);
+- without the kernel the step runs as torch ops on the same modules (each widens its own weights): RoPE of
+  each row as one small rotation matrix shared by every layer, the weight-absorbed MLA over the top-k latent
+  entries (the arithmetic of `sparse_latent_attention`), no masks when every row sees all of its keys.
 
-The packed matrices are copies (the experts, kv_b, o_proj, embedding and lm_head are used in place): about
-1% more weight memory on GLM-5. They are rebuilt automatically when any source parameter changes (its
-tensor, its storage or its in-place version counter), so `update_weights`, in-place optimizer steps on a
-shared model and `load_state_dict` all keep the fused step exact; writes through `.data` and replaced modules
-need `invalidate()`. Supported: float32 models of nn.Linear layers (not FP8
-"keep" weights), the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)`
-says why not otherwise and the engine then uses the model's own forward.
+Nothing is copied: the kernel points at the model's own tensors. It notices when any of them changes (its
+tensor, its storage or its in-place version counter) and rebuilds its arguments, so `update_weights`, in-place
+optimizer steps on a shared model and `load_state_dict` all keep the step exact; writes through `.data` and
+replaced modules need `invalidate()`. Supported: float32 activations (weights in any of the formats above),
+the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)` says why not otherwise
+and the engine then uses the model's own forward. A block-FP8 weight whose scale grid does not match its
+128x128 blocks is refused (FP8LayoutError naming the tensor).
 
-With the native kernel (glm5/kernels/decode_layer.c, built and loaded by glm5.kernels.native; the default on a
-CPU with a C compiler) each decoder layer -- main or MTP -- is one C call on these packs: it writes the layer's
-paged-cache entries itself, runs the indexer over the context and attends over the selected latents. A row
-may also bring several new tokens (speculative verification: row-major, each attends up to itself), and the
-MTP layer drafts through it (`mtp_forward`). Without the kernel the step runs as the packed torch ops below.
+THE CONTRACT with decode_layer.c (its twin; the same section heads that file): `native.LayerArgs` / `native.Mat`
+mirror the C structs field for field, and the loader refuses a library whose sizeof differs.
+- Mat: w (the stored matrix [rows, cols], contiguous), scale (FP8: weight_scale_inv [ceil(rows/128),
+  ceil(cols/128)] fp32, the stacked experts' gate and up halves quantised apart, `split` = the first up row;
+  int8: [rows, ceil(cols/32)] fp32; else NULL), bias (fp32 [rows] or NULL), fmt (native.FORMATS), out_scale
+  (a constant folded into the outputs: the indexer's head-weight scales). Owned by the model; `_held` keeps
+  the tensors alive while the kernel may read them.
+- LayerArgs, set once per build by `_native_args`: sizes and eps; `in_` = [q_a, kv_a (, indexer wk, indexer
+  weights_proj)] (read by the input-normed row), `q` = [q_b (, indexer wq_b)] (by the normed query latent),
+  `kv_b` (absorbed: its rows per head are W_UK then W_UV), `o`, `ffn` = [router (, shared gate, shared up)] or
+  [gate, up], `down`, the expert banks `gate_up` / `down_e` (expert 0 of [E, rows, cols]); fp32 norm vectors;
+  routing constants.
+- LayerArgs, set per call by `_run_kernel`: B rows, `h` [B, D] fp32 (the residual stream, updated in place;
+  the caller's), cos / sin [rows or 1, R/2] fp32, the cache's contiguous fp32 stores and its write / gather /
+  length tables (the cache's), `topk_idx` / `topk_count` (the caller's scratch, shared by the layers of one
+  call so IndexCache layers reuse the last selection). Scratch buffers are the kernel's own.
 """
 
 from __future__ import annotations
@@ -508,6 +520,82 @@ class FusedDecoder:
             u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache, next_ids.shape[1]
         ).view_as(u)
         return h, self._linear(self.lm_head, self._rms_norm(h, module.shared_head.norm))
+
+    def drafts_in_kernel(self, cache) -> bool:  # noqa: ANN001
+        """Greedy drafting runs in one kernel call (`mtp_draft`): the kernel is loaded, the model has one MTP
+        module (applied recursively) and a contiguous float32 embedding."""
+        embed = self.model.model.embed_tokens.weight
+        return (
+            self.lib is not None
+            and hasattr(cache, "decode_tables")
+            and self.model.attention.impl == "sparse"
+            and len(getattr(self.model, "mtp", ())) == 1
+            and embed.dtype == torch.float32
+            and embed.is_contiguous()
+        )
+
+    @torch.no_grad()
+    def mtp_draft(self, hidden: torch.Tensor, prev_ids: torch.Tensor, cache, steps: int) -> torch.Tensor:  # noqa: ANN001
+        """`steps` greedy drafts per row in one kernel call: each step runs `mtp_forward` on the previous MTP output
+        hidden [B, D] and token prev_ids [B] (first: the given ones), then takes the argmax of its logits -- the
+        same arithmetic as `steps` calls of `mtp_forward` + argmax, without Python between them. Writes the
+        drafts' MTP cache entries (the caller prepared `steps` placeholder tokens per row and rolls them back);
+        -> drafts [B, steps]. Only where `drafts_in_kernel(cache)`."""
+        model = self.model
+        self._ensure_fresh()
+        B, D = hidden.shape
+        module, L = model.mtp[0], self.mtp_layers[0]
+        embed = model.model.embed_tokens.weight
+        pos, _ = cache.begin(steps)
+        write, gather, lengths = cache.decode_tables(steps)
+        step_major = lambda t: t.view(B, steps, *t.shape[1:]).transpose(0, 1).contiguous()  # noqa: E731
+        cos, sin = self.model.rotary(pos.q_pos, hidden.dtype)  # [P, T, R/2]
+        cos, sin = (step_major(t.expand(B, steps, -1).reshape(B * steps, -1)) for t in (cos, sin))
+        write, gather, lengths = step_major(write), step_major(gather), step_major(lengths)
+        kv, idx = cache.stores(L.attn.layer_idx)
+        if kv.dtype != torch.float32 or not kv.is_contiguous():
+            raise ValueError(f"the native kernel needs a contiguous float32 cache, got {kv.dtype}")
+        h = hidden.contiguous().clone()
+        prev = prev_ids.contiguous()
+        ids = torch.empty(steps, B, dtype=torch.long)
+        topk_idx = torch.empty(B, self.cfg.index_topk, dtype=torch.long)
+        topk_count = torch.zeros(B, dtype=torch.long)
+        a = L.args
+        a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
+        a.gather_stride, a.topk_idx, a.topk_count = (
+            gather.shape[-1],
+            topk_idx.data_ptr(),
+            topk_count.data_ptr(),
+        )
+        a.dsa = model.attention.dsa
+        d = native.DraftArgs(
+            steps=steps,
+            B=B,
+            D=D,
+            V=self.lm_head.rows,
+            embed=embed.data_ptr(),
+            enorm_w=module.enorm.weight.data_ptr(),
+            hnorm_w=module.hnorm.weight.data_ptr(),
+            head_norm_w=module.shared_head.norm.weight.data_ptr(),
+            enorm_eps=module.enorm.eps,
+            hnorm_eps=module.hnorm.eps,
+            head_norm_eps=module.shared_head.norm.eps,
+            eh_proj=self.eh_proj[0],
+            lm_head=self.lm_head,
+            h=h.data_ptr(),
+            prev_ids=prev.data_ptr(),
+            ids=ids.data_ptr(),
+            write_slot=write.data_ptr(),
+            gather=gather.data_ptr(),
+            lengths=lengths.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+        )
+        rc = self.lib.glm5_mtp_draft(ctypes.byref(a), ctypes.byref(d))
+        if rc:
+            raise RuntimeError(f"native MTP drafting failed: {native.ERRORS[rc]}")
+        cache.advance(steps)
+        return ids.t()
 
     def _linear(self, mat: native.Mat, x: torch.Tensor) -> torch.Tensor:
         """x [..., cols] W^T (+ b) in the kernel library, W read as stored (lm_head, eh_proj)."""

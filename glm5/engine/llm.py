@@ -30,7 +30,7 @@ class LLM:
 
     data_parallel_size d > 1: data-parallel attention (glm5/engine/dp.py): d x tensor_parallel_size processes,
     each DP rank its own requests, scheduler and KV cache, the experts over all ranks (expert_parallel_size must
-    be d x tensor_parallel_size); moe_dispatch: "allgather" (default) or "alltoall".
+    be d x tensor_parallel_size); moe_dispatch: "alltoall" (default) or "allgather".
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
         data_parallel_size: int = 1,
-        moe_dispatch: str = "allgather",
+        moe_dispatch: str = "alltoall",
         **engine_options: Any,
     ) -> None:
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
@@ -128,7 +128,7 @@ class LLM:
             device=device,
             fp8=fp8,
             data_parallel=dp is not None,
-            dispatch=dp[1] if dp else "allgather",
+            dispatch=dp[1] if dp else "alltoall",
         )
         try:
             self.engine = LLMEngine(None, tokenizer, config, executor=executor)

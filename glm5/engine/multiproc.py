@@ -54,6 +54,27 @@ STARTUP_TIMEOUT_S = float(os.environ.get("GLM5_DIST_STARTUP_TIMEOUT", "900"))
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("GLM5_DIST_TIMEOUT", "600"))
 
 
+_OWNS_DEFAULT_GROUP = False
+
+
+def owns_default_group() -> bool:
+    """Whether this process's default torch.distributed group is a multi-process engine's (rank 0's, or a
+    worker's): code of another distributed job in the same process (an RL trainer's checkpointing) must then
+    not run its collectives on it (glm5/train/state.py checks this)."""
+    return _OWNS_DEFAULT_GROUP and dist_initialized()
+
+
+def _disown() -> None:
+    global _OWNS_DEFAULT_GROUP
+    _OWNS_DEFAULT_GROUP = False
+
+
+def dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 class EngineDeadError(RuntimeError):
     """A rank of a multi-process engine died (or its collectives failed): the engine cannot continue."""
 
@@ -105,7 +126,7 @@ class _Spec:
     topk_sync: str = "off"
     threads: int | None = 1
     data_parallel: bool = False
-    dispatch: str = "allgather"
+    dispatch: str = "alltoall"
 
 
 def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tuple[Any, ModelRunner]:
@@ -120,6 +141,8 @@ def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tup
     backend = dist_backend(device.type)
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    global _OWNS_DEFAULT_GROUP
+    _OWNS_DEFAULT_GROUP = True
     control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     lay = ShardLayout.from_rank(rank, spec.tp_size, spec.ep_size)
     model = load_sharded(
@@ -173,7 +196,8 @@ def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
         elif kind == "dpstep":
             _dp_step(runner, control, rank, payload[0])
         elif kind == "update":
-            _update_local(runner, payload[0])
+            fingerprint = _update_local(runner, payload[0])
+            dist.gather_object(fingerprint, None, dst=0, group=control)
 
 
 def _dp_step(runner: ModelRunner, control: Any, rank: int, parts: list[SchedulerOutput]) -> Any:
@@ -200,8 +224,10 @@ def _own_names(model: Any, state_dict: dict[str, torch.Tensor], hf_names: bool) 
     return from_hf_state_dict(state_dict, model.config, strict=False)
 
 
-def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load this rank's slices of whole (unsharded) tensors named as the model's own state dict."""
+def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> str:
+    """Load this rank's slices of whole (unsharded) tensors named as the model's own state dict. Returns the
+    hash of the tensors it received (`glm5.rl.weight_sync.state_hash`), or a line saying which loaded slice does
+    not hold the received bytes."""
     from glm5.engine.sharding import _take
 
     slices = runner.model.shard_plan.slices
@@ -217,6 +243,13 @@ def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> N
                 "unsharded tensor has another shape"
             )
     runner.update_weights(local)
+    own = runner.model.state_dict()
+    for name, value in local.items():
+        if not torch.equal(own[name], value.to(own[name].dtype)):
+            return f"{name} does not hold the received values after the update"
+    from glm5.rl.weight_sync import state_hash
+
+    return state_hash(state_dict)
 
 
 def _worker_main(spec: _Spec, rank: int, init_method: str, errors: Any, parent: int) -> None:
@@ -243,6 +276,7 @@ def _destroy(control: Any) -> None:
     except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
         pass
     dist.destroy_process_group()
+    _disown()
 
 
 def _destroy_quietly() -> None:
@@ -251,6 +285,7 @@ def _destroy_quietly() -> None:
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
+            _disown()
         except Exception as exc:  # noqa: BLE001 - best effort after a rank died
             log.warning("multi-process shutdown: destroying the process group: %s", exc)
 
@@ -293,10 +328,10 @@ class MultiProcExecutor(Executor):
         topk_sync: str = "off",
         threads: int | None = 1,
         data_parallel: bool = False,
-        dispatch: str = "allgather",
+        dispatch: str = "alltoall",
     ) -> None:
         """data_parallel: the ep_size TP groups are data-parallel ranks (glm5/engine/dp.py), whose MoE layers
-        exchange tokens by `dispatch` ("allgather" or "alltoall", glm5.engine.sharding.MoEDispatcher)."""
+        exchange tokens by `dispatch` ("alltoall" or "allgather", glm5.engine.sharding.MoEDispatcher)."""
         if config.fused_decode:
             log.warning(
                 "fused_decode=True is turned off for a sharded model: the fused step bypasses the "
@@ -322,6 +357,8 @@ class MultiProcExecutor(Executor):
         )
         self.data_parallel_size = ep_size if dp else 1
         self.counters: dict[int, dict[str, int]] = {}
+        self.weight_hashes: dict[int, str] = {}
+        """Per rank, the hash of the weights the last `update_weights` delivered (equal on every rank)."""
         """Data-parallel attention: every rank's MoE dispatcher totals (calls, dummy_calls, idle_steps)."""
         self.procs: dict[int, Any] = {}
         self.dead: EngineDeadError | None = None
@@ -508,14 +545,32 @@ class MultiProcExecutor(Executor):
     def update_weights(self, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
         """Whole (unsharded) tensors, by the model's names or the checkpoint's (hf_names): rank 0 converts the
         names, loads its slices first (so a bad name, shape or dtype raises before any rank changes), then
-        broadcasts the tensors on the gloo control group; every worker keeps its slices. (For a whole new
-        checkpoint of a large model, restarting on it loads only each rank's byte ranges instead.)"""
+        broadcasts the tensors on the gloo control group; every worker keeps its slices. Every rank then hashes
+        what it received (and checks its slices hold it): `weight_hashes` {rank: hash}, all equal, or this
+        raises. (For a whole new checkpoint of a large model, restarting on it loads only each rank's byte ranges
+        instead.)"""
+        import torch.distributed as dist
+
         with self._lock:
             sd = _own_names(self._runner.model, state_dict, hf_names)
             sd = {k: v.detach().to("cpu") for k, v in sd.items()}
 
-            self._wait(lambda: _update_local(self._runner, sd), None, "weight update", (ValueError,))
-            self._wait(lambda: self._broadcast(("update", sd)), None, "weight update")
+            mine = self._wait(lambda: _update_local(self._runner, sd), None, "weight update", (ValueError,))
+
+            def send_and_gather() -> list:
+                self._broadcast(("update", sd))
+                box: list = [None] * self.world_size
+                dist.gather_object(mine, box, dst=0, group=self._control)
+                return box
+
+            got = self._wait(send_and_gather, None, "weight update")
+            self.weight_hashes = dict(enumerate(got))
+            bad = {r: h for r, h in self.weight_hashes.items() if h != got[0]}
+            if bad or len(got[0]) != 64:  # a sha256 hex digest, else a rank's line about a failed load
+                raise RuntimeError(
+                    f"weight update: the ranks disagree after loading (rank 0: {got[0]}; others: {bad}); the "
+                    "transport or a rank's load is broken"
+                )
 
     def shutdown(self) -> None:
         if self._closed:

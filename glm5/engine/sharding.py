@@ -31,14 +31,16 @@ experts and one all-reduce sums them (DeepSeek's reference does the same).
 Data-parallel attention (`data_parallel=True`: the e TP groups are d = e data-parallel ranks, each serving its
 own requests with its own cache): the weights are split as above except the shared expert, which is split over
 the TP group only (like a dense MLP: every DP rank runs it on its own tokens, + all-reduce over TP). The routed
-experts stay divided over all W ranks, and the tokens travel to them through `MoEDispatcher`:
-"allgather" (the default) all-gathers every DP rank's tokens with their routing, each rank runs its experts on
-all of them, and the partial outputs go back with one all-to-all, summed at the destination in rank order (a
-reduce-scatter whose sum order is fixed, so the t TP ranks of a DP rank get the same bits); "alltoall" sends
-each (token, expert) pair only to the rank that owns the expert and the results back. Every call starts with a
-small all-gather of (tokens, layer, active) from every rank, so a rank computes each peer's tokens with the
-experts of the layer that peer is in; a rank whose step has no more forwards keeps answering calls with zero
-tokens (`finish_step`, the dummy step) until every rank is done, which keeps the collectives in lockstep.
+experts stay divided over all W ranks, and the tokens travel to them through `MoEDispatcher`: "alltoall" (the
+default) sends each (token, expert) pair only to the rank that owns the expert, and the results back to every rank
+of the DP rank that sent it (one rank per DP rank sends, so its TP peers get the same bits); "allgather" all-gathers
+every DP rank's tokens with their routing, each rank runs its experts on all of them, and the partial outputs go
+back with one all-to-all, summed at the destination in rank order (a reduce-scatter whose sum order is fixed, so
+the t TP ranks of a DP rank get the same bits). All-to-all moves a token to at most top-k ranks, all-gather to all
+W (measured on gloo in docs/engine.md: all-to-all as fast or faster on 4 ranks, all-gather a little faster on 2).
+Every call starts with a small all-gather of (tokens, layer, active) from every rank, so a rank computes each
+peer's tokens with the experts of the layer that peer is in; a rank whose step has no more forwards keeps answering
+calls with zero tokens (`finish_step`, the dummy step) until every rank is done: the collectives stay in lockstep.
 
 Rules (`check_layout`, enforced before anything is read; `LayoutError` names the rule):
 heads % t == 0 (so t <= heads); n_routed_experts % W == 0; intermediate_size % t == 0 (dense layers);
@@ -86,7 +88,7 @@ from glm5.model.model import DecoderLayer, GLM5ForCausalLM
 from glm5.model.moe import MoE, RouterStats
 
 TOPK_SYNC = ("off", "check", "broadcast")
-DISPATCH = ("allgather", "alltoall")
+DISPATCH = ("alltoall", "allgather")
 """MoE token dispatch under data-parallel attention (module docstring); the first is the default."""
 FP8_BLOCK = 128
 

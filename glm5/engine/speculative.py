@@ -216,6 +216,18 @@ class MTPDrafter:
         exact_len = [self.cache.length(s.seq_id) for s in seqs]
         for s in seqs:
             s.pending_hidden = None
+        if (
+            batch.all_greedy
+            and self.k > 1
+            and self.fused is not None
+            and self.fused.drafts_in_kernel(self.cache)
+        ):
+            first = logits.argmax(-1)  # the other k - 1 drafts: one kernel call, no Python between the steps
+            self.cache.prepare([s.seq_id for s in seqs], [[-1] * (self.k - 1)] * len(seqs), register=False)
+            rest = self.fused.mtp_draft(h, first, self.cache, self.k - 1)
+            for s, n in zip(seqs, exact_len):
+                self.cache.truncate(s.seq_id, n)
+            return torch.cat([first[:, None], rest], 1), None
         drafts, probs = [], []
         for i in range(self.k):
             if batch.all_greedy:

@@ -755,6 +755,69 @@ int glm5_decode_layer(const LayerArgs *a) {
     return rc ? rc : feed_forward(a);
 }
 
+/* Greedy MTP drafting in one call: `steps` times, for every row b, u = eh_proj([enorm(embed[ids[b]]) ; hnorm(h[b])]),
+   h[b] = the MTP layer `layer` on u (writing its cache entry at the step's slot and attending up to it), the draft
+   = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). The per-step tables are step-major:
+   step i's rows are write_slot[i*B + b], gather[(i*B + b) * gather_stride], lengths, cos / sin [i*B + b, R/2].
+   Outputs ids [steps, B]; h [B, D] ends as the last step's MTP output. The arithmetic of
+   FusedDecoder.mtp_forward + argmax, call for call (the same C functions): the drafts are the same tokens. */
+typedef struct {
+    int64_t steps, B, D, V;
+    const float *embed;                              /* [V, D] */
+    const float *enorm_w, *hnorm_w, *head_norm_w;
+    float enorm_eps, hnorm_eps, head_norm_eps;
+    int32_t pad_;
+    Mat eh_proj, lm_head;
+    float *h;                                        /* [B, D] the previous MTP output, updated */
+    const int64_t *prev_ids;                         /* [B] the tokens the first step embeds */
+    int64_t *ids;                                    /* [steps, B] the drafts */
+    const int64_t *write_slot, *gather, *lengths;    /* step-major tables, see above */
+    const float *cos, *sin;
+} DraftArgs;
+
+void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out);
+
+int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
+    const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2;
+    float *cat = malloc(sizeof(float) * B * 2 * D), *u = malloc(sizeof(float) * B * D);
+    float *hn = malloc(sizeof(float) * B * D), *logits = malloc(sizeof(float) * B * V);
+    int rc = 1;
+    if (!cat || !u || !hn || !logits) goto done;
+    for (int64_t i = 0; i < d->steps; i++) {
+        const int64_t *prev = i ? d->ids + (i - 1) * B : d->prev_ids;
+        for (int64_t b = 0; b < B; b++) {
+            glm5_rms_norm(d->embed + prev[b] * D, d->enorm_w, 1, D, d->enorm_eps, cat + b * 2 * D);
+            glm5_rms_norm(d->h + b * D, d->hnorm_w, 1, D, d->hnorm_eps, cat + b * 2 * D + D);
+        }
+        linear(&d->eh_proj, cat, 2 * D, B, u, D);
+        layer->B = B;
+        layer->h = u;
+        layer->cos = d->cos + i * B * half;
+        layer->sin = d->sin + i * B * half;
+        layer->rope_stride = half;
+        layer->write_slot = d->write_slot + i * B;
+        layer->gather = d->gather + i * B * layer->gather_stride;
+        layer->lengths = d->lengths + i * B;
+        rc = glm5_decode_layer(layer);
+        if (rc) goto done;
+        memcpy(d->h, u, sizeof(float) * B * D);
+        glm5_rms_norm(u, d->head_norm_w, B, D, d->head_norm_eps, hn);
+        linear(&d->lm_head, hn, D, B, logits, V);
+        for (int64_t b = 0; b < B; b++) {
+            const float *l = logits + b * V;
+            int64_t best = 0;
+            for (int64_t v = 1; v < V; v++) best = l[v] > l[best] ? v : best;
+            d->ids[i * B + b] = best;
+        }
+    }
+    rc = 0;
+done:
+    free(cat); free(u); free(hn); free(logits);
+    return rc;
+}
+
+int64_t glm5_draft_args_size(void) { return (int64_t)sizeof(DraftArgs); }
+
 /* Y [B, rows] = X [B, cols] W^T x out_scale + bias (lm_head, eh_proj: any format, rows over threads). */
 void glm5_linear(const Mat *m, const float *X, int64_t B, float *Y) { linear(m, X, m->cols, B, Y, m->rows); }
 

@@ -1,14 +1,21 @@
 """The native decode-layer kernel (decode_layer.c): built with the system C compiler on first use, loaded with ctypes.
 
 No Python headers and no torch extension machinery: `cc -O3 -march=native -fopenmp -shared` takes about a second
-(OpenMP is dropped if the compiler lacks it; the OpenMP runtime is the one torch already loaded), and the
-library is cached under `$GLM5_CACHE_DIR` (default `~/.cache/glm5`) keyed by the source, the compiler flags and
-this CPU, so each machine builds once. Without a compiler, on a failed build, or with `GLM5_NATIVE=0`,
-`load()` returns None (the reason is in `load_error()`) and callers use their torch path.
+(OpenMP is dropped if the compiler lacks it; the OpenMP runtime is the one torch already loaded, so the kernel
+splits its large products over torch.get_num_threads() threads), and the library is cached under
+`$GLM5_CACHE_DIR` (default `~/.cache/glm5`) keyed by the source, the compiler flags and this CPU, so each machine
+builds once. Without a compiler, on a failed build, or with `GLM5_NATIVE=0`, `load()` returns None (the reason is
+in `load_error()`) and callers use their torch path.
 
-`GLM5_NATIVE_MARCH` picks the target instead of `native` (read at the first `load()`, part of the cache key):
-e.g. `x86-64-v3` (AVX2 + FMA, no AVX-512) or `x86-64-v4` (AVX-512), to build and test the code paths of another
-CPU family than the one at hand, or a library for a fleet of mixed machines.
+The SIMD path follows the build target, so with the default `-march=native` it is chosen by the features of the
+CPU the library loads on: AVX-512 (512-bit loads widening bf16 / e4m3 / int8 in registers), AVX2 + FMA + F16C, or
+portable C. `isa()` names it and `describe()` gives the line the CLI prints at start. `GLM5_NATIVE_MARCH` picks
+the target instead of `native` (read at the first `load()`, part of the cache key): e.g. `x86-64-v3` (AVX2),
+`x86-64-v4` (AVX-512) or `x86-64` (portable), to build and test the code paths of another CPU family than the
+one at hand, or a library for a fleet of mixed machines.
+
+`Mat` and `LayerArgs` mirror the C structs (the contract is at the top of decode_layer.c and of
+glm5/engine/fused.py); the library exports both sizes and the loader refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -88,6 +95,20 @@ class LayerArgs(ctypes.Structure):
         *[(n, _ptr) for n in "kv_store idx_store write_slot gather".split()],
         ("gather_stride", _i64),
         *[(n, _ptr) for n in "lengths topk_idx topk_count".split()],
+    ]
+
+
+class DraftArgs(ctypes.Structure):
+    """Mirror of the C `DraftArgs`: greedy MTP drafting in one call (decode_layer.c glm5_mtp_draft)."""
+
+    _fields_ = [
+        *[(n, _i64) for n in "steps B D V".split()],
+        *[(n, _ptr) for n in "embed enorm_w hnorm_w head_norm_w".split()],
+        *[(n, _f32) for n in "enorm_eps hnorm_eps head_norm_eps".split()],
+        ("pad_", ctypes.c_int32),
+        ("eh_proj", Mat),
+        ("lm_head", Mat),
+        *[(n, _ptr) for n in "h prev_ids ids write_slot gather lengths cos sin".split()],
     ]
 
 
@@ -173,12 +194,13 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return None
-    for fn in ("glm5_layer_args_size", "glm5_mat_size"):
+    for fn in ("glm5_layer_args_size", "glm5_mat_size", "glm5_draft_args_size"):
         getattr(lib, fn).argtypes = []
         getattr(lib, fn).restype = _i64
     for name, c_size, py_size in (
         ("LayerArgs", lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)),
         ("Mat", lib.glm5_mat_size(), ctypes.sizeof(Mat)),
+        ("DraftArgs", lib.glm5_draft_args_size(), ctypes.sizeof(DraftArgs)),
     ):
         if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
             _error = (
@@ -192,6 +214,8 @@ def _load() -> ctypes.CDLL | None:
     lib.glm5_rms_norm.restype = None
     lib.glm5_linear.argtypes = [ctypes.POINTER(Mat), _ptr, _i64, _ptr]
     lib.glm5_linear.restype = None
+    lib.glm5_mtp_draft.argtypes = [ctypes.POINTER(LayerArgs), ctypes.POINTER(DraftArgs)]
+    lib.glm5_mtp_draft.restype = ctypes.c_int
     lib.glm5_isa.argtypes = []
     lib.glm5_isa.restype = ctypes.c_char_p
     _lib = lib

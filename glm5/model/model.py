@@ -15,6 +15,7 @@ from glm5.model.attention import AttentionOptions, MLAttention, Positions
 from glm5.model.cache import LatentCache
 from glm5.model.fp8 import quantize_model
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
+from glm5.model.loss import linear_cross_entropy
 from glm5.model.moe import MoE, RouterStats
 
 
@@ -34,10 +35,14 @@ class LayerStats:
 
 @dataclass
 class GLM5Output:
-    logits: torch.Tensor
-    """[B, T, vocab] (or the last `num_logits_to_keep` positions)."""
+    logits: torch.Tensor | None
+    """[B, T, vocab] (or the last `num_logits_to_keep` positions); None when the forward was given `targets`."""
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     """Depth d: [B, T, vocab]; position t predicts token t + d + 2 (positions past the end are padding)."""
+    lm_loss_sum: torch.Tensor | None = None
+    """With `targets`: the summed cross-entropy of the LM head (fp32 scalar), in place of the logits."""
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
+    """With `mtp_targets`: the summed cross-entropy of each MTP depth, in place of its logits."""
     hidden_states: torch.Tensor | None = None
     """Final-norm output of the main model [B, T, D] (what the MTP module consumes), when asked."""
     stats: list[LayerStats] = field(default_factory=list)
@@ -172,6 +177,8 @@ class GLM5ForCausalLM(nn.Module):
         return_stats: bool = False,
         return_hidden: bool = False,
         num_logits_to_keep: int = 0,
+        targets: torch.Tensor | None = None,
+        mtp_targets: list[torch.Tensor] | None = None,
     ) -> GLM5Output:
         """input_ids [B, T] -> GLM5Output.
 
@@ -179,11 +186,24 @@ class GLM5ForCausalLM(nn.Module):
         mtp_depth: run the MTP module this many steps (shared parameters) and return their logits.
         return_stats: router and indexer statistics for training (full sequences only, no cache).
         num_logits_to_keep: only the last N positions get main-model logits (0 = all).
+        targets, mtp_targets: [B, T] token ids (-100: no loss) for the LM head and for each MTP depth: the
+        forward returns the summed cross-entropies (lm_loss_sum, mtp_loss_sums) instead of logits, the head
+        fused with the loss in chunks of rows (glm5.model.loss) so the [B, T, vocab] logits never exist.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if mtp_depth and not len(self.mtp):
             raise ValueError("mtp_depth > 0 but this config has num_nextn_predict_layers = 0")
+        if (targets is None) != (mtp_targets is None) or (
+            mtp_targets is not None and len(mtp_targets) != mtp_depth
+        ):
+            raise ValueError(
+                "pass targets and mtp_targets together, with one mtp_targets entry per MTP depth"
+            )
+        if targets is not None and (cache is not None or num_logits_to_keep):
+            raise ValueError(
+                "targets (a fused training loss) take full sequences: no cache, no num_logits_to_keep"
+            )
         if mtp_depth and cache is not None:
             raise ValueError(
                 "MTP with a KV cache is the engine's job (speculative decoding); call without a cache"
@@ -209,10 +229,11 @@ class GLM5ForCausalLM(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
         hidden = self.model.norm(h)
-        kept = hidden[:, -num_logits_to_keep:] if num_logits_to_keep else hidden
-        out = GLM5Output(
-            logits=self.lm_head(kept), hidden_states=hidden if return_hidden else None, stats=stats
-        )
+        out = GLM5Output(logits=None, hidden_states=hidden if return_hidden else None, stats=stats)
+        if targets is not None:
+            out.lm_loss_sum = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        else:
+            out.logits = self.lm_head(hidden[:, -num_logits_to_keep:] if num_logits_to_keep else hidden)
 
         # MTP depth d at position t sees h_t and the embedding of token t+d+1, and predicts token t+d+2.
         # Depth 0 takes the main model's final-norm output (as vLLM feeds it); later depths take the
@@ -220,8 +241,11 @@ class GLM5ForCausalLM(nn.Module):
         h_prev = hidden
         for d in range(mtp_depth):
             shifted = F.pad(input_ids[:, d + 1 :], (0, min(d + 1, T)), value=self.config.pad_token_id or 0)
-            h_prev, logits, layer_stats = self._mtp_step(d, h_prev, shifted, rope, pos, None, return_stats)
-            out.mtp_logits.append(logits)
+            target = None if mtp_targets is None else mtp_targets[d]
+            h_prev, head, layer_stats = self._mtp_step(
+                d, h_prev, shifted, rope, pos, None, return_stats, target
+            )
+            (out.mtp_logits if target is None else out.mtp_loss_sums).append(head)
             if layer_stats is not None:
                 layer_stats.mtp_depth = d
                 stats.append(layer_stats)
@@ -229,14 +253,18 @@ class GLM5ForCausalLM(nn.Module):
             cache.advance(T)
         return out
 
-    def _mtp_step(self, depth, h_prev, next_ids, rope, pos, cache, want_stats):
+    def _mtp_step(self, depth, h_prev, next_ids, rope, pos, cache, want_stats, target=None):
+        """-> (MTP output, its logits or, given `target`, their summed cross-entropy, layer stats)."""
         module = self.mtp[
             min(depth, len(self.mtp) - 1)
         ]  # one module, applied recursively (shared parameters)
         h, _, stats = module(
             h_prev, self.model.embed_tokens(next_ids), rope, pos, self.attention, cache, want_stats
         )
-        return h, self.lm_head(module.shared_head.norm(h)), stats
+        normed = module.shared_head.norm(h)
+        if target is not None:
+            return h, linear_cross_entropy(normed, self.lm_head.weight, target), stats
+        return h, self.lm_head(normed), stats
 
     def mtp_forward(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: LatentCache | None = None, depth: int = 0

@@ -45,6 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (default: the recipe's)")
     p.add_argument("--ray", action="store_true", help="run buffer, rollout worker and trainer as Ray actors")
+    for flag, key, what in (
+        ("--rollout-tp", "tensor_parallel_size", "tensor-parallel ranks"),
+        ("--rollout-ep", "expert_parallel_size", "expert-parallel size (with --rollout-dp: dp x tp)"),
+        ("--rollout-dp", "data_parallel_size", "data-parallel attention ranks"),
+    ):
+        p.add_argument(
+            flag,
+            type=positive_int,
+            metavar="N",
+            dest=f"rollout_{key}",
+            help=f"the rollout engine's {what} (a multi-process engine; default: the recipe's, 1)",
+        )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_rl_command)
 
@@ -55,6 +67,17 @@ def run_rl_command(args: argparse.Namespace) -> int:
     recipe = recipe_preset(args.recipe)
     if args.steps is not None:
         recipe = recipe.replace(steps=args.steps)
+    layout = {
+        k: getattr(args, f"rollout_{k}")
+        for k in ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size")
+        if getattr(args, f"rollout_{k}", None) is not None
+    }
+    if layout:
+        if args.ray:
+            raise ValueError(
+                "--rollout-tp/-ep/-dp: a multi-process rollout engine runs in-process, not with --ray"
+            )
+        recipe = recipe.replace(rollout_parallel={**recipe.rollout_parallel, **layout})
     if args.init is not None:
         check_init(args.init, recipe)
     out = Path(args.out or f"runs/rl-{args.recipe}")
@@ -105,7 +128,9 @@ def run_rl(
     task = build_task(recipe, init, log=console.print)  # loads --init: a failure here leaves no --out folder
     out.mkdir(parents=True, exist_ok=True)
     system = build_local(recipe, task, str(out))
-    attach_reference(system["trainer"], task["model"])  # a loss with a KL term: anchored to the initial policy
+    attach_reference(
+        system["trainer"], task["model"]
+    )  # a loss with a KL term: anchored to the initial policy
     if use_ray:
         from glm5.rl.actors import build_ray
 
@@ -121,7 +146,8 @@ def run_rl(
     start = 0
     if state is not None:
         same = {k: v for k, v in (state.get("recipe") or {}).items() if k != "steps"}
-        if same != {k: v for k, v in recipe.to_dict().items() if k != "steps"}:
+        same.pop("rollout_parallel", None)  # the rollout engine's layout may change between runs
+        if same != {k: v for k, v in recipe.to_dict().items() if k not in ("steps", "rollout_parallel")}:
             raise ValueError(f"{out} holds a run of a different recipe; use a new --out folder")
         buffer.load_state_dict(state["buffer"])
         start = int(state["version"])
@@ -167,10 +193,16 @@ def run_rl(
         rollout.sync_local(system["local_rollout"], transport, recipe.steps)
         rollout = system["local_rollout"]
     checkpoint(recipe.steps)
+    engine = rollout.engine if engine is not None else None  # a dead rank's engine was replaced
     after = (
         evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
     )
-    export = _export(engine.model, task["tokenizer"], out / "model")
+    sharded = (
+        engine is not None and getattr(engine.executor, "world_size", 1) > 1
+    )  # engine.model: rank 0's shard
+    export = _export(task["model"] if sharded else engine.model, task["tokenizer"], out / "model")
+    if sharded:
+        engine.shutdown()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     plot_rl(records, out / "rl.png", recipe.name)
     summary = {
@@ -183,6 +215,12 @@ def run_rl(
         "export": str(export) if export else None,
         "mode": "ray" if use_ray else "in-process",
     }
+    if sharded:  # every weight sync's per-rank hashes, and any engine replaced after a rank died
+        summary["rollout_engine"] = {
+            "ranks": engine.executor.world_size,
+            "syncs": rollout.sync_log,
+            "replaced": rollout.replaced,
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     if use_ray:
         system["shutdown"]()

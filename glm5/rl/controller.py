@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from glm5.engine.engine import EngineConfig, LLMEngine
+from glm5.engine.engine import EngineConfig
 from glm5.eval.metrics import outcome_rates
 from glm5.rl.buffer import DataBuffer, staleness_histogram
-from glm5.rl.rollout import RolloutManager, pareto_delay
+from glm5.rl.rollout import RolloutManager, make_rollout_engine, pareto_delay
 from glm5.rl.trainer import RLTrainer
 from glm5.rl.types import Sample
 from glm5.rl.weight_sync import DiskTransport, ObjectStoreTransport, WeightTransport
@@ -175,12 +175,12 @@ def build_local(recipe: RLRecipe, task: dict[str, Any], out: str | None = None) 
     the policy and prompts of `task` (glm5.rl.recipes.build_task)."""
     buffer_cfg, rollout_cfg, trainer_cfg = recipe.configs()
     policy = task["model"]
-    engine_model = type(policy)(policy.config)  # the engine holds its own copy, synced through the transport
-    engine_model.load_state_dict(policy.state_dict())
-    engine = LLMEngine(
-        engine_model,
+    engine, engine_factory = make_rollout_engine(  # its own copy of the policy (one or several processes)
+        policy,
         task["tokenizer"],
         EngineConfig(block_size=16, num_blocks=1024, max_num_seqs=256, seed=recipe.seed),
+        recipe.rollout_parallel,
+        out,
     )
     buffer = DataBuffer(task["prompts"], buffer_cfg)
     delay = pareto_delay(**recipe.delay, seed=recipe.seed) if recipe.delay else None
@@ -193,6 +193,7 @@ def build_local(recipe: RLRecipe, task: dict[str, Any], out: str | None = None) 
         reply_fn=task["reply_fn"],
         env=task["env"],
         delay_fn=delay,
+        engine_factory=engine_factory,
     )
     trainer = RLTrainer(policy, trainer_cfg)
     if recipe.transport == "disk":

@@ -88,6 +88,9 @@ class RLRecipe:
     """Steps between resumable checkpoints (0 = only at the end)."""
     seed: int = 0
     """Seed of the data order, sampling and model initialisation."""
+    rollout_parallel: dict[str, int] = field(default_factory=dict)
+    """The rollout engine's layout: `LLM` options tensor_parallel_size / expert_parallel_size /
+    data_parallel_size (empty = one process; glm5.rl.rollout.make_rollout_engine)."""
 
     def replace(self, **changes: Any) -> RLRecipe:
         return dataclasses.replace(copy.deepcopy(self), **changes)

@@ -11,6 +11,13 @@ The zero-variance filter is bounded (`max_filtered_per_step`): past the cap, suc
 advantage instead, so a policy turned deterministic cannot starve the trainer. Rewards are scored inline or, with
 `reward_workers`, on a thread pool whose pending judges an abort cancels (the group is requeued and judged again).
 
+A rollout engine can span several processes (`make_rollout_engine` with a TP / EP / DP layout: the policy is
+saved once to a folder every rank loads its slices of, glm5/engine/multiproc.py). Weight updates then reach every
+rank through the executor, which checks that all ranks hold the same bytes (`sync_log` keeps each version's
+per-rank hashes). If a rank dies (`EngineDeadError`), the manager builds a new engine with `engine_factory`,
+loads the newest weights it was given, and requeues the in-flight groups with their visible prefix, exactly as
+an abort does: the buffer's exactly-once accounting holds (`replaced` records each replacement).
+
 Long tails are emulated with `delay_fn(sample) -> seconds per token`: a request's k-th token becomes visible
 `(k+1) * delay` after submission (the engine itself runs at full speed), so a slow request holds its group
 back exactly as a long generation would, and an abort keeps only the tokens visible so far.
@@ -35,6 +42,8 @@ from glm5.rl.types import Sample, SampleStatus, new_group
 from glm5.tokenizer import parse_output
 
 UPDATE_MODES = ("drain", "abort", "in_place")
+PARALLEL_KEYS = ("tensor_parallel_size", "expert_parallel_size", "data_parallel_size")
+"""The `LLM` layout options a rollout engine may take (RLRecipe.rollout_parallel)."""
 FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED}
 """A finished request's finish_reason -> the sample's status (anything else: FAILED)."""
 
@@ -145,7 +154,10 @@ class RolloutManager:
         env: Any = None,
         delay_fn: Callable[[Sample], float] | None = None,
         worker: str = "local",
+        engine_factory: Callable[[], Any] | None = None,
     ) -> None:
+        """engine_factory: builds a replacement engine when a rank of a multi-process engine dies (None: the
+        error propagates)."""
         self.engine, self.buffer, self.reward_fn = engine, buffer, reward_fn
         self.cfg = config or RolloutConfig()
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
@@ -171,6 +183,14 @@ class RolloutManager:
         self._stop = threading.Event()
         self._leasing = True
         self.error: BaseException | None = None
+        self.engine_factory = engine_factory
+        self._weights: tuple[dict, int] | None = (
+            None  # the newest weights loaded (a reference): for a replacement
+        )
+        self.sync_log: list[dict[str, Any]] = []
+        """Per weight update of a multi-process engine: {"version", "hashes": {rank: hash}} (all equal)."""
+        self.replaced: list[dict[str, Any]] = []
+        """Per engine replacement: the dead rank, the error, groups requeued, the version loaded before serving."""
 
     # --- one scheduling round --------------------------------------------------------------------
     def step(self) -> bool:
@@ -181,7 +201,13 @@ class RolloutManager:
                 for lease in self.buffer.lease(self.worker, self.cfg.max_groups_per_round):
                     self._start_group(lease)
             if self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                try:
+                    outs = self.engine.step()
+                except Exception as exc:
+                    if not self._replace_engine(exc):
+                        raise
+                    outs = []
+                for out in outs:
                     self._collect(out)
             self._finish_ready(time.monotonic())
             self._collect_scores()
@@ -361,7 +387,12 @@ class RolloutManager:
             )  # a request whose end is already visible finished: it is not cut (and resumed)
             if self.requests:
                 self.engine.abort_request(list(self.requests))
-                self.engine.step()  # applies the aborts; their last deltas are dropped: only visible tokens count
+                try:
+                    self.engine.step()  # applies the aborts; their last deltas are dropped: only visible tokens count
+                except Exception as exc:  # a dead rank: the replacement aborts (requeues) everything itself
+                    if not self._replace_engine(exc):
+                        raise
+                    return self.replaced[-1]["requeued_groups"]
             for req in self.requests.values():
                 keep = req.visible(now)
                 req.sample.append(req.ids[:keep], req.logprobs[:keep], req.versions[:keep], trainable=True)
@@ -393,7 +424,7 @@ class RolloutManager:
                 while True:
                     with self._lock:
                         if not self.requests:
-                            self.engine.update_weights(state_dict, version)
+                            self._load(state_dict, version)
                             break
                         self.step()
             finally:
@@ -402,7 +433,57 @@ class RolloutManager:
         with self._lock:
             if mode == "abort":
                 self.abort_all()
+            self._load(state_dict, version)
+
+    def _load(self, state_dict: dict, version: int) -> None:
+        """engine.update_weights, recording a multi-process engine's per-rank hashes; a dead rank here replaces
+        the engine (which then loads these weights)."""
+        self._weights = (state_dict, version)
+        try:
             self.engine.update_weights(state_dict, version)
+        except Exception as exc:
+            if not self._replace_engine(exc):
+                raise
+            return
+        hashes = getattr(self.engine.executor, "weight_hashes", None)
+        if hashes:
+            self.sync_log.append({"version": version, "hashes": dict(hashes)})
+
+    def _replace_engine(self, exc: BaseException) -> bool:
+        """A rank of the engine died: build a new engine, load the newest weights, requeue the in-flight groups
+        (their visible prefix kept, as an abort does). False when this is not a dead engine or there is no
+        factory."""
+        from glm5.engine.multiproc import EngineDeadError
+
+        if not isinstance(exc, EngineDeadError) or self.engine_factory is None:
+            return False
+        with self._lock:
+            try:  # first: its process group must be gone before the new engine forms one in this process
+                self.engine.shutdown()
+            except Exception:  # noqa: BLE001 - the dead engine's processes are gone or killed here
+                pass
+            engine = self.engine_factory()
+            if self._weights is not None:
+                state, version = self._weights
+                engine.update_weights(state, version)
+                hashes = getattr(engine.executor, "weight_hashes", None)
+                if hashes:
+                    self.sync_log.append({"version": version, "hashes": dict(hashes)})
+            self.engine = engine
+            in_flight = len(self.groups)
+            # the in-flight request ids are unknown to the new engine: only the books change
+            requeued = self.abort_all()
+            self.stats["engine_replacements"] += 1
+            self.replaced.append(
+                {
+                    "dead_rank": getattr(exc, "rank", None),
+                    "error": str(exc),
+                    "groups_in_flight": in_flight,
+                    "requeued_groups": requeued,
+                    "version_before_serving": engine.weight_version,
+                }
+            )
+        return True
 
     def sync_weights(self, transport: Any, version: int) -> None:
         """Fetch `version` from a WeightTransport and load it (see update_weights)."""
@@ -454,6 +535,46 @@ class RolloutManager:
             out["gen_time_p50"] = times[len(times) // 2]
             out["gen_time_max"] = times[-1]
         return out
+
+
+def make_rollout_engine(
+    policy: Any,
+    tokenizer: Any,
+    config: Any,
+    parallel: dict[str, int] | None = None,
+    folder: str | None = None,
+) -> tuple[Any, Callable[[], Any]]:
+    """(engine, factory) for a policy: an in-process `LLMEngine` over a copy of it, or, with a layout in
+    `parallel` (PARALLEL_KEYS, as `LLM` takes them), a multi-process engine loaded from the policy saved once to
+    `folder`/rollout-init (every rank reads its slices; later weights arrive by `update_weights`). `factory()`
+    builds another such engine (the replacement for a dead one)."""
+    import dataclasses
+    import os
+
+    from glm5.engine.engine import LLMEngine
+
+    layout = {k: int(v) for k, v in (parallel or {}).items() if int(v) != 1}
+    unknown = sorted(set(layout) - set(PARALLEL_KEYS))
+    if unknown:
+        raise ValueError(f"rollout_parallel: unknown keys {unknown}; use {list(PARALLEL_KEYS)}")
+    if not layout:
+
+        def local() -> Any:
+            model = type(policy)(policy.config)  # the engine holds its own copy, synced through the transport
+            model.load_state_dict(policy.state_dict())
+            return LLMEngine(model, tokenizer, config)
+
+        return local(), local
+    from glm5.engine import LLM
+
+    path = os.path.join(folder or ".", "rollout-init")
+    policy.save_pretrained(path)
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+    def sharded() -> Any:
+        return LLM(path, tokenizer, **layout, **options).engine
+
+    return sharded(), sharded
 
 
 def evaluate_policy(

@@ -72,25 +72,29 @@ def training_losses(
     counts = [LM targets, MTP targets per depth..., sequences] over the whole step (every micro-batch and
     process), so summing the terms over micro-batches and processes gives the global means.
     """
-    dev = out.logits.device
-    lm = (
-        F.cross_entropy(
+    if out.logits is None:  # the forward fused the heads with their losses (model(..., targets=...))
+        lm_sum, mtp_sums = out.lm_loss_sum, out.mtp_loss_sums
+    else:
+        dev = out.logits.device
+        lm_sum = F.cross_entropy(
             out.logits.flatten(0, 1).float(),
             mb.targets.to(dev).flatten(),
             ignore_index=IGNORE,
             reduction="sum",
         )
-        / counts[0]
-    )
+        mtp_sums = [
+            F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                mb.mtp_targets(d).to(dev).flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+            for d, logits in enumerate(out.mtp_logits)
+        ]
+    lm = lm_sum / counts[0]
     mtp = lm.new_zeros(())
-    for d, logits in enumerate(out.mtp_logits):
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            mb.mtp_targets(d).to(dev).flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
-        mtp = mtp + ce / (counts[1 + d] * len(out.mtp_logits))
+    for d, ce in enumerate(mtp_sums):
+        mtp = mtp + ce / (counts[1 + d] * len(mtp_sums))
     share = (
         mb.num_sequences / counts[-1]
     )  # the model's indexer loss is a mean over this micro-batch's queries
@@ -174,6 +178,9 @@ class Trainer:
         self.stage_index = 0
         self.last_load = torch.zeros(len(self.routers), self.model.config.n_routed_experts)
         self.val_batches = ev.val_indices(self.val_data, recipe.eval_batches, recipe.batch_size)
+        # the forward fuses the LM and MTP heads with their losses; False: it returns logits and the losses take
+        # F.cross_entropy of them (the unfused twin, for tests)
+        self.fused_loss = True
 
     # --- set-up ----------------------------------------------------------------------------------
     @contextmanager
@@ -269,6 +276,17 @@ class Trainer:
         counts = step_counts(micro, self.recipe.mtp_depth)
         return all_reduce_sum(counts.to(self.device), self.ctx).clamp_min(1).cpu()
 
+    def _targets(self, mb: Batch) -> dict[str, Any]:
+        """The forward's fused-loss arguments: the LM head and each MTP depth compute their cross-entropy in
+        chunks instead of returning [B, T, vocab] logits (glm5.model.loss)."""
+        if not self.fused_loss:
+            return {}
+        dev, depth = self.device, self.recipe.mtp_depth
+        return {
+            "targets": mb.targets.to(dev),
+            "mtp_targets": [mb.mtp_targets(d).to(dev) for d in range(depth)],
+        }
+
     def _losses(
         self, out: GLM5Output, mb: Batch, counts: torch.Tensor, stage: Stage
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +317,12 @@ class Trainer:
             if self.ctx is not None:  # FSDP2: reduce-scatter gradients after the last micro-batch only
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
             with self.autocast():
-                out = self.model(mb.input_ids.to(self.device), mtp_depth=r.mtp_depth, return_stats=True)
+                out = self.model(
+                    mb.input_ids.to(self.device),
+                    mtp_depth=r.mtp_depth,
+                    return_stats=True,
+                    **self._targets(mb),
+                )
             objective, parts = self._losses(out, mb, counts, stage)
             objective.backward()
             sums += parts

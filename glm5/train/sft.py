@@ -37,8 +37,9 @@ SFT_FORMAT = 1
 
 
 def _default_tasks() -> dict[str, int]:
-    # a tool episode fills most of a 256-token window (the tool list in the system block), a sum about 1/10 of one
-    return {"frontier_easy": 2500, "frontier_hard": 1200, "frontier_unanswerable": 800, "frontier_tool": 600}
+    # a tool episode fills most of a 256-token window (the tool list in the system block), a sum a tenth of one:
+    # these counts give easy sums about a third of the windows, tool episodes about 30%
+    return {"frontier_easy": 4000, "frontier_hard": 1200, "frontier_unanswerable": 800, "frontier_tool": 300}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,17 +31,24 @@ LATEST = "latest"
 TRAINER_FILE = "trainer.json"
 
 
+def _distributed() -> bool:
+    """A process group of a distributed run exists (not the one a multi-process inference engine in this process
+    formed for its ranks, e.g. an RL rollout engine: glm5/engine/multiproc.py)."""
+    engine = sys.modules.get("glm5.engine.multiproc")
+    return dist.is_initialized() and not (engine is not None and engine.owns_default_group())
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
 def _no_dist() -> bool:
-    return not dist.is_initialized()
+    return not _distributed()
 
 
 @contextlib.contextmanager
