@@ -4,7 +4,9 @@ one DP rank while the other's short one ends, so that rank answers the MoE calls
 dummy step) -- every request's greedy tokens equal one process's and its logprobs agree within 1e-5; a request
 sharing a cached prefix goes to the DP rank that holds it, the others to the least loaded rank. Layouts: DP2+EP2
 with each token dispatch, with MTP speculation (the ranks then run different layers' MoE calls at once), and
-DP2 x TP2 with EP4 (4 processes). Bad flags are refused before anything loads.
+DP2 x TP2 with EP4 (4 processes). A weight update reaches every rank (equal hashes, one-process tokens after it);
+preemption and an abort inside a DP rank keep the other requests' tokens. Bad flags are refused before anything
+loads; `glm5 plan` prints a launch command `glm5 serve` accepts, and predicts the per-rank bytes the engine holds.
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ def test_dp_attention_reproduces_one_process(ckpt, reference, tp, dispatch, k) -
             assert llm.engine.spec_metrics.num_draft_tokens > 0
 
 
-def test_prefix_hit_routes_to_the_rank_holding_it(ckpt) -> None:
+def test_prefix_hit_routing_then_a_weight_update_reaches_every_rank(ckpt) -> None:
+    new = biased_model(CFG, seed=1).state_dict()
+    one = LLM(str(ckpt), **ENGINE)
+    one.update_weights(new)
     with LLM(str(ckpt), expert_parallel_size=2, data_parallel_size=2, **ENGINE) as llm:
         p0 = _prompts()[0]
         params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -136,6 +141,17 @@ def test_prefix_hit_routes_to_the_rank_holding_it(ckpt) -> None:
         (out,) = llm.generate([p0 + [1, 2]], params)
         assert out.metrics.num_cached_tokens >= 12
         assert llm.engine.scheduler.routed == [1, 2]
+        # new weights: every rank loads its slices (the experts and shared expert of a DP layout) and reports
+        # the same hash; both DP ranks then generate what one process does with those weights
+        assert llm.update_weights(new) == 1
+        hashes = llm.engine.executor.weight_hashes
+        assert len(hashes) == 2 and len(set(hashes.values())) == 1
+        prompts = _prompts()
+        want = one.generate(prompts, params)
+        got = llm.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        # the update dropped the prefix caches: the three requests alternate, least loaded first
+        assert llm.engine.stats()["data_parallel"]["routed"] == [3, 3]
 
 
 def test_layout_flags_are_checked_before_loading(ckpt, capsys) -> None:
@@ -221,3 +237,31 @@ def test_plan_predicts_the_glm5_rank_bytes_of_its_layouts() -> None:
     assert f"-m glm5.cli serve --model /ckpt --fp8 keep -dp {16 // p.attn_tp} -ep 16" in cmd.replace(
         f"-tp {p.attn_tp} ", ""
     )
+
+
+def test_preemption_and_abort_within_a_dp_rank(ckpt) -> None:
+    """Each DP rank's cache (24 blocks of 4) cannot hold its three 47-token sequences: its scheduler preempts and
+    recomputes them, one request is aborted mid-run; the other requests' tokens are the one-process ones."""
+    small = dict(block_size=4, num_blocks=24, max_num_seqs=4)
+
+    def run(llm: LLM) -> tuple[dict, int]:
+        eng, out = llm.engine, {}
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        for i in range(6):
+            eng.add_request(f"r{i}", [1 + i, 2, 3, 4, 5, 6, 7], params)
+        steps = 0
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                out.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+            steps += 1
+            if steps == 3:
+                eng.abort_request("r0")
+        return out, eng.stats()["num_preemptions"]
+
+    ref, _ = run(LLM(str(ckpt), **small))
+    with LLM(str(ckpt), expert_parallel_size=2, data_parallel_size=2, **small) as llm:
+        got, preemptions = run(llm)
+        assert llm.engine.stats()["kv_cache"]["used_blocks"] == 0  # every DP rank's blocks came back
+    assert preemptions > 0 and len(got["r0"]) < 40
+    assert {k: v for k, v in got.items() if k != "r0"} == {k: v for k, v in ref.items() if k != "r0"}
+    assert all(len(v) == 40 for k, v in got.items() if k != "r0")

@@ -107,3 +107,17 @@ def test_glm5_rl_with_a_two_rank_rollout_engine_raises_the_reward(tmp_path) -> N
     rewards = [r["rollout_reward"] for r in records if "rollout_reward" in r]
     # one seed of the digits recipe (tests/test_rl_system.py: start 0.10 +- 0.02, end 0.72 +- 0.12, lowest 0.45)
     assert sum(rewards[:3]) / 3 < 0.25 and sum(rewards[-3:]) / 3 >= 0.35, rewards
+
+
+def test_bad_rollout_layouts_are_refused_with_the_rule(tmp_path, capsys) -> None:
+    from glm5.cli import main
+    from glm5.engine.engine import EngineConfig
+    from glm5.rl.rollout import make_rollout_engine
+
+    with pytest.raises(ValueError, match="unknown keys \\['tp'\\]"):
+        make_rollout_engine(None, None, EngineConfig(), {"tp": 2})
+    base = ["rl", "--recipe", "digits-sync", "--steps", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert main([*base, "--rollout-ep", "2", "--ray"]) == 2
+    assert "not with --ray" in capsys.readouterr().err
+    assert main([*base, "--rollout-ep", "3"]) == 2  # the digits model has 4 experts
+    assert "n_routed_experts % (tp_size x ep_size) == 0" in capsys.readouterr().err

@@ -357,9 +357,9 @@ class MultiProcExecutor(Executor):
         )
         self.data_parallel_size = ep_size if dp else 1
         self.counters: dict[int, dict[str, int]] = {}
+        """Data-parallel attention: every rank's MoE dispatcher totals (calls, dummy_calls, idle_steps)."""
         self.weight_hashes: dict[int, str] = {}
         """Per rank, the hash of the weights the last `update_weights` delivered (equal on every rank)."""
-        """Data-parallel attention: every rank's MoE dispatcher totals (calls, dummy_calls, idle_steps)."""
         self.procs: dict[int, Any] = {}
         self.dead: EngineDeadError | None = None
         self._closed = False

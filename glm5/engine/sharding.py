@@ -37,7 +37,7 @@ of the DP rank that sent it (one rank per DP rank sends, so its TP peers get the
 every DP rank's tokens with their routing, each rank runs its experts on all of them, and the partial outputs go
 back with one all-to-all, summed at the destination in rank order (a reduce-scatter whose sum order is fixed, so
 the t TP ranks of a DP rank get the same bits). All-to-all moves a token to at most top-k ranks, all-gather to all
-W (measured on gloo in docs/engine.md: all-to-all as fast or faster on 4 ranks, all-gather a little faster on 2).
+W (measured on gloo in docs/engine.md: all-to-all faster in most cases on 4 ranks, all-gather a little on 2).
 Every call starts with a small all-gather of (tokens, layer, active) from every rank, so a rank computes each
 peer's tokens with the experts of the layer that peer is in; a rank whose step has no more forwards keeps answering
 calls with zero tokens (`finish_step`, the dummy step) until every rank is done: the collectives stay in lockstep.

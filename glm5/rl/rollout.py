@@ -546,8 +546,8 @@ def make_rollout_engine(
 ) -> tuple[Any, Callable[[], Any]]:
     """(engine, factory) for a policy: an in-process `LLMEngine` over a copy of it, or, with a layout in
     `parallel` (PARALLEL_KEYS, as `LLM` takes them), a multi-process engine loaded from the policy saved once to
-    `folder`/rollout-init (every rank reads its slices; later weights arrive by `update_weights`). `factory()`
-    builds another such engine (the replacement for a dead one)."""
+    `folder`/rollout-init (default: a new temporary folder; every rank reads its slices, later weights arrive by
+    `update_weights`). `factory()` builds another such engine (the replacement for a dead one)."""
     import dataclasses
     import os
 
@@ -567,7 +567,11 @@ def make_rollout_engine(
         return local(), local
     from glm5.engine import LLM
 
-    path = os.path.join(folder or ".", "rollout-init")
+    if folder is None:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="glm5-rollout-")
+    path = os.path.join(folder, "rollout-init")
     policy.save_pretrained(path)
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
