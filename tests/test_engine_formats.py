@@ -255,6 +255,19 @@ def test_the_kernels_threaded_products_do_not_depend_on_the_thread_count(fmt: st
         torch.set_num_threads(before)
 
 
+def _recording(drafter) -> list:  # noqa: ANN001
+    """Wrap drafter.propose to record the drafts it proposes; returns the record."""
+    seen, propose = [], drafter.propose
+
+    def recorded(*args):  # noqa: ANN002, ANN202
+        ids, probs = propose(*args)
+        seen.append(ids.tolist())
+        return ids, probs
+
+    drafter.propose = recorded
+    return seen
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.parametrize("fmt", ["fp32", "fp8"])
 def test_greedy_drafts_in_one_kernel_call_equal_the_step_by_step_drafts(fmt: str) -> None:
@@ -273,10 +286,8 @@ def test_greedy_drafts_in_one_kernel_call_equal_the_step_by_step_drafts(fmt: str
         assert runner_fused.drafts_in_kernel(llm.engine.executor.runner.mtp_cache)
         if mode == "steps":
             runner_fused.drafts_in_kernel = lambda cache: False
-        drafter, seen = llm.engine.executor.runner.drafter, []
-        propose = drafter.propose
-        drafter.propose = lambda *a: seen.append(propose(*a)[0].tolist()) or (torch.tensor(seen[-1]), None)
+        drafter = llm.engine.executor.runner.drafter
+        drafts[mode] = _recording(drafter)
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        drafts[mode] = seen
     assert drafts["kernel"] == drafts["steps"] and len(drafts["kernel"]) > 2
     assert outs["kernel"] == outs["steps"] == plain

@@ -49,11 +49,13 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
-        if weights is not None and tp * ep * int(data_parallel_size) > 1 and weights != "fp8":
-            raise ValueError(
-                f"weights={weights!r} is for one process; a sharded model holds the checkpoint's weights "
-                "(fp8='keep' keeps an FP8 checkpoint's)"
-            )
+        if weights is not None and tp * ep * int(data_parallel_size) > 1:
+            if weights != "fp8":
+                raise ValueError(
+                    f"weights={weights!r} is for one process; a sharded model holds the checkpoint's weights "
+                    "(weights='fp8' keeps an FP8 checkpoint's)"
+                )
+            fp8 = fp8 or "keep"  # the sharded loader keeps the FP8 split as stored
         if tp < 1 or ep < 1:
             raise ValueError(f"tensor_parallel_size={tp} and expert_parallel_size={ep} must be at least 1")
         if int(data_parallel_size) > 1:  # data-parallel attention (glm5/engine/dp.py): ep = dp x tp

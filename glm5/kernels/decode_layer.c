@@ -127,9 +127,10 @@ typedef __m512 VF;
 #define LD_F32(p) _mm512_loadu_ps(p)
 #define LD_BF16(p) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define LD_FP8(p)                                                                                        \
-    _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p))), 7), \
-                                     _mm256_set1_epi16((short)0xBF80)))
+#define LD_FP8(p)                                                                                     \
+    _mm512_cvtph_ps(_mm256_and_si256(                                                                 \
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p))), 7),           \
+        _mm256_set1_epi16((short)0xBF80)))
 #define LD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VW 8
