@@ -111,8 +111,8 @@ def test_a_non_finite_loss_skips_the_step_and_is_logged(base, tmp_path):
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:  # the second step's forward
-            out.logits = out.logits * float("nan")
+        if calls["n"] == 2:  # the second step's forward (its LM head is fused with the loss)
+            out.lm_loss_sum = out.lm_loss_sum * float("nan")
         return out
 
     trainer.model.forward = poisoned
