@@ -132,6 +132,7 @@ def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
     start = time.perf_counter()
     llm = LLM(folder, weights=weights, max_model_len=context + NEW_TOKENS + 8, max_num_seqs=1)
     load_s = time.perf_counter() - start
+    load_rss = peak_rss()  # loading's own peak: weights (mapped or copied), conversions, the cache allocated
     engine = llm.engine
     model = engine.fused.model
     prompt = torch.randint(
@@ -158,6 +159,7 @@ def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
         "prefill_tok_s": context / prefill_s,
         "load_s": load_s,
         "peak_rss": peak_rss(),
+        "load_rss": load_rss,
         "weight_bytes": weight_bytes(model),
         "kv_bytes": kv,
         "decode_bytes": decode_bytes(model, context),
@@ -211,21 +213,24 @@ def markdown(results: dict) -> str:
         f"rounds, a fresh process per measurement; machine load average {meta['load']} during the run (other "
         "jobs share its 2 cores: numbers are noisy). STREAM-like copy bandwidth "
         f"{bw / 1e9:.1f} GB/s (median). Runtime RSS (import glm5 + torch, the kernel loaded, no model): "
-        f"{base:.0f} MB; `peak - runtime` compares the rest with weights + KV cache. Checkpoint shards of {SHARD}. "
+        f"{base:.0f} MB; `peak - runtime` compares the rest with weights + KV cache (the peak includes prefill's "
+        "activations, a 2,048-token chunk against the whole context; `peak RSS of loading` is the peak once "
+        "`LLM(...)` returns: weights mapped or copied, conversions, the cache allocated). "
+        f"Checkpoint shards of {SHARD}. "
         "llama.cpp: quoted from issue 19, not re-measured.",
         "",
         "| engine / weights | "
         + " | ".join(f"decode @{c}" for c in contexts)
         + " | "
         + " | ".join(f"prefill @{c}" for c in contexts if c >= 512)
-        + " | peak RSS | weights + KV |",
-        "|---|" + "---:|" * (len(contexts) + sum(c >= 512 for c in contexts) + 2),
+        + " | peak RSS | weights + KV | peak RSS of loading |",
+        "|---|" + "---:|" * (len(contexts) + sum(c >= 512 for c in contexts) + 3),
     ]
     for name, ref in LLAMA_CPP.items():
         dec = [str(ref["decode"].get(c, "")) for c in contexts]
         pre = [str(ref["prefill"].get(c, "")) for c in contexts if c >= 512]
         lines.append(
-            f"| llama.cpp {name} (issue 19) | " + " | ".join(dec + pre) + f" | {LLAMA_RSS_MB[name]} MB | |"
+            f"| llama.cpp {name} (issue 19) | " + " | ".join(dec + pre) + f" | {LLAMA_RSS_MB[name]} MB | | |"
         )
     for fmt, by_ctx in rows.items():
         dec = [f"{by_ctx[str(c)]['decode_tok_s']:.0f}" for c in contexts]
@@ -233,9 +238,12 @@ def markdown(results: dict) -> str:
         rss = [by_ctx[str(c)]["peak_rss"] / 2**20 for c in contexts]
         held = [(by_ctx[str(c)]["weight_bytes"] + by_ctx[str(c)]["kv_bytes"]) / 2**20 for c in contexts]
         over = max((r - base) / h for r, h in zip(rss, held))
+        load = [by_ctx[str(c)].get("load_rss", 0) / 2**20 for c in contexts]
+        load_over = max((r - base) / h for r, h in zip(load, held))
         lines.append(
             f"| glm5 {fmt} | " + " | ".join(dec + pre) + f" | {min(rss):.0f}-{max(rss):.0f} MB | "
-            f"{min(held):.0f}-{max(held):.0f} MB (peak - runtime: x{over:.2f} max) |"
+            f"{min(held):.0f}-{max(held):.0f} MB (peak - runtime: x{over:.2f} max) | "
+            f"{min(load):.0f}-{max(load):.0f} MB (x{load_over:.2f} max) |"
         )
     lines += [
         "",

@@ -1,7 +1,7 @@
 """Post-training ablation: which RL reward keeps what the SFT model knows while cutting hallucination.
 
 One SFT policy (pre-train -> SFT, `make demo`'s recipes) is trained with RL from the same weights under each
-reward variant of glm5.rl.posttrain (binary, abstain, abstain+kl, generous) and 3 seeds, then scored greedily
+reward variant of glm5.rl.posttrain (binary, abstain, abstain+kl, generous, bold+kl) and 3 seeds, then scored greedily
 on held-out frontier items (glm5.eval.frontier: easy one-digit sums, hard three-digit sums, unanswerable
 questions, calculator tool use; never trained on). The table gives, per variant, the mean and the range over
 seeds of overall accuracy, abstention and hallucination rate (wrong / (wrong + abstained)), abstention on
@@ -100,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         "--init", type=Path, help="an SFT run folder (default: pre-train and fine-tune first)"
     )
     parser.add_argument("--work", type=Path, default=Path("runs/bench-posttrain"), help="scratch folder")
-    parser.add_argument("--variants", default="binary,abstain,abstain+kl,generous")
+    parser.add_argument("--variants", default="binary,abstain,abstain+kl,generous,bold+kl")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=None, help="RL updates per run (default: the demo's)")
     parser.add_argument("--eval-items", type=int, default=40, help="held-out items per difficulty")
     parser.add_argument("--quick", action="store_true", help="toy sizes, one seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo's default, 1)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from glm5.demo import RL_STEPS
     from glm5.eval.frontier import evaluate_frontier

@@ -55,23 +55,27 @@ def model_flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:  # noq
     return 6.0 * active + 6.0 * attention
 
 
-def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured GFLOP/s of an n x n matmul in `dtype` (the best of repeated timings). A dtype without fast
-    kernels here (bf16 on an AVX2 CPU runs ~500x slower than fp32) is measured at n = 512 to stay short."""
+def matmul_peak(
+    dtype: torch.dtype, threads: int, n: int = 2048, seconds: float = 2.0, clock: str = "wall"
+) -> float:
+    """Measured GFLOP/s of an n x n matmul in `dtype` (the best of repeated timings), on the clock the steps
+    are timed with ("cpu": process CPU time, as a loaded machine's steps). A dtype without fast kernels here
+    (bf16 on an AVX2 CPU runs ~500x slower than fp32) is measured at n = 512 to stay short."""
     torch.set_num_threads(threads)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     probe = torch.randn(512, 512, dtype=dtype)
-    start = time.perf_counter()
+    start = now()
     probe @ probe
-    if 2 * 512**3 / (time.perf_counter() - start) < 20e9:
+    if 2 * 512**3 / max(now() - start, 1e-9) < 20e9:
         n = 512
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
-        start = time.perf_counter()
+        start = now()
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        best = min(best, now() - start)
+    return 2 * n**3 / max(best, 1e-9) / 1e9
 
 
 def _glm5_step(model, opt, ids, recipe, routers, dtype):  # noqa: ANN001
@@ -117,11 +121,19 @@ def _hf_step(model, opt, ids, dtype, glm5: bool = False):  # noqa: ANN001
     opt.zero_grad(set_to_none=True)
 
 
-def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, clock: str, queue) -> None:  # noqa: ANN001
+def worker(  # noqa: ANN001
+    impl: str, dtype_name: str, weights: str, threads: int, steps: int, clock: str, allocator: str, queue
+) -> None:
     """Time `steps` training steps (after one warm-up step) in this fresh process; clock "cpu" counts this
-    process's CPU time (steady on a shared machine with --threads 1), "wall" the elapsed time."""
+    process's CPU time (steady on a shared machine with --threads 1), "wall" the elapsed time. allocator
+    "tuned": glibc malloc as `glm5 train` sets it (glm5.train.pretrain.tune_cpu_allocator), for every side."""
     try:
         from safetensors.torch import load_file
+
+        from glm5.train.pretrain import tune_cpu_allocator
+
+        if allocator == "tuned":
+            tune_cpu_allocator()
 
         from glm5 import GLM5Config, GLM5ForCausalLM
         from glm5.train.optim import build_optimizer
@@ -172,15 +184,15 @@ def worker(impl: str, dtype_name: str, weights: str, threads: int, steps: int, c
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def peak_worker(threads: int, queue) -> None:  # noqa: ANN001
+def peak_worker(threads: int, clock: str, queue) -> None:  # noqa: ANN001
     from glm5.device import train_dtype
 
     torch.set_num_threads(threads)
     auto, reason = train_dtype("cpu", "auto")
     queue.put(
         {
-            "float32": matmul_peak(torch.float32, threads),
-            "bfloat16": matmul_peak(torch.bfloat16, threads),
+            "float32": matmul_peak(torch.float32, threads, clock=clock),
+            "bfloat16": matmul_peak(torch.bfloat16, threads, clock=clock),
             "auto": str(auto).removeprefix("torch."),
             "auto_reason": reason,
         }
@@ -205,13 +217,19 @@ def markdown(r: dict) -> str:
     m = r["meta"]
     peaks = m["peak_gflops"]
     clock = "times are process CPU time (a loaded machine)" if m.get("clock") == "cpu" else "wall-clock times"
+    allocator = (
+        "every side with the glibc malloc settings `glm5 train` applies on CPU"
+        if m.get("allocator") == "tuned"
+        else "glibc malloc defaults"
+    )
     lines = [
         f"bench-tiny ({m['params'] / 1e6:.1f}M params; glm5 adds a {m['mtp_params'] / 1e6:.1f}M MTP layer), "
         f"train step {BATCH} x {SEQ} tokens, AdamW, fp32 master weights, torch {m['torch']}, {m['threads']} "
         f"threads, {m['cpu']} ({m['cpu_flags']}); median of {m['repeats']} fresh processes x {m['steps']} steps, "
-        f"all runs interleaved; {clock}. Matmul peak measured in this run: {peaks['float32']:.0f} GFLOP/s fp32, "
-        f"{peaks['bfloat16']:.1f} GFLOP/s bf16. `glm5 train --dtype auto` picks {peaks['auto']} here "
-        f"({peaks['auto_reason']}). Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
+        f"all runs interleaved; {clock}; {allocator}. Matmul peak measured in this run: "
+        f"{peaks['float32']:.0f} GFLOP/s fp32, {peaks['bfloat16']:.1f} GFLOP/s bf16. `glm5 train --dtype auto` "
+        f"picks {peaks['auto']} here ({peaks['auto_reason']}). "
+        f"Model FLOPs {m['flops_per_token'] / 1e6:.1f} MFLOP/token (same count for both).",
         "",
         "| implementation | what it trains | dtype | step time | tokens/s | MFU (vs that dtype's peak) | vs HF |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -293,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         help="wall: elapsed time (a quiet machine); cpu: the process's CPU time, steady on a loaded machine "
         "(use it with --threads 1: with more, OpenMP spin-waits count too)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: every side (HF too) runs with the glibc malloc settings `glm5 train` applies on CPU "
+        "(freed memory is reused, not returned and faulted in again); default: glibc's defaults",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -316,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "dtypes": dtypes,
             "clock": args.clock,
+            "allocator": args.allocator,
             "repeats": repeats,
             "steps": steps,
             "batch": [BATCH, SEQ],
@@ -325,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             "flops_per_token_with_mtp": model_flops_per_token(mtp.config, SEQ, mtp=True),
         }
     }
-    result["meta"]["peak_gflops"] = run_in_fresh_process(peak_worker, (args.threads,), timeout=300)
+    result["meta"]["peak_gflops"] = run_in_fresh_process(peak_worker, (args.threads, args.clock), timeout=300)
     runs: dict[str, list[dict]] = {f"{i}/{d}": [] for i in IMPLS for d in dtypes}
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.safetensors")
@@ -336,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {i + 1}/{repeats}: {key}", flush=True)
                 runs[key].append(
                     run_in_fresh_process(
-                        worker, (impl, d, weights, args.threads, steps, args.clock), timeout=1800
+                        worker,
+                        (impl, d, weights, args.threads, steps, args.clock, args.allocator),
+                        timeout=1800,
                     )
                 )
     result["runs"] = {}
@@ -360,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                 / result["runs"][f"hf/{hf_best}"]["tokens_per_s"]
             )
     result["best_dtype_hf"] = hf_best
-    suffix = ("_quick" if args.quick else "") + ("_cpuclock" if args.clock == "cpu" else "")
+    suffix = (
+        ("_quick" if args.quick else "")
+        + ("_cpuclock" if args.clock == "cpu" else "")
+        + ("_defaultmalloc" if args.allocator == "default" else "")
+    )
     save_results(args.out, f"bench_train{suffix}", result, markdown(result), plot)
     return 0
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from glm5 import GLM5ForCausalLM
 from glm5.demo import main
+from glm5.rl.posttrain import DEFAULT_VARIANT
 
 
 @pytest.mark.slow
 def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert main(["--smoke", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the demo's one thread is not left behind in this process
     summary = json.loads((out / "summary.json").read_text())
     # the planner's published GLM-5 figures
     assert summary["plan"]["total_params"] == 743_911_199_232
@@ -23,7 +27,7 @@ def test_demo_smoke_runs_every_stage_and_writes_the_report(tmp_path, capsys) -> 
     assert summary["pretrain"]["step"] > 0 and summary["pretrain"]["val_lm"] > 0
     assert summary["sft"]["step"] > 0 and summary["sft"]["val_lm"] > 0
     assert summary["rl"]["steps"] == 2 and summary["rl"]["buffer"]["trained"] > 0
-    assert summary["rl"]["variant"] == "abstain+kl"
+    assert summary["rl"]["variant"] == DEFAULT_VARIANT
     assert 0.4 < summary["export"]["fp8_bytes"] / summary["export"]["hf_bytes"] < 0.6
     GLM5ForCausalLM.from_pretrained(out / "export-fp8", fp8="keep")
     GLM5ForCausalLM.from_pretrained(out / "sft" / "model")

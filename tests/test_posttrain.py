@@ -50,6 +50,10 @@ def test_frontier_items_have_the_right_answers():
         a, op, b = t.meta["expression"].split()
         assert int(t.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and len(a) == len(b) == 1
         assert check_answer(t, t.messages[-1]["content"])
+    easy = frontier_tasks("easy", 400, 1)
+    assert (
+        0.04 < sum(t.messages[-1]["content"] == ABSTENTION for t in easy) / len(easy) < 0.18
+    )  # EASY_ABSTAIN_SHARE
     hard = frontier_tasks("hard", 200, 1)
     abstained = [t for t in hard if t.messages[-1]["content"] == ABSTENTION]
     assert 0.15 < len(abstained) / len(hard) < 0.45  # HARD_ABSTAIN_SHARE of the training items
@@ -120,29 +124,35 @@ def test_frontier_summary_numbers_by_hand():
 
 # --- rewards ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("reply", "answer", "binary", "abstain", "generous", "harsh"),
+    ("reply", "answer", "binary", "abstain", "generous", "harsh", "bold"),
     [
-        ("7", "7", 1.0, 1.0, 1.0, 1.0),  # right
-        ("8", "7", 0.0, -1.0, -1.0, -2.0),  # wrong
-        ("I don't know.", "7", 0.0, 0.0, 0.5, 0.0),  # abstaining on an answerable question
-        ("I don't know.", None, 0.0, 1.0, 1.0, 1.0),  # abstaining when nobody can know: right
-        ("Paris", None, 0.0, -1.0, -1.0, -2.0),  # answering the unanswerable
+        ("7", "7", 1.0, 1.0, 1.0, 1.0, 1.0),  # right
+        ("8", "7", 0.0, -1.0, -1.0, -2.0, -1.0),  # wrong
+        ("I don't know.", "7", 0.0, 0.0, 0.5, 0.0, -0.5),  # abstaining on an answerable question
+        ("I don't know.", None, 0.0, 1.0, 1.0, 1.0, 1.0),  # abstaining when nobody can know: right
+        ("Paris", None, 0.0, -1.0, -1.0, -2.0, -1.0),  # answering the unanswerable
     ],
 )
-def test_reward_variants_by_hand(reply, answer, binary, abstain, generous, harsh):
+def test_reward_variants_by_hand(reply, answer, binary, abstain, generous, harsh, bold):
     meta = {"answer": answer}
     assert get_reward_fn(VARIANTS["binary"]["reward"])(reply, meta) == binary
     assert get_reward_fn(VARIANTS["abstain"]["reward"])(reply, meta) == abstain
     assert get_reward_fn(VARIANTS["abstain+kl"]["reward"])(reply, meta) == abstain
     assert get_reward_fn(VARIANTS["generous"]["reward"])(reply, meta) == generous
     assert get_reward_fn("abstain-harsh")(reply, meta) == harsh
+    assert get_reward_fn(VARIANTS["bold+kl"]["reward"])(reply, meta) == bold
     assert graded_abstention_reward()(reply, meta) == abstention_reward(reply, meta) == abstain
     assert math_reward(reply, meta) == binary
 
 
 def test_graded_reward_sets_the_confidence_bar():
     # expected reward of answering with P(right) = p vs abstaining: answer iff p > (abstain - wrong) / (right - wrong)
-    for right, abstain, wrong, bar in ((1, 0, -1, 0.5), (1, 0.5, -1, 0.75), (1, 0, -2, 2 / 3)):
+    for right, abstain, wrong, bar in (
+        (1, 0, -1, 0.5),
+        (1, 0.5, -1, 0.75),
+        (1, 0, -2, 2 / 3),
+        (1, -0.5, -1, 0.25),
+    ):
         for p in (bar - 0.01, bar + 0.01):
             answer = p * right + (1 - p) * wrong
             assert (answer > abstain) == (p > bar)
@@ -157,11 +167,8 @@ def test_recipes_and_the_kl_anchor():
     from glm5.rl.recipes import tiny_model
     from glm5.rl.trainer import RLTrainer
 
-    assert (
-        posttrain_recipe("abstain+kl").configs()[2].loss_config().kl_coef
-        == VARIANTS["abstain+kl"]["kl_coef"]
-        > 0
-    )
+    for name in ("abstain+kl", "bold+kl"):
+        assert posttrain_recipe(name).configs()[2].loss_config().kl_coef == VARIANTS[name]["kl_coef"] > 0
     assert posttrain_recipe("abstain").configs()[2].loss_config().kl_coef == 0
     counts = posttrain_recipe("abstain").task_counts
     answerable = sum(v for k, v in counts.items() if k != "frontier_unanswerable")

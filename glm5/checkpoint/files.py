@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +62,41 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed so far back to the OS: the heap (glibc's malloc_trim; a no-op elsewhere; loading
+    frees many tensor-sized temporaries that glibc would otherwise keep in its arenas, counted in the process's
+    RSS), and the pages of live shard mappings read so far (madvise MADV_PAGEOUT, Linux 5.4+: a mapping lives as
+    long as any tensor viewing it, and the pages a conversion read of a since-freed tensor would stay resident;
+    clean file pages are dropped and read again on use, pages written in the process are kept)."""
+    global _LIBC
+    for ref in list(_LIVE_MAPS):
+        live = ref()
+        if live is None:
+            _LIVE_MAPS.remove(ref)
+            continue
+        try:
+            live.madvise(_MADV_PAGEOUT)
+        except (OSError, ValueError, AttributeError):
+            pass
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+_MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)
+_LIVE_MAPS: list[weakref.ref] = []
+"""The shard mappings handed out by ShardReader.mapped (weak: a mapping closes with its last tensor)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -189,6 +226,7 @@ class ShardReader:
         self.folder = folder
         self.max_open = max_open
         self._open: dict[str, Any] = {}
+        self._maps: dict[str, _MappedShard] = {}
 
     def get(self, name: str) -> torch.Tensor:
         info = self.folder.tensors.get(name)
@@ -208,16 +246,62 @@ class ShardReader:
                 f"{os.path.join(self.folder.path, info.file)}: cannot read tensor {name!r} ({e})"
             ) from None
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """Tensor `name` as a view of its shard, memory-mapped copy-on-write (no bytes read or copied), or None
+        where its bytes are not aligned to its dtype (then `get` copies it).
+
+        The mapping is private: writing into the tensor (an optimizer step, `update_weights`) copies the touched
+        pages into process memory and never reaches the file. The view keeps the mapping alive for as long as it
+        lives; the file's descriptor is closed at once (an unlinked or replaced file stays readable: checkpoints
+        are written to a new folder and renamed into place, never rewritten in place)."""
+        info = self.folder.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.folder.path}: no tensor {name!r} in the checkpoint")
+        shard = self._maps.get(info.file)
+        if shard is None:
+            shard = self._maps[info.file] = _MappedShard(os.path.join(self.folder.path, info.file))
+        return shard.tensor(info)
+
     def close(self) -> None:
         for handle in self._open.values():
             handle.__exit__(None, None, None)
         self._open.clear()
+        self._maps.clear()  # the views handed out keep their mappings alive
 
     def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _MappedShard:
+    """One shard file mapped copy-on-write (MAP_PRIVATE), its header's tensor offsets read from the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            _LIVE_MAPS.append(weakref.ref(self.map))
+        except (OSError, ValueError) as e:  # validated when the folder was opened: the file changed since
+            raise CheckpointError(
+                f"{path}: cannot map the shard ({e}); the file is truncated or corrupt"
+            ) from None
+        self.start = 8 + n
+        self.offsets = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor | None:
+        begin, end = self.offsets[info.name]
+        offset = self.start + begin
+        if end - begin != info.nbytes or offset + info.nbytes > len(self.map):
+            raise CheckpointError(f"{self.path}: tensor {info.name!r} lies outside the file; it is truncated")
+        if offset % info.dtype.itemsize or info.nbytes == 0:
+            return None
+        flat = torch.frombuffer(self.map, dtype=torch.uint8, count=info.nbytes, offset=offset)
+        return flat.view(info.dtype).view(info.shape)
 
 
 # --- writing --------------------------------------------------------------------------------------

@@ -5,7 +5,11 @@ checked against it from the shard headers alone (nothing allocated yet), then th
 once and each checkpoint tensor is read, converted (cast / FP8 dequantised or quantised) and copied straight
 into its place, shard by shard. Per-expert tensors are copied into their slice of the fused [E, ...] expert
 parameters, so experts that span shards need no staging copy. Peak memory is the model plus one tensor
-plus the memory-mapped pages of one shard, never two copies of the weights. On any error the
+plus the memory-mapped pages of one shard, never two copies of the weights. A tensor the model holds whole, in
+the file's dtype and shape (everything but the per-expert slices of the fused expert banks, when the dtypes
+match), is not copied at all: the parameter is a view of the shard mapped copy-on-write, whose pages are read on
+first use (ShardReader.mapped; writing into it, e.g. an optimizer step, copies the touched pages into the
+process and never reaches the file). After loading, freed heap memory is returned to the OS. On any error the
 half-built model is dropped; nothing the caller holds is modified.
 
 This module works on nn.Modules generically, through state dicts and the name table; it never imports
@@ -30,6 +34,7 @@ from glm5.checkpoint.files import (
     TensorInfo,
     TensorSpec,
     dtype_name,
+    release_free_memory,
     write_checkpoint,
 )
 from glm5.checkpoint.hf import is_glm5_name, is_shared_copy, layer_index, to_hf_state_dict
@@ -116,10 +121,12 @@ def load_pretrained(
     model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)  # all checks before allocating
 
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
-    targets = to_hf_state_dict(model.state_dict(keep_vars=True), cfg)
+    own = model.state_dict(keep_vars=True)
+    targets = to_hf_state_dict(own, cfg)
     with torch.no_grad():
-        _stream(folder, reads, targets)
+        _stream(folder, reads, targets, {id(t) for t in own.values()})
     _reset_non_persistent_buffers(model)
+    release_free_memory()
     if not any(t.dtype == fp8_format.FP8_DTYPE for t in model.state_dict().values()):
         cfg.extra.pop("quantization_config", None)  # the weights in memory are no longer quantised
     return model.eval()
@@ -254,10 +261,33 @@ def _unexpected(folder: CheckpointFolder, info: TensorInfo, cfg: GLM5Config) -> 
     )
 
 
-def _stream(folder: CheckpointFolder, reads: list[_Read], targets: dict[str, torch.Tensor]) -> None:
+def _stream(
+    folder: CheckpointFolder,
+    reads: list[_Read],
+    targets: dict[str, torch.Tensor],
+    own: set[int] | None = None,
+) -> None:
+    """Fill `targets` from the checkpoint. A tensor that is one of the model's own parameters or buffers (its id
+    in `own`), on the CPU, stored in the file in the model's dtype and shape, is not copied: the parameter is
+    pointed at the shard's memory-mapped bytes (see ShardReader.mapped; copy-on-write, so writes stay in the
+    process). The others (per-expert slices of the fused banks, converted or dequantised tensors) are copied,
+    one at a time."""
+    own = own or set()
     with folder.reader() as reader:
         for r in reads:
             target = targets[r.name]
+            info = folder.tensors[r.name]
+            if (
+                id(target) in own
+                and r.scale is None
+                and r.quantize_into is None
+                and target.device.type == "cpu"
+                and (info.dtype, info.shape) == (target.dtype, tuple(target.shape))
+            ):
+                view = reader.mapped(r.name)
+                if view is not None:
+                    target.data = view
+                    continue
             tensor = reader.get(r.name)
             if r.scale is not None:
                 tensor = fp8_format.dequantize(tensor, reader.get(r.scale), target.dtype)

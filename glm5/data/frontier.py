@@ -5,11 +5,13 @@ Difficulties (each a `Task.kind`, `Task.meta["difficulty"]` the short name):
 
 - ``frontier_easy`` (easy): one-digit sums and differences in four phrasings ("What is 3 + 4?"). There are only
   155 facts, so every fact is learnable; an *item* is a (phrasing, fact) pair and the held-out items are unseen
-  phrasings of facts the model can know.
+  phrasings of facts the model can know. A share ``EASY_ABSTAIN_SHARE`` of the training items is answered with
+  the abstention (see below).
 - ``frontier_hard`` (hard): the same phrasings with two three-digit numbers ("What is 483 + 729?"): about 1.6M
   items, so held-out items are new, and a model of a few million parameters mostly cannot add them in its head.
   The reference reply answers them, except for a share ``HARD_ABSTAIN_SHARE`` answered with the abstention:
-  the SFT policy then samples both behaviours on a hard item, and RL learns where each pays.
+  the SFT policy then samples both behaviours on any sum, and RL learns where each pays (held-out items are
+  always scored against the true answer).
 - ``frontier_unanswerable`` (unanswerable): questions about made-up or unknowable things (glm5.data.tasks's
   generator, with a short thought); the right reply is the abstention.
 - ``frontier_tool`` (tool): a product of a three-digit and a two-digit number with the calculator tool offered:
@@ -39,6 +41,9 @@ HELDOUT_FRACTION = 0.25
 """Share of items (by hashed identity) that are held out for evaluation."""
 HARD_ABSTAIN_SHARE = 0.3
 """Share of hard training items whose reference reply is the abstention (the rest state the sum)."""
+EASY_ABSTAIN_SHARE = 0.1
+"""Share of easy training items answered with the abstention: the SFT policy can then sample declining on any
+sum (greedy decoding still answers), so RL can learn to decline the sums it gets wrong."""
 SPLIT_SALT = "glm5-frontier-v1"
 DIFFICULTIES = ("easy", "hard", "unanswerable", "tool")
 KINDS = tuple(f"frontier_{d}" for d in DIFFICULTIES)
@@ -92,7 +97,11 @@ def _easy(count: int, seed: int, heldout: bool) -> list[Task]:
         picks = [pool[i % len(pool)] for i in range(count)]
     else:
         picks = [rng.choice(pool) for _ in range(count)]
-    return [_sum_task("frontier_easy", p, a, op, b, abstain=False) for p, a, op, b in picks]
+    rng = random.Random(f"easy-abstain:{seed}")
+    return [
+        _sum_task("frontier_easy", p, a, op, b, abstain=not heldout and rng.random() < EASY_ABSTAIN_SHARE)
+        for p, a, op, b in picks
+    ]
 
 
 def _sample_items(count: int, seed: int, heldout: bool, kind: str, draw: Any) -> list[Any]:

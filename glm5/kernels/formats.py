@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm5.model.fp8 import FP8Experts, FP8Linear, _apply_keeping_fp8, quantize_model
+from glm5.checkpoint.files import release_free_memory
+from glm5.model.fp8 import FP8Experts, FP8Linear, _apply_keeping_fp8, blocked_linear, quantize_model
 from glm5.model.moe import Experts
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "fp8")
 INT8_GROUP = 32
 """Inputs per int8 scale (along each weight row)."""
+_CHUNK = 1 << 20
+"""Elements converted at a time (bounds the float temporaries of a conversion to a few MB)."""
 
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +41,20 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = amax / 127 (1 for an all-zero group), code = round(w / scale)."""
     *lead, rows, cols = w.shape
     groups = math.ceil(cols / INT8_GROUP)
-    g = F.pad(w.float(), (0, groups * INT8_GROUP - cols)).view(*lead, rows, groups, INT8_GROUP)
-    amax = g.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q.view(*lead, rows, groups * INT8_GROUP)[..., :cols].contiguous(), scale
+    flat = w.reshape(-1, cols)
+    q = torch.empty(flat.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(flat.shape[0], groups, dtype=torch.float32, device=w.device)
+    step = max(
+        1, _CHUNK // max(cols, 1)
+    )  # rows at a time: the float temporaries stay small (no whole-bank copy)
+    for r in range(0, flat.shape[0], step):
+        g = F.pad(flat[r : r + step].float(), (0, groups * INT8_GROUP - cols)).view(-1, groups, INT8_GROUP)
+        amax = g.abs().amax(-1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        codes = torch.round(g / s[..., None]).clamp_(-127, 127).to(torch.int8)
+        q[r : r + step] = codes.view(-1, groups * INT8_GROUP)[:, :cols]
+        scale[r : r + step] = s
+    return q.view(*lead, rows, cols), scale.view(*lead, rows, groups)
 
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -53,6 +65,9 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
             f"int8 scales of shape {tuple(scale.shape)} do not fit codes {tuple(q.shape)} "
             f"(one per {INT8_GROUP} inputs: {(*q.shape[:-1], math.ceil(cols / INT8_GROUP))})"
         )
+    if cols % INT8_GROUP == 0:  # whole groups: broadcast the scales, no expanded scale tensor
+        w = q.float().view(*q.shape[:-1], -1, INT8_GROUP).mul_(scale.float()[..., None])
+        return w.view(q.shape).to(dtype)
     s = scale.float().repeat_interleave(INT8_GROUP, -1)[..., :cols]
     return (q.float() * s).to(dtype)
 
@@ -92,8 +107,14 @@ class WeightOnlyLinear(nn.Module):
         return self.stored.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = _decode(self.stored, self.weight_scale, x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        stored, scale = self.stored, self.weight_scale
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            return _decode(stored[r0:r1], None if scale is None else scale[r0:r1], x.dtype)
+
+        return blocked_linear(
+            x, self.out_features, rows, None if self.bias is None else self.bias.to(x.dtype)
+        )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001
         return _apply_keeping_fp8(self, fn, recurse)
@@ -188,10 +209,17 @@ def convert_model(model: nn.Module, weights: str) -> nn.Module:
             quantize_model(model)
         fmt = "bf16" if weights == "fp8" else weights  # GLM-5-FP8 holds its other matrices in bf16
         tied = model.lm_head.weight is model.model.embed_tokens.weight
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
+        # module by module, holding no reference to a replaced one: its source weights are freed before the
+        # next is converted (never a whole second copy of the model)
+        for path in [n for n, _ in model.named_modules()]:
+            parent = model.get_submodule(path)
+            for name in [n for n, _ in parent.named_children()]:
+                child = getattr(parent, name)
                 if type(child) is nn.Linear and not (tied and child is model.lm_head):
                     setattr(parent, name, WeightOnlyLinear(child, fmt))
                 elif type(child) is Experts:
                     setattr(parent, name, WeightOnlyExperts(child, fmt))
-    return model.float()  # activations, norms, biases, embeddings; the stored formats stay
+                del child
+    model.float()  # activations, norms, biases, embeddings; the stored formats stay
+    release_free_memory()
+    return model

@@ -11,11 +11,13 @@ call signatures the model uses. On the meta device only the structure changes (w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm5.checkpoint.fp8 import FP8_DTYPE, dequantize, is_quantized, quantize, scale_shape
+from glm5.checkpoint.fp8 import FP8_BLOCK, FP8_DTYPE, dequantize, is_quantized, quantize, scale_shape
 from glm5.checkpoint.hf import internal_to_hf_name
 from glm5.model.moe import Experts
 
@@ -40,6 +42,43 @@ def _apply_keeping_fp8(module: nn.Module, fn, recurse: bool) -> nn.Module:
         if param is not None:
             param.data = fn(param.data)
     return module
+
+
+def dequantize_fast(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """glm5.checkpoint.fp8.dequantize(q, scale_inv, dtype) of a 2-D CPU weight, bit for bit, ~5x faster:
+    torch widens e4m3 one element at a time, so the codes are moved into float16 bit positions instead (sign to
+    bit 15, exponent and mantissa shifted left by 7: exactly q / 256 for every finite e4m3 value, subnormals
+    included) and widened from there; q * s == (q / 256) * (256 s) exactly (both powers of two)."""
+    rows, cols = q.shape
+    if cols % FP8_BLOCK or q.device.type != "cpu" or tuple(scale_inv.shape) != scale_shape(q.shape):
+        return dequantize(q, scale_inv, dtype)
+    u = q.view(torch.uint8).to(torch.int16)
+    h = (u << 7).bitwise_and_(0x3F80).bitwise_or_((u << 8).bitwise_and_(-32768))
+    w = h.view(torch.float16).float()
+    s = (scale_inv.float() * 256.0).repeat_interleave(FP8_BLOCK, 0)[:rows]
+    w.view(rows, cols // FP8_BLOCK, FP8_BLOCK).mul_(s[:, :, None])
+    return w.to(dtype)
+
+
+BLOCK_ROWS = 4 * FP8_BLOCK
+"""Weight rows dequantised at a time by `blocked_linear` (whole FP8 blocks)."""
+
+
+def blocked_linear(
+    x: torch.Tensor,
+    out_features: int,
+    rows: Callable[[int, int], torch.Tensor],
+    bias: torch.Tensor | None = None,
+    block: int = BLOCK_ROWS,
+) -> torch.Tensor:
+    """y = x W^T (+ b) for a W held in a compressed format, `rows(r0, r1)` its rows r0:r1 widened into x's dtype:
+    `block` rows at a time, so the widened copy is a small cache-sized scratch, never the whole matrix (each
+    output column is the same dot product as with the whole matrix, the blocks only split the output)."""
+    if out_features <= block:
+        return F.linear(x, rows(0, out_features), bias)
+    parts = [F.linear(x, rows(r, min(r + block, out_features))) for r in range(0, out_features, block)]
+    y = torch.cat(parts, dim=-1)
+    return y if bias is None else y.add_(bias)
 
 
 class FP8Linear(nn.Module):
@@ -90,8 +129,14 @@ class FP8Linear(nn.Module):
         return self.weight_scale_inv.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self._buffers["weight"], self.weight_scale_inv, x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        q, s = self._buffers["weight"], self.weight_scale_inv
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            return dequantize_fast(q[r0:r1], s[r0 // FP8_BLOCK : -(-r1 // FP8_BLOCK)], x.dtype)
+
+        return blocked_linear(
+            x, self.out_features, rows, None if self.bias is None else self.bias.to(x.dtype)
+        )
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping_fp8(self, fn, recurse)
@@ -156,8 +201,10 @@ class FP8Experts(nn.Module):
         """Expert e dequantised: (gate_up [2F, D], down [D, F]) in `dtype`."""
         Fi, half = self.intermediate_size, self.gate_up_proj_scale_inv.shape[1] // 2
         q, s = self.gate_up_proj[e], self.gate_up_proj_scale_inv[e]
-        gate_up = torch.cat([dequantize(q[:Fi], s[:half], dtype), dequantize(q[Fi:], s[half:], dtype)])
-        return gate_up, dequantize(self.down_proj[e], self.down_proj_scale_inv[e], dtype)
+        gate_up = torch.cat(
+            [dequantize_fast(q[:Fi], s[:half], dtype), dequantize_fast(q[Fi:], s[half:], dtype)]
+        )
+        return gate_up, dequantize_fast(self.down_proj[e], self.down_proj_scale_inv[e], dtype)
 
     def forward(self, x_ND: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sort the N*K (token, expert) pairs by expert, run each used expert once, scatter-add back (the

@@ -6,6 +6,11 @@
                        of the buffer actor; it generates on a background thread
     RLTrainer       -> an actor (num_cpus=1); its weights go to the object store once per version
 
+Placement: the rollout workers and the trainer are scheduled into one placement group (`place_actors`), a bundle
+per rank (0.5 CPU per rollout worker, 1 CPU for the trainer), PACK by default (STRICT_PACK: one node, or fail),
+so the system's resources are reserved at once or the run stops with the shortfall named. A replacement worker
+takes its dead predecessor's bundle.
+
 Fault tolerance: leases live in the buffer actor, not in the worker. `WorkerPool.check()` (called by the loop
 every step) pings the workers; a dead one's leases are requeued (`release_worker`), and a replacement is
 created, given the *current* weights, and only then started. Each actor calls torch.set_num_threads(1).
@@ -13,6 +18,7 @@ created, given the *current* weights, and only then started. Each actor calls to
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -134,6 +140,64 @@ class RolloutWorker:
     def crash(self) -> None:
         """Fault injection for tests: the process dies mid-generation."""
         os._exit(1)
+
+    def placement_group_id(self) -> str | None:
+        return _placement_group_id()
+
+
+def _placement_group_id() -> str | None:
+    """The hex id of the placement group this actor was scheduled in (None: outside any)."""
+    pg = _ray().util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
+WORKER_CPUS = 0.5
+"""CPUs of a rollout worker's bundle."""
+TRAINER_CPUS = 1.0
+"""CPUs of the trainer's bundle."""
+STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+
+def place_actors(
+    num_workers: int,
+    strategy: str = "PACK",
+    timeout: float = 60.0,
+    trainer_ranks: int = 1,
+    trainer_cpus: float = TRAINER_CPUS,
+) -> Any:
+    """A ready placement group with one bundle per rollout worker (bundles 0..N-1) and one per trainer rank
+    (bundles N..N+R-1, `trainer_cpus` each); ValueError naming the shortfall when the cluster cannot hold it."""
+    ray = _ray()
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"placement strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    bundles = [{"CPU": WORKER_CPUS} for _ in range(num_workers)] + [
+        {"CPU": trainer_cpus} for _ in range(trainer_ranks)
+    ]
+    pg = placement_group(bundles, strategy=strategy, name="glm5-rl")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout)
+    if not ready:
+        remove_placement_group(pg)
+        need = sum(b["CPU"] for b in bundles)
+        have = ray.cluster_resources().get("CPU", 0)
+        raise ValueError(
+            f"the RL placement group ({num_workers} rollout bundles of {WORKER_CPUS} CPU + {trainer_ranks} "
+            f"trainer bundles of {trainer_cpus:g} CPU = {need:g} CPUs, {strategy}) could not be placed within "
+            f"{timeout:.0f} s; the Ray cluster has {have:g} CPUs: give it more (ray.init(num_cpus=...)) or use "
+            "fewer rollout workers or trainer ranks"
+        )
+    return pg
+
+
+def _in_bundle(pg: Any, index: int) -> dict[str, Any]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=index
+        )
+    }
 
 
 class WorkerPool:
@@ -267,14 +331,26 @@ class _TrainerHost:
     def load(self, folder: str) -> dict | None:
         return self.trainer.load(folder)
 
+    def placement_group_id(self) -> str | None:
+        return _placement_group_id()
+
 
 def build_ray(
-    recipe: Any, task: dict[str, Any], local: dict[str, Any], num_workers: int = 1
+    recipe: Any,
+    task: dict[str, Any],
+    local: dict[str, Any],
+    num_workers: int = 1,
+    placement: str = "PACK",
+    trainer_cpus: float = TRAINER_CPUS,
 ) -> dict[str, Any]:
-    """The Ray system of a recipe: buffer, `num_workers` rollout workers and the trainer as actors; `local` is the
-    in-process system (its engine serves the driver's held-out evaluation)."""
-    init_local_ray()
+    """The Ray system of a recipe: buffer, `num_workers` rollout workers and the trainer as actors placed in one
+    placement group (`place_actors`, strategy `placement`): with `recipe.trainer_procs` > 1 the trainer is a
+    RayTrainerGroup, one FSDP2 rank per bundle of `trainer_cpus`. `local` is the in-process system (its engine
+    serves the driver's held-out evaluation)."""
+    procs = int(getattr(recipe, "trainer_procs", 1))
+    init_local_ray(max(2, math.ceil(num_workers * WORKER_CPUS + procs * trainer_cpus)))  # unless already up
     ray = _ray()
+    pg = place_actors(num_workers, placement, trainer_ranks=procs, trainer_cpus=trainer_cpus)
     from glm5.rl.rollout import pareto_delay
     from glm5.rl.weight_sync import ObjectStoreTransport
 
@@ -288,8 +364,9 @@ def build_ray(
     delay = pareto_delay(**recipe.delay, seed=recipe.seed) if recipe.delay else None
     worker_cls = ray.remote(num_cpus=0.5, max_concurrency=4, max_restarts=0)(RolloutWorker)
 
-    def make_worker(name: str) -> Any:
-        return worker_cls.remote(
+    def make_worker(name: str) -> Any:  # "w3" and its replacements "w3-rK" use bundle 3
+        bundle = int(name.split("-")[0][1:])
+        return worker_cls.options(**_in_bundle(pg, bundle)).remote(
             name,
             model.config,
             state,
@@ -304,12 +381,27 @@ def build_ray(
         )
 
     pool = WorkerPool(make_worker, num_workers, buffer)
-    trainer = TrainerProxy(ray.remote(num_cpus=1)(_TrainerHost).remote(model, trainer_cfg))
+    if procs > 1:
+        from glm5.rl.trainer_group import RayTrainerGroup
+
+        trainer: Any = RayTrainerGroup(
+            model, trainer_cfg, procs, pg, num_workers, trainer_cpus, reference=True
+        )
+    else:
+        trainer_cls = ray.remote(num_cpus=trainer_cpus)(_TrainerHost)
+        trainer = TrainerProxy(trainer_cls.options(**_in_bundle(pg, num_workers)).remote(model, trainer_cfg))
 
     def shutdown() -> None:
+        from ray.util.placement_group import remove_placement_group
+
         for w in pool.workers.values():
             ray.kill(w)
+        if procs > 1:
+            trainer.shutdown()
+        else:
+            ray.kill(trainer.handle)
         time.sleep(0.1)
+        remove_placement_group(pg)
 
     return {
         "buffer": buffer,
@@ -319,4 +411,5 @@ def build_ray(
         "engine": local["engine"],
         "local_rollout": local["rollout"],
         "shutdown": shutdown,
+        "placement": {"id": pg.id.hex(), "strategy": placement, "bundles": pg.bundle_specs},
     }

@@ -3,6 +3,7 @@
     glm5 rl --recipe math-async --init runs/tiny --out runs/rl-math      # from a `glm5 train` checkpoint
     glm5 rl --recipe digits-sync --out runs/rl-digits                   # a toy a random tiny model learns
     glm5 rl --recipe math-sync --ray --out runs/rl-ray                  # the same loop over Ray actors
+    glm5 rl --recipe digits-sync --rollout-ep 2 --trainer-procs 2       # sharded engine + FSDP2 trainer
 
 An --out folder holding a checkpoint is resumed (same recipe). The folder ends with metrics.jsonl, rl.png,
 summary.json, checkpoints/ and model/ (HF layout + tokenizer, loadable by `glm5 generate` / LLM).
@@ -45,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (default: the recipe's)")
     p.add_argument("--ray", action="store_true", help="run buffer, rollout worker and trainer as Ray actors")
+    p.add_argument(
+        "--ray-placement",
+        default="PACK",
+        choices=("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"),
+        help="with --ray: the placement group strategy of the rollout worker and trainer bundles (default PACK)",
+    )
     for flag, key, what in (
         ("--rollout-tp", "tensor_parallel_size", "tensor-parallel ranks"),
         ("--rollout-ep", "expert_parallel_size", "expert-parallel size (with --rollout-dp: dp x tp)"),
@@ -57,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             dest=f"rollout_{key}",
             help=f"the rollout engine's {what} (a multi-process engine; default: the recipe's, 1)",
         )
+    p.add_argument(
+        "--trainer-procs",
+        type=positive_int,
+        metavar="N",
+        help="trainer processes holding the policy under FSDP2 (+ expert parallel); default: the recipe's, 1",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_rl_command)
 
@@ -78,10 +91,14 @@ def run_rl_command(args: argparse.Namespace) -> int:
                 "--rollout-tp/-ep/-dp: a multi-process rollout engine runs in-process, not with --ray"
             )
         recipe = recipe.replace(rollout_parallel={**recipe.rollout_parallel, **layout})
+    if args.trainer_procs is not None:
+        recipe = recipe.replace(trainer_procs=args.trainer_procs)
     if args.init is not None:
         check_init(args.init, recipe)
     out = Path(args.out or f"runs/rl-{args.recipe}")
-    summary = run_rl(recipe, out, init=args.init, quiet=args.quiet, use_ray=args.ray)
+    summary = run_rl(
+        recipe, out, init=args.init, quiet=args.quiet, use_ray=args.ray, placement=args.ray_placement
+    )
     _print_summary(summary, out)
     return 0
 
@@ -111,7 +128,12 @@ def _console(quiet: bool) -> Any:
 
 
 def run_rl(
-    recipe: Any, out: str | Path, init: str | None = None, quiet: bool = False, use_ray: bool = False
+    recipe: Any,
+    out: str | Path,
+    init: str | None = None,
+    quiet: bool = False,
+    use_ray: bool = False,
+    placement: str = "PACK",
 ) -> dict[str, Any]:
     """Build, evaluate, train (with live progress), evaluate again, export. Returns the summary."""
     import torch
@@ -127,14 +149,17 @@ def run_rl(
     torch.manual_seed(recipe.seed)
     task = build_task(recipe, init, log=console.print)  # loads --init: a failure here leaves no --out folder
     out.mkdir(parents=True, exist_ok=True)
-    system = build_local(recipe, task, str(out))
-    attach_reference(
-        system["trainer"], task["model"]
-    )  # a loss with a KL term: anchored to the initial policy
+    # over Ray the trainer (group) is built as actors by build_ray; the local system only serves the evaluation
+    system = build_local(recipe.replace(trainer_procs=1) if use_ray else recipe, task, str(out))
+    group = recipe.trainer_procs > 1  # a trainer group: every rank holds its own KL reference already
+    if not group or use_ray:
+        attach_reference(
+            system["trainer"], task["model"]
+        )  # a loss with a KL term: anchored to the initial policy
     if use_ray:
         from glm5.rl.actors import build_ray
 
-        system = build_ray(recipe, task, system)
+        system = build_ray(recipe, task, system, placement=placement)
     buffer, rollout, trainer, transport = (
         system["buffer"],
         system["rollout"],
@@ -146,8 +171,16 @@ def run_rl(
     start = 0
     if state is not None:
         same = {k: v for k, v in (state.get("recipe") or {}).items() if k != "steps"}
-        same.pop("rollout_parallel", None)  # the rollout engine's layout may change between runs
-        if same != {k: v for k, v in recipe.to_dict().items() if k not in ("steps", "rollout_parallel")}:
+        for key in (
+            "rollout_parallel",
+            "trainer_procs",
+        ):  # the layouts may change between runs (DCP reshards)
+            same.pop(key, None)
+        if same != {
+            k: v
+            for k, v in recipe.to_dict().items()
+            if k not in ("steps", "rollout_parallel", "trainer_procs")
+        }:
             raise ValueError(f"{out} holds a run of a different recipe; use a new --out folder")
         buffer.load_state_dict(state["buffer"])
         start = int(state["version"])
@@ -193,6 +226,18 @@ def run_rl(
         rollout.sync_local(system["local_rollout"], transport, recipe.steps)
         rollout = system["local_rollout"]
     checkpoint(recipe.steps)
+    final_hash = None
+    if group:  # the trained weights live in the group's processes: bring them home for the export
+        from glm5.rl.weight_sync import state_hash
+
+        final = trainer.weights()
+        if use_ray:  # RayTrainerGroup: an object-store reference
+            import ray
+
+            final = ray.get(final)
+        final_hash = state_hash(final)
+        task["model"].load_state_dict(final)
+        trainer.shutdown()
     engine = rollout.engine if engine is not None else None  # a dead rank's engine was replaced
     after = (
         evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
@@ -214,7 +259,10 @@ def run_rl(
         "buffer": buffer.counts(),
         "export": str(export) if export else None,
         "mode": "ray" if use_ray else "in-process",
+        "trainer_procs": recipe.trainer_procs,
     }
+    if final_hash is not None:
+        summary["trainer_final_hash"] = final_hash
     if sharded:  # every weight sync's per-rank hashes, and any engine replaced after a rank died
         summary["rollout_engine"] = {
             "ranks": engine.executor.world_size,

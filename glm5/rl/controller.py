@@ -64,7 +64,8 @@ class LoopRollout(Protocol):
 
 @runtime_checkable
 class LoopTrainer(Protocol):
-    """What the loop asks of the trainer: glm5.rl.trainer.RLTrainer, or TrainerProxy over Ray."""
+    """What the loop asks of the trainer: glm5.rl.trainer.RLTrainer, glm5.rl.trainer_group.TrainerGroup (FSDP2
+    over N processes), or TrainerProxy over Ray."""
 
     def weights(self) -> Any:
         """The current state dict (over Ray: an object-store reference to it)."""
@@ -195,7 +196,12 @@ def build_local(recipe: RLRecipe, task: dict[str, Any], out: str | None = None) 
         delay_fn=delay,
         engine_factory=engine_factory,
     )
-    trainer = RLTrainer(policy, trainer_cfg)
+    if recipe.trainer_procs > 1:  # FSDP2 (+ EP) in its own processes: this one may hold the engine's group
+        from glm5.rl.trainer_group import TrainerGroup
+
+        trainer: Any = TrainerGroup(policy, trainer_cfg, recipe.trainer_procs, reference=True)
+    else:
+        trainer = RLTrainer(policy, trainer_cfg)
     if recipe.transport == "disk":
         transport: WeightTransport = DiskTransport(f"{out or '.'}/weights")
     else:

@@ -10,7 +10,9 @@ per-item (finer than per-difficulty) normalisation. Variants:
 - ``abstain+kl``: the same with a k3 KL penalty to the SFT policy (a frozen copy) that keeps what SFT taught
   (formats, tool calls, the easy facts) while the reward moves the abstention boundary;
 - ``generous``:  +1 / +0.5 / -1: abstention credit close to a right answer (answer only when P(right) > 3/4),
-  the road to always-abstaining.
+  the road to always-abstaining;
+- ``bold+kl``:   +1 / -0.5 / -1 with the KL anchor: declining costs something too, so the policy answers when
+  P(right) > 1/4 — the bar for a small model that knows only part of what it is asked.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "abstain": {"reward": "abstain", "kl_coef": 0.0},
     "abstain+kl": {"reward": "abstain", "kl_coef": 0.05},
     "generous": {"reward": "abstain-generous", "kl_coef": 0.0},
+    "bold+kl": {"reward": "abstain-bold", "kl_coef": 0.05},
 }
 """Reward variant -> reward name (glm5.rl.rewards.REWARDS) and KL-to-SFT coefficient."""
-DEFAULT_VARIANT = "abstain+kl"
+DEFAULT_VARIANT = "bold+kl"
 """The variant `make demo` runs (chosen by the ablation; see the README and benchmarks/bench_posttrain.py)."""
 TASK_COUNTS = {"frontier_easy": 100, "frontier_hard": 100, "frontier_unanswerable": 100, "frontier_tool": 100}
 """RL prompts per kind (training items only): answerable and unanswerable balanced."""
@@ -57,7 +60,7 @@ def posttrain_recipe(variant: str = DEFAULT_VARIANT, steps: int = 30, seed: int 
             update_mode="abort",
             partial_rollout=True,
         ),
-        trainer=dict(lr=2e-4, micro_batch_size=48, loss=loss),
+        trainer=dict(lr=5e-4, micro_batch_size=48, loss=loss),
         max_turns=2,
         eval_prompts=4,
         seed=seed,

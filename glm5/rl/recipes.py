@@ -91,6 +91,9 @@ class RLRecipe:
     rollout_parallel: dict[str, int] = field(default_factory=dict)
     """The rollout engine's layout: `LLM` options tensor_parallel_size / expert_parallel_size /
     data_parallel_size (empty = one process; glm5.rl.rollout.make_rollout_engine)."""
+    trainer_procs: int = 1
+    """Trainer processes: 1 = the in-process RLTrainer; N > 1 = a trainer group holding the policy under FSDP2
+    (+ expert parallel when the experts split evenly) in N processes (glm5.rl.trainer_group)."""
 
     def replace(self, **changes: Any) -> RLRecipe:
         return dataclasses.replace(copy.deepcopy(self), **changes)

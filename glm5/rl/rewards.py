@@ -137,6 +137,7 @@ REWARDS: dict[str, RewardFn] = {
     "reasoning_gym": reasoning_gym_reward,
     "abstain-generous": graded_abstention_reward(1.0, 0.5, -1.0),
     "abstain-harsh": graded_abstention_reward(1.0, 0.0, -2.0),
+    "abstain-bold": graded_abstention_reward(1.0, -0.5, -1.0),
 }
 """Built-in rewards by name."""
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from glm5.rl.losses import LossConfig, compute_advantages, policy_loss
@@ -33,6 +34,8 @@ class TrainerConfig:
     """AdamW weight decay of matrices."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = off)."""
     micro_batch_size: int = 16
@@ -101,9 +104,14 @@ class RLTrainer:
         groups = [g for g in groups if g["params"]]
         for g in groups:
             g.pop("use_muon")
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, foreach=True)
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
+        )
         self.version = 0
         self.pad_id = model.config.pad_token_id or 0
+        self.dist: Any = None
+        """A glm5.train.parallel.DistContext when this is one rank of a trainer group (glm5/rl/trainer_group.py):
+        the rank then trains on its share of each batch and the metrics and the gradient norm are reduced."""
 
     def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]:
         """One optimizer step on a batch of groups; returns metrics (loss terms, IS statistics, grad norm)."""
@@ -116,8 +124,20 @@ class RLTrainer:
         lc = self.loss_cfg
         sums: dict[str, float] = {}
         mb_size = max(1, self.cfg.micro_batch_size)
-        for start in range(0, len(samples), mb_size):
-            part = samples[start : start + mb_size]
+        n = len(samples)
+        lo, hi, num_micro = 0, n, math.ceil(n / mb_size)
+        if self.dist is not None:  # a contiguous share per rank; every rank runs the same number of passes
+            per = math.ceil(n / self.dist.world_size)
+            lo, hi = min(n, self.dist.rank * per), min(n, (self.dist.rank + 1) * per)
+            num_micro = max(1, math.ceil(per / mb_size))
+        for i in range(num_micro):
+            start = lo + i * mb_size
+            part = samples[start : min(start + mb_size, hi)]
+            dummy = (
+                not part
+            )  # a rank with no samples left: a zero-weight pass keeps FSDP's collectives in step
+            if dummy:
+                start, part = 0, samples[:1]
             batch = pad_batch(part, self.pad_id)
             current, entropy = response_logprobs(self.model, batch, want_entropy=lc.entropy_coef > 0)
             behavior = batch["behavior_logp"].to(current.device)
@@ -138,11 +158,22 @@ class RLTrainer:
                 num_rollouts=len(samples),
                 num_tokens=num_tokens,
             )
-            loss.backward()
-            share = len(part) / len(samples)  # metrics of a micro-batch are its own means: weight by size
+            (loss * 0.0 if dummy else loss).backward()
+            share = (
+                0.0 if dummy else len(part) / n
+            )  # a micro-batch's metrics are its own means: weight by size
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k == "loss" else share)
-        norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
+                sums[k] = sums.get(k, 0.0) + float(v) * (0.0 if dummy else 1.0 if k == "loss" else share)
+        if self.dist is not None:
+            keys = sorted(sums)
+            total = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(total, group=self.dist.group)
+            sums = dict(zip(keys, total.tolist()))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.dist is None:
+            norm = clip_grad_norm(params, self.cfg.grad_clip)
+        else:  # FSDP / expert-parallel shards: the norm of the whole gradient, reduced over the group
+            norm = clip_grad_norm(params, self.cfg.grad_clip, self.dist.group, self.dist.device)
         skipped = not math.isfinite(float(norm))
         if not skipped:
             self.optimizer.step()

@@ -38,8 +38,8 @@ SFT_FORMAT = 1
 
 def _default_tasks() -> dict[str, int]:
     # a tool episode fills most of a 256-token window (the tool list in the system block), a sum a tenth of one:
-    # these counts give easy sums about a third of the windows, tool episodes about 30%
-    return {"frontier_easy": 4000, "frontier_hard": 1200, "frontier_unanswerable": 800, "frontier_tool": 300}
+    # these counts give easy sums about 30% of the windows, tool episodes about 45%
+    return {"frontier_easy": 4000, "frontier_hard": 1200, "frontier_unanswerable": 800, "frontier_tool": 600}
 
 
 @dataclass
@@ -285,16 +285,21 @@ class SFTTrainer(Trainer):
             raise ValueError("SFTTrainer needs an SFTRecipe (glm5.train.sft.sft_preset or load_sft_recipe)")
         self.init_model, self.init_data = init_folders(init)
         self.init = str(init)
+        ctx = kw.get("ctx")
+        folder = Path(out) / "tokenizer"
+        if (ctx is None or ctx.rank == 0) and not (folder / "tokenizer.json").is_file():
+            from glm5.tokenizer import GLM5Tokenizer
+
+            GLM5Tokenizer.from_pretrained(self.init_model).save_pretrained(
+                folder
+            )  # --init's, never retrained
         super().__init__(recipe, out, **kw)
 
     def _tokenizer(self) -> Any:
         from glm5.tokenizer import GLM5Tokenizer
 
-        folder = self.out / "tokenizer"
-        if self.rank == 0 and not (folder / "tokenizer.json").is_file():
-            GLM5Tokenizer.from_pretrained(self.init_model).save_pretrained(folder)
         self._barrier()
-        return GLM5Tokenizer.from_pretrained(folder)
+        return GLM5Tokenizer.from_pretrained(self.out / "tokenizer")
 
     def _data(self) -> tuple[Any, Any, Any]:
         from glm5.data.packing import PackedSequences
