@@ -190,6 +190,11 @@ class TrainerGroup:
             raise ValueError(
                 f"a trainer group needs at least 2 processes, got {procs}; use RLTrainer for one"
             )
+        if torch.cuda.is_available() and torch.cuda.device_count() < procs:
+            raise ValueError(
+                f"--trainer-procs {procs}: each rank needs its own GPU and this machine has "
+                f"{torch.cuda.device_count()}; use at most that many trainer processes"
+            )
         self.cfg = config or TrainerConfig()
         self.loss_cfg = self.cfg.loss_config()
         self.world_size = procs
