@@ -55,14 +55,40 @@ class _Spec:
     threads: int = 1
 
 
+_SAMPLE_KEY = "__glm5_sample__"
+
+
+def _encode(obj: Any) -> Any:
+    """Samples as their plain dicts, so the pipe carries only what `torch.load(weights_only=True)` accepts."""
+    if isinstance(obj, Sample):
+        return {_SAMPLE_KEY: obj.to_dict()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_encode(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_SAMPLE_KEY}:
+            return Sample.from_dict(obj[_SAMPLE_KEY])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_decode(x) for x in obj)
+    return obj
+
+
 def _dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(_encode(obj), buf)
     return buf.getvalue()
 
 
 def _loads(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=False)
+    """Never unpickles arbitrary objects: tensors, containers and plain values only (Samples travel as dicts)."""
+    raw = io.BytesIO(data)
+    return _decode(torch.load(raw, weights_only=True))
 
 
 def expert_parallel_size(model_config: Any, procs: int) -> int:
