@@ -291,3 +291,62 @@ def test_greedy_drafts_in_one_kernel_call_equal_the_step_by_step_drafts(fmt: str
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert drafts["kernel"] == drafts["steps"] and len(drafts["kernel"]) > 2
     assert outs["kernel"] == outs["steps"] == plain
+
+
+def _int8_quantize_whole(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference twin of int8_quantize: the whole matrix at once (no row chunks)."""
+    *lead, rows, cols = w.shape
+    groups = -(-cols // INT8_GROUP)
+    g = torch.nn.functional.pad(w.float(), (0, groups * INT8_GROUP - cols)).view(
+        *lead, rows, groups, INT8_GROUP
+    )
+    amax = g.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(*lead, rows, groups * INT8_GROUP)[..., :cols], scale
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 100), (5000, 64), (40, 96)])
+def test_int8_quantize_in_row_chunks_equals_the_whole_matrix_at_once(shape, monkeypatch) -> None:  # noqa: ANN001
+    import glm5.kernels.formats as formats
+
+    monkeypatch.setattr(formats, "_CHUNK", 1000)  # several chunks even for these small matrices
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    w[..., 0, :INT8_GROUP] = 0.0  # an all-zero group: scale 1
+    q, s = int8_quantize(w)
+    q_ref, s_ref = _int8_quantize_whole(w)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert torch.equal(
+        int8_dequantize(q, s), q_ref.float() * s_ref.repeat_interleave(INT8_GROUP, -1)[..., : shape[-1]]
+    )
+
+
+@pytest.mark.parametrize("shape", [(1000, 384), (512, 256), (130, 128), (256, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_fp8_dequantize_is_bit_exact(shape, dtype) -> None:  # noqa: ANN001
+    from glm5.checkpoint.fp8 import quantize
+    from glm5.model.fp8 import dequantize_fast
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 5
+    w[0, :4] = torch.tensor([0.0, -0.0, 1e-7, -448.0])  # zeros, a subnormal code, the largest
+    q, s = quantize(w)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # every finite e4m3 code (0x7F / 0xFF are NaN)
+    q.view(torch.uint8).view(-1)[shape[1] : shape[1] + codes.numel()] = codes  # from row 1 on
+    assert torch.equal(
+        dequantize_fast(q, s, dtype).view(torch.uint8), dequantize(q, s, dtype).view(torch.uint8)
+    )
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "bf16"])
+def test_prefill_widens_blocks_of_rows_and_equals_the_dequantized_reference(fmt: str) -> None:
+    """FP8Linear / WeightOnlyLinear on many tokens (prefill) widen BLOCK_ROWS rows at a time: the product equals
+    x W^T on the whole widened matrix within fp32 accumulation error, bias included."""
+    from glm5.model.fp8 import BLOCK_ROWS
+
+    lin = torch.nn.Linear(256, 2 * BLOCK_ROWS + 72, bias=True)
+    layer = FP8Linear.from_linear(lin) if fmt == "fp8" else WeightOnlyLinear(lin, fmt)
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(2))
+    widened = layer.weight.float()
+    y = layer(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, widened, lin.bias), rtol=1e-5, atol=1e-5)

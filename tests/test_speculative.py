@@ -3,6 +3,8 @@ rejected cache entries, and acceptance metrics."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from configs import MICRO
@@ -244,3 +246,51 @@ def test_sampled_output_has_the_models_distribution(k: int) -> None:
     assert chi_square_p_value(torch.bincount(cells, minlength=64).double(), joint) > 1e-3
     if k:
         assert llm.engine.spec_metrics.num_accepted_tokens > 0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_greedy_drafting_in_the_kernel_equals_the_model_path_with_the_same_mtp_cache() -> None:
+    """The greedy path folds the last catch-up position into the drafting kernel call (the other catch-up
+    positions skip the head): its drafts and every MTP cache entry it writes equal those of the model's own
+    mtp_forward path, under ragged acceptance (an oracle spoils some drafts) and prefix caching."""
+    m = model(4)
+    ps = prompts([3, 10, 21], seed=5)
+    runs = []
+    for in_kernel in (True, False):
+        llm = LLM(m, block_size=4, num_speculative_tokens=3)
+        drafter = llm.engine.drafter
+        for store in (*drafter.cache.kv, *(t for t in drafter.cache.index_k if t is not None)):
+            store.zero_()  # slots never written compare equal
+        assert drafter.fused is not None and drafter.fused.drafts_in_kernel(drafter.cache)
+        if not in_kernel:
+            drafter.fused = None  # every MTP forward through the model's mtp_forward
+        propose, seen, folded = drafter.propose, [], {"n": 0}
+        kernel_propose = drafter._propose_in_kernel
+
+        def counting(*args, _inner=kernel_propose, _n=folded):  # noqa: ANN002, ANN202
+            _n["n"] += 1
+            return _inner(*args)
+
+        drafter._propose_in_kernel = counting
+
+        @torch.no_grad()
+        def oracle(seqs, batch, uniforms, _propose=propose, _seen=seen):  # noqa: ANN001, ANN202
+            drafts, _ = _propose(seqs, batch, uniforms)
+            _seen.append(drafts.tolist())
+            for b, s in enumerate(seqs):
+                seq = torch.tensor([s.tokens])
+                for j in range(3):
+                    nxt = m(seq).logits[:, -1:].argmax(-1)
+                    spoil = (len(s.tokens) + j + b) % 3 == 0
+                    drafts[b, j] = (nxt.item() + 1) % CFG.vocab_size if spoil else nxt.item()
+                    seq = torch.cat([seq, nxt], 1)
+            return drafts, None
+
+        drafter.propose = oracle
+        out = [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
+        kv = torch.cat([t.flatten() for t in drafter.cache.kv])
+        runs.append((out, seen, kv, folded["n"]))
+    (out_k, seen_k, kv_k, n_k), (out_m, seen_m, kv_m, n_m) = runs
+    assert n_k > 0 and n_m == 0  # the first run drafted in the kernel, the second never
+    assert out_k == out_m and seen_k == seen_m
+    torch.testing.assert_close(kv_k, kv_m, rtol=1e-5, atol=1e-5)

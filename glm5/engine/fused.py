@@ -501,10 +501,12 @@ class FusedDecoder:
         next_ids: torch.Tensor,
         cache,
         depth: int = 0,  # noqa: ANN001
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        head: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """`GLM5ForCausalLM.mtp_forward` with the MTP decoder layer in the native kernel: hidden [B, T, D],
-        next_ids [B, T] (every row T new tokens) -> (MTP output [B, T, D], logits [B, T, vocab]); the MTP
-        cache advances by T. None when the kernel is not loaded (the caller runs the model's own)."""
+        next_ids [B, T] (every row T new tokens) -> (MTP output [B, T, D], logits [B, T, vocab], or None with
+        head=False: only the cache entries are wanted); the MTP cache advances by T. None when the kernel is not
+        loaded (the caller runs the model's own)."""
         if self.lib is None or not hasattr(cache, "decode_tables") or self.model.attention.impl != "sparse":
             return None
         self._ensure_fresh()
@@ -519,6 +521,8 @@ class FusedDecoder:
         h = self._run_kernel(
             u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache, next_ids.shape[1]
         ).view_as(u)
+        if not head:
+            return h, None
         return h, self._linear(self.lm_head, self._rms_norm(h, module.shared_head.norm))
 
     def drafts_in_kernel(self, cache) -> bool:  # noqa: ANN001

@@ -184,23 +184,61 @@ class MTPDrafter:
         next_rows: list[list[int]],
         register: bool,
         depth: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One MTP forward over ragged rows; returns (MTP output, logits) at each row's last position."""
+        logits: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One MTP forward over ragged rows; returns (MTP output, logits) at each row's last position (logits
+        None with logits=False: only the cache entries are wanted, the kernel skips the head)."""
         self.cache.prepare([s.seq_id for s in seqs], next_rows, register=register)
-        hidden = pad_sequence(h_rows, batch_first=True)
-        dev = hidden.device
-        ids = pad_sequence([torch.tensor(r, device=dev) for r in next_rows], batch_first=True)
-        h, logits = self._mtp(hidden, ids, depth, even=len({len(r) for r in next_rows}) == 1)
+        even = len({len(r) for r in next_rows}) == 1
+        if even:  # one row length: no padding
+            hidden = torch.stack(h_rows)
+            dev = hidden.device
+            ids = torch.tensor(next_rows, device=dev)
+        else:
+            hidden = pad_sequence(h_rows, batch_first=True)
+            dev = hidden.device
+            ids = pad_sequence([torch.tensor(r, device=dev) for r in next_rows], batch_first=True)
+        h, out = self._mtp(hidden, ids, depth, even=even, head=logits)
+        if even:
+            return h[:, -1], None if out is None else out[:, -1]
         last = torch.tensor([len(r) - 1 for r in next_rows], device=dev)
         rows = torch.arange(len(seqs), device=dev)
-        return h[rows, last], logits[rows, last]
+        return h[rows, last], None if out is None else out[rows, last]
+
+    def _propose_in_kernel(
+        self, seqs: Sequence[Any], h_rows: list[torch.Tensor], next_rows: list[list[int]]
+    ) -> torch.Tensor:
+        """Greedy drafts with the catch-up folded into the drafting kernel call: the catch-up positions but each
+        row's last one go through the MTP layer first (their exact entries, registered; their logits are not
+        needed), then one `mtp_draft` call runs the last catch-up position (whose argmax is draft 1) and the
+        k - 1 drafts after it. The last position's entry is exact too: it is kept (it is hashed with its real
+        token when its block is registered by the next catch-up); the drafts' entries are rolled back."""
+        lead = [b for b, h in enumerate(h_rows) if h.shape[0] > 1]
+        if lead:
+            self._feed(
+                [seqs[b] for b in lead],
+                [h_rows[b][:-1] for b in lead],
+                [next_rows[b][:-1] for b in lead],
+                register=True,
+                logits=False,
+            )
+        exact_len = [self.cache.length(s.seq_id) + 1 for s in seqs]
+        self.cache.prepare(
+            [s.seq_id for s in seqs], [[r[-1]] + [-1] * (self.k - 1) for r in next_rows], register=False
+        )
+        last_h = torch.cat([h[-1:] for h in h_rows])
+        last_ids = torch.tensor([r[-1] for r in next_rows], device=last_h.device)
+        drafts = self.fused.mtp_draft(last_h, last_ids, self.cache, self.k)
+        for s, n in zip(seqs, exact_len):
+            self.cache.truncate(s.seq_id, n)
+        return drafts
 
     def _mtp(
-        self, hidden: torch.Tensor, ids: torch.Tensor, depth: int, even: bool
-    ) -> tuple[torch.Tensor, ...]:
+        self, hidden: torch.Tensor, ids: torch.Tensor, depth: int, even: bool, head: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = None
         if self.fused is not None and even:  # the kernel takes the same number of new tokens in every row
-            out = self.fused.mtp_forward(hidden, ids, self.cache, depth=depth)
+            out = self.fused.mtp_forward(hidden, ids, self.cache, depth=depth, head=head)
         return out if out is not None else self.model.mtp_forward(hidden, ids, self.cache, depth=depth)
 
     def propose(
@@ -212,22 +250,12 @@ class MTPDrafter:
         """
         h_rows = [s.pending_hidden for s in seqs]
         next_rows = [s.tokens[len(s.tokens) - h.shape[0] :] for s, h in zip(seqs, h_rows)]
-        h, logits = self._feed(seqs, h_rows, next_rows, register=True)
-        exact_len = [self.cache.length(s.seq_id) for s in seqs]
         for s in seqs:
             s.pending_hidden = None
-        if (
-            batch.all_greedy
-            and self.k > 1
-            and self.fused is not None
-            and self.fused.drafts_in_kernel(self.cache)
-        ):
-            first = logits.argmax(-1)  # the other k - 1 drafts: one kernel call, no Python between the steps
-            self.cache.prepare([s.seq_id for s in seqs], [[-1] * (self.k - 1)] * len(seqs), register=False)
-            rest = self.fused.mtp_draft(h, first, self.cache, self.k - 1)
-            for s, n in zip(seqs, exact_len):
-                self.cache.truncate(s.seq_id, n)
-            return torch.cat([first[:, None], rest], 1), None
+        if batch.all_greedy and self.fused is not None and self.fused.drafts_in_kernel(self.cache):
+            return self._propose_in_kernel(seqs, h_rows, next_rows), None
+        h, logits = self._feed(seqs, h_rows, next_rows, register=True)
+        exact_len = [self.cache.length(s.seq_id) for s in seqs]
         drafts, probs = [], []
         for i in range(self.k):
             if batch.all_greedy:
