@@ -89,6 +89,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_args(p)
+    add_weight_args(p)
+    p.add_argument(
+        "--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset"
+    )
+    add_parallel_args(p)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--model | --preset and --tokenizer (generate, chat, serve)."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)"
@@ -97,6 +107,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)"
     )
+
+
+def add_weight_args(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, weight format and MTP drafts (generate, chat, serve)."""
     p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
     p.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)"
@@ -117,10 +131,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="MTP draft tokens per step, 1-3 (default 0: off)",
     )
-    p.add_argument(
-        "--init-seed", type=int_range(0, name="seed"), default=0, help="weight init seed for --preset"
-    )
-    add_parallel_args(p)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:

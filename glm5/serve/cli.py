@@ -10,7 +10,6 @@ import os
 import socket
 
 from glm5.argtypes import (
-    existing_dir,
     existing_file,
     float_range,
     int_range,
@@ -19,8 +18,7 @@ from glm5.argtypes import (
     positive_int,
     text,
 )
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from glm5.engine.cli import add_checkpoint_args, add_parallel_args, add_weight_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,14 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "vLLM's /tokenize, /detokenize and /tokenizer_info, /health and Prometheus /metrics. GLM tool calls and "
         "thinking are parsed; Ctrl-C / SIGTERM drain in-flight requests before exiting.",
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--model", metavar="PATH", type=existing_dir, help="checkpoint folder (config.json + *.safetensors)"
-    )
-    source.add_argument("--preset", metavar="NAME", help="randomly initialised preset (smoke tests)")
-    p.add_argument(
-        "--tokenizer", metavar="PATH", type=existing_dir, help="tokenizer folder (default: the checkpoint's)"
-    )
+    add_checkpoint_args(p)
     p.add_argument("--host", default="127.0.0.1", type=text, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="port, 1-65535 (default 8000)")
     p.add_argument(
@@ -80,26 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-body-mb", type=positive_float, default=16.0, help="largest request body in MiB (default 16)"
     )
-    p.add_argument("--device", metavar="DEV", help="cuda, npu, cpu, ... (default: the best available)")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="compute dtype (default: bf16 on GPUs, fp32 on CPU)"
-    )
-    p.add_argument(
-        "--fp8", choices=("keep", "dequantize"), help="FP8 checkpoints: keep FP8 weights or dequantize"
-    )
-    p.add_argument(
-        "--weights",
-        choices=("fp32", "bf16", "int8", "fp8"),
-        help="hold the weight matrices as fp32, bf16, int8 (group scales) or block FP8, computing in fp32 "
-        "(CPU decoding reads them as stored; default: an FP8 checkpoint's FP8, else --dtype)",
-    )
-    p.add_argument(
-        "--speculative-tokens",
-        type=int_range(0, 3, name="draft_tokens"),
-        default=0,
-        metavar="K",
-        help="MTP draft tokens per step, 1-3 (default 0: off)",
-    )
+    add_weight_args(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     p.add_argument(
         "--allow-special-tokens-in-prompt",
@@ -121,8 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds to drain on shutdown (default 30)",
     )
-    from glm5.engine.cli import add_parallel_args
-
     add_parallel_args(p)
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run_serve)
