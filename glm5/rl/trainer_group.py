@@ -195,7 +195,37 @@ def _rank_main(spec: _Spec, rank: int, conn: Any, parent: int) -> None:
         os._exit(1)  # no atexit: a half-finished collective must not keep this process alive
 
 
-class TrainerGroup:
+class _TrainerCommands:
+    """What the RL loop calls on a trainer (the `LoopTrainer` protocol), as commands every rank runs; the group
+    classes below differ only in how `_call` reaches the ranks (pipes to spawned processes, or Ray actors)."""
+
+    world_size: int
+    version: int
+
+    def _call(self, cmd: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]:
+        """One optimizer step on a batch of groups, split over the ranks; the metrics of the whole batch."""
+        metrics = self._call("train_step", groups)
+        self.version += 1
+        return {**metrics, "trainer_procs": self.world_size}
+
+    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        return self._call("logprobs", samples)
+
+    def save(self, folder: str, buffer_state: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+        """A DCP checkpoint written by every rank (see save_rl_checkpoint)."""
+        return self._call("save", folder, buffer_state, extra)
+
+    def load(self, folder: str) -> dict[str, Any] | None:
+        state = self._call("load", folder)
+        if state is not None:
+            self.version = int(state["version"])
+        return state
+
+
+class TrainerGroup(_TrainerCommands):
     """N trainer processes behind the `LoopTrainer` interface of `RLTrainer` (train_step, weights, version,
     save/load, logprobs). `model` is the starting policy (its weights are copied to every rank)."""
 
@@ -327,28 +357,9 @@ class TrainerGroup:
         return self._gather(cmd)[0]
 
     # --- the LoopTrainer interface -------------------------------------------------------------------
-    def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]:
-        """One optimizer step on a batch of groups, split over the ranks; the metrics of the whole batch."""
-        metrics = self._call("train_step", groups)
-        self.version += 1
-        return {**metrics, "trainer_procs": self.world_size}
-
     def weights(self) -> dict[str, torch.Tensor]:
         """The full policy state dict (the model's own names), gathered on rank 0, CPU tensors."""
         return self._call("weights")
-
-    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
-        return self._call("logprobs", samples)
-
-    def save(self, folder: str, buffer_state: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-        """A DCP checkpoint written by every rank (see save_rl_checkpoint)."""
-        return self._call("save", folder, buffer_state, extra)
-
-    def load(self, folder: str) -> dict[str, Any] | None:
-        state = self._call("load", folder)
-        if state is not None:
-            self.version = int(state["version"])
-        return state
 
     def pids(self) -> dict[int, int]:
         return {r: p.pid for r, p in enumerate(self.procs)}
@@ -385,7 +396,7 @@ class TrainerGroup:
             pass
 
 
-class RayTrainerGroup:
+class RayTrainerGroup(_TrainerCommands):
     """The trainer group as N Ray actors (`TrainerRank`), one per bundle of a placement group (bundles
     `first_bundle` .. `first_bundle + procs - 1`, glm5.rl.actors.place_actors), with TrainerGroup's interface.
     `weights()` returns rank 0's object-store reference: the full state dict never passes through the driver."""
@@ -470,26 +481,9 @@ class RayTrainerGroup:
 
         return ray.get(self._gather([a.call.remote(cmd, args) for a in self.ranks], cmd)[0])
 
-    def train_step(self, groups: list[list[Sample]]) -> dict[str, Any]:
-        metrics = self._call("train_step", groups)
-        self.version += 1
-        return {**metrics, "trainer_procs": self.world_size}
-
     def weights(self) -> Any:
         """An object-store reference to the full state dict (rank 0's gather)."""
         return self._gather([a.call.remote("weights", ()) for a in self.ranks], "weights")[0]
-
-    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
-        return self._call("logprobs", samples)
-
-    def save(self, folder: str, buffer_state: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-        return self._call("save", folder, buffer_state, extra)
-
-    def load(self, folder: str) -> dict[str, Any] | None:
-        state = self._call("load", folder)
-        if state is not None:
-            self.version = int(state["version"])
-        return state
 
     def shutdown(self) -> None:
         import ray
