@@ -343,6 +343,31 @@ MUTANTS: list[Mutant] = [
         ),
         ("tests/test_dp_rl.py -k killed",),
     ),
+    # --- the training step's fast paths (tests/test_train_fastpath.py) -------------------------------------
+    Mutant(
+        "fused-ce-no-one-hot",
+        "the fused head + cross-entropy gives the gradients of F.cross_entropy (softmax minus one-hot)",
+        (("glm5/model/loss.py", "grad[rows, t_safe] -= 1.0", "grad[rows, t_safe] -= 0.0"),),
+        ("tests/test_train_fastpath.py -k fused_cross_entropy_equals",),
+    ),
+    Mutant(
+        "indexer-loss-wrong-columns",
+        "the indexer loss from every key's scores takes the selected keys' columns",
+        (
+            (
+                "glm5/model/attention.py",
+                "logits = logits if idx_c is None else logits.gather(-1, idx_c)",
+                "logits = logits if idx_c is None else logits[..., : idx_c.shape[-1]]",
+            ),
+        ),
+        ("tests/test_train_fastpath.py -k indexer_loss_from_every",),
+    ),
+    Mutant(
+        "moe-cast-once-wrong-dtype",
+        "MoE experts cast once under autocast compute exactly what per-call autocast casts compute",
+        (("glm5/model/moe.py", "dtype = torch.get_autocast_dtype(device)", "dtype = torch.float16"),),
+        ("tests/test_train_fastpath.py -k moe_experts_cast",),
+    ),
 ]
 
 

@@ -183,3 +183,39 @@ def test_a_training_run_with_fused_heads_equals_the_unfused_run(base, tmp_path) 
     for name in ref_params:
         err = (got_params[name] - ref_params[name]).abs().max()
         assert err <= bound, (name, err.item(), bound)
+
+
+def test_moe_experts_cast_once_under_autocast_give_the_per_call_casts_bitwise() -> None:
+    """forward_sorted casts the rows and the 3-D expert weights once under bf16 autocast; the per-expert-call
+    casts of plain autocast (its twin, written out here) give the same output and gradients, bit for bit."""
+    from glm5.kernels.grouped_mm import grouped_mm
+    from glm5.model.moe import MoE
+
+    torch.manual_seed(5)
+    moe = MoE(MICRO)
+    for p in (moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight):
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(40, MICRO.hidden_size)
+    weights, idx, _ = moe.gate(x)
+    weights = weights.detach()
+
+    def per_call(x_ND: torch.Tensor) -> torch.Tensor:
+        ex, flat = moe.experts, idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of, counts = order // idx.shape[1], torch.bincount(flat, minlength=ex.num_experts)
+        gate, up = grouped_mm(x_ND.index_select(0, token_of), ex.gate_up_proj, counts).chunk(2, dim=-1)
+        y = grouped_mm(F.silu(gate) * up, ex.down_proj, counts) * weights.reshape(-1)[order, None].to(
+            torch.bfloat16
+        )
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y.to(x_ND.dtype))
+
+    results = []
+    for fn in (per_call, lambda x_ND: moe.experts.forward_sorted(x_ND, idx, weights)):
+        moe.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(xg)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y, xg.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad))
+    for ref, got in zip(*results):
+        assert torch.equal(ref, got)
