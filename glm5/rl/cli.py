@@ -127,6 +127,58 @@ def _console(quiet: bool) -> Any:
     return Console(quiet=quiet)
 
 
+LAYOUT_KEYS = ("steps", "rollout_parallel", "trainer_procs")  # may change between runs (DCP reshards)
+
+
+def _build_system(
+    recipe: Any, task: dict[str, Any], out: Path, use_ray: bool, placement: str
+) -> dict[str, Any]:
+    """The buffer, rollout engines, trainer and transport, in this process or as Ray actors."""
+    from glm5.rl.controller import build_local
+    from glm5.rl.posttrain import attach_reference
+
+    # over Ray the trainer (group) is built as actors by build_ray; the local system only serves the evaluation
+    system = build_local(recipe.replace(trainer_procs=1) if use_ray else recipe, task, str(out))
+    if recipe.trainer_procs == 1 or use_ray:  # a trainer group's ranks hold their own KL reference already
+        # a loss with a KL term is anchored to the initial policy
+        attach_reference(system["trainer"], task["model"])
+    if use_ray:
+        from glm5.rl.actors import build_ray
+
+        system = build_ray(recipe, task, system, placement=placement)
+    return system
+
+
+def _resume(
+    system: dict[str, Any], recipe: Any, out: Path, console: Any
+) -> tuple[dict[str, Any] | None, int]:
+    """The checkpoint in out/checkpoints, if any, loaded into the trainer and buffer: (its state, its step)."""
+    state = system["trainer"].load(str(out / "checkpoints"))
+    if state is None:
+        return None, 0
+    saved = {k: v for k, v in (state.get("recipe") or {}).items() if k not in LAYOUT_KEYS}
+    if saved != {k: v for k, v in recipe.to_dict().items() if k not in LAYOUT_KEYS}:
+        raise ValueError(f"{out} holds a run of a different recipe; use a new --out folder")
+    system["buffer"].load_state_dict(state["buffer"])
+    start = int(state["version"])
+    console.print(f"resumed from step {start} of {recipe.steps}")
+    return state, start
+
+
+def _bring_home(trainer: Any, model: Any, use_ray: bool) -> str:
+    """A trainer group's final weights, loaded into the driver's model for the export; their hash."""
+    from glm5.rl.weight_sync import state_hash
+
+    final = trainer.weights()
+    if use_ray:  # RayTrainerGroup: an object-store reference
+        import ray
+
+        final = ray.get(final)
+    model.load_state_dict(final)
+    trainer.shutdown()
+    return state_hash(final)
+
+
 def run_rl(
     recipe: Any,
     out: str | Path,
@@ -138,8 +190,7 @@ def run_rl(
     """Build, evaluate, train (with live progress), evaluate again, export. Returns the summary."""
     import torch
 
-    from glm5.rl.controller import build_local, run_loop
-    from glm5.rl.posttrain import attach_reference
+    from glm5.rl.controller import run_loop
     from glm5.rl.recipes import build_task
     from glm5.rl.rollout import evaluate_policy
     from glm5.train.metrics import MetricsLog
@@ -149,58 +200,31 @@ def run_rl(
     torch.manual_seed(recipe.seed)
     task = build_task(recipe, init, log=console.print)  # loads --init: a failure here leaves no --out folder
     out.mkdir(parents=True, exist_ok=True)
-    # over Ray the trainer (group) is built as actors by build_ray; the local system only serves the evaluation
-    system = build_local(recipe.replace(trainer_procs=1) if use_ray else recipe, task, str(out))
-    group = recipe.trainer_procs > 1  # a trainer group: every rank holds its own KL reference already
-    if not group or use_ray:
-        attach_reference(
-            system["trainer"], task["model"]
-        )  # a loss with a KL term: anchored to the initial policy
-    if use_ray:
-        from glm5.rl.actors import build_ray
-
-        system = build_ray(recipe, task, system, placement=placement)
-    buffer, rollout, trainer, transport = (
-        system["buffer"],
-        system["rollout"],
-        system["trainer"],
-        system["transport"],
-    )
-    ckpt_dir = out / "checkpoints"
-    state = trainer.load(str(ckpt_dir))
-    start = 0
-    if state is not None:
-        same = {k: v for k, v in (state.get("recipe") or {}).items() if k != "steps"}
-        for key in (
-            "rollout_parallel",
-            "trainer_procs",
-        ):  # the layouts may change between runs (DCP reshards)
-            same.pop(key, None)
-        if same != {
-            k: v
-            for k, v in recipe.to_dict().items()
-            if k not in ("steps", "rollout_parallel", "trainer_procs")
-        }:
-            raise ValueError(f"{out} holds a run of a different recipe; use a new --out folder")
-        buffer.load_state_dict(state["buffer"])
-        start = int(state["version"])
-        console.print(f"resumed from step {start} of {recipe.steps}")
+    system = _build_system(recipe, task, out, use_ray, placement)
+    buffer, rollout, trainer, transport = (system[k] for k in ("buffer", "rollout", "trainer", "transport"))
+    state, start = _resume(system, recipe, out, console)
     eval_kw = dict(
         max_new_tokens=recipe.configs()[1].max_new_tokens,
         tokenizer=task["tokenizer"],
         reply_fn=task["reply_fn"],
         env=task["env"],
     )
+
+    def evaluate(engine: Any) -> dict[str, Any] | None:
+        return (
+            evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw)
+            if engine is not None
+            else None
+        )
+
     engine = system["engine"]
     transport.publish(trainer.weights(), start)  # the engine starts from the (possibly resumed) policy
     rollout.sync_weights(transport, start)
-    before = (
-        evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
-    )
+    before = evaluate(engine)
     log = MetricsLog(out / "metrics.jsonl").start(start if state is not None else None)
 
     def checkpoint(version: int) -> None:
-        trainer.save(str(ckpt_dir), buffer.state_dict(), {"recipe": recipe.to_dict()})
+        trainer.save(str(out / "checkpoints"), buffer.state_dict(), {"recipe": recipe.to_dict()})
 
     t0 = time.time()
     with _Progress(recipe.steps, start, quiet) as bar:
@@ -226,25 +250,12 @@ def run_rl(
         rollout.sync_local(system["local_rollout"], transport, recipe.steps)
         rollout = system["local_rollout"]
     checkpoint(recipe.steps)
-    final_hash = None
-    if group:  # the trained weights live in the group's processes: bring them home for the export
-        from glm5.rl.weight_sync import state_hash
-
-        final = trainer.weights()
-        if use_ray:  # RayTrainerGroup: an object-store reference
-            import ray
-
-            final = ray.get(final)
-        final_hash = state_hash(final)
-        task["model"].load_state_dict(final)
-        trainer.shutdown()
+    # a trainer group's weights live in its processes: bring them home for the export
+    final_hash = _bring_home(trainer, task["model"], use_ray) if recipe.trainer_procs > 1 else None
     engine = rollout.engine if engine is not None else None  # a dead rank's engine was replaced
-    after = (
-        evaluate_policy(engine, task["eval"], task["reward_fn"], **eval_kw) if engine is not None else None
-    )
-    sharded = (
-        engine is not None and getattr(engine.executor, "world_size", 1) > 1
-    )  # engine.model: rank 0's shard
+    after = evaluate(engine)
+    # a multi-rank engine's model is rank 0's shard: export the driver's full model instead
+    sharded = engine is not None and getattr(engine.executor, "world_size", 1) > 1
     export = _export(task["model"] if sharded else engine.model, task["tokenizer"], out / "model")
     if sharded:
         engine.shutdown()
