@@ -323,9 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.checkpoints or Path(tmp)
-        made = run_in_fresh_process(
-            worker, ("write_checkpoints", (str(root),)), 600
-        )  # keeps this process small
+        # keeps this process small
+        made = run_in_fresh_process(worker, ("write_checkpoints", (str(root),)), 600)
         if "error" in made:
             print(f"writing the checkpoints: {made['error']}", file=sys.stderr)
             return 1

@@ -18,8 +18,8 @@ MAX_PORT = 65_535
 
 def print_error(message: str) -> None:
     """`glm5: error: MESSAGE` on stderr, in red, on one line whatever the message held."""
-    from rich.console import Console
-    from rich.text import Text
+    from rich.console import Console  # lazy: torch-free CLI start-up
+    from rich.text import Text  # lazy: torch-free CLI start-up
 
     message = " ".join(message.split())
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text(f"glm5: error: {message}", style="red"))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+import time
 
 from glm5 import __version__
 from glm5.argtypes import (
@@ -67,16 +69,16 @@ def _load_config(preset: str | None, path: str | None) -> tuple[GLM5Config, str]
 
 def cmd_info(args: argparse.Namespace) -> int:
     """`glm5 info`: parameters by component, active parameters, weight memory and KV cache of a config."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
-    from glm5.plan import format_table, parameter_table, summarize_config
+    from glm5.plan import format_table, parameter_table, summarize_config  # lazy: torch-free CLI start-up
 
     cfg, label = _load_config(args.preset, args.path)
     table = parameter_table(cfg)
     console = Console()
     console.print(format_table(table, title=f"{label}: {summarize_config(cfg)}"))
     if args.path is not None and _has_weights(args.path):
-        from glm5.checkpoint.convert import summarize_checkpoint
+        from glm5.checkpoint.convert import summarize_checkpoint  # lazy: torch-free CLI start-up
 
         console.print()
         console.print(_checkpoint_table(summarize_checkpoint(args.path), table))
@@ -84,7 +86,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _has_weights(path: str) -> bool:
-    from glm5.checkpoint.files import INDEX_FILE, SINGLE_FILE
+    from glm5.checkpoint.files import INDEX_FILE, SINGLE_FILE  # lazy: torch-free CLI start-up
 
     return os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, f)) for f in (INDEX_FILE, SINGLE_FILE)
@@ -93,10 +95,10 @@ def _has_weights(path: str) -> bool:
 
 def _checkpoint_table(summary, params):
     """What the files hold: tensors and bytes of e4m3 weights, their scales and the unquantised tensors."""
-    from rich.table import Table
+    from rich.table import Table  # lazy: torch-free CLI start-up
 
-    from glm5.checkpoint.convert import ROLES
-    from glm5.plan import human_bytes
+    from glm5.checkpoint.convert import ROLES  # lazy: torch-free CLI start-up
+    from glm5.plan import human_bytes  # lazy: torch-free CLI start-up
 
     out = Table(
         title=f"{summary.path}: {summary.num_files} safetensors file(s)",
@@ -141,10 +143,9 @@ def _checkpoint_table(summary, params):
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """`glm5 convert SRC DST --to fp8|bf16`: stream a checkpoint into the other format, with a progress bar."""
-    import time
 
-    from rich.console import Console
-    from rich.progress import (
+    from rich.console import Console  # lazy: torch-free CLI start-up
+    from rich.progress import (  # lazy: torch-free CLI start-up
         BarColumn,
         DownloadColumn,
         Progress,
@@ -153,7 +154,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         TransferSpeedColumn,
     )
 
-    from glm5.checkpoint.convert import convert_checkpoint, summarize_checkpoint
+    from glm5.checkpoint.convert import (
+        convert_checkpoint,
+        summarize_checkpoint,
+    )  # lazy: torch-free CLI start-up
 
     console = Console(stderr=True)
     columns = [
@@ -207,7 +211,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _shard_size(value: str) -> str:
     """--max-shard-size: a positive size like 5GB (checked while parsing; the checkpoint code reads it again)."""
-    from glm5.checkpoint.files import parse_size  # imports torch: only `glm5 convert ...` gets here
+    from glm5.checkpoint.files import (
+        parse_size,
+    )  # lazy: torch-free CLI start-up; imports torch: only `glm5 convert ...` gets here
 
     try:
         parse_size(value)
@@ -261,12 +267,11 @@ def _add_info(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`glm5 plan`: devices, layout, memory per device, decode/prefill rooflines and cost of a deployment."""
-    import json
 
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
-    from glm5.hardware import HARDWARE, get_hardware, load_hardware_file
-    from glm5.plan import PlanSettings, format_plan, plan
+    from glm5.hardware import HARDWARE, get_hardware, load_hardware_file  # lazy: torch-free CLI start-up
+    from glm5.plan import PlanSettings, format_plan, plan  # lazy: torch-free CLI start-up
 
     if args.list_hardware:
         for hw in HARDWARE.values():
@@ -307,7 +312,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.caption = caption
         console = Console(width=max(console.width, natural))
     console.print(table)
-    from glm5.plan import launch_commands
+    from glm5.plan import launch_commands  # lazy: torch-free CLI start-up
 
     folder = None if args.path is None else args.path.removesuffix("config.json").rstrip("/") or "."
     print("\n" + "\n".join(launch_commands(result, folder or "/path/to/checkpoint")))  # never wrapped

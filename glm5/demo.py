@@ -105,9 +105,9 @@ def pretrain_recipe(smoke: bool) -> Any:
             data=dataclasses.replace(recipe.data, chat_tasks=tasks),
         )
     return recipe.replace(
-        # top-k = the SFT window: attention stays exact on these short sequences (an indexer trained on
-        # 128-token windows would otherwise pick the keys of SFT's 256-token windows)
-        model_overrides={**recipe.model_overrides, "index_topk": 256},
+        # top-k = the SFT window (384 tokens: a whole tool episode): attention stays exact on these short
+        # sequences (an indexer trained on 128-token windows would otherwise pick the keys of SFT's windows)
+        model_overrides={**recipe.model_overrides, "index_topk": 384},
         dtype="float32",  # bf16 autocast is slower than float32 for matrices this small (0.17 vs 0.11 s/step)
         steps=5000,
         time_limit_minutes=PRETRAIN_MINUTES,
@@ -294,7 +294,8 @@ def eval_text(n: dict[str, Any], ppl: float | None) -> str:
         f"{pct(n['hallucination_rate'])}; easy {pct(easy.get('accuracy'))} right; hard "
         f"{pct(hard.get('accuracy'))} right / {pct(hard.get('abstention_rate'))} abstained; unanswerable "
         f"{pct(unans.get('abstention_rate'))} abstained; tool calls {pct(n['tool_call_valid'])} valid, "
-        f"{pct(tool.get('accuracy'))} right" + (f"; ppl {ppl:.0f}" if ppl else "")
+        f"{pct(n.get('tool_call_right'))} with the asked operands, {pct(tool.get('accuracy'))} right"
+        + (f"; ppl {ppl:.0f}" if ppl else "")
     )
 
 

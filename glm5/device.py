@@ -35,7 +35,7 @@ def _npu_module() -> ModuleType | None:
     if importlib.util.find_spec("torch_npu") is None:
         return None
     try:
-        import torch_npu  # noqa: F401  (registers torch.npu and the "npu" device type)
+        import torch_npu  # noqa: F401  # lazy: optional dependency (registers torch.npu and the "npu" device type)
     except Exception as e:  # a broken vendor install must not stop CPU/CUDA users
         warnings.warn(
             f"torch_npu is installed but failed to import ({e}); Ascend NPUs are ignored", stacklevel=2
@@ -213,7 +213,7 @@ def _cpu_name() -> str:
 
 def _cpu_max_rss_bytes() -> int:
     try:
-        import resource
+        import resource  # lazy: platform-specific
     except ImportError:  # Windows has no getrusage
         return 0
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -137,9 +137,8 @@ def test_sharded_save_has_size_limited_shards_and_an_index_with_total_size(saved
     assert all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", p.name) for p in shards)
     contents = {p.name: load_file(p) for p in shards}
     sizes = {name: sum(t.nbytes for t in tensors.values()) for name, tensors in contents.items()}
-    assert all(
-        sizes[name] <= 16_000 or len(contents[name]) == 1 for name in sizes
-    )  # a lone tensor may exceed
+    # a lone tensor may exceed
+    assert all(sizes[name] <= 16_000 or len(contents[name]) == 1 for name in sizes)
     assert (
         index["metadata"]["total_size"]
         == sum(sizes.values())

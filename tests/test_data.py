@@ -55,9 +55,8 @@ def test_task_generators_are_deterministic_and_reference_answers_check_out():
     assert sum(t.kind == "calculator" for t in a) == COUNTS["calculator"]
     for task in a:
         final = task.messages[-1]
-        assert (
-            final["role"] == "assistant" and final["reasoning_content"]
-        )  # short thinking before every answer
+        # short thinking before every answer
+        assert final["role"] == "assistant" and final["reasoning_content"]
         assert check_answer(task, final["content"]), (task.kind, final)
         assert task.prompt_messages[-1]["role"] == "user"
         if task.kind == "unanswerable":
@@ -102,9 +101,8 @@ def test_chat_loss_mask_covers_what_the_assistant_generates(tok):
     untrained = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert "<tool_call>calculator" in trained and task.messages[-1]["content"] in trained
     assert task.messages[0]["content"] in untrained  # the question
-    assert (
-        f"<tool_response>{task.answer}</tool_response>" in untrained
-    )  # the tool's result is read, not learned
+    # the tool's result is read, not learned
+    assert f"<tool_response>{task.answer}</tool_response>" in untrained
     assert ids[-1] == tok.eos_token_id and mask[-1] == 1  # the model learns to stop
 
 

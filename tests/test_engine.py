@@ -100,9 +100,8 @@ def test_prefix_cache_hit_reuses_blocks_and_gives_identical_outputs() -> None:
     assert cached_before >= 6  # the finished request's full blocks stay cached
     again = llm.generate([shared + [5, 6]], GREEDY)[0]
     other = llm.generate([shared + [9]], GREEDY)[0]
-    assert (
-        again.num_cached_tokens == 24 and other.num_cached_tokens == 24
-    )  # 6 full blocks of the shared prefix
+    # 6 full blocks of the shared prefix
+    assert again.num_cached_tokens == 24 and other.num_cached_tokens == 24
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     fresh = LLM(model(3), block_size=4, enable_prefix_caching=False).generate([shared + [9]], GREEDY)[0]
     assert other.outputs[0].token_ids == fresh.outputs[0].token_ids

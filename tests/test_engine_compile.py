@@ -58,9 +58,8 @@ def test_compiled_decode_gives_the_eager_tokens():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a failed compile would warn and fall back silently
         got, got_sampled = _tokens(compiled), _tokens(compiled, sampled)
-    assert step.failed is None and step.calls >= 2 * (
-        GREEDY.max_tokens - 1
-    )  # every decode step went through it
+    # every decode step went through it
+    assert step.failed is None and step.calls >= 2 * (GREEDY.max_tokens - 1)
     assert got == _tokens(eager) and got_sampled == _tokens(eager, sampled)
 
 

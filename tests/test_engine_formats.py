@@ -109,9 +109,8 @@ def test_each_format_verifies_several_tokens_and_drafts_with_the_mtp_layer(fmt: 
 
 
 def test_int8_groups_round_trip_within_half_a_step() -> None:
-    w = torch.randn(5, 70) * torch.logspace(
-        -3, 1, 70
-    )  # groups of very different ranges, a partial last group
+    # groups of very different ranges, a partial last group
+    w = torch.randn(5, 70) * torch.logspace(-3, 1, 70)
     q, s = int8_quantize(w)
     assert q.dtype == torch.int8 and s.shape == (5, 3) and q.abs().max() == 127
     step = s.repeat_interleave(INT8_GROUP, -1)[:, :70]

@@ -272,9 +272,8 @@ def test_native_mtp_layer_equals_the_models_mtp_forward() -> None:
 def test_a_non_contiguous_parameter_turns_the_kernel_off_not_the_answer() -> None:
     model = noisy_model(MICRO)
     o_proj = model.model.layers[1].self_attn.o_proj
-    o_proj.weight = torch.nn.Parameter(
-        o_proj.weight.detach().t().contiguous().t()
-    )  # same values, transposed layout
+    # same values, transposed layout
+    o_proj.weight = torch.nn.Parameter(o_proj.weight.detach().t().contiguous().t())
     ref_cache, fused_cache = twin_caches(model, [12])
     for cache in (ref_cache, fused_cache):
         cache.prepare([0], [[9]])
@@ -302,16 +301,14 @@ def test_swapped_storage_is_seen_and_writes_through_data_need_invalidate(kernel:
     fused = decoder(model, kernel)
     _step_matches(model, fused)
     experts = model.model.layers[2].mlp.experts
-    experts.gate_up_proj.data = (
-        experts.gate_up_proj.data * 1.5
-    )  # new storage, no version bump: caught by address
+    # new storage, no version bump: caught by address
+    experts.gate_up_proj.data = experts.gate_up_proj.data * 1.5
     _step_matches(model, fused)
     model.share_memory()  # every storage moves to shared memory
     _step_matches(model, fused)
     with torch.no_grad():
-        model.model.layers[1].self_attn.q_a_proj.weight.data.mul_(
-            0.5
-        )  # through .data: invisible to the checks
+        # through .data: invisible to the checks
+        model.model.layers[1].self_attn.q_a_proj.weight.data.mul_(0.5)
     fused.invalidate()
     _step_matches(model, fused)
     assert fused.num_builds == 4

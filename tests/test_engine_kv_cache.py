@@ -95,9 +95,8 @@ def test_fork_copies_a_shared_partial_block_before_writing() -> None:
     cache.fork(0, 1)
     _write(cache, 1, [7])
     child = cache.seqs[1].blocks
-    assert (
-        child[0] == parent_blocks[0] and child[1] != parent_blocks[1]
-    )  # shared full block, copied partial one
+    # shared full block, copied partial one
+    assert child[0] == parent_blocks[0] and child[1] != parent_blocks[1]
     assert torch.equal(cache.kv[0][child[1] * 4 : child[1] * 4 + 2], before)  # the copy kept positions 4, 5
     assert torch.equal(cache.kv[0][parent_blocks[1] * 4 : parent_blocks[1] * 4 + 2], before)
     assert cache.pool.refcount[parent_blocks[0]] == 2 and cache.pool.refcount[parent_blocks[1]] == 1

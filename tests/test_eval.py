@@ -75,10 +75,11 @@ def test_summarize_pools_samples_and_reports_pass_at_k():
     assert (m["questions"], m["samples"], m["correct"], m["abstained"], m["wrong"]) == (3, 6, 3, 1, 2)
     assert m["accuracy"] == 0.5 and m["abstention_rate"] == pytest.approx(1 / 6)
     assert m["hallucination_rate"] == pytest.approx(2 / 3)
+    # per question: c=1, 0, 2 of n=2
     assert m["pass_at_k"] == {
         "1": pytest.approx(0.5),
         "2": pytest.approx((1 + 0 + 1) / 3),
-    }  # per question: c=1, 0, 2 of n=2
+    }
     assert "3" not in m["pass_at_k"]  # needs 3 samples per question
 
 

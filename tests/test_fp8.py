@@ -368,9 +368,8 @@ def test_dequantize_equals_the_per_block_reference(shape: tuple[int, ...]) -> No
 def test_quantize_then_dequantize_by_blocks_recovers_whole_block_weights() -> None:
     """quantize's scales are per block too: the reference dequantisation of its output is within the e4m3 bound."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(2 * 128, 5 * 128, generator=g) * torch.logspace(-3, 1, 5).repeat_interleave(
-        128
-    )  # per block
+    # per block
+    w = torch.randn(2 * 128, 5 * 128, generator=g) * torch.logspace(-3, 1, 5).repeat_interleave(128)
     q, s = fp8.quantize(w)
     assert s.shape == (2, 5)
     back = dequantize_by_blocks(q, s)

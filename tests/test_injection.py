@@ -183,9 +183,8 @@ def test_ids_of_a_normal_conversation_are_unchanged(tok):
         if kw.get("add_generation_prompt") is False:
             expected.append(tok.token_to_id("<|endoftext|>"))
         assert ids == expected
-        assert (
-            special_counts(tok, ids)[tok.token_to_id("<arg_key>")] == 2 + 2
-        )  # the tools footer's, the call's
+        # the tools footer's, the call's
+        assert special_counts(tok, ids)[tok.token_to_id("<arg_key>")] == 2 + 2
 
 
 def test_encode_is_literal_by_default_and_parses_special_strings_only_when_allowed(tok):

@@ -170,9 +170,8 @@ def test_a_swapped_or_shifted_input_is_seen_by_the_reference() -> None:
     swapped = dict(hf)
     w = hf[p + "eh_proj.weight"]
     D = w.shape[0]
-    swapped[p + "eh_proj.weight"] = torch.cat(
-        [w[:, D:], w[:, :D]], 1
-    )  # == eh_proj([h ; e]) with the real weight
+    # == eh_proj([h ; e]) with the real weight
+    swapped[p + "eh_proj.weight"] = torch.cat([w[:, D:], w[:, :D]], 1)
     ref.hf = swapped
     _, bad = ref.step(h, ids[:, 1:])
     ref.hf = hf

@@ -119,9 +119,8 @@ def test_sharded_engine_reproduces_one_process(ckpts, reference, tp, ep, ckpt, e
     cfg = FP8_ALIGNED if ckpt == "fp8" else GROUPED
     with LLM(str(folder), tensor_parallel_size=tp, expert_parallel_size=ep, **ENGINE, **extra) as llm:
         assert len(llm.engine.executor.procs) == tp * ep - 1
-        assert (
-            llm.engine.executor.runner.config.fused_decode is False
-        )  # forced: the fused step is not shard-aware
+        # forced: the fused step is not shard-aware
+        assert llm.engine.executor.runner.config.fused_decode is False
         got = _scenario(llm, cfg)
         _same(reference[ckpt], got)
         assert _cached_tokens(got) > 0 and _cached_tokens(got) == _cached_tokens(reference[ckpt])
@@ -236,9 +235,8 @@ def test_update_weights_reaches_every_rank_then_a_killed_worker_makes_the_engine
         llm.shutdown()
     import torch.distributed as dist
 
-    assert (
-        not dist.is_initialized()
-    )  # no dead process group left behind for whatever runs next in this process
+    # no dead process group left behind for whatever runs next in this process
+    assert not dist.is_initialized()
     import multiprocessing
 
     assert multiprocessing.active_children() == []

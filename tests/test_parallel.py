@@ -41,9 +41,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         trainer = Trainer(smoke_recipe(), out, ctx, quiet=True)
         sharded = [m for m in trainer.model.modules() if isinstance(m, ExpertParallelExperts)]
         local_experts = sharded[0].gate_up_proj.to_local().shape[0]
-        records = (
-            trainer.fit()
-        )  # 5 steps: dense, indexer warm-up (main model frozen), sparse; then a DCP save
+        # 5 steps: dense, indexer warm-up (main model frozen), sparse; then a DCP save
+        records = trainer.fit()
         summary = trainer.finish()  # gathers the full weights on rank 0, evaluates, exports
         if rank == 0:
             result = {

@@ -277,9 +277,8 @@ from glm5.plan import (  # noqa: E402
 
 GLM5_FP8 = 746_130_054_912  # main model (docs/model.md § Parameter accounting)
 GLM5_BF16 = 2 * GLM5_MAIN + 4 * 75 * 256
-FP8_EXPERT = 3 * (
-    2048 * 6144 + 4 * 16 * 48
-)  # three 2048x6144 e4m3 matrices + a 16 x 48 grid of fp32 scales each
+# three 2048x6144 e4m3 matrices + a 16 x 48 grid of fp32 scales each
+FP8_EXPERT = 3 * (2048 * 6144 + 4 * 16 * 48)
 EMBED_BF16 = 154_880 * 6144 * 2
 H200_BW = 4.8e12
 

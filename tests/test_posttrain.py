@@ -11,7 +11,7 @@ import torch
 
 from glm5.data.frontier import DIFFICULTIES, HELDOUT_FRACTION, KINDS, frontier_tasks, is_heldout, item_key
 from glm5.data.tasks import ABSTENTION, check_answer, generate_tasks
-from glm5.eval.frontier import frontier_summary, tool_call_valid
+from glm5.eval.frontier import frontier_summary, tool_call_right, tool_call_valid
 from glm5.eval.metrics import wilson_interval
 from glm5.eval.runner import EvalResult
 from glm5.eval.tasks import make_questions
@@ -51,9 +51,8 @@ def test_frontier_items_have_the_right_answers():
         assert int(t.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and len(a) == len(b) == 1
         assert check_answer(t, t.messages[-1]["content"])
     easy = frontier_tasks("easy", 400, 1)
-    assert (
-        0.04 < sum(t.messages[-1]["content"] == ABSTENTION for t in easy) / len(easy) < 0.18
-    )  # EASY_ABSTAIN_SHARE
+    # EASY_ABSTAIN_SHARE
+    assert 0.04 < sum(t.messages[-1]["content"] == ABSTENTION for t in easy) / len(easy) < 0.18
     hard = frontier_tasks("hard", 200, 1)
     abstained = [t for t in hard if t.messages[-1]["content"] == ABSTENTION]
     assert 0.15 < len(abstained) / len(hard) < 0.45  # HARD_ABSTAIN_SHARE of the training items
@@ -81,6 +80,10 @@ def test_tool_call_validity():
     assert not tool_call_valid(_call("not json"))
     assert not tool_call_valid(_call('{"expression": "2 * 3"}', name="search"))
     assert not tool_call_valid([{"tool_calls": [], "content": "16225"}])
+    # right: valid and computing the asked product (a well-formed call with other operands is not)
+    assert tool_call_right(_call('{"expression": "275 * 59"}'), "16225")
+    assert not tool_call_right(_call('{"expression": "712 * 80"}'), "16225")
+    assert not tool_call_right(_call('{"expression": "(7 = 189"}'), "16225")
 
 
 def _result(outcomes: dict[str, list[tuple[bool, bool]]], tool_calls: list[str]) -> EvalResult:
@@ -93,7 +96,14 @@ def _result(outcomes: dict[str, list[tuple[bool, bool]]], tool_calls: list[str])
         every += flags
         for i, (c, a) in enumerate(flags):
             turns = _call(tool_calls[i]) if kind == "frontier_tool" else []
-            records.append({"task": kind, "samples": [{"correct": c, "abstained": a, "turns": turns}]})
+            expected = "6" if kind == "frontier_tool" else None
+            records.append(
+                {
+                    "task": kind,
+                    "expected": expected,
+                    "samples": [{"correct": c, "abstained": a, "turns": turns}],
+                }
+            )
     metrics["overall"] = summarize([[c] for c, _ in every], [[a] for _, a in every])
     return EvalResult("test", {}, metrics, records)
 
@@ -120,6 +130,7 @@ def test_frontier_summary_numbers_by_hand():
     assert s["per_difficulty"]["easy"]["hallucination_rate"] == 1.0
     assert s["unanswerable_abstention"] == 0.75 and s["tool_accuracy"] == 0.5 and s["tool_call_valid"] == 0.5
     assert s["accuracy_ci"] == pytest.approx(list(wilson_interval(7, 14)))
+    assert s["tool_call_right"] == 0.5  # "2 * 3" computes the expected 6; "2 *" is not valid
 
 
 # --- rewards ---------------------------------------------------------------------------------------------------
@@ -202,9 +213,8 @@ def test_pretrain_sft_rl_smoke_outputs_load_and_evaluate(tmp_path):
     summary = run_rl(recipe, tmp_path / "rl", init=str(tmp_path / "sft" / "model"), quiet=True)
     assert summary["steps"] == 1 and summary["buffer"]["trained"] > 0
     records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert any(
-        r.get("kind") == "rl" and math.isfinite(r["kl"]) for r in records
-    )  # the anchor was in the loss
+    # the anchor was in the loss
+    assert any(r.get("kind") == "rl" and math.isfinite(r["kl"]) for r in records)
     GLM5ForCausalLM.from_pretrained(str(tmp_path / "rl" / "model"))
     numbers = evaluate_frontier(tmp_path / "rl" / "model", 2)
     for key in ("accuracy", "abstention_rate", "tool_call_valid"):

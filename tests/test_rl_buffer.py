@@ -138,9 +138,8 @@ def test_staleness_and_exactly_once_invariants(ops, eta, batch, policy, over):
         train()
     assert buf.exhausted()
     expected = {f"{p}.{e}" for p in range(len(prompts)) for e in range(2)}
-    assert (
-        set(buf.terminal) == expected
-    )  # every prompt of every epoch, exactly once (no duplicate can be stored)
+    # every prompt of every epoch, exactly once (no duplicate can be stored)
+    assert set(buf.terminal) == expected
     if policy == "pace":
         assert buf.stats["dropped_stale"] == 0
 
@@ -188,9 +187,8 @@ def test_get_batch_blocks_until_data_arrives():
     (lease,) = buf.lease("w", 1)
     t0 = time.perf_counter()
     assert buf.get_batch(timeout=0.2) is None
-    assert (
-        time.perf_counter() - t0 >= 0.19
-    )  # it waited (slept on the condition) rather than returning at once
+    # it waited (slept on the condition) rather than returning at once
+    assert time.perf_counter() - t0 >= 0.19
     timer = threading.Timer(0.1, lambda: buf.complete(lease.lease_id, _finish(lease, 0)))
     timer.start()
     got = buf.get_batch(timeout=5.0)
@@ -201,9 +199,8 @@ def test_late_result_of_a_released_lease_is_ignored():
     buf = DataBuffer(_prompts(4), BufferConfig(batch_size=1))
     (lease,) = buf.lease("dead", 1)
     assert buf.release_worker("dead") == 1
-    assert not buf.complete(
-        lease.lease_id, _finish(lease, 0)
-    )  # dedupe: the requeued copy will be the one trained
+    # dedupe: the requeued copy will be the one trained
+    assert not buf.complete(lease.lease_id, _finish(lease, 0))
     assert buf.counts()["late_results"] == 1
 
 

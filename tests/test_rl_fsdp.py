@@ -124,9 +124,8 @@ def test_a_dead_trainer_rank_fails_the_run_with_its_name(tmp_path) -> None:
         with pytest.raises(TrainerDeadError, match="trainer rank 1 of 2 .* died") as err:
             group.train_step(_batch(1))
         assert err.value.rank == 1
-        assert all(
-            not p.is_alive() for p in group.procs
-        )  # the survivor was stopped, not left in a collective
+        # the survivor was stopped, not left in a collective
+        assert all(not p.is_alive() for p in group.procs)
         with pytest.raises(TrainerDeadError):
             group.weights()
     finally:

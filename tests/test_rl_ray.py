@@ -104,9 +104,8 @@ def test_killed_rollout_worker_loses_no_samples_and_replacement_serves_current_w
     assert event["version_before_serving"] == event["trainer_version"]
     # every actor runs in the system's placement group (a bundle per rank); the replacement took w0's bundle
     placement = system["placement"]
-    assert (
-        placement["strategy"] == "PACK" and len(placement["bundles"]) == 3
-    )  # 2 rollout bundles + the trainer
+    # 2 rollout bundles + the trainer
+    assert placement["strategy"] == "PACK" and len(placement["bundles"]) == 3
     assert {ray.get(w.placement_group_id.remote()) for w in pool.workers.values()} == {placement["id"]}
     assert ray.get(system["trainer"].handle.placement_group_id.remote()) == placement["id"]
     # the dead worker's groups were leased again (to a live worker) and end trained or filtered, exactly once

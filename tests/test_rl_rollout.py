@@ -300,9 +300,8 @@ def test_abort_cancels_slow_reward_judges_and_the_groups_are_judged_again_withou
     system = build_local(recipe, task)
     rollout, buffer = system["rollout"], system["buffer"]
     num_groups = buffer.batch_size()
-    _step_until(
-        rollout, lambda: not rollout.groups and len(rollout.scoring) == num_groups
-    )  # generation went on
+    # generation went on
+    _step_until(rollout, lambda: not rollout.groups and len(rollout.scoring) == num_groups)
     generated = {s.uid: list(s.tokens) for _, _, group, _ in rollout.scoring.values() for s in group}
     assert rollout.abort_all() == num_groups
     assert not returned.is_set()  # the abort did not wait for the judge (it is still blocked on the gate)

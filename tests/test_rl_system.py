@@ -129,9 +129,8 @@ def test_eta0_async_pipeline_equals_the_sequential_reference_loop():
     steps = 4
     kw = dict(steps=steps, buffer={"shuffle": False}, rollout={"filter_zero_variance": False})
     reference = _reference_loop(_system(**kw)[0], steps)
-    assert (
-        len({s[4] for step in reference for s in step["samples"]}) == 2
-    )  # both rewards occur: a real signal
+    # both rewards occur: a real signal
+    assert len({s[4] for step in reference for s in step["samples"]}) == 2
     for overlap in (False, True):
         recipe, system = _system(overlap=overlap, **kw)
         seen: list = []
@@ -186,19 +185,19 @@ def test_first_step_invariants_and_weight_hashes_after_every_sync():
 
     _run(recipe, system, on_step, start_version=1)
     assert len(records) == 3
-    assert all(
-        r["staleness"] == {"0": r["num_samples"]} for r in records
-    )  # synchronous: version == trainer's
+    # synchronous: version == trainer's
+    assert all(r["staleness"] == {"0": r["num_samples"]} for r in records)
 
 
 @pytest.mark.parametrize(
     "policy,mode,partial,straddles",
+    # in-flight samples finish before the update
     [
         ("drop_and_requeue", "in_place", False, True),  # updated mid-sequence: samples straddle, head bounded
         ("abort_at_update", "abort", True, True),  # aborted and continued: samples straddle, tail bounded
         ("abort_at_update", "abort", False, False),  # aborted and restarted: one version per sample
         ("drop_and_requeue", "drain", False, False),
-    ],  # in-flight samples finish before the update
+    ],
 )
 def test_trained_token_versions_stay_within_the_bound(policy, mode, partial, straddles):
     """eta = 1 with generation inline, one group leased per engine step (deterministic: no thread decides what

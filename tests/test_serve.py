@@ -312,9 +312,8 @@ def test_chat_logprobs_n_and_seed(client) -> None:
             values = [t.logprob for t in entry.top_logprobs]
             assert values == sorted(values, reverse=True) and entry.logprob <= values[0] + 1e-6
     same = [[e.token for e in c.logprobs.content] for c in a.choices]
-    assert same == [
-        [e.token for e in c.logprobs.content] for c in b.choices
-    ]  # the seed fixes both completions
+    # the seed fixes both completions
+    assert same == [[e.token for e in c.logprobs.content] for c in b.choices]
 
 
 def test_response_format_json_object_is_accepted(client) -> None:
@@ -331,9 +330,8 @@ def test_response_format_json_object_is_accepted(client) -> None:
 # ------------------------------------------------------------------------------------------------- completions
 def test_completion_echo_logprobs_match_a_plain_forward_of_the_model(client, model, tok) -> None:
     prompt = "def add(a, b):\n    return a + b"
-    ids = tok.encode(
-        prompt, add_special_tokens=True
-    )  # a text prompt starts with [gMASK]<sop>, as vLLM's does
+    # a text prompt starts with [gMASK]<sop>, as vLLM's does
+    ids = tok.encode(prompt, add_special_tokens=True)
     r = client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1, temperature=0
     )

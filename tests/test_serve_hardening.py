@@ -98,11 +98,12 @@ def user(text) -> list[dict]:
     [
         ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
         ("/v1/completions", {"prompt": ["fine", "a\udfffb"]}, "prompt[1]"),
+        # pydantic's own check (constrained str)
         (
             "/v1/completions",
             {"prompt": "x", "stop": ["\ud800"]},
             "stop",
-        ),  # pydantic's own check (constrained str)
+        ),
         ("/v1/chat/completions", {"messages": user("\ud800")}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": user("\ud800"), "stream": True}, "messages[0].content"),
         (
@@ -328,9 +329,8 @@ def test_health_answers_while_the_tokenizer_works_on_a_long_text(server, tok, mo
         big.join(120)
     assert health.status_code == 200 and answers[0].status_code == 200
     [end] = spans
-    assert answered < end, (
-        "/health waited for the tokenizer"
-    )  # answered while the tokenizer was still at work
+    # answered while the tokenizer was still at work
+    assert answered < end, "/health waited for the tokenizer"
 
 
 def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(

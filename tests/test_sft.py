@@ -14,7 +14,7 @@ from glm5.data.frontier import frontier_tasks
 from glm5.data.packing import IGNORE
 from glm5.model import GLM5ForCausalLM
 from glm5.train import Trainer, recipe_preset
-from glm5.train.sft import SFTRecipe, SFTTrainer, load_sft_recipe, pack_whole, sft_preset
+from glm5.train.sft import SFTRecipe, SFTTrainer, build_sft_data, load_sft_recipe, pack_whole, sft_preset
 
 STEPS = 4
 
@@ -107,6 +107,25 @@ def test_pack_whole_keeps_each_conversation_in_one_window():
     assert mask.sum() == sum(len(d) for d, _ in docs)  # padding carries no loss
     long_ids, long_mask = pack_whole([(np.arange(1, 20), np.ones(19, np.uint8))], 8, pad_id=0)
     assert long_ids[:19].tolist() == list(range(1, 20)) and long_mask.sum() == 19  # text is cut, not dropped
+
+
+def test_conversations_longer_than_the_window_are_counted_and_reported(pretrained, tmp_path, capsys):
+    """A conversation longer than the SFT window is cut: its reply trains without its prompt (the demo's tool
+    episodes did at 256 tokens, and no tool call came out well-formed). build_sft_data says so and counts them."""
+    from glm5.tokenizer import GLM5Tokenizer
+
+    tok = GLM5Tokenizer.from_pretrained(pretrained / "model")
+    tasks = {"frontier_easy": 3, "frontier_tool": 2}
+    tool = frontier_tasks("tool", 2, 0)
+    longest = max(
+        len(tok.apply_chat_template(t.messages, t.tools, add_generation_prompt=False)[0]) for t in tool
+    )
+    for seq_len, cut in ((longest + 1, 0), (longest - 1, 2)):
+        recipe = _recipe(tasks=tasks, text_share=0.0, seq_len=seq_len)
+        build_sft_data(tmp_path / str(seq_len), tok, recipe, None)
+        info = json.loads((tmp_path / str(seq_len) / "train.json").read_text())
+        assert info["sft"]["cut_chats"] == cut
+        assert ("2 of 5 conversations are longer than seq_len" in capsys.readouterr().out) == bool(cut)
 
 
 def test_sft_resume_is_bit_exact(pretrained, tmp_path):

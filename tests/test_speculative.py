@@ -144,9 +144,8 @@ def test_the_bonus_token_is_from_p_k_plus_1_also_when_drafts_are_kept_by_chance(
     )
     all_kept = accepted == k
     rate = torch.minimum(p[0], q[0]).sum() * torch.minimum(p[1], q[1]).sum()
-    assert (
-        abs(all_kept.double().mean().item() - rate.item()) < 0.01
-    )  # acceptance is independent per position here
+    # acceptance is independent per position here
+    assert abs(all_kept.double().mean().item() - rate.item()) < 0.01
     bonus = torch.bincount(tokens[all_kept, k], minlength=V).double()
     assert chi_square_p_value(bonus, p[k]) > 1e-6
     assert chi_square_p_value(bonus, p[k - 1]) < 1e-12

@@ -81,8 +81,8 @@ def release_free_memory() -> None:
         except (OSError, ValueError, AttributeError):
             pass
     if _LIBC is None:
-        import ctypes
-        import ctypes.util
+        import ctypes  # lazy: platform-specific
+        import ctypes.util  # lazy: platform-specific
 
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -238,9 +238,8 @@ def load_pretrained_sharded(
     folder, cfg = open_checkpoint(path, fp8, prepare)
     if check is not None:
         check(cfg)
-    model, reads = build_and_match(
-        folder, cfg, build, dtype, fp8, prepare
-    )  # validated against the global model
+    # validated against the global model
+    model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)
 
     slices = shard(model)
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))

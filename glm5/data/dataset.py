@@ -22,6 +22,7 @@ import numpy as np
 from glm5.data.tasks import Task, generate_tasks
 from glm5.data.tokens import TokenFile
 from glm5.tokenizer import GLM5Tokenizer
+from glm5.tokenizer.chat import render_chat
 from glm5.tokenizer.tokenizer import default_corpus_files, expand_corpus_paths
 
 FORMAT_VERSION = 2  # 2: corpus text and chat content are encoded literally (special-token strings = bytes)
@@ -72,7 +73,6 @@ def corpus_files(spec: DataSpec) -> list[Path]:
 
 def corpus_texts(spec: DataSpec) -> Iterator[str]:
     """Every text of the mixture as a string (corpus files, then rendered chats): what the tokenizer learns from."""
-    from glm5.tokenizer.chat import render_chat
 
     for path in corpus_files(spec):
         yield path.read_text(encoding="utf-8", errors="replace")

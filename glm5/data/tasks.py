@@ -125,7 +125,7 @@ def calculator(expression: str) -> str:
 # --- generators --------------------------------------------------------------------------------------
 def _reasoning_gym(name: str, count: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
     try:
-        import reasoning_gym
+        import reasoning_gym  # lazy: optional dependency
     except ImportError as exc:  # a dependency of glm5; only a broken install gets here
         raise ValueError(
             "the synthetic tasks need the `reasoning-gym` package: pip install reasoning-gym"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from glm5.engine.engine import LLMEngine, Prompt
+from glm5.engine.llm import LLM
 from glm5.engine.multiproc import EngineDeadError
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling import SamplingParams
@@ -37,7 +38,6 @@ class AsyncLLMEngine:
     @classmethod
     def from_model(cls, model_or_path: Any, tokenizer: Any = None, **options: Any) -> AsyncLLMEngine:
         """Build the engine like `LLM(model_or_path, tokenizer, **options)`."""
-        from glm5.engine.llm import LLM
 
         return cls(LLM(model_or_path, tokenizer, **options).engine)
 

@@ -8,6 +8,7 @@ initialised preset (`--preset NAME`, for smoke tests), and run the engine in thi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import sys
 import time
@@ -182,8 +183,8 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
         f" --data-parallel-size {dp}" if dp > 1 else ""
     )
     if dp > 1:
-        from glm5.engine.dp import resolve_layout
-        from glm5.engine.sharding import LayoutError
+        from glm5.engine.dp import resolve_layout  # lazy: torch-free CLI start-up
+        from glm5.engine.sharding import LayoutError  # lazy: torch-free CLI start-up
 
         try:
             groups = resolve_layout(tp, ep, dp)[1]
@@ -198,8 +199,8 @@ def check_parallel(args: argparse.Namespace, cfg: Any = None) -> dict[str, int]:
             f"{flags} needs --model PATH: every rank loads its own slices of a checkpoint folder (a --preset "
             "has none)"
         )
-    from glm5.config import GLM5Config
-    from glm5.engine.sharding import LayoutError, ShardLayout, check_layout
+    from glm5.config import GLM5Config  # lazy: torch-free CLI start-up
+    from glm5.engine.sharding import LayoutError, ShardLayout, check_layout  # lazy: torch-free CLI start-up
 
     cfg = cfg if cfg is not None else GLM5Config.from_hf_config(args.model)
     try:
@@ -248,10 +249,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature:
 
 def build_llm(args: argparse.Namespace) -> Any:
     """An `LLM` from --model / --preset and the device options."""
-    import torch
+    import torch  # lazy: torch-free CLI start-up
 
-    from glm5.device import default_dtype, pick_device
-    from glm5.engine import LLM
+    from glm5.device import default_dtype, pick_device  # lazy: torch-free CLI start-up
+    from glm5.engine import LLM  # lazy: torch-free CLI start-up
 
     device = pick_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -260,12 +261,10 @@ def build_llm(args: argparse.Namespace) -> Any:
         weights = {"weights": args.weights, "dtype": None} if args.weights else {"dtype": dtype}
         llm = LLM(args.model, args.tokenizer, device=device, fp8=args.fp8, **weights, **options)
         if "tensor_parallel_size" in options:
-            import atexit
-
             atexit.register(llm.shutdown)  # stop the worker processes when the command ends
         _report_decode_path(llm)
         return llm
-    from glm5 import GLM5Config, GLM5ForCausalLM
+    from glm5 import GLM5Config, GLM5ForCausalLM  # lazy: torch-free CLI start-up
 
     torch.manual_seed(args.init_seed)
     model = GLM5ForCausalLM(GLM5Config.from_preset(args.preset))
@@ -278,15 +277,15 @@ def _report_decode_path(llm: Any) -> None:
     """One stderr line on how decode runs: the native kernel's SIMD path and the weights' format."""
     fused = getattr(llm.engine, "fused", None)
     if fused is not None:
-        from glm5.kernels import native
-        from glm5.kernels.formats import weight_format
+        from glm5.kernels import native  # lazy: torch-free CLI start-up
+        from glm5.kernels.formats import weight_format  # lazy: torch-free CLI start-up
 
         where = native.describe() if fused.lib is not None else "fused decode step: torch ops"
         print(f"{where}; weights held as {weight_format(fused.model)}", file=sys.stderr)
 
 
 def _sampling(args: argparse.Namespace, **extra: Any) -> Any:
-    from glm5.engine import SamplingParams
+    from glm5.engine import SamplingParams  # lazy: torch-free CLI start-up
 
     return SamplingParams(
         max_tokens=args.max_tokens,
@@ -321,9 +320,8 @@ def stream(engine: Any, prompt: str | list[int], params: Any, on_delta: Callable
 
 def run_generate(args: argparse.Namespace) -> int:
     """`glm5 generate`: stream a completion to stdout."""
-    params = _sampling(
-        args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False
-    )  # before loading
+    # before loading
+    params = _sampling(args, stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=False)
     llm = build_llm(args)
     tok = llm.tokenizer
     if args.prompt_ids is not None:
@@ -382,7 +380,7 @@ def _read_tools(path: str | None) -> list[dict[str, Any]] | None:
 
 def run_chat(args: argparse.Namespace) -> int:
     """`glm5 chat`: read user turns, stream replies (thinking dimmed, tool calls parsed), keep the history."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
     tools = _read_tools(args.tools)
     _sampling(args)  # bad sampling flags fail before the model loads
@@ -428,7 +426,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def chat_command(line: str, state: dict[str, Any]) -> tuple[str | None, str]:
     """One REPL command: (action for the loop: "exit", "reset" or None, message to show). Changes
     state["thinking"] for /think on|off; anything unknown is refused with the list of commands."""
-    from rich.markup import escape
+    from rich.markup import escape  # lazy: torch-free CLI start-up
 
     name, _, arg = line.partition(" ")
     arg = arg.strip().lower()
@@ -457,9 +455,9 @@ def _chat_turn(
     args: argparse.Namespace,
 ) -> dict[str, Any] | None:
     """Stream one assistant reply; returns the assistant message for the history, or None when interrupted."""
-    from rich.text import Text
+    from rich.text import Text  # lazy: torch-free CLI start-up
 
-    from glm5.tokenizer.parser import OutputParser, merge_deltas
+    from glm5.tokenizer.parser import OutputParser, merge_deltas  # lazy: torch-free CLI start-up
 
     ids = llm.tokenizer.apply_chat_template(
         messages, tools=tools, enable_thinking=thinking, return_loss_mask=False

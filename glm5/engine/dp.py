@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from glm5.engine.config import EngineConfig
 from glm5.engine.request import Request, Seq
 from glm5.engine.scheduler import Scheduler, SchedulerOutput
+from glm5.engine.sharding import LayoutError
 
 if TYPE_CHECKING:
     from glm5.engine.kv_cache import BlockManager
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 def resolve_layout(tp: int, ep: int, dp: int) -> tuple[int, int, bool]:
     """(tp_size, number of TP groups, data_parallel) for the launch flags, or ValueError naming the fix.
     With dp > 1 the routed experts are divided over all dp x tp ranks, so ep must be dp x tp."""
-    from glm5.engine.sharding import LayoutError
 
     for name, v in (("tensor", tp), ("expert", ep), ("data", dp)):
         if v < 1:

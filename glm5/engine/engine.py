@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from glm5.engine.config import EngineConfig
-from glm5.engine.dp import step_parts
+from glm5.engine.dp import DPScheduler, step_parts
 from glm5.engine.executor import Executor, make_executor
 from glm5.engine.fused import FusedDecoder
 from glm5.engine.kv_cache import BlockManager
@@ -102,8 +102,6 @@ class LLMEngine:
             )
         dp = getattr(self.executor, "data_parallel_size", 1)
         if dp > 1:  # data-parallel attention: one scheduler per DP rank (glm5/engine/dp.py)
-            from glm5.engine.dp import DPScheduler
-
             make_scheduler: Any = functools.partial(DPScheduler, dp)
         else:
             make_scheduler = Scheduler

@@ -664,21 +664,23 @@ class FusedDecoder:
         kv = attn.kv_a_proj_with_mqa(x)
         q = attn.q_b_proj(c_q).view(B, H, nope + R)
         w_uk, w_uv = attn.absorbed_kv_b()
+        # [B, H, r+R]
         q_lat = torch.cat(
             [
                 torch.bmm(q[..., :nope].transpose(0, 1), w_uk).transpose(0, 1) * attn.scale,  # absorbed
                 torch.matmul(q[..., nope:], rot_q),
             ],
             dim=-1,
-        )  # [B, H, r+R]
+        )
         c_kv = attn.kv_a_layernorm(kv[:, :rank])
         k_pe = torch.matmul(kv[:, None, rank:], rot)[:, 0]
         idx_k = None
         if ix is not None:
+            # [B,1,Di]
             idx_k = torch.matmul(
                 F.layer_norm(ix.wk(x)[:, None], (Di,), ix.k_norm.weight, ix.k_norm.bias, ix.k_norm.eps),
                 rot_idx,
-            )  # [B,1,Di]
+            )
         kv_all, idx_all = cache.update_latent(attn.layer_idx, torch.cat([c_kv, k_pe], -1)[:, None], idx_k)
         S = kv_all.shape[1]
 

@@ -9,10 +9,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from glm5.config import GLM5Config
+from glm5.engine.dp import resolve_layout
 from glm5.engine.engine import EngineConfig, LLMEngine, Prompt
+from glm5.engine.multiproc import MultiProcExecutor
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling import SamplingParams
+from glm5.engine.sharding import ShardLayout, check_layout
+from glm5.kernels.formats import convert_model, resolve_weights
+from glm5.model import GLM5ForCausalLM
+from glm5.tokenizer import GLM5Tokenizer
 
 
 class LLM:
@@ -59,8 +67,6 @@ class LLM:
         if tp < 1 or ep < 1:
             raise ValueError(f"tensor_parallel_size={tp} and expert_parallel_size={ep} must be at least 1")
         if int(data_parallel_size) > 1:  # data-parallel attention (glm5/engine/dp.py): ep = dp x tp
-            from glm5.engine.dp import resolve_layout
-
             tp, groups, _ = resolve_layout(tp, ep, int(data_parallel_size))
             engine_options = {**engine_options, "_dp": (groups, moe_dispatch)}
             self._init_sharded(model_or_path, tokenizer, tp, groups, dtype, device, fp8, engine_options)
@@ -76,12 +82,8 @@ class LLM:
             if dtype is not None or device is not None:
                 model = model.to(device=device, dtype=dtype)
             if weights is not None:
-                from glm5.kernels.formats import convert_model
-
                 model = convert_model(model, weights)
         if isinstance(tokenizer, (str, os.PathLike)):
-            from glm5.tokenizer import GLM5Tokenizer
-
             tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
         self.engine = LLMEngine(model, tokenizer, _engine_config(engine_options))
 
@@ -96,9 +98,6 @@ class LLM:
         fp8: str | None,
         engine_options: dict[str, Any],
     ) -> None:
-        from glm5.config import GLM5Config
-        from glm5.engine.multiproc import MultiProcExecutor
-        from glm5.engine.sharding import ShardLayout, check_layout
 
         dp = engine_options.pop("_dp", None)  # (DP ranks, MoE dispatch) for data-parallel attention
         if not isinstance(path, (str, os.PathLike)):
@@ -118,8 +117,6 @@ class LLM:
         if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer.json")):
             tokenizer = folder
         if isinstance(tokenizer, (str, os.PathLike)):
-            from glm5.tokenizer import GLM5Tokenizer
-
             tokenizer = GLM5Tokenizer.from_pretrained(tokenizer)
         executor = MultiProcExecutor(
             folder,
@@ -213,7 +210,6 @@ def _engine_config(engine_options: dict[str, Any]) -> EngineConfig:
 
 
 def _progress(total: int) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     p = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     p.start()
@@ -230,8 +226,6 @@ def _load(
     """A checkpoint folder -> (model, tokenizer or None). `weights` (see glm5.kernels.formats): how the matrices
     are held, activations float32; None: an FP8 checkpoint keeps its FP8 weights (fp8="keep" unless `fp8`
     says otherwise), any other loads as `dtype`."""
-    from glm5.kernels.formats import convert_model, resolve_weights
-    from glm5.model import GLM5ForCausalLM
 
     folder = os.fspath(path)
     if not os.path.isdir(folder):
@@ -249,7 +243,5 @@ def _load(
         model = convert_model(model, weights)
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        from glm5.tokenizer import GLM5Tokenizer
-
         tokenizer = GLM5Tokenizer.from_pretrained(folder)
     return model, tokenizer

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -38,14 +40,21 @@ import time
 import traceback
 from concurrent.futures import Future
 from datetime import timedelta
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from glm5.checkpoint.hf import from_hf_state_dict
+from glm5.device import _backend, dist_backend
 from glm5.engine.config import EngineConfig
+from glm5.engine.dp import DPRunnerOutput, DPSchedulerOutput
 from glm5.engine.executor import Executor
 from glm5.engine.runner import ModelRunner, ModelRunnerOutput
 from glm5.engine.scheduler import SchedulerOutput
+from glm5.engine.sharding import ShardLayout, _take, load_sharded
+from glm5.rl.weight_sync import state_hash
 
 log = logging.getLogger("glm5.engine.multiproc")
 
@@ -70,7 +79,6 @@ def _disown() -> None:
 
 
 def dist_initialized() -> bool:
-    import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
@@ -104,7 +112,6 @@ def _rank_device(device: Any, local_rank: int) -> torch.device:
     dev = torch.device(device if device is not None else "cpu")
     if dev.type in ("cpu", "mps"):
         return dev
-    from glm5.device import _backend
 
     backend = _backend(dev.type)
     index = local_rank % max(1, int(backend.device_count()))
@@ -131,10 +138,6 @@ class _Spec:
 
 def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tuple[Any, ModelRunner]:
     """Join the process group, load this rank's shard, build its runner with the cache size all ranks agree on."""
-    import torch.distributed as dist
-
-    from glm5.device import dist_backend
-    from glm5.engine.sharding import ShardLayout, load_sharded
 
     world = spec.tp_size * spec.ep_size
     device = _rank_device(spec.device, local_rank)
@@ -176,7 +179,6 @@ def _watch_parent(parent: int) -> None:
 
 def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
     """Ranks > 0: execute every broadcast step until rank 0 says stop."""
-    import torch.distributed as dist
 
     last: ModelRunnerOutput | None = None
     while True:
@@ -203,7 +205,6 @@ def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
 def _dp_step(runner: ModelRunner, control: Any, rank: int, parts: list[SchedulerOutput]) -> Any:
     """Run this rank's DP part, answer the other ranks' MoE calls until all are done, and gather every rank's
     (output, dispatcher counters) on rank 0 (returned there; None elsewhere)."""
-    import torch.distributed as dist
 
     plan = runner.model.shard_plan
     result = runner.execute(parts[plan.layout.ep_rank])
@@ -219,7 +220,6 @@ def _own_names(model: Any, state_dict: dict[str, torch.Tensor], hf_names: bool) 
     """Checkpoint names -> the model's own (the global, unsharded tensors)."""
     if not hf_names:
         return state_dict
-    from glm5.checkpoint.hf import from_hf_state_dict
 
     return from_hf_state_dict(state_dict, model.config, strict=False)
 
@@ -228,7 +228,6 @@ def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> s
     """Load this rank's slices of whole (unsharded) tensors named as the model's own state dict. Returns the
     hash of the tensors it received (`glm5.rl.weight_sync.state_hash`), or a line saying which loaded slice does
     not hold the received bytes."""
-    from glm5.engine.sharding import _take
 
     slices = runner.model.shard_plan.slices
     local = {}
@@ -247,7 +246,6 @@ def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> s
     for name, value in local.items():
         if not torch.equal(own[name], value.to(own[name].dtype)):
             return f"{name} does not hold the received values after the update"
-    from glm5.rl.weight_sync import state_hash
 
     return state_hash(state_dict)
 
@@ -267,7 +265,6 @@ def _worker_main(spec: _Spec, rank: int, init_method: str, errors: Any, parent: 
 
 
 def _destroy(control: Any) -> None:
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         return
@@ -280,7 +277,6 @@ def _destroy(control: Any) -> None:
 
 
 def _destroy_quietly() -> None:
-    import torch.distributed as dist
 
     if dist.is_initialized():
         try:
@@ -341,8 +337,6 @@ class MultiProcExecutor(Executor):
             log.info("multi-process executor: fused_decode off (the fused step is not shard-aware)")
         config = dataclasses.replace(config, fused_decode=False)
         if config.force_token is not None:
-            import pickle
-
             try:
                 pickle.dumps(config.force_token)
             except Exception as exc:  # noqa: BLE001 - reported with the fix
@@ -384,8 +378,6 @@ class MultiProcExecutor(Executor):
                 sys.exit(0)
             init = "env://"
         else:
-            import multiprocessing as mp
-
             ctx = mp.get_context("spawn")
             port = _free_port()
             init = f"tcp://127.0.0.1:{port}"
@@ -448,7 +440,6 @@ class MultiProcExecutor(Executor):
                 return
 
     def _monitor(self) -> None:
-        from multiprocessing.connection import wait
 
         while not self._closed and self.dead is None:
             alive = [p.sentinel for p in self.procs.values() if p.exitcode is None]
@@ -498,7 +489,6 @@ class MultiProcExecutor(Executor):
 
     # --- the Executor interface --------------------------------------------------------------------
     def _broadcast(self, message: tuple) -> None:
-        import torch.distributed as dist
 
         dist.broadcast_object_list([message], src=0, group=self._control)
 
@@ -517,7 +507,6 @@ class MultiProcExecutor(Executor):
             return result
 
     def _execute_dp(self, scheduled: Any) -> Any:
-        from glm5.engine.dp import DPRunnerOutput, DPSchedulerOutput
 
         if not isinstance(scheduled, DPSchedulerOutput):
             raise TypeError("a data-parallel executor runs DPSchedulerOutputs (one part per DP rank)")
@@ -549,7 +538,6 @@ class MultiProcExecutor(Executor):
         what it received (and checks its slices hold it): `weight_hashes` {rank: hash}, all equal, or this
         raises. (For a whole new checkpoint of a large model, restarting on it loads only each rank's byte ranges
         instead.)"""
-        import torch.distributed as dist
 
         with self._lock:
             sd = _own_names(self._runner.model, state_dict, hf_names)

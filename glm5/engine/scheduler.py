@@ -306,9 +306,8 @@ class Scheduler:
         """Give a waiting sequence its cache rows (reusing cached prefix blocks); None if it does not fit yet."""
         tokens, bs = seq.tokens, self.block_size
         usable = seq.request.params.prompt_logprobs is None or seq.num_output > 0
-        max_blocks = (
-            (len(tokens) - 1) // bs if usable else 0
-        )  # the last token is always recomputed (its logits)
+        # the last token is always recomputed (its logits)
+        max_blocks = (len(tokens) - 1) // bs if usable else 0
         blocks = self.cache.match_prefix(tokens, max_blocks=max_blocks)
         mtp_blocks: list[int] = []
         if self.mtp_cache is not None:

@@ -79,7 +79,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from glm5.checkpoint.sharded import ShardSlice, check_block_aligned
+from glm5.checkpoint.pretrained import _routers_to_fp32
+from glm5.checkpoint.sharded import ShardSlice, check_block_aligned, load_pretrained_sharded
 from glm5.config import GLM5Config
 from glm5.model.attention import MLAttention
 from glm5.model.fp8 import FP8Experts, FP8Linear, quantize_model
@@ -769,7 +770,6 @@ def load_sharded(
     groups when `groups` is None and torch.distributed is initialised). data_parallel / dispatch: see
     `shard_model`.
     """
-    from glm5.checkpoint.sharded import load_pretrained_sharded
 
     layout = ShardLayout(tp_rank, tp_size, ep_rank, ep_size)
 
@@ -822,7 +822,6 @@ def rank_weight_bytes(
     """Weight bytes one rank keeps under a layout, computed on the meta device (nothing allocated): the model
     in `dtype` (routers fp32, as loaded), FP8-kept split when fp8. data_parallel: the ep_size TP groups are
     data-parallel ranks (the shared expert split over TP only)."""
-    from glm5.checkpoint.pretrained import _routers_to_fp32
 
     layout = ShardLayout.from_rank(rank, tp_size, ep_size)
     dp = data_parallel and ep_size > 1

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from glm5.data.packing import Batch, PackedSequences
+from glm5.data.tasks import calculator
+from glm5.data.tokens import TokenFile
+from glm5.engine import LLM, SamplingParams
+from glm5.tokenizer import parse_output
+from glm5.train.evaluate import lm_loss_sums, perplexity, val_indices
+
 Request = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]
 """(messages, tools) of one chat request."""
 
@@ -64,7 +73,6 @@ class LocalBackend:
 
     def __init__(self, model: Any, tokenizer: Any = None, **llm_options: Any) -> None:
         """model: a checkpoint folder, an `LLM`, or a `GLM5ForCausalLM` (then `tokenizer` is required)."""
-        from glm5.engine import LLM
 
         if isinstance(model, LLM):
             self.llm = model
@@ -84,8 +92,6 @@ class LocalBackend:
         return self.llm.tokenizer
 
     def chat(self, requests: list[Request], n: int, options: GenerationOptions) -> list[list[Reply]]:
-        from glm5.engine import SamplingParams
-        from glm5.tokenizer import parse_output
 
         tok = self.tokenizer
         prompts = [
@@ -123,9 +129,6 @@ class LocalBackend:
     ) -> dict[str, Any]:
         """Next-token perplexity on held-out text: a token folder from the pre-training pipeline (its `val`
         split, loss on its masked targets) or a plain text file. Windows are spread evenly over the source."""
-        from glm5.data.packing import PackedSequences
-        from glm5.data.tokens import TokenFile
-        from glm5.train.evaluate import lm_loss_sums, perplexity, val_indices
 
         source = Path(source)
         model = self.llm.model
@@ -176,9 +179,6 @@ class _TextWindows:
         return self.num_windows
 
     def batch(self, indices: list[int]) -> Any:
-        import torch
-
-        from glm5.data.packing import Batch
 
         L = self.seq_len
         rows = torch.tensor([self.ids[i * L : i * L + L + 1] for i in indices])
@@ -197,7 +197,7 @@ class OpenAIBackend:
         timeout: float = 120.0,
         max_concurrency: int = 8,
     ) -> None:
-        import openai
+        import openai  # lazy: optional dependency
 
         self.base_url = base_url
         self.client = openai.OpenAI(
@@ -211,7 +211,7 @@ class OpenAIBackend:
         self.name = f"openai:{base_url} ({self.model})"
 
     def _call(self, fn: Any) -> Any:
-        import openai
+        import openai  # lazy: optional dependency
 
         try:
             return fn()
@@ -284,7 +284,6 @@ class OpenAIBackend:
 
 def tool_result(call: dict[str, Any]) -> str:
     """Run one tool call: the calculator of `glm5.data.tasks`; an error text for anything else."""
-    from glm5.data.tasks import calculator
 
     fn = call.get("function") or {}
     if fn.get("name") != "calculator":

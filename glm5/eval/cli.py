@@ -35,8 +35,8 @@ def _k_list(value: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import (
+    from rich.console import Console  # lazy: torch-free CLI start-up
+    from rich.progress import (  # lazy: torch-free CLI start-up
         BarColumn,
         MofNCompleteColumn,
         Progress,
@@ -44,12 +44,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from rich.table import Table
+    from rich.table import Table  # lazy: torch-free CLI start-up
 
-    from glm5.eval.backends import GenerationOptions, LocalBackend, OpenAIBackend
-    from glm5.eval.report import write_report
-    from glm5.eval.runner import evaluate
-    from glm5.eval.tasks import PERPLEXITY, QA_TASKS, parse_task_list
+    from glm5.eval.backends import (
+        GenerationOptions,
+        LocalBackend,
+        OpenAIBackend,
+    )  # lazy: torch-free CLI start-up
+    from glm5.eval.report import write_report  # lazy: torch-free CLI start-up
+    from glm5.eval.runner import evaluate  # lazy: torch-free CLI start-up
+    from glm5.eval.tasks import PERPLEXITY, QA_TASKS, parse_task_list  # lazy: torch-free CLI start-up
 
     tasks = parse_task_list(args.tasks)
     if args.model:

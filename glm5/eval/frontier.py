@@ -8,8 +8,10 @@ Definitions (fractions): accuracy = correct / items; abstention_rate = abstentio
 unanswerable item the abstention is the correct reply); hallucination_rate = wrong / (wrong + abstained) over
 the items not answered correctly (wrong = neither correct nor an abstention; None when every item is
 correct). tool_call_valid: share of tool items whose first turn is a `calculator` call with JSON arguments
-holding an expression the calculator evaluates without error; tool_accuracy: share of tool items whose final
-reply states the exact result (it can only come from the observation: the model cannot multiply).
+holding an expression the calculator evaluates without error; tool_call_right: share whose call also computes
+the asked product (its result is the item's answer: the operands were copied from the question);
+tool_accuracy: share of tool items whose final reply states the exact result (it can only come from the
+observation: the model cannot multiply).
 """
 
 from __future__ import annotations
@@ -44,9 +46,20 @@ def tool_call_valid(turns: list[dict[str, Any]]) -> bool:
     return True
 
 
+def tool_call_right(turns: list[dict[str, Any]], expected: str | None) -> bool:
+    """Whether the first call is valid (`tool_call_valid`) and its expression evaluates to `expected`."""
+    from glm5.data.tasks import calculator
+
+    if expected is None or not tool_call_valid(turns):
+        return False
+    arguments = json.loads(turns[0]["tool_calls"][0]["function"]["arguments"])
+    return calculator(arguments["expression"]) == expected
+
+
 def frontier_summary(result: Any) -> dict[str, Any]:
     """The post-training numbers of an EvalResult over the frontier tasks: overall accuracy / abstention /
-    hallucination (+ Wilson intervals), the same per difficulty, tool_call_valid and tool_accuracy."""
+    hallucination (+ Wilson intervals), the same per difficulty, tool_call_valid, tool_call_right and
+    tool_accuracy."""
     out: dict[str, Any] = {}
     per: dict[str, Any] = {}
     for difficulty, kind in zip(DIFFICULTIES, KINDS):
@@ -70,6 +83,8 @@ def frontier_summary(result: Any) -> dict[str, Any]:
     n_tool = sum(len(r["samples"]) for r in tool)
     out["tool_call_valid"] = valid / n_tool if n_tool else None
     out["tool_call_valid_ci"] = list(wilson_interval(valid, n_tool)) if n_tool else None
+    right = sum(tool_call_right(s["turns"], r.get("expected")) for r in tool for s in r["samples"])
+    out["tool_call_right"] = right / n_tool if n_tool else None
     out["tool_accuracy"] = per.get("tool", {}).get("accuracy")
     out["unanswerable_abstention"] = per.get("unanswerable", {}).get("abstention_rate")
     out["per_difficulty"] = per

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from glm5.data.tasks import is_abstention
+
 
 def accuracy(correct: Sequence[bool]) -> float:
     """Share of replies that are correct: sum(correct) / len(correct) (0 for no replies)."""
@@ -105,7 +107,6 @@ def outcome_rates(samples: Sequence[Any]) -> dict[str, Any]:
     reply is correct when it abstains on an unanswerable question or earns the full reward (1) otherwise;
     hallucination rate = wrong / (wrong + abstentions) over the replies that are not correct (None when all
     are)."""
-    from glm5.data.tasks import is_abstention
 
     replies = [str(s.metadata.get("reply", "")) for s in samples]
     abstained = [is_abstention(r) for r in replies]

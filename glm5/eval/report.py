@@ -96,10 +96,10 @@ def _bars(
 
 def plot_metrics(result: EvalResult, path: str | Path) -> Path:
     """Bar chart: accuracy, abstention and hallucination rate per task, with Wilson 95% error bars."""
-    import matplotlib
+    import matplotlib  # lazy: optional dependency
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional dependency
 
     tasks = list(result.metrics)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(tasks) + 2), 3.6))
@@ -154,10 +154,10 @@ def compare(
         lines.append(f"| held-out | perplexity | {x:.2f} | {y:.2f} | {y - x:+.2f} |")
     text = "\n".join(lines) + "\n"
     if out_dir is not None:
-        import matplotlib
+        import matplotlib  # lazy: optional dependency
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: optional dependency
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

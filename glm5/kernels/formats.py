@@ -44,9 +44,8 @@ def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = w.reshape(-1, cols)
     q = torch.empty(flat.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(flat.shape[0], groups, dtype=torch.float32, device=w.device)
-    step = max(
-        1, _CHUNK // max(cols, 1)
-    )  # rows at a time: the float temporaries stay small (no whole-bank copy)
+    # rows at a time: the float temporaries stay small (no whole-bank copy)
+    step = max(1, _CHUNK // max(cols, 1))
     for r in range(0, flat.shape[0], step):
         g = F.pad(flat[r : r + step].float(), (0, groups * INT8_GROUP - cols)).view(-1, groups, INT8_GROUP)
         amax = g.abs().amax(-1)

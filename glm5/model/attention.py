@@ -134,9 +134,8 @@ class Indexer(nn.Module):
             scores = score_buf[: B * C * k_end].view(B * C, 1, k_end)
             torch.bmm(w32[:, s0:s1].reshape(B * C, 1, H), per_head.view(B * C, H, k_end), out=scores)
             scores = scores.view(B, C, k_end)
-            first_hidden = (
-                0 if pos.start is None else pos.start + s0
-            )  # earlier keys: visible to the whole chunk
+            # earlier keys: visible to the whole chunk
+            first_hidden = 0 if pos.start is None else pos.start + s0
             # with shared positions, key first_hidden is visible to every query too: a decode step (one query
             # at the end of its context) has nothing to mask
             if first_hidden + (pos.start is not None) < k_end:

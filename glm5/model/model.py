@@ -255,9 +255,8 @@ class GLM5ForCausalLM(nn.Module):
 
     def _mtp_step(self, depth, h_prev, next_ids, rope, pos, cache, want_stats, target=None):
         """-> (MTP output, its logits or, given `target`, their summed cross-entropy, layer stats)."""
-        module = self.mtp[
-            min(depth, len(self.mtp) - 1)
-        ]  # one module, applied recursively (shared parameters)
+        # one module, applied recursively (shared parameters)
+        module = self.mtp[min(depth, len(self.mtp) - 1)]
         h, _, stats = module(
             h_prev, self.model.embed_tokens(next_ids), rope, pos, self.attention, cache, want_stats
         )

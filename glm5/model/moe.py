@@ -141,9 +141,8 @@ class Experts(nn.Module):
         gate, up = grouped_mm(x_sorted, gate_up_w, counts).chunk(2, dim=-1)
         y_sorted = grouped_mm(F.silu(gate) * up, down_w, counts)
         y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_ND).index_add_(
-            0, token_of, y_sorted.to(x_ND.dtype)
-        )  # autocast may compute in bf16
+        # autocast may compute in bf16
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))
 
     def forward_naive(
         self, x_ND: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor

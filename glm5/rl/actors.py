@@ -26,7 +26,7 @@ from typing import Any
 
 def _ray() -> Any:
     try:
-        import ray
+        import ray  # lazy: optional dependency
     except ImportError as exc:
         raise ValueError("--ray needs the `ray` package: pip install ray") from exc
     return ray
@@ -54,9 +54,9 @@ class _BufferHost:
     """The DataBuffer inside an actor."""
 
     def __init__(self, prompts: list[dict], config: Any) -> None:
-        import torch
+        import torch  # lazy: worker process only
 
-        from glm5.rl.buffer import DataBuffer
+        from glm5.rl.buffer import DataBuffer  # lazy: worker process only
 
         torch.set_num_threads(1)
         self.buffer = DataBuffer(prompts, config)
@@ -93,11 +93,11 @@ class RolloutWorker:
         delay_fn: Any,
         seed: int,
     ) -> None:
-        import torch
+        import torch  # lazy: worker process only
 
-        from glm5.engine.engine import EngineConfig, LLMEngine
-        from glm5.model import GLM5ForCausalLM
-        from glm5.rl.rollout import RolloutManager
+        from glm5.engine.engine import EngineConfig, LLMEngine  # lazy: worker process only
+        from glm5.model import GLM5ForCausalLM  # lazy: worker process only
+        from glm5.rl.rollout import RolloutManager  # lazy: worker process only
 
         torch.set_num_threads(1)
         model = GLM5ForCausalLM(model_config)
@@ -168,7 +168,7 @@ def place_actors(
     """A ready placement group with one bundle per rollout worker (bundles 0..N-1) and one per trainer rank
     (bundles N..N+R-1, `trainer_cpus` each); ValueError naming the shortfall when the cluster cannot hold it."""
     ray = _ray()
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group  # lazy: optional dependency
 
     if strategy not in STRATEGIES:
         raise ValueError(f"placement strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -191,7 +191,7 @@ def place_actors(
 
 
 def _in_bundle(pg: Any, index: int) -> dict[str, Any]:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # lazy: optional dependency
 
     return {
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
@@ -216,9 +216,8 @@ class WorkerPool:
         ray = _ray()
         self.transport, self.version = transport, version
         ref = transport.versions[version]
-        pending = [
-            w.update_weights.remote(ref, version) for w in self.workers.values()
-        ]  # ref resolved by Ray
+        # ref resolved by Ray
+        pending = [w.update_weights.remote(ref, version) for w in self.workers.values()]
         for done in pending:
             try:
                 ray.get(done)
@@ -312,9 +311,9 @@ class TrainerProxy:
 
 class _TrainerHost:
     def __init__(self, model: Any, config: Any) -> None:
-        import torch
+        import torch  # lazy: worker process only
 
-        from glm5.rl.trainer import RLTrainer
+        from glm5.rl.trainer import RLTrainer  # lazy: worker process only
 
         torch.set_num_threads(1)
         self.trainer = RLTrainer(model, config)
@@ -351,8 +350,8 @@ def build_ray(
     init_local_ray(max(2, math.ceil(num_workers * WORKER_CPUS + procs * trainer_cpus)))  # unless already up
     ray = _ray()
     pg = place_actors(num_workers, placement, trainer_ranks=procs, trainer_cpus=trainer_cpus)
-    from glm5.rl.rollout import pareto_delay
-    from glm5.rl.weight_sync import ObjectStoreTransport
+    from glm5.rl.rollout import pareto_delay  # lazy: worker process only
+    from glm5.rl.weight_sync import ObjectStoreTransport  # lazy: worker process only
 
     buffer_cfg, rollout_cfg, trainer_cfg = recipe.configs()
     buffer_handle = ray.remote(num_cpus=0, max_concurrency=16)(_BufferHost).remote(
@@ -382,7 +381,7 @@ def build_ray(
 
     pool = WorkerPool(make_worker, num_workers, buffer)
     if procs > 1:
-        from glm5.rl.trainer_group import RayTrainerGroup
+        from glm5.rl.trainer_group import RayTrainerGroup  # lazy: worker process only
 
         trainer: Any = RayTrainerGroup(
             model, trainer_cfg, procs, pg, num_workers, trainer_cpus, reference=True
@@ -392,7 +391,7 @@ def build_ray(
         trainer = TrainerProxy(trainer_cls.options(**_in_bundle(pg, num_workers)).remote(model, trainer_cfg))
 
     def shutdown() -> None:
-        from ray.util.placement_group import remove_placement_group
+        from ray.util.placement_group import remove_placement_group  # lazy: optional dependency
 
         for w in pool.workers.values():
             ray.kill(w)

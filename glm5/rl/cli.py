@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_rl_command(args: argparse.Namespace) -> int:
-    from glm5.rl.recipes import recipe_preset
+    from glm5.rl.recipes import recipe_preset  # lazy: torch-free CLI start-up
 
     recipe = recipe_preset(args.recipe)
     if args.steps is not None:
@@ -122,7 +122,7 @@ def check_init(init: str, recipe: Any) -> None:
 
 
 def _console(quiet: bool) -> Any:
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
     return Console(quiet=quiet)
 
@@ -134,8 +134,8 @@ def _build_system(
     recipe: Any, task: dict[str, Any], out: Path, use_ray: bool, placement: str
 ) -> dict[str, Any]:
     """The buffer, rollout engines, trainer and transport, in this process or as Ray actors."""
-    from glm5.rl.controller import build_local
-    from glm5.rl.posttrain import attach_reference
+    from glm5.rl.controller import build_local  # lazy: torch-free CLI start-up
+    from glm5.rl.posttrain import attach_reference  # lazy: torch-free CLI start-up
 
     # over Ray the trainer (group) is built as actors by build_ray; the local system only serves the evaluation
     system = build_local(recipe.replace(trainer_procs=1) if use_ray else recipe, task, str(out))
@@ -143,7 +143,7 @@ def _build_system(
         # a loss with a KL term is anchored to the initial policy
         attach_reference(system["trainer"], task["model"])
     if use_ray:
-        from glm5.rl.actors import build_ray
+        from glm5.rl.actors import build_ray  # lazy: torch-free CLI start-up
 
         system = build_ray(recipe, task, system, placement=placement)
     return system
@@ -167,11 +167,11 @@ def _resume(
 
 def _bring_home(trainer: Any, model: Any, use_ray: bool) -> str:
     """A trainer group's final weights, loaded into the driver's model for the export; their hash."""
-    from glm5.rl.weight_sync import state_hash
+    from glm5.rl.weight_sync import state_hash  # lazy: torch-free CLI start-up
 
     final = trainer.weights()
     if use_ray:  # RayTrainerGroup: an object-store reference
-        import ray
+        import ray  # lazy: optional dependency
 
         final = ray.get(final)
     model.load_state_dict(final)
@@ -188,12 +188,12 @@ def run_rl(
     placement: str = "PACK",
 ) -> dict[str, Any]:
     """Build, evaluate, train (with live progress), evaluate again, export. Returns the summary."""
-    import torch
+    import torch  # lazy: torch-free CLI start-up
 
-    from glm5.rl.controller import run_loop
-    from glm5.rl.recipes import build_task
-    from glm5.rl.rollout import evaluate_policy
-    from glm5.train.metrics import MetricsLog
+    from glm5.rl.controller import run_loop  # lazy: torch-free CLI start-up
+    from glm5.rl.recipes import build_task  # lazy: torch-free CLI start-up
+    from glm5.rl.rollout import evaluate_policy  # lazy: torch-free CLI start-up
+    from glm5.train.metrics import MetricsLog  # lazy: torch-free CLI start-up
 
     out = Path(out)
     console = _console(quiet)
@@ -297,7 +297,7 @@ class _Progress:
     """rich progress: step, reward, accuracy, abstention, staleness histogram, samples/s, ETA."""
 
     def __init__(self, total: int, done: int, quiet: bool) -> None:
-        from rich.progress import (
+        from rich.progress import (  # lazy: torch-free CLI start-up
             BarColumn,
             MofNCompleteColumn,
             Progress,
@@ -337,10 +337,10 @@ class _Progress:
 
 def plot_rl(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
     """Reward (rollout and trained), accuracy / abstention, staleness, throughput and off-policy metrics."""
-    import matplotlib
+    import matplotlib  # lazy: optional dependency
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional dependency
 
     rl = [r for r in records if r.get("kind") == "rl"]
     steps = [r["step"] for r in rl]
@@ -368,8 +368,8 @@ def plot_rl(records: list[dict[str, Any]], path: str | Path, title: str) -> None
 
 
 def _print_summary(s: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: torch-free CLI start-up
+    from rich.table import Table  # lazy: torch-free CLI start-up
 
     table = Table(title=f"glm5 rl {s['recipe']}", show_header=False)
 

@@ -23,6 +23,7 @@ from glm5.eval.metrics import outcome_rates
 from glm5.rl.buffer import DataBuffer, staleness_histogram
 from glm5.rl.rollout import RolloutManager, make_rollout_engine, pareto_delay
 from glm5.rl.trainer import RLTrainer
+from glm5.rl.trainer_group import TrainerGroup
 from glm5.rl.types import Sample
 from glm5.rl.weight_sync import DiskTransport, ObjectStoreTransport, WeightTransport
 
@@ -197,8 +198,6 @@ def build_local(recipe: RLRecipe, task: dict[str, Any], out: str | None = None) 
         engine_factory=engine_factory,
     )
     if recipe.trainer_procs > 1:  # FSDP2 (+ EP) in its own processes: this one may hold the engine's group
-        from glm5.rl.trainer_group import TrainerGroup
-
         trainer: Any = TrainerGroup(policy, trainer_cfg, recipe.trainer_procs, reference=True)
     else:
         trainer = RLTrainer(policy, trainer_cfg)

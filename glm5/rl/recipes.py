@@ -103,9 +103,9 @@ class RLRecipe:
 
     def configs(self) -> tuple[Any, Any, Any]:
         """(BufferConfig, RolloutConfig, TrainerConfig); ValueError naming a bad field."""
-        from glm5.rl.buffer import BufferConfig
-        from glm5.rl.rollout import RolloutConfig
-        from glm5.rl.trainer import TrainerConfig
+        from glm5.rl.buffer import BufferConfig  # lazy: torch-free CLI start-up
+        from glm5.rl.rollout import RolloutConfig  # lazy: torch-free CLI start-up
+        from glm5.rl.trainer import TrainerConfig  # lazy: torch-free CLI start-up
 
         try:
             b = BufferConfig(**{"seed": self.seed, **self.buffer})
@@ -234,7 +234,7 @@ def digits_reward(reply: str, metadata: dict[str, Any]) -> float:
 
 # --- chat tasks ---------------------------------------------------------------------------------------------
 def task_prompts(tasks: list[Any], tokenizer: Any) -> list[dict[str, Any]]:
-    from glm5.rl.rewards import task_metadata
+    from glm5.rl.rewards import task_metadata  # lazy: torch-free CLI start-up
 
     return [
         {
@@ -247,10 +247,10 @@ def task_prompts(tasks: list[Any], tokenizer: Any) -> list[dict[str, Any]]:
 
 # --- the policy ---------------------------------------------------------------------------------------------
 def tiny_model(vocab_size: int, eos_ids: list[int], pad_id: int, seed: int) -> Any:
-    import torch
+    import torch  # lazy: torch-free CLI start-up
 
-    from glm5 import GLM5Config
-    from glm5.model import GLM5ForCausalLM
+    from glm5 import GLM5Config  # lazy: torch-free CLI start-up
+    from glm5.model import GLM5ForCausalLM  # lazy: torch-free CLI start-up
 
     cfg = GLM5Config.from_preset("tiny").replace(
         vocab_size=vocab_size, eos_token_id=list(eos_ids), pad_token_id=pad_id, **SMALL_MODEL
@@ -261,10 +261,10 @@ def tiny_model(vocab_size: int, eos_ids: list[int], pad_id: int, seed: int) -> A
 
 def load_init(folder: str | Path) -> tuple[Any, Any]:
     """A `glm5 train` output folder (or its model/ subfolder): (model in float32, tokenizer)."""
-    import torch
+    import torch  # lazy: torch-free CLI start-up
 
-    from glm5.model import GLM5ForCausalLM
-    from glm5.tokenizer import GLM5Tokenizer
+    from glm5.model import GLM5ForCausalLM  # lazy: torch-free CLI start-up
+    from glm5.tokenizer import GLM5Tokenizer  # lazy: torch-free CLI start-up
 
     path = Path(folder)
     if (path / "model" / "config.json").is_file():
@@ -281,9 +281,9 @@ def load_init(folder: str | Path) -> tuple[Any, Any]:
 
 def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str, Any]:
     """Model, tokenizer, prompts (train and held-out), reward, reply extraction and environment of a recipe."""
-    from glm5.data.tasks import generate_tasks
-    from glm5.rl.rewards import CalculatorEnvironment, get_reward_fn
-    from glm5.rl.rollout import chat_reply, plain_reply
+    from glm5.data.tasks import generate_tasks  # lazy: torch-free CLI start-up
+    from glm5.rl.rewards import CalculatorEnvironment, get_reward_fn  # lazy: torch-free CLI start-up
+    from glm5.rl.rollout import chat_reply, plain_reply  # lazy: torch-free CLI start-up
 
     if recipe.task == "digits":
         tok = CharTokenizer()
@@ -330,9 +330,9 @@ def build_task(recipe: RLRecipe, init: str | None, log: Any = print) -> dict[str
 
 def quick_policy(tasks: list[Any], recipe: RLRecipe, log: Any) -> tuple[Any, Any]:
     """No --init: a BPE tokenizer trained on the task texts, a tiny model, a supervised warm start."""
-    from glm5.rl.trainer import sft_warm_start
-    from glm5.tokenizer import GLM5Tokenizer
-    from glm5.tokenizer.chat import render_chat
+    from glm5.rl.trainer import sft_warm_start  # lazy: torch-free CLI start-up
+    from glm5.tokenizer import GLM5Tokenizer  # lazy: torch-free CLI start-up
+    from glm5.tokenizer.chat import render_chat  # lazy: torch-free CLI start-up
 
     texts = [render_chat(t.messages, t.tools, add_generation_prompt=False) for t in tasks] * 4
     tok = GLM5Tokenizer.train(iter(texts), vocab_size=384)  # an iterator: text, not file paths

@@ -25,7 +25,10 @@ back exactly as a long generation would, and an abort keeps only the tokens visi
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
+import tempfile
 import threading
 import time
 import zlib
@@ -35,6 +38,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from glm5.engine import LLM
+from glm5.engine.engine import LLMEngine
+from glm5.engine.multiproc import EngineDeadError
 from glm5.engine.sampling import SamplingParams
 from glm5.eval.metrics import outcome_rates
 from glm5.rl.buffer import BufferConfig, DataBuffer, Lease
@@ -382,9 +388,8 @@ class RolloutManager:
         tokens, logprobs and versions) when partial rollouts are on, else to restart. Returns groups requeued."""
         with self._lock:
             now = time.monotonic()
-            self._finish_ready(
-                now
-            )  # a request whose end is already visible finished: it is not cut (and resumed)
+            # a request whose end is already visible finished: it is not cut (and resumed)
+            self._finish_ready(now)
             if self.requests:
                 self.engine.abort_request(list(self.requests))
                 try:
@@ -453,7 +458,6 @@ class RolloutManager:
         """A rank of the engine died: build a new engine, load the newest weights, requeue the in-flight groups
         (their visible prefix kept, as an abort does). False when this is not a dead engine or there is no
         factory."""
-        from glm5.engine.multiproc import EngineDeadError
 
         if not isinstance(exc, EngineDeadError) or self.engine_factory is None:
             return False
@@ -548,10 +552,6 @@ def make_rollout_engine(
     `parallel` (PARALLEL_KEYS, as `LLM` takes them), a multi-process engine loaded from the policy saved once to
     `folder`/rollout-init (default: a new temporary folder; every rank reads its slices, later weights arrive by
     `update_weights`). `factory()` builds another such engine (the replacement for a dead one)."""
-    import dataclasses
-    import os
-
-    from glm5.engine.engine import LLMEngine
 
     layout = {k: int(v) for k, v in (parallel or {}).items() if int(v) != 1}
     unknown = sorted(set(layout) - set(PARALLEL_KEYS))
@@ -565,11 +565,8 @@ def make_rollout_engine(
             return LLMEngine(model, tokenizer, config)
 
         return local(), local
-    from glm5.engine import LLM
 
     if folder is None:
-        import tempfile
-
         folder = tempfile.mkdtemp(prefix="glm5-rollout-")
     path = os.path.join(folder, "rollout-init")
     policy.save_pretrained(path)

@@ -133,9 +133,8 @@ class RLTrainer:
         for i in range(num_micro):
             start = lo + i * mb_size
             part = samples[start : min(start + mb_size, hi)]
-            dummy = (
-                not part
-            )  # a rank with no samples left: a zero-weight pass keeps FSDP's collectives in step
+            # a rank with no samples left: a zero-weight pass keeps FSDP's collectives in step
+            dummy = not part
             if dummy:
                 start, part = 0, samples[:1]
             batch = pad_batch(part, self.pad_id)
@@ -159,9 +158,8 @@ class RLTrainer:
                 num_tokens=num_tokens,
             )
             (loss * 0.0 if dummy else loss).backward()
-            share = (
-                0.0 if dummy else len(part) / n
-            )  # a micro-batch's metrics are its own means: weight by size
+            # a micro-batch's metrics are its own means: weight by size
+            share = 0.0 if dummy else len(part) / n
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (0.0 if dummy else 1.0 if k == "loss" else share)
         if self.dist is not None:

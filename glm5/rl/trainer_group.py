@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import multiprocessing as mp
 import os
 import threading
 import time
 import traceback
+from multiprocessing.connection import wait
 from typing import Any
 
 import torch
 
+from glm5.engine.multiproc import _free_port
+from glm5.model import GLM5ForCausalLM
 from glm5.rl.trainer import RLTrainer, TrainerConfig, load_rl_checkpoint, save_rl_checkpoint
 from glm5.rl.types import Sample
+from glm5.train.optim import is_indexer_param
+from glm5.train.parallel import full_state_dict, init_distributed, parallelize, shutdown
 
 STARTUP_TIMEOUT_S = 300.0
 """Seconds the ranks may take to join the process group and shard the model."""
@@ -111,9 +117,6 @@ class TrainerRank:
     def __init__(
         self, spec: _Spec, rank: int, state: dict[str, torch.Tensor], master_addr: str = "127.0.0.1"
     ):
-        from glm5.model import GLM5ForCausalLM
-        from glm5.train.optim import is_indexer_param
-        from glm5.train.parallel import init_distributed, parallelize
 
         torch.set_num_threads(spec.threads)
         os.environ.update(
@@ -144,7 +147,6 @@ class TrainerRank:
 
     def call(self, cmd: str, args: tuple) -> Any:
         """Run one command (every rank runs the same one: they meet in FSDP's collectives)."""
-        from glm5.train.parallel import full_state_dict
 
         trainer = self.trainer
         if cmd == "train_step":
@@ -163,13 +165,12 @@ class TrainerRank:
         raise ValueError(f"unknown trainer command {cmd!r}")
 
     def placement_group_id(self) -> str | None:
-        import ray
+        import ray  # lazy: optional dependency
 
         pg = ray.util.get_current_placement_group()
         return pg.id.hex() if pg is not None else None
 
     def close(self) -> None:
-        from glm5.train.parallel import shutdown
 
         shutdown(self.ctx)
 
@@ -238,9 +239,6 @@ class TrainerGroup(_TrainerCommands):
         reference: bool = False,
         threads: int = 1,
     ) -> None:
-        import multiprocessing as mp
-
-        from glm5.engine.multiproc import _free_port
 
         if procs < 2:
             raise ValueError(
@@ -301,7 +299,6 @@ class TrainerGroup(_TrainerCommands):
 
     def _gather(self, what: str, timeout: float | None = None) -> list[Any]:
         """Every rank's answer to the last command; TrainerDeadError when one dies or fails meanwhile."""
-        from multiprocessing.connection import wait
 
         answers: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -412,10 +409,10 @@ class RayTrainerGroup(_TrainerCommands):
         *,
         reference: bool = False,
     ) -> None:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from glm5.engine.multiproc import _free_port
+        import ray  # lazy: optional dependency
+        from ray.util.scheduling_strategies import (
+            PlacementGroupSchedulingStrategy,
+        )  # lazy: optional dependency
 
         if procs < 2:
             raise ValueError(f"a trainer group needs at least 2 processes, got {procs}")
@@ -446,7 +443,7 @@ class RayTrainerGroup(_TrainerCommands):
         self._gather([a.ready.remote() for a in self.ranks], "start-up", STARTUP_TIMEOUT_S)
 
     def _gather(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
-        import ray
+        import ray  # lazy: optional dependency
 
         if self.dead is not None:
             raise self.dead
@@ -477,7 +474,7 @@ class RayTrainerGroup(_TrainerCommands):
         return refs
 
     def _call(self, cmd: str, *args: Any) -> Any:
-        import ray
+        import ray  # lazy: optional dependency
 
         return ray.get(self._gather([a.call.remote(cmd, args) for a in self.ranks], cmd)[0])
 
@@ -486,7 +483,7 @@ class RayTrainerGroup(_TrainerCommands):
         return self._gather([a.call.remote("weights", ()) for a in self.ranks], "weights")[0]
 
     def shutdown(self) -> None:
-        import ray
+        import ray  # lazy: optional dependency
 
         for a in self.ranks:
             ray.kill(a)

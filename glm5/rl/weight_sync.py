@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 StateDict = dict[str, torch.Tensor]
 
@@ -56,7 +58,7 @@ class ObjectStoreTransport:
     def __init__(self, keep: int = 2, use_ray: bool | None = None) -> None:
         if use_ray is None:
             try:
-                import ray
+                import ray  # lazy: optional dependency
 
                 use_ray = ray.is_initialized()
             except ImportError:
@@ -66,7 +68,7 @@ class ObjectStoreTransport:
 
     def publish(self, state: StateDict, version: int) -> Any:
         if self.use_ray:
-            import ray
+            import ray  # lazy: optional dependency
 
             # an ObjectRef (e.g. a trainer actor's weights() call) is registered as is: no copy via the driver
             ref = state if isinstance(state, ray.ObjectRef) else ray.put(_cpu(state))
@@ -89,7 +91,7 @@ class ObjectStoreTransport:
 
     def resolve(self, ref: Any) -> StateDict:
         if self.use_ray:
-            import ray
+            import ray  # lazy: optional dependency
 
             state = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
             return {
@@ -109,7 +111,6 @@ class DiskTransport:
         return self.folder / f"weights-{version:07d}.safetensors"
 
     def publish(self, state: StateDict, version: int) -> Path:
-        from safetensors.torch import save_file
 
         final = self._file(version)
         tmp = final.with_name(f".{final.name}.tmp")
@@ -128,7 +129,6 @@ class DiskTransport:
         return json.loads(path.read_text())["version"] if path.is_file() else None
 
     def fetch(self, version: int | None = None) -> tuple[StateDict, int]:
-        from safetensors.torch import load_file
 
         version = self.latest if version is None else version
         if version is None or not self._file(version).is_file():
@@ -141,7 +141,6 @@ class CollectiveTransport:
     calls on every rank). Buckets of at most `bucket_bytes` per dtype; the header carries the version."""
 
     def __init__(self, group: Any = None, src: int = 0, bucket_bytes: int = 32 << 20) -> None:
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             raise ValueError("CollectiveTransport needs torch.distributed initialised (init_process_group)")
@@ -166,7 +165,6 @@ class CollectiveTransport:
         return out
 
     def _exchange(self, state: StateDict | None, version: int | None) -> tuple[StateDict, int]:
-        import torch.distributed as dist
 
         header: list[Any] = [None]
         if state is not None:

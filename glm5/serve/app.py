@@ -377,11 +377,12 @@ def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of 'prompt' (text) or 'messages' (a chat)", param="prompt")
     if body.prompt is not None:
+        # as /v1/completions
         ids = state.tokenizer.encode(
             body.prompt,
             add_special_tokens=body.add_special_tokens,
             allow_special=state.config.allow_special_tokens_in_prompt,
-        )  # as /v1/completions
+        )
     else:
         ids = chat.tokenize_chat(state, body)
     strs = [state.token_str(t) for t in ids] if body.return_token_strs else None

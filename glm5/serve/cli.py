@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import time
 
 from glm5.argtypes import (
     existing_file,
@@ -101,9 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """`glm5 serve`: check what needs no weights (config, context length, address), load, then serve until
     interrupted."""
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
-    from glm5.config import GLM5Config
+    from glm5.config import GLM5Config  # lazy: torch-free CLI start-up
 
     console = Console(stderr=True, highlight=False)
     if args.model is not None:
@@ -123,18 +124,16 @@ def run_serve(args: argparse.Namespace) -> int:
     check_max_model_len(
         args.max_model_len, cfg.max_position_embeddings, args.model or f"preset {args.preset}"
     )
-    from glm5.engine.cli import check_parallel
+    from glm5.engine.cli import check_parallel  # lazy: torch-free CLI start-up
 
     parallel = check_parallel(args, cfg)
     check_address(args.host, args.port)
 
-    import time
+    import torch  # lazy: torch-free CLI start-up
 
-    import torch
-
-    from glm5.device import default_dtype, pick_device
-    from glm5.serve.core import ServerConfig
-    from glm5.serve.server import build_engine, serve
+    from glm5.device import default_dtype, pick_device  # lazy: torch-free CLI start-up
+    from glm5.serve.core import ServerConfig  # lazy: torch-free CLI start-up
+    from glm5.serve.server import build_engine, serve  # lazy: torch-free CLI start-up
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = args.model
     if model is None:
-        from glm5 import GLM5ForCausalLM
+        from glm5 import GLM5ForCausalLM  # lazy: torch-free CLI start-up
 
         model = GLM5ForCausalLM(cfg)
     engine = build_engine(
@@ -178,7 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     console.print(f"loaded in {time.perf_counter() - start:.1f} s")
     console.print(f"serving on http://{host}:{args.port} (model {served}); Ctrl-C stops")
-    from glm5.serve.server import EngineFailed
+    from glm5.serve.server import EngineFailed  # lazy: torch-free CLI start-up
 
     try:
         serve(
@@ -190,14 +189,13 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
         )
     except EngineFailed as exc:
-        from glm5.argtypes import print_error
+        from glm5.argtypes import print_error  # lazy: torch-free CLI start-up
 
         print_error(str(exc))
         return 1
     finally:
-        inner = getattr(
-            engine, "engine", None
-        )  # the LLMEngine: stop a multi-process engine's workers (idempotent)
+        # the LLMEngine: stop a multi-process engine's workers (idempotent)
+        inner = getattr(engine, "engine", None)
         if hasattr(inner, "shutdown"):
             inner.shutdown()
     return 0

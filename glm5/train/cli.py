@@ -76,13 +76,16 @@ def load_recipe(  # noqa: ANN201
 ):
     """The recipe: --preset (or the file's `preset`), changed by the file, then by --steps / --time-limit /
     --dtype."""
-    from glm5.train.recipe import TrainRecipe, read_recipe_file, recipe_preset
+    from glm5.train.recipe import (
+        TrainRecipe,
+        read_recipe_file,
+        recipe_preset,
+    )  # lazy: torch-free CLI start-up
 
     if config:
         values = read_recipe_file(config)
-        check_recipe_values(
-            values, TrainRecipe, config
-        )  # a wrong type would surface as a TypeError deep inside
+        # a wrong type would surface as a TypeError deep inside
+        check_recipe_values(values, TrainRecipe, config)
         try:
             recipe = TrainRecipe.from_dict({"preset": preset, **values})
         except (TypeError, ValueError) as e:
@@ -253,8 +256,8 @@ def _describe(hint: Any) -> str:
 
 def run_train(args: argparse.Namespace) -> int:
     """``glm5 train``: train, evaluate, export; prints a summary on rank 0."""
-    from glm5.train.parallel import init_distributed, shutdown
-    from glm5.train.pretrain import Trainer
+    from glm5.train.parallel import init_distributed, shutdown  # lazy: torch-free CLI start-up
+    from glm5.train.pretrain import Trainer  # lazy: torch-free CLI start-up
 
     started = time.time()
     recipe = load_recipe(args.preset, args.config, args.steps, args.time_limit, getattr(args, "dtype", None))

@@ -102,10 +102,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def plot_losses(records: list[dict[str, Any]], path: str | Path, baseline: float | None = None) -> None:
     """Total, LM (+ validation and the unigram baseline), MTP and indexer losses against the step."""
-    import matplotlib
+    import matplotlib  # lazy: optional dependency
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional dependency
 
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if "val_lm" in r]
@@ -155,10 +155,10 @@ def plot_expert_load(
 ) -> None:
     """Left: max/mean expert load per MoE layer over training (1 = perfectly balanced).
     Right: the share of tokens each expert received in the last step, per layer."""
-    import matplotlib
+    import matplotlib  # lazy: optional dependency
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional dependency
 
     train = [r for r in records if r.get("kind") == "train" and r.get("imbalance_per_layer")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
@@ -124,9 +126,8 @@ class ExpertParallelExperts(Experts):
         y_recv = torch.empty_like(y).index_copy(0, perm, y)  # back to [source][expert]
         y_sorted = _all_to_all(y_recv, send_splits, recv_splits, group)
         y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_ND).index_add_(
-            0, token_of, y_sorted.to(x_ND.dtype)
-        )  # bf16 GEMMs under autocast
+        # bf16 GEMMs under autocast
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y_sorted.to(x_ND.dtype))
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:  # noqa: ANN001
@@ -164,7 +165,6 @@ def apply_fsdp(model: GLM5ForCausalLM, ctx: DistContext) -> None:
     """FSDP2 per main decoder layer, then the root: embedding, final norm, LM head and the MTP module (the
     model calls the MTP module's `shared_head.norm` outside its forward, so it must stay with the root, which
     keeps its parameters unsharded from forward to backward)."""
-    from torch.distributed.fsdp import fully_shard
 
     dp_mod_ep = ctx.ep_mesh["dp_mod_ep"]
     ignored: set[nn.Parameter] = set()
@@ -201,7 +201,6 @@ def full_state_dict(model: nn.Module, ctx: DistContext | None) -> dict[str, torc
     """The whole model's state dict on CPU: on rank 0 (empty elsewhere) in a multi-process run."""
     if ctx is None:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

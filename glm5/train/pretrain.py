@@ -66,8 +66,8 @@ def tune_cpu_allocator() -> bool:
     environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_; the cost is that the process keeps
     its peak heap. Returns False where the C library is not glibc (nothing changed).
     """
-    import ctypes
-    import ctypes.util
+    import ctypes  # lazy: platform-specific
+    import ctypes.util  # lazy: platform-specific
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -123,9 +123,8 @@ def training_losses(
     mtp = lm.new_zeros(())
     for d, ce in enumerate(mtp_sums):
         mtp = mtp + ce / (counts[1 + d] * len(mtp_sums))
-    share = (
-        mb.num_sequences / counts[-1]
-    )  # the model's indexer loss is a mean over this micro-batch's queries
+    # the model's indexer loss is a mean over this micro-batch's queries
+    share = mb.num_sequences / counts[-1]
     idx_losses = [s.indexer_loss for s in out.stats if s.indexer_loss is not None]
     indexer = torch.stack(idx_losses).mean() * share if idx_losses else lm.new_zeros(())
     aux = lm.new_zeros(())
@@ -254,9 +253,8 @@ class Trainer:
         if self.rank == 0:
             build_dataset(self.out / "data", self.tok, self.recipe.data)
         self._barrier()
-        train, val = build_dataset(
-            self.out / "data", self.tok, self.recipe.data
-        )  # cached: only opens the files
+        # cached: only opens the files
+        train, val = build_dataset(self.out / "data", self.tok, self.recipe.data)
         return PackedSequences(train, self.recipe.seq_len), PackedSequences(val, self.recipe.seq_len), train
 
     def _model(self) -> GLM5ForCausalLM:

@@ -225,7 +225,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".json":
         return json.loads(path.read_text())
     try:
-        import tomllib
+        import tomllib  # lazy: optional dependency
     except ImportError as exc:  # Python 3.10
         raise ValueError("TOML recipes need Python 3.11+; write the recipe as JSON instead") from exc
     try:

@@ -55,10 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.console import Console  # lazy: torch-free CLI start-up
 
-    from glm5.train.cli import print_summary
-    from glm5.train.sft import SFTTrainer, init_folders, load_sft_recipe
+    from glm5.train.cli import print_summary  # lazy: torch-free CLI start-up
+    from glm5.train.sft import SFTTrainer, init_folders, load_sft_recipe  # lazy: torch-free CLI start-up
 
     started = time.time()
     recipe = load_sft_recipe(args.data, args.steps, args.time_limit)
