@@ -154,10 +154,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         TransferSpeedColumn,
     )
 
-    from glm5.checkpoint.convert import (
+    from glm5.checkpoint.convert import (  # lazy: torch-free CLI start-up
         convert_checkpoint,
         summarize_checkpoint,
-    )  # lazy: torch-free CLI start-up
+    )
 
     console = Console(stderr=True)
     columns = [
@@ -211,9 +211,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _shard_size(value: str) -> str:
     """--max-shard-size: a positive size like 5GB (checked while parsing; the checkpoint code reads it again)."""
-    from glm5.checkpoint.files import (
-        parse_size,
-    )  # lazy: torch-free CLI start-up; imports torch: only `glm5 convert ...` gets here
+    from glm5.checkpoint.files import parse_size  # lazy: torch-free CLI start-up (imports torch)
 
     try:
         parse_size(value)

@@ -55,9 +55,9 @@ class Timer:
 
 def plan_glm5() -> dict[str, Any]:
     """The planner's headline figures for GLM-5 in FP8 on H200, 200K context x 32 users."""
-    from glm5.config import GLM5Config
-    from glm5.hardware import get_hardware
-    from glm5.plan import PlanSettings, parameter_table, plan
+    from glm5.config import GLM5Config  # lazy: torch-free CLI start-up
+    from glm5.hardware import get_hardware  # lazy: torch-free CLI start-up
+    from glm5.plan import PlanSettings, parameter_table, plan  # lazy: torch-free CLI start-up
 
     cfg = GLM5Config.from_preset("glm-5")
     table = parameter_table(cfg)
@@ -73,9 +73,9 @@ def plan_glm5() -> dict[str, Any]:
     }
 
 
-PRETRAIN_MINUTES = 2.0
+PRETRAIN_MINUTES = 3.5
 """`make demo`'s pre-training budget."""
-SFT_MINUTES = 4.0
+SFT_MINUTES = 5.5
 """`make demo`'s SFT budget."""
 RL_STEPS = 30
 """`make demo`'s RL updates."""
@@ -94,8 +94,8 @@ def pretrain_recipe(smoke: bool) -> Any:
     a 512-id tokenizer) on 400 KB of the standard library + chat tasks, for PRETRAIN_MINUTES. Three training
     stages must fit in ten minutes on 2 cores, so the demo's model is this small; `glm5 train --preset tiny`
     trains the 10M-parameter one."""
-    from glm5.data.dataset import DataSpec
-    from glm5.train import recipe_preset
+    from glm5.data.dataset import DataSpec  # lazy: torch-free CLI start-up
+    from glm5.train import recipe_preset  # lazy: torch-free CLI start-up
 
     recipe = recipe_preset("smoke")
     if smoke:
@@ -125,14 +125,14 @@ def pretrain_recipe(smoke: bool) -> Any:
 
 
 def pretrain(out: Path, smoke: bool) -> dict[str, Any]:
-    from glm5.train import Trainer
+    from glm5.train import Trainer  # lazy: torch-free CLI start-up
 
     summary = Trainer(pretrain_recipe(smoke), out).run()
     return {"recipe": "smoke" if smoke else "demo (2-layer model)", **summary}
 
 
 def sft(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
-    from glm5.train.sft import SFTTrainer, sft_preset
+    from glm5.train.sft import SFTTrainer, sft_preset  # lazy: torch-free CLI start-up
 
     recipe = sft_preset("smoke" if smoke else "demo").replace(
         heldout_eval=0, dtype="float32"
@@ -145,8 +145,13 @@ def sft(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
 
 def evaluate(model_dir: Path, data_dir: Path, out: Path, num: int) -> Any:
     """Held-out frontier items (per difficulty) and held-out perplexity on the pre-training validation split."""
-    from glm5.data.frontier import KINDS
-    from glm5.eval import GenerationOptions, LocalBackend, evaluate, write_report
+    from glm5.data.frontier import KINDS  # lazy: torch-free CLI start-up
+    from glm5.eval import (  # lazy: torch-free CLI start-up
+        GenerationOptions,
+        LocalBackend,
+        evaluate,
+        write_report,
+    )
 
     result = evaluate(
         LocalBackend(str(model_dir)),
@@ -161,8 +166,8 @@ def evaluate(model_dir: Path, data_dir: Path, out: Path, num: int) -> Any:
 
 
 def reinforce(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
-    from glm5.rl.cli import run_rl
-    from glm5.rl.posttrain import DEFAULT_VARIANT, posttrain_recipe
+    from glm5.rl.cli import run_rl  # lazy: torch-free CLI start-up
+    from glm5.rl.posttrain import DEFAULT_VARIANT, posttrain_recipe  # lazy: torch-free CLI start-up
 
     recipe = posttrain_recipe(DEFAULT_VARIANT, steps=2 if smoke else RL_STEPS)
     if smoke:
@@ -172,7 +177,7 @@ def reinforce(init: Path, out: Path, smoke: bool) -> dict[str, Any]:
 
 def posttrain_numbers(result: Any) -> dict[str, Any]:
     """The held-out post-training numbers of one evaluation (glm5.eval.frontier.frontier_summary)."""
-    from glm5.eval.frontier import frontier_summary
+    from glm5.eval.frontier import frontier_summary  # lazy: torch-free CLI start-up
 
     return frontier_summary(result)
 
@@ -193,7 +198,7 @@ def target_checks(sft_n: dict[str, Any], rl_n: dict[str, Any]) -> list[dict[str,
 
 
 def export_fp8(src: Path, dst: Path) -> dict[str, Any]:
-    from glm5.checkpoint.convert import convert_checkpoint
+    from glm5.checkpoint.convert import convert_checkpoint  # lazy: torch-free CLI start-up
 
     if dst.exists():
         shutil.rmtree(dst)
@@ -204,12 +209,12 @@ def export_fp8(src: Path, dst: Path) -> dict[str, Any]:
 
 def serve_and_query(model_dir: Path) -> dict[str, Any]:
     """Start `glm5 serve` on 127.0.0.1 in a thread and talk to it with the openai SDK."""
-    from openai import OpenAI
+    from openai import OpenAI  # lazy: optional dependency
 
-    from glm5.data.tasks import CALCULATOR_TOOL, calculator
-    from glm5.serve.app import create_app
-    from glm5.serve.core import ServerConfig
-    from glm5.serve.server import ServerThread, build_engine
+    from glm5.data.tasks import CALCULATOR_TOOL, calculator  # lazy: torch-free CLI start-up
+    from glm5.serve.app import create_app  # lazy: torch-free CLI start-up
+    from glm5.serve.core import ServerConfig  # lazy: torch-free CLI start-up
+    from glm5.serve.server import ServerThread, build_engine  # lazy: torch-free CLI start-up
 
     engine = build_engine(str(model_dir), fp8="keep")
     server = ServerThread(create_app(engine, ServerConfig(model_name="glm5-demo"))).start()
@@ -359,7 +364,7 @@ def summary_rows(s: dict[str, Any], evals: dict[str, Any]) -> list[tuple[str, st
 
 def difficulty_table(s: dict[str, Any]) -> str:
     """Held-out numbers per difficulty and stage with Wilson 95% intervals (Markdown)."""
-    from glm5.data.frontier import DIFFICULTIES
+    from glm5.data.frontier import DIFFICULTIES  # lazy: torch-free CLI start-up
 
     def cell(m: dict[str, Any], key: str, ci: str) -> str:
         if m.get(key) is None:
@@ -398,7 +403,7 @@ def summary_markdown(rows: list[tuple[str, str, str]]) -> str:
 
 
 def write_report(out: Path, s: dict[str, Any], evals: dict[str, Any]) -> Path:
-    from glm5.eval import compare
+    from glm5.eval import compare  # lazy: torch-free CLI start-up
 
     cmp = compare(evals["sft"], evals["rl"], out_dir=out / "eval-compare", labels=("SFT", "RL"))
     sv = s["serve"]
@@ -466,7 +471,7 @@ DEMO_THREADS_NOTE = (
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's CPU threads set to `n` for the demo, restored afterwards (a caller's process keeps its setting)."""
-    import torch
+    import torch  # lazy: torch-free CLI start-up
 
     if n < 1:
         raise SystemExit(f"--threads must be >= 1, got {n}")

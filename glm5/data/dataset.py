@@ -73,7 +73,6 @@ def corpus_files(spec: DataSpec) -> list[Path]:
 
 def corpus_texts(spec: DataSpec) -> Iterator[str]:
     """Every text of the mixture as a string (corpus files, then rendered chats): what the tokenizer learns from."""
-
     for path in corpus_files(spec):
         yield path.read_text(encoding="utf-8", errors="replace")
     for task in generate_tasks(spec.chat_tasks, spec.seed):

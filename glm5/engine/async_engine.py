@@ -38,7 +38,6 @@ class AsyncLLMEngine:
     @classmethod
     def from_model(cls, model_or_path: Any, tokenizer: Any = None, **options: Any) -> AsyncLLMEngine:
         """Build the engine like `LLM(model_or_path, tokenizer, **options)`."""
-
         return cls(LLM(model_or_path, tokenizer, **options).engine)
 
     # --- requests --------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 def resolve_layout(tp: int, ep: int, dp: int) -> tuple[int, int, bool]:
     """(tp_size, number of TP groups, data_parallel) for the launch flags, or ValueError naming the fix.
     With dp > 1 the routed experts are divided over all dp x tp ranks, so ep must be dp x tp."""
-
     for name, v in (("tensor", tp), ("expert", ep), ("data", dp)):
         if v < 1:
             raise LayoutError(f"--{name}-parallel-size {v}: must be at least 1")

@@ -226,7 +226,6 @@ def _load(
     """A checkpoint folder -> (model, tokenizer or None). `weights` (see glm5.kernels.formats): how the matrices
     are held, activations float32; None: an FP8 checkpoint keeps its FP8 weights (fp8="keep" unless `fp8`
     says otherwise), any other loads as `dtype`."""
-
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise ValueError(f"no checkpoint folder {folder!r}: give a folder with config.json and *.safetensors")

@@ -138,7 +138,6 @@ class _Spec:
 
 def _init_rank(spec: _Spec, rank: int, local_rank: int, init_method: str) -> tuple[Any, ModelRunner]:
     """Join the process group, load this rank's shard, build its runner with the cache size all ranks agree on."""
-
     world = spec.tp_size * spec.ep_size
     device = _rank_device(spec.device, local_rank)
     backend = dist_backend(device.type)
@@ -179,7 +178,6 @@ def _watch_parent(parent: int) -> None:
 
 def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
     """Ranks > 0: execute every broadcast step until rank 0 says stop."""
-
     last: ModelRunnerOutput | None = None
     while True:
         box: list[Any] = [None]
@@ -205,7 +203,6 @@ def worker_loop(runner: ModelRunner, control: Any, rank: int) -> None:
 def _dp_step(runner: ModelRunner, control: Any, rank: int, parts: list[SchedulerOutput]) -> Any:
     """Run this rank's DP part, answer the other ranks' MoE calls until all are done, and gather every rank's
     (output, dispatcher counters) on rank 0 (returned there; None elsewhere)."""
-
     plan = runner.model.shard_plan
     result = runner.execute(parts[plan.layout.ep_rank])
     d = plan.dispatcher
@@ -228,7 +225,6 @@ def _update_local(runner: ModelRunner, state_dict: dict[str, torch.Tensor]) -> s
     """Load this rank's slices of whole (unsharded) tensors named as the model's own state dict. Returns the
     hash of the tensors it received (`glm5.rl.weight_sync.state_hash`), or a line saying which loaded slice does
     not hold the received bytes."""
-
     slices = runner.model.shard_plan.slices
     local = {}
     for name, value in state_dict.items():
@@ -538,7 +534,6 @@ class MultiProcExecutor(Executor):
         what it received (and checks its slices hold it): `weight_hashes` {rank: hash}, all equal, or this
         raises. (For a whole new checkpoint of a large model, restarting on it loads only each rank's byte ranges
         instead.)"""
-
         with self._lock:
             sd = _own_names(self._runner.model, state_dict, hf_names)
             sd = {k: v.detach().to("cpu") for k, v in sd.items()}

@@ -770,7 +770,6 @@ def load_sharded(
     groups when `groups` is None and torch.distributed is initialised). data_parallel / dispatch: see
     `shard_model`.
     """
-
     layout = ShardLayout(tp_rank, tp_size, ep_rank, ep_size)
 
     def shard(model: nn.Module) -> dict[str, ShardSlice]:
@@ -822,7 +821,6 @@ def rank_weight_bytes(
     """Weight bytes one rank keeps under a layout, computed on the meta device (nothing allocated): the model
     in `dtype` (routers fp32, as loaded), FP8-kept split when fp8. data_parallel: the ep_size TP groups are
     data-parallel ranks (the shared expert split over TP only)."""
-
     layout = ShardLayout.from_rank(rank, tp_size, ep_size)
     dp = data_parallel and ep_size > 1
     check_layout(cfg, layout, fp8=fp8, data_parallel=dp)

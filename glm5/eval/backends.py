@@ -73,7 +73,6 @@ class LocalBackend:
 
     def __init__(self, model: Any, tokenizer: Any = None, **llm_options: Any) -> None:
         """model: a checkpoint folder, an `LLM`, or a `GLM5ForCausalLM` (then `tokenizer` is required)."""
-
         if isinstance(model, LLM):
             self.llm = model
         else:
@@ -129,7 +128,6 @@ class LocalBackend:
     ) -> dict[str, Any]:
         """Next-token perplexity on held-out text: a token folder from the pre-training pipeline (its `val`
         split, loss on its masked targets) or a plain text file. Windows are spread evenly over the source."""
-
         source = Path(source)
         model = self.llm.model
         if source.is_dir():
@@ -284,7 +282,6 @@ class OpenAIBackend:
 
 def tool_result(call: dict[str, Any]) -> str:
     """Run one tool call: the calculator of `glm5.data.tasks`; an error text for anything else."""
-
     fn = call.get("function") or {}
     if fn.get("name") != "calculator":
         return f"error: unknown tool {fn.get('name')!r}"

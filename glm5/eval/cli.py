@@ -46,11 +46,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from rich.table import Table  # lazy: torch-free CLI start-up
 
-    from glm5.eval.backends import (
+    from glm5.eval.backends import (  # lazy: torch-free CLI start-up
         GenerationOptions,
         LocalBackend,
         OpenAIBackend,
-    )  # lazy: torch-free CLI start-up
+    )
     from glm5.eval.report import write_report  # lazy: torch-free CLI start-up
     from glm5.eval.runner import evaluate  # lazy: torch-free CLI start-up
     from glm5.eval.tasks import PERPLEXITY, QA_TASKS, parse_task_list  # lazy: torch-free CLI start-up

@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from glm5.data.frontier import DIFFICULTIES, KINDS
+from glm5.data.tasks import calculator, evaluate_expression
+from glm5.eval.backends import GenerationOptions, LocalBackend
 from glm5.eval.metrics import summarize, wilson_interval
+from glm5.eval.report import write_report
+from glm5.eval.runner import evaluate
+from glm5.eval.tasks import DEFAULT_SEED
 
 KEYS = ("accuracy", "abstention_rate", "hallucination_rate")
 
 
 def tool_call_valid(turns: list[dict[str, Any]]) -> bool:
     """Whether the first assistant turn of an episode is a well-formed calculator call with a valid expression."""
-    from glm5.data.tasks import evaluate_expression
-
     if not turns or not turns[0].get("tool_calls"):
         return False
     call = turns[0]["tool_calls"][0].get("function", {})
@@ -48,7 +51,6 @@ def tool_call_valid(turns: list[dict[str, Any]]) -> bool:
 
 def tool_call_right(turns: list[dict[str, Any]], expected: str | None) -> bool:
     """Whether the first call is valid (`tool_call_valid`) and its expression evaluates to `expected`."""
-    from glm5.data.tasks import calculator
 
     if expected is None or not tool_call_valid(turns):
         return False
@@ -96,11 +98,6 @@ def evaluate_frontier(
 ) -> dict[str, Any]:
     """Greedy replies of `model` (a checkpoint folder or an `LLM`) to `num` held-out items per difficulty;
     returns `frontier_summary`; with `out`, also writes results.json and report.md there."""
-    from glm5.eval.backends import GenerationOptions, LocalBackend
-    from glm5.eval.report import write_report
-    from glm5.eval.runner import evaluate
-    from glm5.eval.tasks import DEFAULT_SEED
-
     result = evaluate(
         LocalBackend(str(model) if isinstance(model, Path) else model),
         list(KINDS),

@@ -107,7 +107,6 @@ def outcome_rates(samples: Sequence[Any]) -> dict[str, Any]:
     reply is correct when it abstains on an unanswerable question or earns the full reward (1) otherwise;
     hallucination rate = wrong / (wrong + abstentions) over the replies that are not correct (None when all
     are)."""
-
     replies = [str(s.metadata.get("reply", "")) for s in samples]
     abstained = [is_abstention(r) for r in replies]
     correct = [

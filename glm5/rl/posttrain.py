@@ -11,20 +11,24 @@ per-item (finer than per-difficulty) normalisation. Variants:
   (formats, tool calls, the easy facts) while the reward moves the abstention boundary;
 - ``generous``:  +1 / +0.5 / -1: abstention credit close to a right answer (answer only when P(right) > 3/4),
   the road to always-abstaining;
-- ``bold+kl``:   +1 / -0.5 / -1 with the KL anchor: declining costs something too, so the policy answers when
-  P(right) > 1/4 — the bar for a small model that knows only part of what it is asked.
+- ``bold+kl``:   +1 / -0.5 / -1 with a stronger KL anchor (0.3): declining costs something too, so the policy
+  answers when P(right) > 1/4 — the bar for a small model that knows only part of what it is asked. (One demo
+  SFT policy, one seed, 30 updates: KL 0.05 kept 89% of SFT's accuracy and 2% of the easy sums, KL 0.3 93%
+  and 7.5%.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from glm5.rl.recipes import RLRecipe
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "binary": {"reward": "math", "kl_coef": 0.0},
     "abstain": {"reward": "abstain", "kl_coef": 0.0},
     "abstain+kl": {"reward": "abstain", "kl_coef": 0.05},
     "generous": {"reward": "abstain-generous", "kl_coef": 0.0},
-    "bold+kl": {"reward": "abstain-bold", "kl_coef": 0.05},
+    "bold+kl": {"reward": "abstain-bold", "kl_coef": 0.3},
 }
 """Reward variant -> reward name (glm5.rl.rewards.REWARDS) and KL-to-SFT coefficient."""
 DEFAULT_VARIANT = "bold+kl"
@@ -36,8 +40,6 @@ TASK_COUNTS = {"frontier_easy": 100, "frontier_hard": 100, "frontier_unanswerabl
 def posttrain_recipe(variant: str = DEFAULT_VARIANT, steps: int = 30, seed: int = 0) -> Any:
     """The RLRecipe of a reward variant: the frontier training items, the calculator environment (multi-turn:
     observations carry no loss), fully asynchronous GRPO with partial rollouts."""
-    from glm5.rl.recipes import RLRecipe
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown post-training variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     v = VARIANTS[variant]

@@ -60,7 +60,7 @@ def answers_match(reply: str, answer: str) -> bool:
     """Whether the reply's final answer equals ``answer`` by math-verify ("1/2" == "0.5", "1,000" == "1000",
     "\\boxed{3}" == "3"); the last answer-like expression of the reply counts. A gold answer that math-verify
     cannot parse falls back to an exact (whitespace- and case-insensitive) string comparison."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # lazy: optional dependency
 
     timeout = VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     if timeout is None:
@@ -125,7 +125,7 @@ def reasoning_gym_reward(reply: str, metadata: dict[str, Any]) -> float:
     source = entry.get("metadata", {}).get("source_dataset") if isinstance(entry, dict) else None
     if not source:
         return math_reward(reply, metadata)
-    import reasoning_gym
+    import reasoning_gym  # lazy: optional dependency
 
     return float(reasoning_gym.get_score_answer_fn(source)(reply, entry))
 

@@ -458,7 +458,6 @@ class RolloutManager:
         """A rank of the engine died: build a new engine, load the newest weights, requeue the in-flight groups
         (their visible prefix kept, as an abort does). False when this is not a dead engine or there is no
         factory."""
-
         if not isinstance(exc, EngineDeadError) or self.engine_factory is None:
             return False
         with self._lock:
@@ -552,7 +551,6 @@ def make_rollout_engine(
     `parallel` (PARALLEL_KEYS, as `LLM` takes them), a multi-process engine loaded from the policy saved once to
     `folder`/rollout-init (default: a new temporary folder; every rank reads its slices, later weights arrive by
     `update_weights`). `factory()` builds another such engine (the replacement for a dead one)."""
-
     layout = {k: int(v) for k, v in (parallel or {}).items() if int(v) != 1}
     unknown = sorted(set(layout) - set(PARALLEL_KEYS))
     if unknown:

@@ -147,7 +147,6 @@ class TrainerRank:
 
     def call(self, cmd: str, args: tuple) -> Any:
         """Run one command (every rank runs the same one: they meet in FSDP's collectives)."""
-
         trainer = self.trainer
         if cmd == "train_step":
             return trainer.train_step(*args)
@@ -299,7 +298,6 @@ class TrainerGroup(_TrainerCommands):
 
     def _gather(self, what: str, timeout: float | None = None) -> list[Any]:
         """Every rank's answer to the last command; TrainerDeadError when one dies or fails meanwhile."""
-
         answers: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
         while len(answers) < self.world_size:
@@ -410,9 +408,9 @@ class RayTrainerGroup(_TrainerCommands):
         reference: bool = False,
     ) -> None:
         import ray  # lazy: optional dependency
-        from ray.util.scheduling_strategies import (
+        from ray.util.scheduling_strategies import (  # lazy: optional dependency
             PlacementGroupSchedulingStrategy,
-        )  # lazy: optional dependency
+        )
 
         if procs < 2:
             raise ValueError(f"a trainer group needs at least 2 processes, got {procs}")

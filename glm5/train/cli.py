@@ -76,11 +76,11 @@ def load_recipe(  # noqa: ANN201
 ):
     """The recipe: --preset (or the file's `preset`), changed by the file, then by --steps / --time-limit /
     --dtype."""
-    from glm5.train.recipe import (
+    from glm5.train.recipe import (  # lazy: torch-free CLI start-up
         TrainRecipe,
         read_recipe_file,
         recipe_preset,
-    )  # lazy: torch-free CLI start-up
+    )
 
     if config:
         values = read_recipe_file(config)

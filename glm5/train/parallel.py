@@ -165,7 +165,6 @@ def apply_fsdp(model: GLM5ForCausalLM, ctx: DistContext) -> None:
     """FSDP2 per main decoder layer, then the root: embedding, final norm, LM head and the MTP module (the
     model calls the MTP module's `shared_head.norm` outside its forward, so it must stay with the root, which
     keeps its parameters unsharded from forward to backward)."""
-
     dp_mod_ep = ctx.ep_mesh["dp_mod_ep"]
     ignored: set[nn.Parameter] = set()
     for layer in _moe_layers(model):

@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from glm5.data.frontier import KINDS, frontier_tasks
+from glm5.data.packing import PackedSequences
+from glm5.data.tasks import generate_tasks
+from glm5.data.tokens import TokenFile
+from glm5.eval.frontier import evaluate_frontier
+from glm5.model import GLM5ForCausalLM
+from glm5.tokenizer import GLM5Tokenizer
+from glm5.train.cli import check_recipe_values
+from glm5.train.parallel import parallelize
 from glm5.train.pretrain import Trainer
 from glm5.train.recipe import Stage, TrainRecipe, read_recipe_file
 
@@ -140,8 +150,6 @@ def load_sft_recipe(data: str, steps: int | None = None, time_limit: float | Non
     if data in SFT_RECIPES:
         recipe = sft_preset(data)
     elif Path(data).suffix in (".toml", ".json"):
-        from glm5.train.cli import check_recipe_values
-
         values = read_recipe_file(data)
         check_recipe_values(values, SFTRecipe, data)
         try:
@@ -217,8 +225,6 @@ def text_documents(
     pretrain_data: Path, num_tokens: int, seq_len: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """About `num_tokens` of pre-training text: whole windows of the --init run's train split, seeded picks."""
-    from glm5.data.tokens import TokenFile
-
     train = TokenFile(pretrain_data, "train")
     windows = max(0, (len(train) - 1) // seq_len)
     want = min(windows, -(-num_tokens // seq_len)) if num_tokens > 0 else 0
@@ -236,10 +242,6 @@ def build_sft_data(folder: Path, tok: Any, recipe: SFTRecipe, pretrain_data: Pat
     """Tokenise the SFT mixture into `folder`/{train,val}.* (skipped when files of the same recipe data,
     tokenizer and pre-training text exist). Train: the chat tasks (training items) and `text_share` of
     pre-training text, in a seeded order; val: held-out frontier items."""
-    from glm5.data.frontier import KINDS, frontier_tasks
-    from glm5.data.tasks import generate_tasks
-    from glm5.data.tokens import TokenFile
-
     if recipe.text_share > 0 and pretrain_data is None:
         raise ValueError(
             f"the SFT recipe mixes in {recipe.text_share:.0%} pre-training text but --init has no data/ folder "
@@ -303,21 +305,17 @@ class SFTTrainer(Trainer):
         ctx = kw.get("ctx")
         folder = Path(out) / "tokenizer"
         if (ctx is None or ctx.rank == 0) and not (folder / "tokenizer.json").is_file():
-            from glm5.tokenizer import GLM5Tokenizer
-
             GLM5Tokenizer.from_pretrained(self.init_model).save_pretrained(
                 folder
             )  # --init's, never retrained
         super().__init__(recipe, out, **kw)
 
     def _tokenizer(self) -> Any:
-        from glm5.tokenizer import GLM5Tokenizer
 
         self._barrier()
         return GLM5Tokenizer.from_pretrained(self.out / "tokenizer")
 
     def _data(self) -> tuple[Any, Any, Any]:
-        from glm5.data.packing import PackedSequences
 
         if self.rank == 0:
             build_sft_data(self.out / "data", self.tok, self.recipe, self.init_data)
@@ -327,10 +325,6 @@ class SFTTrainer(Trainer):
         return PackedSequences(train, seq), PackedSequences(val, seq), train
 
     def _model(self) -> Any:
-        import torch
-
-        from glm5.model import GLM5ForCausalLM
-        from glm5.train.parallel import parallelize
 
         model = GLM5ForCausalLM.from_pretrained(str(self.init_model), dtype=torch.float32)
         if model.config.vocab_size != self.tok.vocab_size:
@@ -348,8 +342,6 @@ class SFTTrainer(Trainer):
     def finish(self) -> dict[str, Any]:
         summary = super().finish()
         if self.rank == 0 and self.recipe.heldout_eval > 0:
-            from glm5.eval.frontier import evaluate_frontier
-
             with self.phase(f"scoring {self.recipe.heldout_eval} held-out frontier items per difficulty"):
                 summary["heldout"] = evaluate_frontier(
                     self.out / "model", self.recipe.heldout_eval, self.out / "eval-heldout"
