@@ -8,8 +8,8 @@
    cannot, unanswerable questions, calculator tool use) and held-out perplexity.
 4. SFT: assistant-only loss on the frontier training items (thinking, tool calls, abstentions) + 10% pre-training
    text; evaluate again.
-5. Asynchronous RL with the abstention-aware reward (+1 right / 0 "I don't know" / -1 wrong) and a KL anchor to
-   the SFT policy (the variant the post-training ablation picked); evaluate again.
+5. Asynchronous RL with an abstention-aware reward and a KL anchor to the SFT policy (`bold+kl`: +1 right /
+   -0.5 "I don't know" / -1 wrong, KL 0.3; see glm5/rl/posttrain.py); evaluate again.
 6. Export the RL policy in the HF layout and as a block-FP8 checkpoint.
 7. Serve the FP8 checkpoint (OpenAI-compatible) and query it with the `openai` SDK: a streamed answer with
    thinking, and a calculator tool call answered and continued.
