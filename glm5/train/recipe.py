@@ -20,7 +20,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from glm5.config import PRESETS, GLM5Config
 from glm5.data.dataset import DataSpec
@@ -198,23 +198,32 @@ class TrainRecipe:
         return asdict(self)
 
     @classmethod
+    def preset(cls, name: str) -> TrainRecipe:
+        """The named recipe this class starts from (a subclass names its own presets)."""
+        return recipe_preset(name)
+
+    DEFAULT_PRESET: ClassVar[str] = "tiny"
+    KIND: ClassVar[str] = "recipe"  # as errors name it
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainRecipe:
         """A recipe from a dict: `preset` (a named recipe) first, then the fields given."""
         d = dict(d)
-        base = recipe_preset(d.pop("preset", "tiny"))
+        base = cls.preset(d.pop("preset", cls.DEFAULT_PRESET))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown recipe fields {unknown}; known fields: {', '.join(sorted(names))}")
+            raise ValueError(f"unknown {cls.KIND} fields {unknown}; known fields: {', '.join(sorted(names))}")
         if isinstance(d.get("data"), dict):
-            d["data"] = DataSpec(**{**asdict(base.data), **d["data"]})
+            d["data"] = type(base.data)(**{**asdict(base.data), **d["data"]})
         return cls(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}, **d})
 
     @classmethod
-    def from_file(cls, path: str | Path, preset: str = "tiny") -> TrainRecipe:
-        """Read a .toml (Python 3.11+) or .json recipe file; its `preset` key (else `preset`) is the base."""
+    def from_file(cls, path: str | Path, preset: str | None = None) -> TrainRecipe:
+        """Read a .toml (Python 3.11+) or .json recipe file; its `preset` key (else `preset`, else the class's
+        default preset) is the base."""
         d = read_recipe_file(path)
-        d.setdefault("preset", preset)
+        d.setdefault("preset", preset or cls.DEFAULT_PRESET)
         return cls.from_dict(d)
 
 

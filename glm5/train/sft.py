@@ -21,12 +21,11 @@ difficulty, tool-call validity: glm5.eval.frontier) into summary.json.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -75,24 +74,12 @@ class SFTRecipe(TrainRecipe):
         if self.val_tasks < 1 or self.heldout_eval < 0:
             raise ValueError("SFT val_tasks must be >= 1 and heldout_eval >= 0")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SFTRecipe:
-        """An SFT recipe from a dict: `preset` (a named SFT recipe, default "demo") first, then the fields."""
-        d = dict(d)
-        base = sft_preset(d.pop("preset", "demo"))
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown SFT recipe fields {unknown}; known fields: {', '.join(sorted(names))}")
-        if isinstance(d.get("data"), dict):
-            d["data"] = type(base.data)(**{**asdict(base.data), **d["data"]})
-        return cls(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}, **d})
+    DEFAULT_PRESET: ClassVar[str] = "demo"
+    KIND: ClassVar[str] = "SFT recipe"
 
     @classmethod
-    def from_file(cls, path: str | Path, preset: str = "demo") -> SFTRecipe:
-        d = read_recipe_file(path)
-        d.setdefault("preset", preset)
-        return cls.from_dict(d)
+    def preset(cls, name: str) -> SFTRecipe:
+        return sft_preset(name)
 
 
 def _sft_demo() -> SFTRecipe:
