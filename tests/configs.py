@@ -34,6 +34,30 @@ FRONTEND = MICRO.replace(
 """The model behind the front-end tests (LLM, server, lm-eval): a vocabulary for a tokenizer trained on the fly."""
 
 
+CHECKPOINT = GLM5Config.from_preset("tiny").replace(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    intermediate_size=48,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    index_topk=4,
+    index_topk_pattern="FFS",
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=8,
+)
+"""A smaller 3-layer config (FFS IndexCache pattern, 4 experts) for checkpoint names and folders: every tensor
+kind, a few kilobytes."""
+
+
 def stdlib_tokenizer(vocab_size: int = 1024, num_files: int = 10):
     """A BPE tokenizer with the GLM special tokens, trained in about a second on a few stdlib modules."""
     import sysconfig

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from configs import CHECKPOINT
 from safetensors.torch import load_file, save_file
 
 import glm5.checkpoint.files as files_module
@@ -20,26 +21,7 @@ from glm5.checkpoint.files import INDEX_FILE, CheckpointError, CheckpointFolder,
 from glm5.checkpoint.synthetic import list_tensors, total_bytes, write_random_checkpoint
 from glm5.cli import main
 
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=3,
-    intermediate_size=48,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    index_n_heads=2,
-    index_head_dim=8,
-    index_topk=4,
-    index_topk_pattern="FFS",
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=8,
-)
+CFG = CHECKPOINT
 
 
 def _model(cfg: GLM5Config = CFG, seed: int = 0) -> GLM5ForCausalLM:

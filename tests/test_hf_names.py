@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from configs import CHECKPOINT
 
-from glm5 import GLM5Config, GLM5ForCausalLM
+from glm5 import GLM5ForCausalLM
 from glm5.checkpoint.hf import from_hf_state_dict, hf_to_internal_name, internal_to_hf_name
 
-CFG = GLM5Config.from_preset("tiny").replace(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=3,
-    intermediate_size=48,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    index_n_heads=2,
-    index_head_dim=8,
-    index_topk=4,
-    index_topk_pattern="FFS",
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=8,
-)
+CFG = CHECKPOINT
 
 
 @pytest.fixture(scope="module")
