@@ -58,6 +58,22 @@ CHECKPOINT = GLM5Config.from_preset("tiny").replace(
 kind, a few kilobytes."""
 
 
+# Every FP8 split falls on 128-blocks for TP2, EP2 and TP2 x EP2 (8 heads of 32+32 / 32+32 / 32; dense 256;
+# shared expert 512 = 4 x 128).
+FP8_ALIGNED = MICRO.replace(
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    index_head_dim=32,
+    intermediate_size=256,
+    moe_intermediate_size=512,
+    num_hidden_layers=2,
+    index_topk_pattern="FS",
+)
+
+
 def stdlib_tokenizer(vocab_size: int = 1024, num_files: int = 10):
     """A BPE tokenizer with the GLM special tokens, trained in about a second on a few stdlib modules."""
     import sysconfig

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from configs import FRONTEND, MICRO, biased_model, stdlib_tokenizer
+from configs import FP8_ALIGNED, FRONTEND, MICRO, biased_model, stdlib_tokenizer
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -33,20 +33,8 @@ pytestmark = pytest.mark.dist
 TOL = 1e-5
 # group-limited routing, an IndexCache shared layer ("FFS"), MTP, a vocabulary 2 does not divide
 GROUPED = MICRO.replace(n_group=4, topk_group=2, vocab_size=255, max_position_embeddings=256)
-# every FP8 split on 128-blocks for TP2 (see tests/test_sharding.py)
-FP8_ALIGNED = MICRO.replace(
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=32,
-    v_head_dim=32,
-    index_head_dim=32,
-    intermediate_size=256,
-    moe_intermediate_size=512,
-    num_hidden_layers=2,
-    index_topk_pattern="FS",
-    max_position_embeddings=256,
-)
+# every FP8 split on 128-blocks for TP2 (tests/configs.py)
+FP8_ALIGNED = FP8_ALIGNED.replace(max_position_embeddings=256)
 ENGINE = dict(block_size=4, num_blocks=160, max_num_seqs=8)
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from configs import MICRO, biased_model
+from configs import FP8_ALIGNED, MICRO, biased_model
 
 from glm5 import GLM5ForCausalLM
 from glm5.checkpoint.files import CheckpointFolder
@@ -42,20 +42,6 @@ TOL = 1e-5
 STEPS = 6
 # Group-limited routing and a vocabulary that 2 does not divide (padded rows).
 GROUPED = MICRO.replace(n_group=4, topk_group=2, vocab_size=255)
-# Every FP8 split falls on 128-blocks for TP2, EP2 and TP2 x EP2 (8 heads of 32+32 / 32+32 / 32; dense 256;
-# shared expert 512 = 4 x 128).
-FP8_ALIGNED = MICRO.replace(
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=32,
-    v_head_dim=32,
-    index_head_dim=32,
-    intermediate_size=256,
-    moe_intermediate_size=512,
-    num_hidden_layers=2,
-    index_topk_pattern="FS",
-)
 # A few hundred MB of fp32 weights (mostly experts), for the resident-memory bound of sharded loading.
 BIG = MICRO.replace(
     hidden_size=512,
