@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from configs import MICRO
-from test_engine_fused import VARIANTS, noisy_model, twin_caches
+from test_engine_fused import VARIANTS, decode_and_compare, noisy_model, twin_caches
 
 from glm5.checkpoint.fp8 import dequantize
 from glm5.engine.fused import FP8LayoutError, FusedDecoder, matrix_view
@@ -60,17 +60,7 @@ def test_each_format_steps_like_the_model_on_the_same_weights(kernel: str, fmt: 
     lengths = [3, 17, 30]
     ref_cache, fused_cache = twin_caches(model, lengths)
     fused = FusedDecoder(model, native_kernel=kernel == "native")
-    ids = list(range(len(lengths)))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        nxt = torch.randint(1, model.config.vocab_size, (len(lengths),), generator=g)
-        for cache in (ref_cache, fused_cache):
-            cache.prepare(ids, [[t] for t in nxt.tolist()])
-        with torch.no_grad():
-            ref = model(nxt[:, None], ref_cache, return_hidden=True)
-        logits, hidden = fused(nxt, fused_cache)
-        torch.testing.assert_close(logits, ref.logits[:, -1], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(hidden, ref.hidden_states[:, -1], rtol=1e-4, atol=1e-4)
+    decode_and_compare(model, fused, ref_cache, fused_cache, list(range(len(lengths))), steps=4)
     assert (fused.lib is not None) == (kernel == "native")  # the kernel read the format itself
 
 
