@@ -459,7 +459,7 @@ static inline __attribute__((always_inline)) void indexer_scores_nv(
             v8 sum = qv[j * nv] * kv[0];
             for (int64_t i = 1; i < nv; i++) sum += qv[j * nv + i] * kv[i];
             float d = ((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7]));
-            acc += w[j] * fmaxf(d, 0.0f);
+            acc += w[j] * (d > 0.0f ? d : 0.0f);  /* branchless ReLU (fmaxf is a libm call without -ffast-math) */
         }
         score[s] = acc;
     }
@@ -546,48 +546,55 @@ static void route(const LayerArgs *a, const float *scores, int64_t *ids, float *
         weights[j] = (a->norm_topk ? weights[j] / (sum + 1e-20f) : weights[j]) * a->route_scale;
 }
 
-/* Row b's keys (DSA top-k of the indexer scores, the previous layer's, or every key) and its absorbed attention
-   over their latents (values = c_kv): q_lat [H, r+R] -> o_row [H * v]. Returns a nonzero code on error. */
-static inline __attribute__((always_inline)) int attend_row(
-    const LayerArgs *a, int64_t b, const float *q_lat, const float *idx_q, const float *idx_w, float *scores,
-    float *att, int64_t *all_keys, float *o_lat, float *o_row) {  /* inlined: measured ~10% faster at 8K */
-    const int64_t H = a->H, rank = a->rank, W = a->rank + a->R, len = a->lengths[b];
-    const int64_t *slots = a->gather + b * a->gather_stride, *keys = all_keys;
-    int64_t nk = len;
+/* Row b's keys: the DSA top-k of the indexer scores, the previous layer's, or every key. Sets *keys (indices
+   into the row's slots) and returns their number, or -3 (a shared layer with no selection before it). */
+static int64_t select_keys(const LayerArgs *a, int64_t b, const float *idx_q, const float *idx_w, float *scores,
+                           float *heap_v, int64_t *all_keys, const int64_t **keys) {
+    const int64_t len = a->lengths[b];
+    const int64_t *slots = a->gather + b * a->gather_stride;
     if (a->dsa && len > a->topk) {
         int64_t *sel = a->topk_idx + b * a->topk;
         if (a->has_indexer) {
             indexer_scores(idx_q, idx_w, a->Hi, a->Di, a->idx_store, slots, len, scores);
-            top_k(scores, len, a->topk, sel, att);
+            top_k(scores, len, a->topk, sel, heap_v);
             a->topk_count[b] = a->topk;
         } else if (a->topk_count[b] != a->topk) {
-            return 3;  /* a shared layer with no selection before it */
+            return -3;
         }
-        keys = sel;
-        nk = a->topk;
-    } else {
-        for (int64_t s = 0; s < len; s++) all_keys[s] = s;
-        if (a->has_indexer) a->topk_count[b] = 0;
+        *keys = sel;
+        return a->topk;
     }
+    for (int64_t s = 0; s < len; s++) all_keys[s] = s;
+    if (a->has_indexer) a->topk_count[b] = 0;
+    *keys = all_keys;
+    return len;
+}
+
+/* Head hh of row b: its absorbed query [q_nope W_UK ; rope(q_pe)] x softmax scale (W_UK_h: rows 0..nope of head
+   h's kv_b rows), its attention over the nk selected latents (values = c_kv), and o_h = o_lat_h W_UV^T (W_UV_h:
+   rows nope.. of the same rows) -> o_row[hh * v ...]. `att` holds nk floats, `tmp` rank + 16 + R. */
+static inline __attribute__((always_inline)) void attend_head(
+    const LayerArgs *a, int64_t b, int64_t hh, const float *q, const int64_t *keys, int64_t nk, float *att,
+    float *ql, float *o_lat, float *tmp, float *o_row) {
+    const int64_t rank = a->rank, R = a->R, W = rank + R, nope = a->nope, qk = nope + R;
+    const int64_t *slots = a->gather + b * a->gather_stride;
+    const float *qn = q + hh * qk, *cs = a->cos + b * a->rope_stride, *sn = a->sin + b * a->rope_stride;
+    memset(ql, 0, rank * sizeof(float));
+    for (int64_t n = 0; n < nope; n++) row_axpy(&a->kv_b, hh * (nope + a->v) + n, qn[n], ql, tmp);
+    for (int64_t i = 0; i < rank; i++) ql[i] *= a->softmax_scale;
+    memcpy(ql + rank, qn + nope, R * sizeof(float));
+    rope(ql + rank, cs, sn, R, a->rope_interleave, a->softmax_scale, tmp + rank + 16);
+    float mx = -INFINITY, sum = 0.0f;
     for (int64_t j = 0; j < nk; j++) {
-        const float *lat = a->kv_store + slots[keys[j]] * W;
-        for (int64_t hh = 0; hh < H; hh++) att[hh * nk + j] = dot(q_lat + hh * W, lat, W);
+        att[j] = dot(ql, a->kv_store + slots[keys[j]] * W, W);
+        mx = att[j] > mx ? att[j] : mx;
     }
-    for (int64_t hh = 0; hh < H; hh++) {
-        float *row = att + hh * nk, mx = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < nk; j++) mx = row[j] > mx ? row[j] : mx;
-        for (int64_t j = 0; j < nk; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
-        for (int64_t j = 0; j < nk; j++) row[j] /= sum;
-    }
-    memset(o_lat, 0, H * rank * sizeof(float));
-    for (int64_t j = 0; j < nk; j++) {
-        const float *lat = a->kv_store + slots[keys[j]] * W;
-        for (int64_t hh = 0; hh < H; hh++) axpy(o_lat + hh * rank, att[hh * nk + j], lat, rank);
-    }
-    for (int64_t hh = 0; hh < H; hh++)  /* o_h = o_lat_h W_UV^T: W_UV_h is rows nope.. of head h's kv_b rows */
-        for (int64_t i = 0; i < a->v; i++)
-            o_row[hh * a->v + i] = row_dot(&a->kv_b, hh * (a->nope + a->v) + a->nope + i, o_lat + hh * rank);
-    return 0;
+    for (int64_t j = 0; j < nk; j++) { att[j] = expf(att[j] - mx); sum += att[j]; }
+    const float inv = 1.0f / sum;
+    memset(o_lat, 0, rank * sizeof(float));
+    for (int64_t j = 0; j < nk; j++) axpy(o_lat, att[j] * inv, a->kv_store + slots[keys[j]] * W, rank);
+    for (int64_t i = 0; i < a->v; i++)
+        o_row[hh * a->v + i] = row_dot(&a->kv_b, hh * (nope + a->v) + nope + i, o_lat);
 }
 
 /* h += Attention(input_layernorm(h)) for every row; each row's new latent entry and indexer key are written to
@@ -606,7 +613,7 @@ static int attention(const LayerArgs *a) {
     float *q_lat = malloc(sizeof(float) * H * W), *o_lat = malloc(sizeof(float) * H * rank);
     float *idx_q = malloc(sizeof(float) * (Hi * Di + 1)), *scratch = malloc(sizeof(float) * (W + Di + 512));
     float *xn = malloc(sizeof(float) * B * D), *cq = malloc(sizeof(float) * B * q_lora);
-    float *tmp = malloc(sizeof(float) * (rank + 16));
+    float *tmp = malloc(sizeof(float) * H * (rank + 16 + R));
     int64_t *all_keys = malloc(sizeof(int64_t) * sel_cap);
     if (!proj || !qq || !o || !out || !scores || !att || !q_lat || !o_lat || !idx_q || !scratch || !xn || !cq ||
         !tmp || !all_keys)
@@ -650,19 +657,19 @@ static int attention(const LayerArgs *a) {
             memcpy(idx_q, q + H * qk, Hi * Di * sizeof(float));
             for (int64_t j = 0; j < Hi; j++) rope(idx_q + j * Di, cs, sn, R, a->idx_rope_interleave, 1.0f, scratch);
         }
-        /* absorbed query per head: [q_nope W_UK ; rope(q_pe)] x softmax scale (W_UK_h: rows 0..nope of head h's
-           kv_b rows) */
-        for (int64_t hh = 0; hh < H; hh++) {
-            float *ql = q_lat + hh * W;
-            const float *qn = q + hh * qk;
-            memset(ql, 0, rank * sizeof(float));
-            for (int64_t n = 0; n < nope; n++) row_axpy(&a->kv_b, hh * (nope + a->v) + n, qn[n], ql, tmp);
-            for (int64_t i = 0; i < rank; i++) ql[i] *= a->softmax_scale;
-            memcpy(ql + rank, qn + nope, R * sizeof(float));
-            rope(ql + rank, cs, sn, R, a->rope_interleave, a->softmax_scale, scratch);
+        /* the row's keys, then its heads (split over the threads when there is enough work: each head is summed
+           by one thread in a fixed order, so the result does not depend on the thread count) */
+        const int64_t *keys;
+        const int64_t nk = select_keys(a, b, idx_q, idx_w, scores, att, all_keys, &keys);
+        if (nk < 0) {
+            rc = (int)-nk;
+            goto done;
         }
-        rc = attend_row(a, b, q_lat, idx_q, idx_w, scores, att, all_keys, o_lat, o + b * H * a->v);
-        if (rc) goto done;
+        float *o_row = o + b * H * a->v;
+        #pragma omp parallel for schedule(static) if (H * (nk * W + (nope + a->v) * rank) >= (1 << 16))
+        for (int64_t hh = 0; hh < H; hh++)
+            attend_head(a, b, hh, q, keys, nk, att + hh * sel_cap, q_lat + hh * W, o_lat + hh * rank,
+                        tmp + hh * (rank + 16 + R), o_row);
     }
     linear(&a->o, o, H * a->v, B, out, D);
     for (int64_t b = 0; b < B; b++)
