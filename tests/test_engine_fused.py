@@ -16,7 +16,7 @@ import pytest
 import torch
 from configs import MICRO
 
-from glm5 import GLM5ForCausalLM
+from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
 from glm5.engine.engine import EngineConfig, LLMEngine
 from glm5.engine.fused import FusedDecoder, rotation_matrices
@@ -63,7 +63,7 @@ def noisy_model(cfg, seed: int = 0) -> GLM5ForCausalLM:  # noqa: ANN001
     return model
 
 
-def twin_caches(model, lengths: list[int], seed: int = 0):  # noqa: ANN001
+def twin_caches(model, lengths: list[int], seed: int = 0, num_blocks: int = 96):  # noqa: ANN001
     """Two paged caches holding the same prompts (prefilled by the model), with non-consecutive blocks."""
     cfg = model.config
     layers = list(range(cfg.num_hidden_layers))
@@ -71,7 +71,7 @@ def twin_caches(model, lengths: list[int], seed: int = 0):  # noqa: ANN001
     rows = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     caches = []
     for _ in range(2):
-        cache = PagedLatentCache(cfg, num_blocks=96, block_size=4, layers=layers)
+        cache = PagedLatentCache(cfg, num_blocks=num_blocks, block_size=4, layers=layers)
         for i in range(len(rows)):  # interleaved chunks below: each sequence's blocks are scattered
             cache.add_sequence(i)
         for start in range(0, max(lengths), 5):
@@ -429,3 +429,31 @@ def test_the_kernels_march_comes_from_the_environment_and_is_checked(monkeypatch
     monkeypatch.setenv(native.MARCH_ENV, "native; rm -rf /")
     with pytest.raises(RuntimeError, match="not a -march value"):
         native.march()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_the_kernels_threaded_paths_equal_one_thread_and_the_model() -> None:
+    """Widths where the kernel splits work over its threads (the projections' rows, a row's attention heads,
+    the indexer's keys: `small`'s 8 heads x 144-wide latents, 600 cached keys): two threads give the model's
+    logits, and bit for bit the one-thread result (each output is summed by one thread in a fixed order)."""
+    cfg = GLM5Config.from_preset("small").replace(num_hidden_layers=2, vocab_size=1024, index_topk=64)
+    model = noisy_model(cfg)
+    caches = twin_caches(model, [600], num_blocks=160) + twin_caches(model, [600], num_blocks=160)
+    fused = decoder(model, "native")
+    assert fused.lib is not None, native.load_error()
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads, (ref_cache, fused_cache) in ((2, caches[:2]), (1, caches[2:])):
+            torch.set_num_threads(threads)
+            nxt = torch.tensor([17])
+            for cache in (ref_cache, fused_cache):
+                cache.prepare([0], [[17]])
+            with torch.no_grad():
+                ref = model(nxt[:, None], ref_cache).logits[:, -1]
+            logits, _ = fused(nxt, fused_cache)
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+            outs.append(logits)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
