@@ -14,8 +14,12 @@ Difficulties (each a `Task.kind`, `Task.meta["difficulty"]` the short name):
   always scored against the true answer).
 - ``frontier_unanswerable`` (unanswerable): questions about made-up or unknowable things (glm5.data.tasks's
   generator, with a short thought); the right reply is the abstention.
-- ``frontier_tool`` (tool): a product of a three-digit and a two-digit number with the calculator tool offered:
-  think, call ``calculator`` with the expression, read the observation, answer with it (a multi-turn episode).
+- ``frontier_tool`` (tool): a product of two two-digit numbers, written without spaces (``43*88``), with the
+  calculator tool offered: think (restating the expression), call ``calculator`` with it, read the observation,
+  answer with it (a multi-turn episode). Both phrasings end in " with the calculator." and the product has no
+  spaces, so each copy (question -> thought -> call, observation -> thought -> answer) is a fixed-offset copy of
+  digit tokens: with the expression as "43 * 88" the token before the second operand (" ") occurs all over
+  the context, and a 2-layer model copied the second operand wrong on most items.
 
 A calibrated policy answers easy items, abstains on hard and unanswerable ones (unless it is right) and uses
 the tool. The split is by a seeded hash of each item's identity (`item_key`), so no held-out item is ever
@@ -54,7 +58,7 @@ _PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = 
 _HARD_THINKING = "These numbers are too large to add reliably in my head."
 _UNKNOWABLE_THINKING = "Nothing I know answers this."
 """Short thinking before the abstention on unanswerable items (a reply must fit the RL token budget)."""
-_TOOL_QUESTIONS = ("What is {e}? Use the calculator.", "Compute {e} with the calculator.")
+_TOOL_QUESTIONS = ("Compute {e} with the calculator.", "Calculate {e} with the calculator.")
 
 
 def item_key(kind: str, identity: str) -> str:
@@ -130,7 +134,7 @@ def _hard(count: int, seed: int, heldout: bool) -> list[Task]:
 
 def _tool(count: int, seed: int, heldout: bool) -> list[Task]:
     def draw(rng: random.Random) -> tuple[str, tuple[str, str]]:
-        expression = f"{rng.randint(100, 999)} * {rng.randint(11, 99)}"
+        expression = f"{rng.randint(11, 99)}*{rng.randint(11, 99)}"
         return expression, (expression, rng.choice(_TOOL_QUESTIONS).format(e=expression))
 
     tasks = []
@@ -144,7 +148,7 @@ def _tool(count: int, seed: int, heldout: bool) -> list[Task]:
             {"role": "user", "content": question},
             {
                 "role": "assistant",
-                "reasoning_content": "I will use the calculator.",
+                "reasoning_content": f"{expression} needs the calculator.",
                 "content": "",
                 "tool_calls": [call],
             },

@@ -37,7 +37,7 @@ TASK_COUNTS = {"frontier_easy": 100, "frontier_hard": 100, "frontier_unanswerabl
 """RL prompts per kind (training items only): answerable and unanswerable balanced."""
 
 
-def posttrain_recipe(variant: str = DEFAULT_VARIANT, steps: int = 30, seed: int = 0) -> Any:
+def posttrain_recipe(variant: str = DEFAULT_VARIANT, steps: int = 80, seed: int = 0) -> Any:
     """The RLRecipe of a reward variant: the frontier training items, the calculator environment (multi-turn:
     observations carry no loss), fully asynchronous GRPO with partial rollouts."""
     if variant not in VARIANTS:
