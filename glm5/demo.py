@@ -244,7 +244,7 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
             for choice in chunk.choices:
                 reasoning += getattr(choice.delta, "reasoning_content", None) or ""
                 content += choice.delta.content or ""
-        tool_question = "What is 275 * 59? Use the calculator."
+        tool_question = "Compute 75*37 with the calculator."  # a held-out tool item (glm5.data.frontier)
         messages: list[dict[str, Any]] = [{"role": "user", "content": tool_question}]
         first = client.chat.completions.create(
             model="glm5-demo",
