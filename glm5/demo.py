@@ -255,7 +255,7 @@ def serve_and_query(model_dir: Path) -> dict[str, Any]:
             tools=[CALCULATOR_TOOL],
             max_tokens=48,
             temperature=0.0,
-            tool_choice={"type": "function", "function": {"name": "calculator"}},
+            tool_choice="auto",  # the model thinks first, as it was trained to (a forced call skips the thought)
         )
         msg = first.choices[0].message
         calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []]
