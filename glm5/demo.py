@@ -74,12 +74,12 @@ def plan_glm5() -> dict[str, Any]:
 
 
 PRETRAIN_STEPS = 2400
-"""`make demo`'s pre-training steps (~2.8 min on a quiet 2-core machine, one thread)."""
+"""`make demo`'s pre-training steps (3.1 min on a quiet 2-core machine, one thread)."""
 SFT_STEPS = 1250
-"""`make demo`'s SFT steps (~4.6 min there). Steps, not a time budget: RL keeps what SFT taught only where the SFT
+"""`make demo`'s SFT steps (6.0 min there). Steps, not a time budget: RL keeps what SFT taught only where the SFT
 policy knows it; under a time budget a busy machine gave SFT 768 steps, an SFT policy right on 42% of the easy
 sums, and every abstention reward then taught it to decline them (RL accuracy 82-85% of SFT's instead of
-97-100%). A loaded machine now takes longer instead of producing a weaker model."""
+97-104%). A loaded machine now takes longer instead of producing a weaker model."""
 RL_STEPS = 80
 """`make demo`'s RL updates."""
 EVAL_ITEMS = 40
