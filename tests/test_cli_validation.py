@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from configs import CHECKPOINT
 
 from glm5.cli import main
 from glm5.config import GLM5Config
@@ -312,26 +313,7 @@ def test_tokenizer_help_says_what_the_group_does():
 def test_convert_rejects_shapes_that_contradict_the_config_and_writes_nothing(tmp_path, capsys):
     from glm5.checkpoint.synthetic import write_random_checkpoint
 
-    cfg = GLM5Config.from_preset("tiny").replace(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        intermediate_size=48,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        index_n_heads=2,
-        index_head_dim=8,
-        index_topk=4,
-        index_topk_pattern="FF",
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=8,
-    )
+    cfg = CHECKPOINT.replace(vocab_size=64, num_hidden_layers=2, index_topk_pattern="FF")
     src = tmp_path / "src"
     write_random_checkpoint(cfg, src)
     config = json.loads((src / "config.json").read_text())
