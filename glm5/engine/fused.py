@@ -16,10 +16,11 @@ arithmetic. `FusedDecoder` runs the same step as `GLM5ForCausalLM.forward` with 
   each row as one small rotation matrix shared by every layer, the weight-absorbed MLA over the top-k latent
   entries (the arithmetic of `sparse_latent_attention`), no masks when every row sees all of its keys.
 
-Nothing is copied: the kernel points at the model's own tensors. It notices when any of them changes (its
-tensor, its storage or its in-place version counter) and rebuilds its arguments, so `update_weights`, in-place
-optimizer steps on a shared model and `load_state_dict` all keep the step exact; writes through `.data` and
-replaced modules need `invalidate()`. Supported: float32 activations (weights in any of the formats above),
+Nothing is copied: the kernel points at the model's own tensors, so in-place updates (`update_weights`,
+optimizer steps on a shared model, writes through `.data`) reach it as they are made; it notices a tensor that
+moved to other memory (`load_state_dict(assign=True)`, `p.data = t`, `share_memory()`) and rebuilds its
+arguments, and it holds the storages it points at, so it never reads freed memory. Replaced modules need
+`invalidate()`. Supported: float32 activations (weights in any of the formats above),
 the "sparse" attention implementation, DSA on or off; `FusedDecoder.unsupported(model)` says why not otherwise
 and the engine then uses the model's own forward. A block-FP8 weight whose scale grid does not match its
 128x128 blocks is refused (FP8LayoutError naming the tensor).
@@ -36,7 +37,8 @@ mirror the C structs field for field, and the loader refuses a library whose siz
   `kv_b` (absorbed: its rows per head are W_UK then W_UV), `o`, `ffn` = [router (, shared gate, shared up)] or
   [gate, up], `down`, the expert banks `gate_up` / `down_e` (expert 0 of [E, rows, cols]); fp32 norm vectors;
   routing constants.
-- LayerArgs, set per call by `_run_kernel`: B rows, `h` [B, D] fp32 (the residual stream, updated in place;
+- LayerArgs, set per call (by glm5_decode_step from the one `native.StepArgs` that `_run_kernel` fills per
+  call; with the head also the final norm and lm_head): B rows, `h` [B, D] fp32 (the residual stream, updated in place;
   the caller's), cos / sin [rows or 1, R/2] fp32, the cache's contiguous fp32 stores and its write / gather /
   length tables (the cache's), `topk_idx` / `topk_count` (the caller's scratch, shared by the layers of one
   call so IndexCache layers reuse the last selection). Scratch buffers are the kernel's own.
@@ -46,8 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import operator
+import itertools
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,7 +91,6 @@ def rotation_matrices(
     return M
 
 
-_VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
 KERNEL_LIMITS = {"n_routed_experts": 256, "num_experts_per_tok": 256, "n_group": 64}
 """Sizes the C kernel's fixed buffers allow; a model beyond them runs the torch back end."""
@@ -212,12 +214,11 @@ class FusedDecoder:
         self.mtp_layers: list[_Layer] = []
         self.lm_head: native.Mat | None = None
         self.eh_proj: list[native.Mat] = []
-        self._held: list[
-            torch.Tensor
-        ] = []  # the source tensors the kernel points at, kept alive (see _fresh)
-        self._versions: list[int] = []
+        self._held: list[torch.Tensor] = []  # the source tensors the kernel points at (see _fresh)
+        self._storages: list[object] = []  # and their storages, kept alive: no address of theirs is reused
         self._ptrs: list[int] = []
-        self._tracked: list[torch.Tensor] = []
+        self._steps: dict[tuple[int, ...], native.StepArgs] = {}  # per layer list: its one-call step arguments
+        self._stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its store pointers
         self._trusted = False  # inside `step()`: the packs were checked at its start
         self._slots: list[tuple[dict, str]] = []
         self._names = {id(m): n for n, m in model.named_modules()}
@@ -250,7 +251,7 @@ class FusedDecoder:
     # --- the model's tensors ---------------------------------------------------------------------
     def _sources(self) -> list[torch.Tensor]:
         """Every tensor the kernel points at, looked up afresh in their modules' dicts
-        (load_state_dict(assign=True) replaces them; in-place updates bump their version counters)."""
+        (load_state_dict(assign=True) replaces them)."""
         if not self._slots:  # (owner dict, name) of every parameter and buffer of the layers, found once
             owners = (*self.model.model.layers, *getattr(self.model, "mtp", ()), self.model.lm_head)
             for layer in owners:
@@ -260,24 +261,21 @@ class FusedDecoder:
         return [d[n] for d, n in self._slots]
 
     def _fresh(self) -> bool:
-        """Same tensor objects, at the same addresses and in-place versions, as at the last build. Holding the
-        old objects keeps their memory from being reused; the address check catches a swapped storage
-        (`p.data = t`, `share_memory()`), so the kernel never reads freed memory. C-level iteration: ~40 us
-        for a few hundred tensors. Writes through `.data` leave no trace: call `invalidate()` after them."""
-        held = self._held
-        if not held:
+        """Every tensor the kernel points at is where it was at the last build. The build holds the storages
+        of those tensors, so none of their addresses can be taken by new memory: a tensor at its recorded
+        address is still the one the kernel was given (or a view of the same memory), and a replaced tensor
+        (`load_state_dict(assign=True)`) or a swapped storage (`p.data = t`, `share_memory()`) shows up as a
+        new address. In-place updates need nothing: the kernel reads the same memory (nothing is derived from
+        the weights at build time). One C-level pass over a few hundred tensors; replaced modules are not
+        seen: call `invalidate()` after them."""
+        if not self._held:
             return False
-        current = [d[n] for d, n in self._slots]
-        if any(map(operator.is_not, current, held)):
-            return False
-        return (
-            list(map(_DATA_PTR, held)) == self._ptrs and list(map(_VERSION, self._tracked)) == self._versions
-        )
+        return list(map(_DATA_PTR, itertools.starmap(dict.__getitem__, self._slots))) == self._ptrs
 
     def invalidate(self) -> None:
         """Rebuild the kernel's arguments before the next step (after changes the checks cannot see: writes
         through `.data`, or modules replaced by new ones)."""
-        self._held, self._slots, self.layers = [], [], []
+        self._held, self._storages, self._slots, self.layers = [], [], [], []
         self._names = {id(m): n for n, m in self.model.named_modules()}
 
     def _ensure_fresh(self) -> None:
@@ -312,9 +310,9 @@ class FusedDecoder:
                 warnings.warn(f"native decode kernel disabled: {e}", stacklevel=2)
                 self.lib = None
         self._held = self._sources()
+        self._storages = [t.untyped_storage() for t in self._held]
         self._ptrs = list(map(_DATA_PTR, self._held))
-        self._tracked = [t for t in self._held if not t.is_inference()]  # inference tensors have no versions
-        self._versions = list(map(_VERSION, self._tracked))
+        self._steps = {}
         self.num_builds += 1
 
     def _pack(self, layer: nn.Module) -> _Layer:
@@ -488,11 +486,10 @@ class FusedDecoder:
         model = self.model
         T = 1 if input_ids.dim() == 1 else input_ids.shape[1]
         h = model.model.embed_tokens(input_ids.reshape(-1)).contiguous()  # fresh: the kernel updates it
-        h = self._run_kernel(h, self.layers, cache, T)
+        _, hidden, logits = self._run_kernel(h, self.layers, cache, T, model.model.norm)
         if input_ids.dim() == 2:
-            h = h.view(*input_ids.shape, -1)
-        hidden = self._rms_norm(h, model.model.norm)
-        return self._linear(self.lm_head, hidden), hidden
+            hidden, logits = hidden.view(*input_ids.shape, -1), logits.view(*input_ids.shape, -1)
+        return logits, hidden
 
     @torch.no_grad()
     def mtp_forward(
@@ -518,12 +515,14 @@ class FusedDecoder:
             self.eh_proj[index],
             torch.cat([self._rms_norm(emb, module.enorm), self._rms_norm(hidden, module.hnorm)], -1),
         )
-        h = self._run_kernel(
-            u.reshape(-1, u.shape[-1]).contiguous(), [self.mtp_layers[index]], cache, next_ids.shape[1]
-        ).view_as(u)
-        if not head:
-            return h, None
-        return h, self._linear(self.lm_head, self._rms_norm(h, module.shared_head.norm))
+        h, _, logits = self._run_kernel(
+            u.reshape(-1, u.shape[-1]).contiguous(),
+            [self.mtp_layers[index]],
+            cache,
+            next_ids.shape[1],
+            module.shared_head.norm if head else None,
+        )
+        return h.view_as(u), None if logits is None else logits.view(*u.shape[:-1], -1)
 
     def drafts_in_kernel(self, cache) -> bool:  # noqa: ANN001
         """Greedy drafting runs in one kernel call (`mtp_draft`): the kernel is loaded, the model has one MTP
@@ -618,39 +617,76 @@ class FusedDecoder:
         )
         return out
 
-    def _run_kernel(self, h: torch.Tensor, layers: list[_Layer], cache, T: int) -> torch.Tensor:  # noqa: ANN001
+    def _run_kernel(
+        self,
+        h: torch.Tensor,
+        layers: list[_Layer],
+        cache,  # noqa: ANN001
+        T: int,
+        norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The residual stream h [B*T, D] (row-major over the batch's T new tokens per row) through `layers`,
-        in place; writes their cache entries and advances the cache by T."""
+        in place, in one kernel call; writes their cache entries and advances the cache by T. With `norm` the
+        call also applies it and lm_head: -> (h, norm(h), logits [B*T, vocab]); else (h, None, None)."""
         pos, _ = cache.begin(T)
         write, gather, lengths = cache.decode_tables(T)
         rows, B = h.shape[0], h.shape[0] // T
         cos, sin = self.model.rotary(pos.q_pos, h.dtype)  # [P, T, R/2]
         shared = pos.q_pos.shape[0] == 1 and T == 1  # one position for every row
-        cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
+        if not shared:
+            cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
         topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
         topk_count = torch.zeros(rows, dtype=torch.long)
-        for L in layers:
-            kv, idx = cache.stores(L.attn.layer_idx)
-            if kv.dtype != torch.float32 or not kv.is_contiguous():
-                raise ValueError(f"the native kernel needs a contiguous float32 cache, got {kv.dtype}")
-            a = L.args
-            a.B, a.h, a.cos, a.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
-            a.rope_stride = 0 if shared else self.R // 2
-            a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
-            a.write_slot, a.gather, a.gather_stride = write.data_ptr(), gather.data_ptr(), gather.shape[1]
-            a.lengths, a.topk_idx, a.topk_count = (
-                lengths.data_ptr(),
-                topk_idx.data_ptr(),
-                topk_count.data_ptr(),
+        s = self._step_args(layers, cache)
+        s.B, s.h, s.cos, s.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        s.rope_stride = 0 if shared else self.R // 2
+        s.write_slot, s.gather, s.gather_stride = write.data_ptr(), gather.data_ptr(), gather.shape[1]
+        s.lengths, s.topk_idx, s.topk_count = lengths.data_ptr(), topk_idx.data_ptr(), topk_count.data_ptr()
+        s.dsa = self.model.attention.dsa
+        hidden = logits = None
+        if norm is not None:
+            hidden, logits = torch.empty_like(h), h.new_empty(rows, self.lm_head.rows)
+            s.norm_w, s.norm_eps, s.hidden, s.logits = (
+                norm.weight.data_ptr(),
+                norm.eps,
+                hidden.data_ptr(),
+                logits.data_ptr(),
             )
-            a.dsa = self.model.attention.dsa
-            rc = self.lib.glm5_decode_layer(ctypes.byref(a))
-            if rc:
-                raise RuntimeError(
-                    f"native decode kernel failed in layer {L.attn.layer_idx}: {native.ERRORS[rc]}"
-                )
+        else:
+            s.hidden = s.logits = None
+        rc = self.lib.glm5_decode_step(ctypes.byref(s))
+        if rc:
+            raise RuntimeError(
+                f"native decode kernel failed in layer {layers[s.failed_layer].attn.layer_idx}: {native.ERRORS[rc]}"
+            )
         cache.advance(T)
-        return h
+        return h, hidden, logits
+
+    def _step_args(self, layers: list[_Layer], cache) -> native.StepArgs:  # noqa: ANN001
+        """The one-call step arguments of `layers` over `cache` (made once per build and cache)."""
+        key = tuple(L.attn.layer_idx for L in layers)
+        s = self._steps.get(key)
+        if s is None:
+            s = native.StepArgs(n_layers=len(layers), lm_head=self.lm_head)
+            s._arrays = (ctypes.POINTER(native.LayerArgs) * len(layers))(*[ctypes.pointer(L.args) for L in layers])
+            s.layers = ctypes.cast(s._arrays, ctypes.c_void_p)
+            s._cache = lambda: None  # a weak reference to the cache its store pointers are for
+            self._steps[key] = s
+        if s._cache() is not cache:
+            stores = self._stores.setdefault(cache, {})
+            if key not in stores:
+                kv, idx = zip(*(cache.stores(i) for i in key))
+                for t in kv:
+                    if t.dtype != torch.float32 or not t.is_contiguous():
+                        raise ValueError(f"the native kernel needs a contiguous float32 cache, got {t.dtype}")
+                stores[key] = (
+                    (ctypes.c_void_p * len(key))(*[t.data_ptr() for t in kv]),
+                    (ctypes.c_void_p * len(key))(*[None if t is None else t.data_ptr() for t in idx]),
+                )
+            kv_ptrs, idx_ptrs = stores[key]
+            s.kv_stores, s.idx_stores = ctypes.addressof(kv_ptrs), ctypes.addressof(idx_ptrs)
+            s._cache = weakref.ref(cache)
+        return s
 
     def _layer(self, L: _Layer, h, cache, q_pos, ragged, rot, rot_q, rot_idx, prev_topk):  # noqa: ANN001
         """One layer as torch ops on the model's modules (each reads its weights in its own format)."""

@@ -763,6 +763,55 @@ int glm5_decode_layer(const LayerArgs *a) {
     return rc ? rc : feed_forward(a);
 }
 
+/* A whole decode step of `n_layers` layers in one call, then (hidden non-NULL) the final RMSNorm and (logits
+   non-NULL) the head: the per-step fields below are copied into every layer's LayerArgs (kv_stores[l] /
+   idx_stores[l] are layer l's cache stores), so Python sets them once per step instead of once per layer. On
+   failure returns the layer's error code and sets failed_layer to its position in `layers`. */
+typedef struct {
+    int64_t n_layers;
+    LayerArgs *const *layers;
+    float *const *kv_stores, *const *idx_stores;
+    int64_t B;
+    float *h;
+    const float *cos, *sin;
+    int64_t rope_stride;
+    const int64_t *write_slot, *gather;
+    int64_t gather_stride;
+    const int64_t *lengths;
+    int64_t *topk_idx, *topk_count;
+    int64_t dsa, failed_layer;
+    const float *norm_w;                             /* the final norm (head) */
+    float norm_eps;
+    int32_t pad_;
+    Mat lm_head;
+    float *hidden, *logits;                          /* [B, D], [B, V] outputs, or NULL */
+} StepArgs;
+
+void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out);
+
+int glm5_decode_step(StepArgs *s) {
+    for (int64_t l = 0; l < s->n_layers; l++) {
+        LayerArgs *a = s->layers[l];
+        a->B = s->B; a->h = s->h; a->cos = s->cos; a->sin = s->sin; a->rope_stride = s->rope_stride;
+        a->kv_store = s->kv_stores[l]; a->idx_store = s->idx_stores[l];
+        a->write_slot = s->write_slot; a->gather = s->gather; a->gather_stride = s->gather_stride;
+        a->lengths = s->lengths; a->topk_idx = s->topk_idx; a->topk_count = s->topk_count; a->dsa = s->dsa;
+        int rc = glm5_decode_layer(a);
+        if (rc) {
+            s->failed_layer = l;
+            return rc;
+        }
+    }
+    if (s->hidden) {
+        const int64_t D = s->layers[0]->D;
+        glm5_rms_norm(s->h, s->norm_w, s->B, D, s->norm_eps, s->hidden);
+        if (s->logits) linear(&s->lm_head, s->hidden, D, s->B, s->logits, s->lm_head.rows);
+    }
+    return 0;
+}
+
+int64_t glm5_step_args_size(void) { return (int64_t)sizeof(StepArgs); }
+
 /* Greedy MTP drafting in one call: `steps` times, for every row b, u = eh_proj([enorm(embed[ids[b]]) ; hnorm(h[b])]),
    h[b] = the MTP layer `layer` on u (writing its cache entry at the step's slot and attending up to it), the draft
    = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). The per-step tables are step-major:
@@ -782,8 +831,6 @@ typedef struct {
     const int64_t *write_slot, *gather, *lengths;    /* step-major tables, see above */
     const float *cos, *sin;
 } DraftArgs;
-
-void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out);
 
 int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
     const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2;

@@ -112,6 +112,28 @@ class DraftArgs(ctypes.Structure):
     ]
 
 
+class StepArgs(ctypes.Structure):
+    """Mirror of the C `StepArgs`: a decode step of several layers, then the final norm and head, in one call
+    (decode_layer.c glm5_decode_step)."""
+
+    _fields_ = [
+        ("n_layers", _i64),
+        *[(n, _ptr) for n in "layers kv_stores idx_stores".split()],
+        ("B", _i64),
+        *[(n, _ptr) for n in "h cos sin".split()],
+        ("rope_stride", _i64),
+        *[(n, _ptr) for n in "write_slot gather".split()],
+        ("gather_stride", _i64),
+        *[(n, _ptr) for n in "lengths topk_idx topk_count".split()],
+        *[(n, _i64) for n in "dsa failed_layer".split()],
+        ("norm_w", _ptr),
+        ("norm_eps", _f32),
+        ("pad_", ctypes.c_int32),
+        ("lm_head", Mat),
+        *[(n, _ptr) for n in "hidden logits".split()],
+    ]
+
+
 ERRORS = {
     1: "out of memory for the kernel's scratch buffers",
     2: "more than 256 routed experts, 256 experts per token or 64 expert groups",
@@ -194,13 +216,14 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return None
-    for fn in ("glm5_layer_args_size", "glm5_mat_size", "glm5_draft_args_size"):
+    for fn in ("glm5_layer_args_size", "glm5_mat_size", "glm5_draft_args_size", "glm5_step_args_size"):
         getattr(lib, fn).argtypes = []
         getattr(lib, fn).restype = _i64
     for name, c_size, py_size in (
         ("LayerArgs", lib.glm5_layer_args_size(), ctypes.sizeof(LayerArgs)),
         ("Mat", lib.glm5_mat_size(), ctypes.sizeof(Mat)),
         ("DraftArgs", lib.glm5_draft_args_size(), ctypes.sizeof(DraftArgs)),
+        ("StepArgs", lib.glm5_step_args_size(), ctypes.sizeof(StepArgs)),
     ):
         if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
             _error = (
@@ -210,6 +233,8 @@ def _load() -> ctypes.CDLL | None:
             return None
     lib.glm5_decode_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     lib.glm5_decode_layer.restype = ctypes.c_int
+    lib.glm5_decode_step.argtypes = [ctypes.POINTER(StepArgs)]
+    lib.glm5_decode_step.restype = ctypes.c_int
     lib.glm5_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
     lib.glm5_rms_norm.restype = None
     lib.glm5_linear.argtypes = [ctypes.POINTER(Mat), _ptr, _i64, _ptr]
