@@ -36,6 +36,7 @@ import torch
 from common import RESULTS, run_in_fresh_process, save_results  # benchmarks/common.py
 
 NEW_TOKENS = 128
+WARMUP_TOKENS = 16  # one short greedy request before each measurement
 LLAMA_CPP = {  # issue 19: llama.cpp on the same machine, `small`, batch 1, 128 decoded tokens, 2 threads, medians
     "F32": {"decode": {32: 169, 512: 150, 2048: 126, 8192: 87}, "prefill": {512: 940, 2048: 559, 8192: 211}},
     "Q8_0": {
@@ -139,6 +140,10 @@ def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
         1, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(context)
     )
     params = SamplingParams(max_tokens=NEW_TOKENS + 1, temperature=0.0, ignore_eos=True)
+    # warm-up, as llama-bench does: a short request first, so the measurement does not include the first touch of
+    # every memory-mapped weight page or the kernel's first calls
+    warm = torch.randint(1, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(-1 - context))
+    llm.generate([warm.tolist()], SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
     start = time.perf_counter()
     engine.add_request("r", prompt.tolist(), params)
     seq = None
