@@ -219,6 +219,7 @@ class FusedDecoder:
         self._ptrs: list[int] = []
         self._steps: dict[tuple[int, ...], native.StepArgs] = {}  # per layer list: its one-call step arguments
         self._stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its store pointers
+        self._topk_idx = self._topk_count = torch.empty(0, dtype=torch.long)
         self._trusted = False  # inside `step()`: the packs were checked at its start
         self._slots: list[tuple[dict, str]] = []
         self._names = {id(m): n for n, m in model.named_modules()}
@@ -635,8 +636,10 @@ class FusedDecoder:
         shared = pos.q_pos.shape[0] == 1 and T == 1  # one position for every row
         if not shared:
             cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
-        topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
-        topk_count = torch.zeros(rows, dtype=torch.long)
+        if self._topk_idx.shape[0] < rows:  # the top-k scratch, kept between calls (the kernel zeroes the counts)
+            self._topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
+            self._topk_count = torch.empty(rows, dtype=torch.long)
+        topk_idx, topk_count = self._topk_idx, self._topk_count
         s = self._step_args(layers, cache)
         s.B, s.h, s.cos, s.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
         s.rope_stride = 0 if shared else self.R // 2

@@ -93,6 +93,12 @@ class SeqState:
             self.penalty.add(tokens)
 
 
+def _plain_greedy(s: SeqState) -> bool:
+    """The row's next token is its logits' argmax: greedy, no penalties, no min_tokens ban, no logprobs."""
+    p = s.params
+    return p.greedy and s.penalty is None and p.logprobs is None and p.min_tokens <= s.num_output
+
+
 class ModelRunner:
     """Runs `SchedulerOutput`s on one model (see the module docstring). num_blocks: the cache size the scheduler
     plans with (None: sized from `EngineConfig`, as `num_blocks` then reports)."""
@@ -383,6 +389,11 @@ class ModelRunner:
         return [dicts[b * positions : (b + 1) * positions] for b in range(B)]
 
     def _sample(self, seqs: list[SeqState], logits: torch.Tensor, result: ModelRunnerOutput) -> None:
+        if self.config.force_token is None and all(map(_plain_greedy, seqs)):  # the argmax, nothing else
+            for seq, tok in zip(seqs, logits.argmax(-1).tolist()):
+                seq.append([tok])
+                result.add(seq.seq_id, [tok], None)
+            return
         batch = self._batch_sampling(seqs, 1)
         u = None if batch.all_greedy else draw_uniforms([s.generator for s in seqs], 1, self.device)[:, 0]
         ids = sample(logits, batch, u)

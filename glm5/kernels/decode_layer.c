@@ -765,7 +765,8 @@ int glm5_decode_layer(const LayerArgs *a) {
 
 /* A whole decode step of `n_layers` layers in one call, then (hidden non-NULL) the final RMSNorm and (logits
    non-NULL) the head: the per-step fields below are copied into every layer's LayerArgs (kv_stores[l] /
-   idx_stores[l] are layer l's cache stores), so Python sets them once per step instead of once per layer. On
+   idx_stores[l] are layer l's cache stores), so Python sets them once per step instead of once per layer (the
+   top-k scratch may be reused between calls: topk_count is zeroed here). On
    failure returns the layer's error code and sets failed_layer to its position in `layers`. */
 typedef struct {
     int64_t n_layers;
@@ -790,6 +791,7 @@ typedef struct {
 void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out);
 
 int glm5_decode_step(StepArgs *s) {
+    memset(s->topk_count, 0, sizeof(int64_t) * s->B);  /* no selection yet */
     for (int64_t l = 0; l < s->n_layers; l++) {
         LayerArgs *a = s->layers[l];
         a->B = s->B; a->h = s->h; a->cos = s->cos; a->sin = s->sin; a->rope_stride = s->rope_stride;
