@@ -318,6 +318,73 @@ static float row_dot(const Mat *m, int64_t r, const float *x) {
     }
 }
 
+/* AVX-512, 8-bit rows of a multiple of 64 inputs: the codes are widened in 128-bit lanes without cross-lane
+   shuffles (vpmovsx* on 512-bit registers is the slow part of the loads above), which takes the inputs in another
+   order per chunk of 64, so x is reordered once per product (`permute_x`, K floats) and every row reads it so.
+   FP8: a 16-bit lane holds codes 2i and 2i+1; arithmetic shifts and the 0xBF80 mask make the IEEE halves of both
+   (as LD_FP8): the chunk's order is [even codes 0..30 | 32..62 | odd codes 1..31 | 33..63]. int8: a 32-bit lane
+   holds codes 4i..4i+3, sign-extended by two shifts: the order is [codes 4i | 4i+1 | 4i+2 | 4i+3] (i < 16), and
+   lanes i < 8 belong to the chunk's first group of 32. */
+#if VW == 16
+#define PERMUTED(m) (((m)->fmt == FMT_FP8 || (m)->fmt == FMT_I8) && (m)->cols % 64 == 0)
+static void permute_x(int64_t fmt, const float *x, float *xp, int64_t K) {
+    for (int64_t c = 0; c < K; c += 64) {
+        if (fmt == FMT_FP8)
+            for (int i = 0; i < 32; i++) { xp[c + i] = x[c + 2 * i]; xp[c + 32 + i] = x[c + 2 * i + 1]; }
+        else
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 16; i++) xp[c + 16 * k + i] = x[c + 4 * i + k];
+    }
+}
+static float dot_fp8_perm(const uint8_t *q, const float *s, const float *xp, int64_t K) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    const __m512i mask = _mm512_set1_epi16((short)0xBF80);
+    for (int64_t j = 0, g = 0; j < K; j += FP8_BLOCK, g++) {
+        const int64_t n = K - j < FP8_BLOCK ? K - j : FP8_BLOCK;
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0;
+        for (int64_t i = 0; i < n; i += 64) {
+            const __m512i v = _mm512_loadu_si512(q + j + i);
+            const __m512i odd = _mm512_and_si512(_mm512_srai_epi16(v, 1), mask);
+            const __m512i even = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(v, 8), 1), mask);
+            const float *x = xp + j + i;
+            t0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(even)), _mm512_loadu_ps(x), t0);
+            t1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(even, 1)), _mm512_loadu_ps(x + 16), t1);
+            t0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(odd)), _mm512_loadu_ps(x + 32), t0);
+            t1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(odd, 1)), _mm512_loadu_ps(x + 48), t1);
+        }
+        const __m512 sc = _mm512_set1_ps(s[g] * 256.0f);
+        if (g & 1) acc1 = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sc, acc1);
+        else acc0 = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sc, acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+static float dot_i8_perm(const int8_t *q, const float *s, const float *xp, int64_t K) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    for (int64_t j = 0, g = 0; j < K; j += 64, g += 2) {
+        const __m512i v = _mm512_loadu_si512(q + j);
+        const float *x = xp + j;
+        const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s[g]), _mm512_set1_ps(s[g + 1]));
+        __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)), _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)), _mm512_loadu_ps(x + 16), t);
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)), _mm512_loadu_ps(x + 32), t);
+        t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)), _mm512_loadu_ps(x + 48), t);
+        if (g & 2) acc1 = _mm512_fmadd_ps(t, sc, acc1);
+        else acc0 = _mm512_fmadd_ps(t, sc, acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+/* W[r, :] . x for a PERMUTED matrix, xp = permute_x(x) */
+static float row_dot_perm(const Mat *m, int64_t r, const float *xp) {
+    const int64_t K = m->cols;
+    if (m->fmt == FMT_FP8) return dot_fp8_perm((const uint8_t *)m->w + r * K, scale_row(m, r), xp, K);
+    return dot_i8_perm((const int8_t *)m->w + r * K, scale_row(m, r), xp, K);
+}
+#else
+#define PERMUTED(m) 0
+static void permute_x(int64_t fmt, const float *x, float *xp, int64_t K) { (void)fmt; memcpy(xp, x, K * sizeof(float)); }
+static float row_dot_perm(const Mat *m, int64_t r, const float *xp) { return row_dot(m, r, xp); }
+#endif
+
 /* out = W[r, :] as fp32 (the dequantised row: code x its scale, one rounding, as glm5.checkpoint.fp8.dequantize) */
 static void row_get(const Mat *m, int64_t r, float *out) {
     const int64_t K = m->cols;
@@ -362,12 +429,15 @@ typedef struct {
     int64_t ldy;
 } Job;
 
-/* One output row of a job: each weight row is read once for all of the job's inputs */
-static void job_row(const Job *j, int64_t r) {
+/* One output row of a job: each weight row is read once for all of the job's inputs (xp: the one input reordered
+   for a PERMUTED matrix, or NULL) */
+static void job_row(const Job *j, int64_t r, const float *xp) {
     const Mat *m = &j->m;
     const float add = m->bias ? m->bias[r] : 0.0f;
     const int64_t B = j->B;
-    if (B == 1) {
+    if (xp) {
+        j->Y[r] = m->out_scale * row_dot_perm(m, r, xp) + add;
+    } else if (B == 1) {
         j->Y[r] = m->out_scale * row_dot(m, r, j->X) + add;
     } else if (m->cols > ROW_TMP) {
         for (int64_t b = 0; b < B; b++) j->Y[b * j->ldy + r] = m->out_scale * row_dot(m, r, j->X + b * j->ldx) + add;
@@ -398,6 +468,19 @@ static void run_jobs(const Job *jobs, int64_t n_jobs) {
         work += jobs[k].m.rows * jobs[k].m.cols * jobs[k].B;
     }
     start[n_jobs] = total;
+    /* the single inputs of the PERMUTED matrices, reordered once (without memory: the plain loads) */
+    const float *xps[MAX_JOBS];
+    int64_t n_perm = 0;
+    for (int64_t k = 0; k < n_jobs; k++) n_perm += (jobs[k].B == 1 && PERMUTED(&jobs[k].m)) ? jobs[k].m.cols : 0;
+    float *perm = n_perm ? malloc(sizeof(float) * n_perm) : NULL;
+    for (int64_t k = 0, off = 0; k < n_jobs; k++) {
+        xps[k] = NULL;
+        if (perm && jobs[k].B == 1 && PERMUTED(&jobs[k].m)) {
+            permute_x(jobs[k].m.fmt, jobs[k].X, perm + off, jobs[k].m.cols);
+            xps[k] = perm + off;
+            off += jobs[k].m.cols;
+        }
+    }
     #pragma omp parallel for schedule(static) if (work >= (1 << 17))
     for (int64_t g = 0; g < total; g++) {
         int64_t lo = 0, hi = n_jobs - 1;  /* the job holding row g: binary search over the starts */
@@ -405,8 +488,9 @@ static void run_jobs(const Job *jobs, int64_t n_jobs) {
             int64_t mid = (lo + hi + 1) / 2;
             if (start[mid] <= g) lo = mid; else hi = mid - 1;
         }
-        job_row(jobs + lo, g - start[lo]);
+        job_row(jobs + lo, g - start[lo], xps[lo]);
     }
+    free(perm);
 }
 
 /* Y[b, :] = the outputs of n_mats matrices reading the same X, side by side from column 0 of Y */
@@ -593,8 +677,14 @@ static inline __attribute__((always_inline)) void attend_head(
     const float inv = 1.0f / sum;
     memset(o_lat, 0, rank * sizeof(float));
     for (int64_t j = 0; j < nk; j++) axpy(o_lat, att[j] * inv, a->kv_store + slots[keys[j]] * W, rank);
-    for (int64_t i = 0; i < a->v; i++)
-        o_row[hh * a->v + i] = row_dot(&a->kv_b, hh * (nope + a->v) + nope + i, o_lat);
+    if (PERMUTED(&a->kv_b)) {  /* tmp's first `rank` floats are free again */
+        permute_x(a->kv_b.fmt, o_lat, tmp, rank);
+        for (int64_t i = 0; i < a->v; i++)
+            o_row[hh * a->v + i] = row_dot_perm(&a->kv_b, hh * (nope + a->v) + nope + i, tmp);
+    } else {
+        for (int64_t i = 0; i < a->v; i++)
+            o_row[hh * a->v + i] = row_dot(&a->kv_b, hh * (nope + a->v) + nope + i, o_lat);
+    }
 }
 
 /* h += Attention(input_layernorm(h)) for every row; each row's new latent entry and indexer key are written to
