@@ -249,9 +249,10 @@ def test_sampled_output_has_the_models_distribution(k: int) -> None:
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_greedy_drafting_in_the_kernel_equals_the_model_path_with_the_same_mtp_cache() -> None:
-    """The greedy path folds the last catch-up position into the drafting kernel call (the other catch-up
-    positions skip the head): its drafts and every MTP cache entry it writes equal those of the model's own
-    mtp_forward path, under ragged acceptance (an oracle spoils some drafts) and prefix caching."""
+    """The greedy path folds the catch-up into the drafting kernel call (all of it when the rows catch up alike,
+    else the last position, the others skipping the head): its drafts and every MTP cache entry it writes equal
+    those of the model's own mtp_forward path, under ragged acceptance (an oracle spoils some drafts) and prefix
+    caching."""
     m = model(4)
     ps = prompts([3, 10, 21], seed=5)
     runs = []
@@ -271,6 +272,15 @@ def test_greedy_drafting_in_the_kernel_equals_the_model_path_with_the_same_mtp_c
             return _inner(*args)
 
         drafter._propose_in_kernel = counting
+        catch_up = []
+        if in_kernel:
+            draft_call = drafter.fused.mtp_draft
+
+            def recording(hidden, *args, _inner=draft_call, _seen=catch_up):  # noqa: ANN001, ANN002, ANN202
+                _seen.append(hidden.shape[1] if hidden.dim() == 3 else 1)  # positions the first step feeds
+                return _inner(hidden, *args)
+
+            drafter.fused.mtp_draft = recording
 
         @torch.no_grad()
         def oracle(seqs, batch, uniforms, _propose=propose, _seen=seen):  # noqa: ANN001, ANN202
@@ -288,8 +298,9 @@ def test_greedy_drafting_in_the_kernel_equals_the_model_path_with_the_same_mtp_c
         drafter.propose = oracle
         out = [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
         kv = torch.cat([t.flatten() for t in drafter.cache.kv])
-        runs.append((out, seen, kv, folded["n"]))
-    (out_k, seen_k, kv_k, n_k), (out_m, seen_m, kv_m, n_m) = runs
+        runs.append((out, seen, kv, folded["n"], catch_up))
+    (out_k, seen_k, kv_k, n_k, fed_k), (out_m, seen_m, kv_m, n_m, _) = runs
     assert n_k > 0 and n_m == 0  # the first run drafted in the kernel, the second never
+    assert max(fed_k) > 1  # catch-ups of several positions went into the drafting call
     assert out_k == out_m and seen_k == seen_m
     torch.testing.assert_close(kv_k, kv_m, rtol=1e-5, atol=1e-5)

@@ -541,29 +541,37 @@ class FusedDecoder:
     @torch.no_grad()
     def mtp_draft(self, hidden: torch.Tensor, prev_ids: torch.Tensor, cache, steps: int) -> torch.Tensor:  # noqa: ANN001
         """`steps` greedy drafts per row in one kernel call: each step runs `mtp_forward` on the previous MTP output
-        hidden [B, D] and token prev_ids [B] (first: the given ones), then takes the argmax of its logits -- the
-        same arithmetic as `steps` calls of `mtp_forward` + argmax, without Python between them. Writes the
-        drafts' MTP cache entries (the caller prepared `steps` placeholder tokens per row and rolls them back);
-        -> drafts [B, steps]. Only where `drafts_in_kernel(cache)`."""
+        and token (first: the given ones), then takes the argmax of its logits -- the same arithmetic as `steps`
+        calls of `mtp_forward` + argmax, without Python between them. hidden [B, D] and prev_ids [B], or [B, T0, D]
+        and [B, T0]: the first step feeds T0 positions per row (the catch-up, in order; its draft comes from the
+        last). Writes the cache entries of every position it feeds (the caller prepared T0 + steps - 1 tokens per
+        row: the real ones, then placeholders it rolls back); -> drafts [B, steps]. Only where
+        `drafts_in_kernel(cache)`."""
         model = self.model
         self._ensure_fresh()
-        B, D = hidden.shape
+        if hidden.dim() == 2:
+            hidden, prev_ids = hidden[:, None], prev_ids[:, None]
+        B, T0, D = hidden.shape
+        T = T0 + steps - 1
         module, L = model.mtp[0], self.mtp_layers[0]
         embed = model.model.embed_tokens.weight
-        pos, _ = cache.begin(steps)
-        write, gather, lengths = cache.decode_tables(steps)
-        step_major = lambda t: t.view(B, steps, *t.shape[1:]).transpose(0, 1).contiguous()  # noqa: E731
-        cos, sin = self.model.rotary(pos.q_pos, hidden.dtype)  # [P, T, R/2]
-        cos, sin = (step_major(t.expand(B, steps, -1).reshape(B * steps, -1)) for t in (cos, sin))
-        write, gather, lengths = step_major(write), step_major(gather), step_major(lengths)
+        pos, _ = cache.begin(T)
+        write, gather, lengths = cache.decode_tables(T)  # rows [b][t]
+        cos, sin = (t.expand(B, T, -1).reshape(B * T, -1) for t in self.model.rotary(pos.q_pos, hidden.dtype))
+        if B > 1:  # the kernel's step-major order: step 0's rows [b][t < T0], then step i's rows [b]
+            order = torch.arange(B * T).view(B, T)
+            order = torch.cat([order[:, :T0].reshape(-1), order[:, T0:].t().reshape(-1)])
+            write, gather, lengths, cos, sin = (t.index_select(0, order) for t in (write, gather, lengths, cos, sin))
+        write, gather, lengths, cos, sin = (t.contiguous() for t in (write, gather, lengths, cos, sin))
         kv, idx = cache.stores(L.attn.layer_idx)
         if kv.dtype != torch.float32 or not kv.is_contiguous():
             raise ValueError(f"the native kernel needs a contiguous float32 cache, got {kv.dtype}")
-        h = hidden.contiguous().clone()
-        prev = prev_ids.contiguous()
+        first_h = hidden.reshape(B * T0, D).contiguous()
+        first_ids = prev_ids.reshape(B * T0).contiguous()
+        h = torch.empty(B, D)
         ids = torch.empty(steps, B, dtype=torch.long)
-        topk_idx = torch.empty(B, self.cfg.index_topk, dtype=torch.long)
-        topk_count = torch.zeros(B, dtype=torch.long)
+        topk_idx = torch.empty(B * T0, self.cfg.index_topk, dtype=torch.long)
+        topk_count = torch.zeros(B * T0, dtype=torch.long)
         a = L.args
         a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
         a.gather_stride, a.topk_idx, a.topk_count = (
@@ -587,18 +595,21 @@ class FusedDecoder:
             eh_proj=self.eh_proj[0],
             lm_head=self.lm_head,
             h=h.data_ptr(),
-            prev_ids=prev.data_ptr(),
+            prev_ids=first_ids.data_ptr(),
             ids=ids.data_ptr(),
             write_slot=write.data_ptr(),
             gather=gather.data_ptr(),
             lengths=lengths.data_ptr(),
             cos=cos.data_ptr(),
             sin=sin.data_ptr(),
+            T0=T0,
+            first_h=first_h.data_ptr(),
+            first_ids=first_ids.data_ptr(),
         )
         rc = self.lib.glm5_mtp_draft(ctypes.byref(a), ctypes.byref(d))
         if rc:
             raise RuntimeError(f"native MTP drafting failed: {native.ERRORS[rc]}")
-        cache.advance(steps)
+        cache.advance(T)
         return ids.t()
 
     def _linear(self, mat: native.Mat, x: torch.Tensor) -> torch.Tensor:

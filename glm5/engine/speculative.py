@@ -208,11 +208,26 @@ class MTPDrafter:
     def _propose_in_kernel(
         self, seqs: Sequence[Any], h_rows: list[torch.Tensor], next_rows: list[list[int]]
     ) -> torch.Tensor:
-        """Greedy drafts with the catch-up folded into the drafting kernel call: the catch-up positions but each
-        row's last one go through the MTP layer first (their exact entries, registered; their logits are not
-        needed), then one `mtp_draft` call runs the last catch-up position (whose argmax is draft 1) and the
-        k - 1 drafts after it. The last position's entry is exact too: it is kept (it is hashed with its real
-        token when its block is registered by the next catch-up); the drafts' entries are rolled back."""
+        """Greedy drafts with the catch-up folded into the drafting kernel call. Rows that all catch up the same
+        number of positions, in a cache that registers no prefix blocks (the runner's): one `mtp_draft` call
+        feeds every catch-up position (their exact entries, kept), drafts 1 from the last and the k - 1 drafts
+        after it. Otherwise the catch-up positions but each row's last one go through the MTP layer first
+        (their exact entries, registered; their logits are not needed), then one `mtp_draft` call runs the last
+        catch-up position (whose argmax is draft 1) and the k - 1 drafts after it. The last position's entry is
+        exact too: it is kept (it is hashed with its real token when its block is registered by the next
+        catch-up); the drafts' entries are rolled back."""
+        T0 = h_rows[0].shape[0]
+        if not getattr(self.cache, "enable_prefix_caching", True) and all(h.shape[0] == T0 for h in h_rows):
+            exact_len = [self.cache.length(s.seq_id) + T0 for s in seqs]
+            self.cache.prepare(
+                [s.seq_id for s in seqs], [r + [-1] * (self.k - 1) for r in next_rows], register=False
+            )
+            hidden = torch.stack(h_rows)
+            ids = torch.tensor(next_rows, device=hidden.device)
+            drafts = self.fused.mtp_draft(hidden, ids, self.cache, self.k)
+            for s, n in zip(seqs, exact_len):
+                self.cache.truncate(s.seq_id, n)
+            return drafts
         lead = [b for b, h in enumerate(h_rows) if h.shape[0] > 1]
         if lead:
             self._feed(

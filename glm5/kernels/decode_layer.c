@@ -904,12 +904,16 @@ int glm5_decode_step(StepArgs *s) {
 
 int64_t glm5_step_args_size(void) { return (int64_t)sizeof(StepArgs); }
 
-/* Greedy MTP drafting in one call: `steps` times, for every row b, u = eh_proj([enorm(embed[ids[b]]) ; hnorm(h[b])]),
+/* Greedy MTP drafting in one call: `steps` times, for every row b, u = eh_proj([enorm(embed[id]) ; hnorm(h)]),
    h[b] = the MTP layer `layer` on u (writing its cache entry at the step's slot and attending up to it), the draft
-   = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). The per-step tables are step-major:
-   step i's rows are write_slot[i*B + b], gather[(i*B + b) * gather_stride], lengths, cos / sin [i*B + b, R/2].
-   Outputs ids [steps, B]; h [B, D] ends as the last step's MTP output. The arithmetic of
-   FusedDecoder.mtp_forward + argmax, call for call (the same C functions): the drafts are the same tokens. */
+   = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). Step 0 takes T0 >= 1 positions per row
+   (the catch-up: first_ids / first_h [B, T0(, D)] row-major, the main model's hidden states and the tokens that
+   followed them; its draft comes from each row's last position) -- with T0 = 1 and first_* NULL, prev_ids [B]
+   and h [B, D]; every later step one position per row, from the previous draft and MTP output. The per-step
+   tables are step-major: step 0's B*T0 rows [b][t], then step i's B rows (i >= 1) from row B*T0 + (i-1)*B:
+   write_slot, gather [row * gather_stride], lengths, cos / sin [row, R/2]. Outputs ids [steps, B]; h [B, D] ends
+   as the last step's MTP output. The arithmetic of FusedDecoder.mtp_forward + argmax, call for call (the same C
+   functions): the drafts are the same tokens. */
 typedef struct {
     int64_t steps, B, D, V;
     const float *embed;                              /* [V, D] */
@@ -918,37 +922,43 @@ typedef struct {
     int32_t pad_;
     Mat eh_proj, lm_head;
     float *h;                                        /* [B, D] the previous MTP output, updated */
-    const int64_t *prev_ids;                         /* [B] the tokens the first step embeds */
+    const int64_t *prev_ids;                         /* [B] the tokens the first step embeds (T0 = 1) */
     int64_t *ids;                                    /* [steps, B] the drafts */
     const int64_t *write_slot, *gather, *lengths;    /* step-major tables, see above */
     const float *cos, *sin;
+    int64_t T0;                                      /* step 0's positions per row */
+    const float *first_h;                            /* [B, T0, D] or NULL (T0 = 1: h) */
+    const int64_t *first_ids;                        /* [B, T0] or NULL (T0 = 1: prev_ids) */
 } DraftArgs;
 
 int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
-    const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2;
-    float *cat = malloc(sizeof(float) * B * 2 * D), *u = malloc(sizeof(float) * B * D);
+    const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2, T0 = d->T0 > 1 ? d->T0 : 1;
+    float *cat = malloc(sizeof(float) * B * T0 * 2 * D), *u = malloc(sizeof(float) * B * T0 * D);
     float *hn = malloc(sizeof(float) * B * D), *logits = malloc(sizeof(float) * B * V);
     int rc = 1;
     if (!cat || !u || !hn || !logits) goto done;
     for (int64_t i = 0; i < d->steps; i++) {
-        const int64_t *prev = i ? d->ids + (i - 1) * B : d->prev_ids;
-        for (int64_t b = 0; b < B; b++) {
-            glm5_rms_norm(d->embed + prev[b] * D, d->enorm_w, 1, D, d->enorm_eps, cat + b * 2 * D);
-            glm5_rms_norm(d->h + b * D, d->hnorm_w, 1, D, d->hnorm_eps, cat + b * 2 * D + D);
+        const int64_t T = i ? 1 : T0, rows = B * T, off = i ? B * T0 + (i - 1) * B : 0;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t id = i ? d->ids[(i - 1) * B + r] : (d->first_ids ? d->first_ids[r] : d->prev_ids[r]);
+            const float *hr = (!i && d->first_h) ? d->first_h + r * D : d->h + r * D;
+            glm5_rms_norm(d->embed + id * D, d->enorm_w, 1, D, d->enorm_eps, cat + r * 2 * D);
+            glm5_rms_norm(hr, d->hnorm_w, 1, D, d->hnorm_eps, cat + r * 2 * D + D);
         }
-        linear(&d->eh_proj, cat, 2 * D, B, u, D);
-        layer->B = B;
+        linear(&d->eh_proj, cat, 2 * D, rows, u, D);
+        layer->B = rows;
         layer->h = u;
-        layer->cos = d->cos + i * B * half;
-        layer->sin = d->sin + i * B * half;
+        layer->cos = d->cos + off * half;
+        layer->sin = d->sin + off * half;
         layer->rope_stride = half;
-        layer->write_slot = d->write_slot + i * B;
-        layer->gather = d->gather + i * B * layer->gather_stride;
-        layer->lengths = d->lengths + i * B;
+        layer->write_slot = d->write_slot + off;
+        layer->gather = d->gather + off * layer->gather_stride;
+        layer->lengths = d->lengths + off;
+        memset(layer->topk_count, 0, sizeof(int64_t) * rows);
         rc = glm5_decode_layer(layer);
         if (rc) goto done;
-        memcpy(d->h, u, sizeof(float) * B * D);
-        glm5_rms_norm(u, d->head_norm_w, B, D, d->head_norm_eps, hn);
+        for (int64_t b = 0; b < B; b++) memcpy(d->h + b * D, u + (b * T + T - 1) * D, sizeof(float) * D);
+        glm5_rms_norm(d->h, d->head_norm_w, B, D, d->head_norm_eps, hn);
         linear(&d->lm_head, hn, D, B, logits, V);
         for (int64_t b = 0; b < B; b++) {
             const float *l = logits + b * V;

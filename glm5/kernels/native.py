@@ -109,6 +109,8 @@ class DraftArgs(ctypes.Structure):
         ("eh_proj", Mat),
         ("lm_head", Mat),
         *[(n, _ptr) for n in "h prev_ids ids write_slot gather lengths cos sin".split()],
+        ("T0", _i64),
+        *[(n, _ptr) for n in "first_h first_ids".split()],
     ]
 
 
