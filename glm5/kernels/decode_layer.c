@@ -36,6 +36,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define GLM5_ISA "avx512"
@@ -456,6 +459,15 @@ static void job_row(const Job *j, int64_t r, const float *xp) {
     }
 }
 
+/* Rows [lo, hi) of the jobs laid end to end (start[k]: job k's first row; start[n_jobs] = the total) */
+static void job_rows(const Job *jobs, const int64_t *start, const float *const *xps, int64_t lo, int64_t hi) {
+    int64_t k = 0;
+    for (int64_t g = lo; g < hi; g++) {
+        while (start[k + 1] <= g) k++;
+        job_row(jobs + k, g - start[k], xps[k]);
+    }
+}
+
 /* Several independent products in one pass: their rows (all jobs' together) are split over the threads, so a
    layer's projections, or all its routed experts, cost one fork-join, not one each. Each output is summed by one
    thread in a fixed order: the result does not depend on the thread count. */
@@ -481,15 +493,16 @@ static void run_jobs(const Job *jobs, int64_t n_jobs) {
             off += jobs[k].m.cols;
         }
     }
-    #pragma omp parallel for schedule(static) if (work >= (1 << 17))
-    for (int64_t g = 0; g < total; g++) {
-        int64_t lo = 0, hi = n_jobs - 1;  /* the job holding row g: binary search over the starts */
-        while (lo < hi) {
-            int64_t mid = (lo + hi + 1) / 2;
-            if (start[mid] <= g) lo = mid; else hi = mid - 1;
+#ifdef _OPENMP
+    if (work >= (1 << 17)) {
+        #pragma omp parallel
+        {   /* each thread one contiguous range of rows */
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            job_rows(jobs, start, xps, total * t / nt, total * (t + 1) / nt);
         }
-        job_row(jobs + lo, g - start[lo], xps[lo]);
-    }
+    } else
+#endif
+        job_rows(jobs, start, xps, 0, total);
     free(perm);
 }
 
