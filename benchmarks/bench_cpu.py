@@ -142,7 +142,9 @@ def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
     params = SamplingParams(max_tokens=NEW_TOKENS + 1, temperature=0.0, ignore_eos=True)
     # warm-up, as llama-bench does: a short request first, so the measurement does not include the first touch of
     # every memory-mapped weight page or the kernel's first calls
-    warm = torch.randint(1, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(-1 - context))
+    warm = torch.randint(
+        1, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(-1 - context)
+    )
     llm.generate([warm.tolist()], SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True))
     start = time.perf_counter()
     engine.add_request("r", prompt.tolist(), params)
