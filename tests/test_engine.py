@@ -181,6 +181,56 @@ def test_preemption_when_blocks_run_out_keeps_outputs_identical() -> None:
     assert tight.engine.cache.num_used_blocks == 0
 
 
+# ------------------------------------------------------------------------------------- several decode steps
+@pytest.mark.parametrize("fused", [True, False])
+def test_several_decode_steps_per_engine_step_equal_one_at_a_time(fused: bool) -> None:
+    """decode_steps > 1: plain-argmax batches make several tokens per engine step (one kernel call through the
+    native kernel, one forward after another through the model) -- the tokens of one step at a time, with
+    chunked prefill and ragged rows; a stop id inside a group drops the tokens after it; max_tokens and
+    max_model_len cut groups short; the blocks registered hold the real tokens (a prefix hit continues alike)."""
+    m = model(7)
+    ps = prompts([3, 12, 30], seed=9)
+    params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True)
+    one = LLM(m, block_size=4, max_num_batched_tokens=16, fused_decode=fused)
+    ref = token_ids(one.generate(ps, params))
+    assert ref[2] == full_sequence_greedy(m, ps[2], 13)
+    for steps in (2, 5):
+        llm = LLM(m, block_size=4, max_num_batched_tokens=16, fused_decode=fused, decode_steps=steps)
+        assert token_ids(llm.generate(ps, params)) == ref
+        assert llm.engine.num_steps < one.engine.num_steps
+        stop = ref[1][6]
+        out = llm.generate([ps[1]], SamplingParams(max_tokens=13, temperature=0.0, stop_token_ids=[stop]))
+        assert out[0].outputs[0].token_ids == ref[1][: ref[1].index(stop) + 1]
+        assert out[0].outputs[0].finish_reason == "stop"
+        grown = ps[2] + ref[2][:8]
+        again = llm.generate([grown], params)[0]
+        assert again.num_cached_tokens >= 36  # the earlier request's blocks, its generated tokens included
+        assert again.outputs[0].token_ids == full_sequence_greedy(m, grown, 13)
+        tight = [LLM(m, block_size=4, max_model_len=37, fused_decode=fused, decode_steps=n) for n in (1, steps)]
+        cut = [token_ids(t.generate(ps, params)) for t in tight]
+        assert cut[0] == cut[1] and len(cut[1][2]) == 37 - 30
+
+
+def test_several_decode_steps_wait_for_batches_that_all_take_the_argmax() -> None:
+    """A sampled row, penalties, logprobs or a min_tokens ban in the batch: one token per step, as without."""
+    m = model(8)
+    ps = prompts([5, 9], seed=10)
+    greedy = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    others = [
+        SamplingParams(max_tokens=9, temperature=0.8, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.0, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0.0, min_tokens=8),
+    ]
+    for other in others:
+        runs = [LLM(m, block_size=4, decode_steps=n) for n in (1, 4)]
+        outs = [token_ids(r.generate(ps, [greedy, other])) for r in runs]
+        assert outs[0] == outs[1]
+        assert runs[0].engine.num_steps == runs[1].engine.num_steps
+    with pytest.raises(ValueError, match="decode_steps"):
+        LLM(m, decode_steps=0)
+
+
 # ------------------------------------------------------------------------------------- sampling behaviour
 def test_seeded_requests_are_reproducible_whatever_else_is_in_the_batch() -> None:
     m = model(5)

@@ -27,6 +27,11 @@ class EngineConfig:
     """Reuse the KV blocks of identical prompt prefixes."""
     num_speculative_tokens: int = 0
     """MTP draft tokens per step (0 = off, 1-3 = speculative decoding)."""
+    decode_steps: int = 1
+    """Tokens per decode step when every decode row takes the plain argmax (greedy, no penalties, logprobs or
+    min_tokens ban) and nothing speculates: the steps run back to back in one native kernel call (one round
+    trip through Python per `decode_steps` tokens), or one after another elsewhere. Tokens after a stop are
+    computed and dropped; output streams in groups of this many."""
     seed: int = 0
     """Seeds the generators of requests that bring no seed of their own."""
     attention_impl: str | None = None

@@ -87,6 +87,8 @@ class LLMEngine:
             self.config = cfg = dataclasses.replace(cfg, num_speculative_tokens=0)
         if cfg.max_num_seqs < 1 or cfg.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not isinstance(cfg.decode_steps, int) or not 1 <= cfg.decode_steps <= 64:
+            raise ValueError(f"decode_steps={cfg.decode_steps!r}: give an integer from 1 to 64")
         if executor is not None and executor.model is not None:
             model = executor.model
         self.model_config = mcfg = model.config

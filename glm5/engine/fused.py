@@ -559,16 +559,7 @@ class FusedDecoder:
         T = T0 + steps - 1
         module, L = model.mtp[0], self.mtp_layers[0]
         embed = model.model.embed_tokens.weight
-        pos, _ = cache.begin(T)
-        write, gather, lengths = cache.decode_tables(T)  # rows [b][t]
-        cos, sin = (t.expand(B, T, -1).reshape(B * T, -1) for t in self.model.rotary(pos.q_pos, hidden.dtype))
-        if B > 1:  # the kernel's step-major order: step 0's rows [b][t < T0], then step i's rows [b]
-            order = torch.arange(B * T).view(B, T)
-            order = torch.cat([order[:, :T0].reshape(-1), order[:, T0:].t().reshape(-1)])
-            write, gather, lengths, cos, sin = (
-                t.index_select(0, order) for t in (write, gather, lengths, cos, sin)
-            )
-        write, gather, lengths, cos, sin = (t.contiguous() for t in (write, gather, lengths, cos, sin))
+        write, gather, lengths, cos, sin = self._step_major_tables(cache, B, T0, T)
         kv, idx = cache.stores(L.attn.layer_idx)
         if kv.dtype != torch.float32 or not kv.is_contiguous():
             raise ValueError(f"the native kernel needs a contiguous float32 cache, got {kv.dtype}")
@@ -618,6 +609,82 @@ class FusedDecoder:
         cache.advance(T)
         return ids.t()
 
+    def _step_major_tables(self, cache, B: int, T0: int, T: int) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        """The prepared batch's tables for T new tokens per row (write slots, gathers, lengths, cos, sin), in the
+        order of a kernel call that runs them step by step: step 0's rows [b][t < T0], then step i's rows [b]."""
+        pos, _ = cache.begin(T)
+        write, gather, lengths = cache.decode_tables(T)  # rows [b][t]
+        cos, sin = (
+            t.expand(B, T, -1).reshape(B * T, -1) for t in self.model.rotary(pos.q_pos, torch.float32)
+        )
+        tables = (write, gather, lengths, cos, sin)
+        if B > 1:
+            order = torch.arange(B * T).view(B, T)
+            order = torch.cat([order[:, :T0].reshape(-1), order[:, T0:].t().reshape(-1)])
+            tables = tuple(t.index_select(0, order) for t in tables)
+        return tuple(t.contiguous() for t in tables)
+
+    def greedy_in_kernel(self, cache) -> bool:  # noqa: ANN001
+        """Several greedy decode steps run in one kernel call (`decode_greedy`): the kernel is loaded, attention
+        is the sparse implementation and the embedding is a contiguous float32 table."""
+        embed = self.model.model.embed_tokens.weight
+        return (
+            self.lib is not None
+            and hasattr(cache, "decode_tables")
+            and self.model.attention.impl == "sparse"
+            and embed.dtype == torch.float32
+            and embed.is_contiguous()
+        )
+
+    @torch.no_grad()
+    def decode_greedy(self, input_ids: torch.Tensor, cache, steps: int) -> torch.Tensor:  # noqa: ANN001
+        """`steps` greedy decode steps per row in one kernel call: input_ids [B] (the rows' last tokens) -> the
+        next `steps` tokens [B, steps], each the argmax of the step before -- the arithmetic of `steps` calls of
+        this decoder + argmax, without Python between them. The caller prepared `steps` tokens per row (the fed
+        token and placeholders for the ones the call makes; every entry written is exact). Only where
+        `greedy_in_kernel(cache)`."""
+        self._ensure_fresh()
+        B = input_ids.shape[0]
+        write, gather, lengths, cos, sin = self._step_major_tables(cache, B, 1, steps)
+        s = self._call_args(self._step_args(self.layers, cache), B, gather, self.model.model.norm)
+        first = input_ids.contiguous()
+        ids = torch.empty(steps, B, dtype=torch.long)
+        g = native.GreedyArgs(
+            steps=steps,
+            B=B,
+            embed=self.model.model.embed_tokens.weight.data_ptr(),
+            first_ids=first.data_ptr(),
+            ids=ids.data_ptr(),
+            write_slot=write.data_ptr(),
+            gather=gather.data_ptr(),
+            lengths=lengths.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+        )
+        self._check(self.lib.glm5_decode_greedy(ctypes.byref(s), ctypes.byref(g)), s, self.layers)
+        cache.advance(steps)
+        return ids.t()
+
+    def _call_args(
+        self, s: native.StepArgs, rows: int, gather: torch.Tensor, norm: nn.Module | None
+    ) -> native.StepArgs:
+        """Fill the fields every step of one call shares: the top-k scratch for `rows` rows (kept between calls;
+        the kernel zeroes the counts), the gather stride, DSA, the final norm (None: no head)."""
+        if self._topk_idx.shape[0] < rows:
+            self._topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
+            self._topk_count = torch.empty(rows, dtype=torch.long)
+        s.topk_idx, s.topk_count = self._topk_idx.data_ptr(), self._topk_count.data_ptr()
+        s.gather_stride, s.dsa = gather.shape[1], self.model.attention.dsa
+        if norm is not None:
+            s.norm_w, s.norm_eps = norm.weight.data_ptr(), norm.eps
+        return s
+
+    @staticmethod
+    def _check(rc: int, s: native.StepArgs, layers: list[_Layer]) -> None:
+        if rc:
+            layer = layers[s.failed_layer].attn.layer_idx
+            raise RuntimeError(f"native decode kernel failed in layer {layer}: {native.ERRORS[rc]}")
+
     def _linear(self, mat: native.Mat, x: torch.Tensor) -> torch.Tensor:
         """x [..., cols] W^T (+ b) in the kernel library, W read as stored (lm_head, eh_proj)."""
         x = x.contiguous()
@@ -653,34 +720,16 @@ class FusedDecoder:
         shared = pos.q_pos.shape[0] == 1 and T == 1  # one position for every row
         if not shared:
             cos, sin = (t.expand(B, T, -1).reshape(rows, -1).contiguous() for t in (cos, sin))
-        if (
-            self._topk_idx.shape[0] < rows
-        ):  # the top-k scratch, kept between calls (the kernel zeroes the counts)
-            self._topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
-            self._topk_count = torch.empty(rows, dtype=torch.long)
-        topk_idx, topk_count = self._topk_idx, self._topk_count
-        s = self._step_args(layers, cache)
+        s = self._call_args(self._step_args(layers, cache), rows, gather, norm)
         s.B, s.h, s.cos, s.sin = rows, h.data_ptr(), cos.data_ptr(), sin.data_ptr()
         s.rope_stride = 0 if shared else self.R // 2
-        s.write_slot, s.gather, s.gather_stride = write.data_ptr(), gather.data_ptr(), gather.shape[1]
-        s.lengths, s.topk_idx, s.topk_count = lengths.data_ptr(), topk_idx.data_ptr(), topk_count.data_ptr()
-        s.dsa = self.model.attention.dsa
+        s.write_slot, s.gather, s.lengths = write.data_ptr(), gather.data_ptr(), lengths.data_ptr()
         hidden = logits = None
         if norm is not None:
             hidden, logits = torch.empty_like(h), h.new_empty(rows, self.lm_head.rows)
-            s.norm_w, s.norm_eps, s.hidden, s.logits = (
-                norm.weight.data_ptr(),
-                norm.eps,
-                hidden.data_ptr(),
-                logits.data_ptr(),
-            )
-        else:
-            s.hidden = s.logits = None
-        rc = self.lib.glm5_decode_step(ctypes.byref(s))
-        if rc:
-            raise RuntimeError(
-                f"native decode kernel failed in layer {layers[s.failed_layer].attn.layer_idx}: {native.ERRORS[rc]}"
-            )
+        s.hidden = None if hidden is None else hidden.data_ptr()
+        s.logits = None if logits is None else logits.data_ptr()
+        self._check(self.lib.glm5_decode_step(ctypes.byref(s)), s, layers)
         cache.advance(T)
         return h, hidden, logits
 

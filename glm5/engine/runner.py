@@ -60,6 +60,13 @@ class ModelRunnerOutput:
         self.token_ids.append(tokens)
         self.logprobs.append(logprobs)
 
+    def extend(self, seq_id: int, tokens: list[int]) -> None:
+        """More tokens (no logprobs) for a sequence, after the ones it has in this output."""
+        if seq_id in self.seq_ids:
+            self.token_ids[self.seq_ids.index(seq_id)].extend(tokens)
+        else:
+            self.add(seq_id, list(tokens), None)
+
 
 class SeqState:
     """The runner's view of one sequence (built from its `NewSeq`, then kept up to date by the runner itself)."""
@@ -95,8 +102,7 @@ class SeqState:
 
 def _plain_greedy(s: SeqState) -> bool:
     """The row's next token is its logits' argmax: greedy, no penalties, no min_tokens ban, no logprobs."""
-    p = s.params
-    return p.greedy and s.penalty is None and p.logprobs is None and p.min_tokens <= s.num_output
+    return s.params.argmax_only(s.num_output)
 
 
 class ModelRunner:
@@ -206,6 +212,8 @@ class ModelRunner:
             with self.fused.step() if self.fused is not None else contextlib.nullcontext():
                 if out.num_speculative_tokens:
                     self._speculative_step(seqs, out.num_speculative_tokens, result)
+                elif out.num_decode_steps > 1:
+                    self._greedy_steps(seqs, out.num_decode_steps, result)
                 else:
                     self._decode_step(seqs, result)
         children: dict[int, list[int]] = {}
@@ -329,6 +337,23 @@ class ModelRunner:
                 h = hidden[b : b + 1]
                 s.pending_hidden = h if s.pending_hidden is None else torch.cat([s.pending_hidden, h])
         self._sample(seqs, logits, result)
+
+    def _greedy_steps(self, seqs: list[SeqState], steps: int, result: ModelRunnerOutput) -> None:
+        """`steps` plain-argmax decode steps (the scheduler checked every row takes the argmax): in one kernel call
+        where the fused step's native kernel applies, else one `_decode_step` after another."""
+        if not (self._fused_now() and self.drafter is None and self.fused.greedy_in_kernel(self.cache)):
+            for _ in range(steps):
+                step = ModelRunnerOutput()
+                self._decode_step(seqs, step)
+                for seq_id, tokens in zip(step.seq_ids, step.token_ids):
+                    result.extend(seq_id, tokens)
+            return
+        rows = [[s.tokens[-1]] + [-1] * (steps - 1) for s in seqs]  # placeholders for the tokens it makes
+        self.cache.prepare([s.seq_id for s in seqs], rows, register=False)
+        ids = self.fused.decode_greedy(torch.tensor([r[0] for r in rows]), self.cache, steps)
+        for seq, tokens in zip(seqs, ids.tolist()):
+            seq.append(tokens)
+            result.add(seq.seq_id, tokens, None)
 
     def _speculative_step(self, seqs: list[SeqState], k: int, result: ModelRunnerOutput) -> None:
         batch = self._batch_sampling(seqs, k + 1)

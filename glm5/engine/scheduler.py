@@ -90,6 +90,9 @@ class SchedulerOutput:
     """Sequences that feed their last token (and, when speculating, verify their drafts) in one forward."""
     num_speculative_tokens: int = 0
     """MTP drafts per decode row this step (0: plain decode)."""
+    num_decode_steps: int = 1
+    """Plain decode: tokens each decode row makes this step, one after another (EngineConfig.decode_steps; every
+    row then takes the argmax)."""
     forks: list[tuple[int, int]] = field(default_factory=list)
     """(parent, child): the parent's prompt is cached by this step's prefill; the child then shares its blocks
     and samples its own first token from the same logits (n > 1 completions)."""
@@ -192,11 +195,13 @@ class Scheduler:
         """Decide this step (see the module docstring) and reserve its blocks."""
         k = self.k
         decode = [s for s in self.running if s.status is Status.DECODE]
-        # decode first: each row needs room for its next token (k + 1 positions when speculating)
+        steps = self._decode_steps(decode)
+        # decode first: each row needs room for its next token (k + 1 positions when speculating, `steps` when
+        # decoding several tokens)
         while True:
             need = [0, 0]
             for s in decode:
-                m, t = self._blocks_for(s, len(s.tokens) + k, len(s.tokens) + k)
+                m, t = self._blocks_for(s, len(s.tokens) + k + steps - 1, len(s.tokens) + k)
                 need[0] += m
                 need[1] += t
             if self._fits((need[0], need[1])) or not self.running:
@@ -234,22 +239,39 @@ class Scheduler:
             chunks.append((seq, n))
             budget -= n
         speculate = bool(k and decode and all(len(s.tokens) + k <= self.max_model_len for s in decode))
-        return self._output(decode, self._group_chunks(chunks), k if speculate else 0)
+        return self._output(decode, self._group_chunks(chunks), k if speculate else 0, steps)
 
-    def _output(self, decode: list[Seq], groups: list[list[tuple[Seq, int]]], k: int) -> SchedulerOutput:
+    def _decode_steps(self, decode: list[Seq]) -> int:
+        """Tokens per decode row this step: EngineConfig.decode_steps when nothing speculates and every row takes
+        the plain argmax, capped by the rows' room (max_model_len) and the tokens they still want; else 1."""
+        steps = self.config.decode_steps
+        if steps <= 1 or self.k or not decode or self.config.force_token is not None:
+            return 1
+        for s in decode:
+            params = s.request.params
+            if not params.argmax_only(s.num_output):
+                return 1
+            left = params.max_tokens - s.num_output if params.max_tokens is not None else steps
+            steps = min(steps, left, self.max_model_len - len(s.tokens) + 1)
+        return max(steps, 1)
+
+    def _output(
+        self, decode: list[Seq], groups: list[list[tuple[Seq, int]]], k: int, steps: int = 1
+    ) -> SchedulerOutput:
         """Reserve every write of the step, in the order the runner makes them, and write the step down."""
         out = SchedulerOutput(
             self._step,
             decode=[s.seq_id for s in decode],
             num_speculative_tokens=k,
+            num_decode_steps=steps,
             preempted=self._preempted,
             finished=self._finished,
         )
         self._step += 1
         self._preempted, self._finished = [], []
         mtp = self.mtp_cache
-        for s in decode:  # positions L-1 .. L-1+k of the main cache; the MTP catch-up and k - 1 drafts
-            self.cache.reserve(s.seq_id, len(s.tokens) + k)
+        for s in decode:  # positions L-1 .. L-1+k (or L-2+steps) of the main cache; the MTP catch-up and drafts
+            self.cache.reserve(s.seq_id, len(s.tokens) + k + steps - 1)
             if k and mtp is not None and len(s.tokens) + k - 2 > mtp.length(s.seq_id):
                 mtp.reserve(s.seq_id, len(s.tokens) + k - 2)
         scheduled = [s for s in decode]
@@ -384,18 +406,20 @@ class Scheduler:
         drafts, the forks of completed prompts. (The sampled tokens are appended by the engine, which checks
         stop conditions; this runs before that, while each sequence's last token is the one it fed.)"""
         k, mtp = out.num_speculative_tokens, self.mtp_cache
-        num_sampled = {sid: len(t) for sid, t in zip(result.seq_ids, result.token_ids)} if k else {}
+        several = k or out.num_decode_steps > 1
+        sampled = dict(zip(result.seq_ids, result.token_ids)) if several else {}
         for sid in out.decode:
             seq = self.seqs[sid]
             L = len(seq.tokens)
-            if not k:
-                self.cache.commit(sid, seq.tokens[-1:])
-                seq.num_cached += 1
+            if not k:  # the fed token, and with several steps every token made but the last
+                fed = seq.tokens[-1:] + (sampled[sid][:-1] if several else [])
+                self.cache.commit(sid, fed)
+                seq.num_cached += len(fed)
                 continue
             if mtp is not None:  # the catch-up entries are exact; the drafts' were rolled back
                 mtp.commit(sid, seq.tokens[mtp.length(sid) + 1 : L])
                 mtp.release_unused(sid)
-            accepted = num_sampled[sid] - 1
+            accepted = len(sampled[sid]) - 1
             self.cache.commit(sid, [seq.tokens[-1], *result.draft_token_ids[sid]])
             self.cache.truncate(sid, L + accepted)
             seq.num_cached += accepted + 1

@@ -917,6 +917,53 @@ int glm5_decode_step(StepArgs *s) {
 
 int64_t glm5_step_args_size(void) { return (int64_t)sizeof(StepArgs); }
 
+/* `steps` greedy decode steps in one call: for every row b, h = embed[id] (first: first_ids[b], then the
+   previous step's token), the step (glm5_decode_step with the head), the token = argmax of the logits (the
+   first maximum, as torch.argmax). `s` carries the layers, stores, scratch, norm and lm_head; the per-step tables
+   are step-major: step i's rows i*B + b of write_slot, gather [row * s->gather_stride], lengths and cos / sin
+   [row, R/2]. Outputs ids [steps, B]. The arithmetic of `steps` calls of FusedDecoder's step + argmax. */
+typedef struct {
+    int64_t steps, B;
+    const float *embed;                              /* [V, D] */
+    const int64_t *first_ids;                        /* [B] */
+    int64_t *ids;                                    /* [steps, B] */
+    const int64_t *write_slot, *gather, *lengths;    /* step-major tables, see above */
+    const float *cos, *sin;
+} GreedyArgs;
+
+int glm5_decode_greedy(StepArgs *s, const GreedyArgs *g) {
+    const int64_t B = g->B, D = s->layers[0]->D, V = s->lm_head.rows, half = s->layers[0]->R / 2;
+    const int64_t stride = s->gather_stride;
+    float *h = malloc(sizeof(float) * B * D), *hidden = malloc(sizeof(float) * B * D);
+    float *logits = malloc(sizeof(float) * B * V);
+    int rc = 1;
+    if (!h || !hidden || !logits) goto done;
+    for (int64_t i = 0; i < g->steps; i++) {
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t id = i ? g->ids[(i - 1) * B + b] : g->first_ids[b];
+            memcpy(h + b * D, g->embed + id * D, sizeof(float) * D);
+        }
+        s->B = B; s->h = h; s->rope_stride = half;
+        s->cos = g->cos + i * B * half; s->sin = g->sin + i * B * half;
+        s->write_slot = g->write_slot + i * B; s->gather = g->gather + i * B * stride; s->lengths = g->lengths + i * B;
+        s->hidden = hidden; s->logits = logits;
+        rc = glm5_decode_step(s);
+        if (rc) goto done;
+        for (int64_t b = 0; b < B; b++) {
+            const float *l = logits + b * V;
+            int64_t best = 0;
+            for (int64_t v = 1; v < V; v++) best = l[v] > l[best] ? v : best;
+            g->ids[i * B + b] = best;
+        }
+    }
+    rc = 0;
+done:
+    free(h); free(hidden); free(logits);
+    return rc;
+}
+
+int64_t glm5_greedy_args_size(void) { return (int64_t)sizeof(GreedyArgs); }
+
 /* Greedy MTP drafting in one call: `steps` times, for every row b, u = eh_proj([enorm(embed[id]) ; hnorm(h)]),
    h[b] = the MTP layer `layer` on u (writing its cache entry at the step's slot and attending up to it), the draft
    = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). Step 0 takes T0 >= 1 positions per row

@@ -136,6 +136,15 @@ class StepArgs(ctypes.Structure):
     ]
 
 
+class GreedyArgs(ctypes.Structure):
+    """Mirror of the C `GreedyArgs`: several greedy decode steps in one call (decode_layer.c glm5_decode_greedy)."""
+
+    _fields_ = [
+        *[(n, _i64) for n in "steps B".split()],
+        *[(n, _ptr) for n in "embed first_ids ids write_slot gather lengths cos sin".split()],
+    ]
+
+
 ERRORS = {
     1: "out of memory for the kernel's scratch buffers",
     2: "more than 256 routed experts, 256 experts per token or 64 expert groups",
@@ -218,7 +227,8 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _error = str(e)
         return None
-    for fn in ("glm5_layer_args_size", "glm5_mat_size", "glm5_draft_args_size", "glm5_step_args_size"):
+    sizes = [f"glm5_{n}_args_size" for n in ("layer", "draft", "step", "greedy")] + ["glm5_mat_size"]
+    for fn in sizes:
         getattr(lib, fn).argtypes = []
         getattr(lib, fn).restype = _i64
     for name, c_size, py_size in (
@@ -226,6 +236,7 @@ def _load() -> ctypes.CDLL | None:
         ("Mat", lib.glm5_mat_size(), ctypes.sizeof(Mat)),
         ("DraftArgs", lib.glm5_draft_args_size(), ctypes.sizeof(DraftArgs)),
         ("StepArgs", lib.glm5_step_args_size(), ctypes.sizeof(StepArgs)),
+        ("GreedyArgs", lib.glm5_greedy_args_size(), ctypes.sizeof(GreedyArgs)),
     ):
         if c_size != py_size:  # the C struct and its ctypes mirror disagree: every call would read garbage
             _error = (
@@ -237,6 +248,8 @@ def _load() -> ctypes.CDLL | None:
     lib.glm5_decode_layer.restype = ctypes.c_int
     lib.glm5_decode_step.argtypes = [ctypes.POINTER(StepArgs)]
     lib.glm5_decode_step.restype = ctypes.c_int
+    lib.glm5_decode_greedy.argtypes = [ctypes.POINTER(StepArgs), ctypes.POINTER(GreedyArgs)]
+    lib.glm5_decode_greedy.restype = ctypes.c_int
     lib.glm5_rms_norm.argtypes = [_ptr, _ptr, _i64, _i64, _f32, _ptr]
     lib.glm5_rms_norm.restype = None
     lib.glm5_linear.argtypes = [ctypes.POINTER(Mat), _ptr, _i64, _ptr]
