@@ -15,8 +15,10 @@ llama.cpp's numbers are constants quoted from issue 19 (same 2-core AVX-512 mach
 
     python benchmarks/bench_cpu.py                     # 3 rounds, contexts 32 / 512 / 2K / 8K / 32K
     python benchmarks/bench_cpu.py --quick             # 1 round, contexts 32 / 2K, fp32 and fp8
+    python benchmarks/bench_cpu.py --decode-steps 4    # glm5 makes 4 greedy tokens per engine step
 
-Writes benchmarks/results/bench_cpu.{json,md,png} (--quick: bench_cpu_quick.*).
+Writes benchmarks/results/bench_cpu.{json,md,png} (--quick: bench_cpu_quick.*; --decode-steps N:
+bench_cpu_steps<N>.*).
 """
 
 from __future__ import annotations
@@ -123,15 +125,22 @@ def decode_bytes(model: torch.nn.Module, context: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- workers
-def run_decode(weights: str, folder: str, context: int, threads: int) -> dict:
-    """Load `folder` as `weights`, prefill a random `context`-token prompt, decode NEW_TOKENS greedily."""
+def run_decode(weights: str, folder: str, context: int, threads: int, decode_steps: int = 1) -> dict:
+    """Load `folder` as `weights`, prefill a random `context`-token prompt, decode NEW_TOKENS greedily
+    (`decode_steps` tokens per engine step: EngineConfig.decode_steps)."""
     from glm5.engine import LLM, SamplingParams
     from glm5.kernels import native
     from glm5.model.fp8 import weight_bytes
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    llm = LLM(folder, weights=weights, max_model_len=context + NEW_TOKENS + 8, max_num_seqs=1)
+    llm = LLM(
+        folder,
+        weights=weights,
+        max_model_len=context + NEW_TOKENS + 8,
+        max_num_seqs=1,
+        decode_steps=decode_steps,
+    )
     load_s = time.perf_counter() - start
     load_rss = peak_rss()  # loading's own peak: weights (mapped or copied), conversions, the cache allocated
     engine = llm.engine
@@ -214,7 +223,8 @@ def markdown(results: dict) -> str:
     base = results["baseline_rss"] / 2**20
     lines = [
         f"# bench_cpu: `small` ({meta['params'] / 1e6:.1f}M parameters), batch-1 greedy decode of {NEW_TOKENS} "
-        f"tokens, {meta['threads']} threads",
+        f"tokens, {meta['threads']} threads"
+        + (f", `decode_steps={meta['decode_steps']}`" if meta.get("decode_steps", 1) > 1 else ""),
         "",
         f"{meta['cpu']}; flags {meta['simd_flags']}; {meta['kernel']}. Medians of {meta['rounds']} interleaved "
         f"rounds, a fresh process per measurement; machine load average {meta['load']} during the run (other "
@@ -322,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default=None, help="comma-separated prompt lengths")
     parser.add_argument("--checkpoints", type=Path, default=None, help="folder to keep the checkpoints in")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="EngineConfig.decode_steps for glm5 (results go to bench_cpu_steps<N>.* when > 1)",
+    )
     args = parser.parse_args(argv)
     formats = (args.formats or ("fp32,fp8" if args.quick else "fp32,bf16,int8,fp8")).split(",")
     contexts = [
@@ -346,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fmt in formats:
                     folder = str(root / CHECKPOINT[fmt])
                     r = run_in_fresh_process(
-                        worker, ("run_decode", (fmt, folder, context, args.threads)), 1800
+                        worker, ("run_decode", (fmt, folder, context, args.threads, args.decode_steps)), 1800
                     )
                     if "error" in r:
                         print(f"{fmt} @{context}: {r['error']}", file=sys.stderr)
@@ -375,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": parameter_table(GLM5Config.from_preset("small")).total_main,
             "kernel": rows[formats[0]][str(contexts[0])]["kernel"],
             "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+            "decode_steps": args.decode_steps,
         },
         "contexts": contexts,
         "bandwidth_bytes_per_s": statistics.median(bandwidth),
@@ -383,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp_issue_19": LLAMA_CPP,
         "rows": rows,
     }
-    save_results(args.out, "bench_cpu_quick" if args.quick else "bench_cpu", results, markdown(results), plot)
+    name = "bench_cpu_quick" if args.quick else "bench_cpu"
+    if args.decode_steps > 1:
+        name += f"_steps{args.decode_steps}"
+    save_results(args.out, name, results, markdown(results), plot)
     return 0
 
 

@@ -69,6 +69,7 @@ def config_only(tmp_path) -> Path:
         ("--graceful-timeout", "-1"),
         ("--max-num-seqs", "0"),
         ("--speculative-tokens", "7"),
+        ("--decode-steps", "0"),
         ("--max-body-mb", "nan"),
     ],
 )
@@ -119,6 +120,7 @@ def test_serve_says_what_it_loads_and_where_it_serves(config_only, capsys, monke
         ("--min-p", "2"),
         ("--repetition-penalty", "0"),
         ("--speculative-tokens", "-1"),
+        ("--decode-steps", "65"),
     ],
 )
 def test_generate_rejects_bad_sampling_flags_before_loading(config_only, capsys, flag, value):

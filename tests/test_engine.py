@@ -206,7 +206,9 @@ def test_several_decode_steps_per_engine_step_equal_one_at_a_time(fused: bool) -
         again = llm.generate([grown], params)[0]
         assert again.num_cached_tokens >= 36  # the earlier request's blocks, its generated tokens included
         assert again.outputs[0].token_ids == full_sequence_greedy(m, grown, 13)
-        tight = [LLM(m, block_size=4, max_model_len=37, fused_decode=fused, decode_steps=n) for n in (1, steps)]
+        tight = [
+            LLM(m, block_size=4, max_model_len=37, fused_decode=fused, decode_steps=n) for n in (1, steps)
+        ]
         cut = [token_ids(t.generate(ps, params)) for t in tight]
         assert cut[0] == cut[1] and len(cut[1][2]) == 37 - 30
 

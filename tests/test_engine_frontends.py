@@ -191,25 +191,22 @@ def test_async_consumer_that_stops_listening_aborts_its_request(model, how) -> N
 
 
 # ------------------------------------------------------------------------------------- CLI
-def test_cli_generate_streams_text_from_a_checkpoint(checkpoint, capsys) -> None:
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(checkpoint),
-            "--prompt",
-            "import os",
-            "--max-tokens",
-            "5",
-            "--ignore-eos",
-            "--speculative-tokens",
-            "1",
-            "--temperature",
-            "0",
-        ]
-    )
+@pytest.mark.parametrize("flags", [["--speculative-tokens", "1"], ["--decode-steps", "3"]])
+def test_cli_generate_streams_text_from_a_checkpoint(checkpoint, capsys, flags) -> None:
+    args = [
+        "generate",
+        "--model",
+        str(checkpoint),
+        "--prompt",
+        "import os",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+    ]
+    code = main([*args, *flags, "--temperature", "0"])
     captured = capsys.readouterr()
-    # the streamed text is the engine's own greedy completion (speculative decoding keeps greedy outputs)
+    # the streamed text is the engine's own greedy completion (speculative decoding and several decode steps
+    # per engine step keep greedy outputs)
     want = (
         LLM(str(checkpoint))
         .generate(

@@ -132,6 +132,14 @@ def add_weight_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="MTP draft tokens per step, 1-3 (default 0: off)",
     )
+    p.add_argument(
+        "--decode-steps",
+        type=int_range(1, 64, name="decode_steps"),
+        default=1,
+        metavar="N",
+        help="tokens per decode step when every row takes the plain argmax: N steps in one native kernel call "
+        "(fewer Python round trips on a CPU; output streams in groups of N; default 1)",
+    )
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -256,7 +264,11 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     device = pick_device(args.device)
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    options: dict[str, Any] = {"num_speculative_tokens": args.speculative_tokens, **check_parallel(args)}
+    options: dict[str, Any] = {
+        "num_speculative_tokens": args.speculative_tokens,
+        "decode_steps": args.decode_steps,
+        **check_parallel(args),
+    }
     if args.model is not None:
         weights = {"weights": args.weights, "dtype": None} if args.weights else {"dtype": dtype}
         llm = LLM(args.model, args.tokenizer, device=device, fp8=args.fp8, **weights, **options)

@@ -123,7 +123,9 @@ class SamplingParams:
     def argmax_only(self, num_output: int) -> bool:
         """The next token is the logits' argmax, nothing else: greedy, no penalties, no logprobs, and min_tokens
         reached after `num_output` tokens (no stop-token ban)."""
-        return self.greedy and not self.has_penalties and self.logprobs is None and self.min_tokens <= num_output
+        return (
+            self.greedy and not self.has_penalties and self.logprobs is None and self.min_tokens <= num_output
+        )
 
     def top_k_or_off(self, vocab_size: int) -> int:
         return vocab_size if self.top_k <= 0 else min(self.top_k, vocab_size)

@@ -141,6 +141,7 @@ def run_serve(args: argparse.Namespace) -> int:
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     options = {
         "num_speculative_tokens": args.speculative_tokens,
+        "decode_steps": args.decode_steps,
         "max_num_seqs": args.max_num_seqs,
         "enable_prefix_caching": not args.no_prefix_caching,
         **parallel,
