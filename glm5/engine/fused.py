@@ -218,9 +218,8 @@ class FusedDecoder:
         self._held: list[torch.Tensor] = []  # the source tensors the kernel points at (see _fresh)
         self._storages: list[object] = []  # and their storages, kept alive: no address of theirs is reused
         self._ptrs: list[int] = []
-        self._steps: dict[
-            tuple[int, ...], native.StepArgs
-        ] = {}  # per layer list: its one-call step arguments
+        # per list of layers (their indices): its one-call step arguments
+        self._steps: dict[tuple[int, ...], native.StepArgs] = {}
         self._stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its store pointers
         self._topk_idx = self._topk_count = torch.empty(0, dtype=torch.long)
         self._trusted = False  # inside `step()`: the packs were checked at its start

@@ -270,9 +270,9 @@ class Scheduler:
         self._step += 1
         self._preempted, self._finished = [], []
         mtp = self.mtp_cache
-        for (
-            s
-        ) in decode:  # positions L-1 .. L-1+k (or L-2+steps) of the main cache; the MTP catch-up and drafts
+        # positions L-1 .. L-1+k of the main cache (L-2+steps with several decode steps); the MTP catch-up and
+        # k - 1 drafts
+        for s in decode:
             self.cache.reserve(s.seq_id, len(s.tokens) + k + steps - 1)
             if k and mtp is not None and len(s.tokens) + k - 2 > mtp.length(s.seq_id):
                 mtp.reserve(s.seq_id, len(s.tokens) + k - 2)
