@@ -227,8 +227,9 @@ def markdown(results: dict) -> str:
         + (f", `decode_steps={meta['decode_steps']}`" if meta.get("decode_steps", 1) > 1 else ""),
         "",
         f"{meta['cpu']}; flags {meta['simd_flags']}; {meta['kernel']}. Medians of {meta['rounds']} interleaved "
-        f"rounds, a fresh process per measurement; machine load average {meta['load']} during the run (other "
-        "jobs share its 2 cores: numbers are noisy). STREAM-like copy bandwidth "
+        "rounds (glm5's decode: the rounds' range in brackets), a fresh process per measurement; machine load "
+        f"average {meta['load']} during the run (other jobs share its 2 cores: numbers are noisy). STREAM-like "
+        "copy bandwidth "
         f"{bw / 1e9:.1f} GB/s (median). Runtime RSS (import glm5 + torch, the kernel loaded, no model): "
         f"{base:.0f} MB; `peak - runtime` compares the rest with weights + KV cache (the peak includes prefill's "
         "activations, a 2,048-token chunk against the whole context; `peak RSS of loading` is the peak once "
@@ -249,8 +250,14 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| llama.cpp {name} (issue 19) | " + " | ".join(dec + pre) + f" | {LLAMA_RSS_MB[name]} MB | | |"
         )
+
+    def spread(row: dict) -> str:  # the median, and the rounds' range when there are several
+        runs = [r["decode_tok_s"] for r in row.get("runs", [])]
+        lo_hi = f" ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else ""
+        return f"{row['decode_tok_s']:.0f}{lo_hi}"
+
     for fmt, by_ctx in rows.items():
-        dec = [f"{by_ctx[str(c)]['decode_tok_s']:.0f}" for c in contexts]
+        dec = [spread(by_ctx[str(c)]) for c in contexts]
         pre = [f"{by_ctx[str(c)]['prefill_tok_s']:.0f}" for c in contexts if c >= 512]
         rss = [by_ctx[str(c)]["peak_rss"] / 2**20 for c in contexts]
         held = [(by_ctx[str(c)]["weight_bytes"] + by_ctx[str(c)]["kv_bytes"]) / 2**20 for c in contexts]
