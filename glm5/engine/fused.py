@@ -175,6 +175,11 @@ def _mat_of(name, w, scale, fmt, rows, cols, split, bias, out_scale) -> native.M
     )
 
 
+def _table_pointers(*tables: torch.Tensor) -> dict[str, int]:
+    """The step-major tables (write slots, gathers, lengths, cos, sin) as the kernel structs' pointer fields."""
+    return {name: t.data_ptr() for name, t in zip(("write_slot", "gather", "lengths", "cos", "sin"), tables)}
+
+
 @dataclass
 class _Layer:
     """One decoder layer (main or MTP): its modules, used in place by both back ends."""
@@ -593,11 +598,7 @@ class FusedDecoder:
             h=h.data_ptr(),
             prev_ids=first_ids.data_ptr(),
             ids=ids.data_ptr(),
-            write_slot=write.data_ptr(),
-            gather=gather.data_ptr(),
-            lengths=lengths.data_ptr(),
-            cos=cos.data_ptr(),
-            sin=sin.data_ptr(),
+            **_table_pointers(write, gather, lengths, cos, sin),
             T0=T0,
             first_h=first_h.data_ptr(),
             first_ids=first_ids.data_ptr(),
@@ -654,11 +655,7 @@ class FusedDecoder:
             embed=self.model.model.embed_tokens.weight.data_ptr(),
             first_ids=first.data_ptr(),
             ids=ids.data_ptr(),
-            write_slot=write.data_ptr(),
-            gather=gather.data_ptr(),
-            lengths=lengths.data_ptr(),
-            cos=cos.data_ptr(),
-            sin=sin.data_ptr(),
+            **_table_pointers(write, gather, lengths, cos, sin),
         )
         self._check(self.lib.glm5_decode_greedy(ctypes.byref(s), ctypes.byref(g)), s, self.layers)
         cache.advance(steps)

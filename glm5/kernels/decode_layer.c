@@ -866,6 +866,16 @@ int glm5_decode_layer(const LayerArgs *a) {
     return rc ? rc : feed_forward(a);
 }
 
+/* out[b] = the index of the first maximum of logits[b, :V] (as torch.argmax), for B rows */
+static void argmax_rows(const float *logits, int64_t B, int64_t V, int64_t *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *l = logits + b * V;
+        int64_t best = 0;
+        for (int64_t v = 1; v < V; v++) best = l[v] > l[best] ? v : best;
+        out[b] = best;
+    }
+}
+
 /* A whole decode step of `n_layers` layers in one call, then (hidden non-NULL) the final RMSNorm and (logits
    non-NULL) the head: the per-step fields below are copied into every layer's LayerArgs (kv_stores[l] /
    idx_stores[l] are layer l's cache stores), so Python sets them once per step instead of once per layer (the
@@ -949,12 +959,7 @@ int glm5_decode_greedy(StepArgs *s, const GreedyArgs *g) {
         s->hidden = hidden; s->logits = logits;
         rc = glm5_decode_step(s);
         if (rc) goto done;
-        for (int64_t b = 0; b < B; b++) {
-            const float *l = logits + b * V;
-            int64_t best = 0;
-            for (int64_t v = 1; v < V; v++) best = l[v] > l[best] ? v : best;
-            g->ids[i * B + b] = best;
-        }
+        argmax_rows(logits, B, V, g->ids + i * B);
     }
     rc = 0;
 done:
@@ -1020,12 +1025,7 @@ int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
         for (int64_t b = 0; b < B; b++) memcpy(d->h + b * D, u + (b * T + T - 1) * D, sizeof(float) * D);
         glm5_rms_norm(d->h, d->head_norm_w, B, D, d->head_norm_eps, hn);
         linear(&d->lm_head, hn, D, B, logits, V);
-        for (int64_t b = 0; b < B; b++) {
-            const float *l = logits + b * V;
-            int64_t best = 0;
-            for (int64_t v = 1; v < V; v++) best = l[v] > l[best] ? v : best;
-            d->ids[i * B + b] = best;
-        }
+        argmax_rows(logits, B, V, d->ids + i * B);
     }
     rc = 0;
 done:
