@@ -5,7 +5,8 @@ dummy step) -- every request's greedy tokens equal one process's and its logprob
 sharing a cached prefix goes to the DP rank that holds it, the others to the least loaded rank. Layouts: DP2+EP2
 with each token dispatch, with MTP speculation (the ranks then run different layers' MoE calls at once), and
 DP2 x TP2 with EP4 (4 processes). A weight update reaches every rank (equal hashes, one-process tokens after it);
-preemption and an abort inside a DP rank keep the other requests' tokens. Bad flags are refused before anything
+preemption and an abort inside a DP rank keep the other requests' tokens; several decode steps per engine step
+(DP2+EP2, TP2) keep them too. Bad flags are refused before anything
 loads; `glm5 plan` prints a launch command `glm5 serve` accepts, and predicts the per-rank bytes the engine holds.
 """
 
@@ -265,3 +266,15 @@ def test_preemption_and_abort_within_a_dp_rank(ckpt) -> None:
     assert preemptions > 0 and len(got["r0"]) < 40
     assert {k: v for k, v in got.items() if k != "r0"} == {k: v for k, v in ref.items() if k != "r0"}
     assert all(len(v) == 40 for k, v in got.items() if k != "r0")
+
+
+def test_several_decode_steps_per_engine_step_reproduce_one_process(ckpt) -> None:
+    """decode_steps=3 with DP2+EP2 (a DP rank that finishes early answers the other's MoE calls of every one of
+    its several forwards with no tokens) and with TP2: the one-process greedy tokens, in fewer engine steps."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 2, 7)]
+    one = LLM(str(ckpt), **ENGINE)
+    ref = [o.outputs[0].token_ids for o in one.generate(_prompts(), params)]
+    for layout in (dict(expert_parallel_size=2, data_parallel_size=2), dict(tensor_parallel_size=2)):
+        with LLM(str(ckpt), decode_steps=3, **layout, **ENGINE) as llm:
+            assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), params)] == ref
+            assert llm.engine.num_steps < one.engine.num_steps
