@@ -38,7 +38,7 @@ class EngineConfig:
     """Override the model's attention path ("sparse" or the dense "mask" reference)."""
     fused_decode: bool | None = None
     """Decode steps (and speculative verification / MTP drafting) through glm5.engine.fused.FusedDecoder: packed
-    projections and folded norms, each layer one call into the native C kernel where a C compiler exists.
+    projections and folded norms, the whole step one call into the native C kernel where a C compiler exists.
     None: on for float32 models on a CPU, where dispatch dominates decode; the model's own forward otherwise
     (or when the model is unsupported: FP8 "keep" weights, the "mask" attention). True asks for it anywhere."""
     compile: str = "auto"

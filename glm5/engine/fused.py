@@ -5,13 +5,14 @@ operator dispatch (~600 eager ops per step of the 4-layer bench model) and into 
 arithmetic. `FusedDecoder` runs the same step as `GLM5ForCausalLM.forward` with a cache and T = 1:
 
 - with the native kernel (glm5/kernels/decode_layer.c, built and loaded by glm5.kernels.native; the default on a
-  CPU with a C compiler) each decoder layer -- main or MTP -- is one C call that reads every weight matrix in
+  CPU with a C compiler) a decode step -- every decoder layer, the final norm and lm_head; or an MTP layer -- is
+  one C call (`glm5_decode_step`; each layer `glm5_decode_layer` inside it) that reads every weight matrix in
   the format it is stored in (fp32, bf16, block FP8 e4m3 with its 128x128 scales, int8 with group scales; see
   glm5.kernels.formats), widens it in registers and accumulates in fp32; it writes the layer's paged-cache
   entries itself, runs the indexer over the context and attends over the selected latents. lm_head and the MTP
   eh_proj are kernel products too. A row may bring several new tokens (speculative verification: row-major,
-  each attends up to itself; every weight row is widened once for all of them), and the MTP layer drafts
-  through it (`mtp_forward`);
+  each attends up to itself; every weight row is widened once for all of them), the MTP layer drafts through
+  it (`mtp_forward`, `mtp_draft`), and several greedy steps run back to back in one call (`decode_greedy`);
 - without the kernel the step runs as torch ops on the same modules (each widens its own weights): RoPE of
   each row as one small rotation matrix shared by every layer, the weight-absorbed MLA over the top-k latent
   entries (the arithmetic of `sparse_latent_attention`), no masks when every row sees all of its keys.
