@@ -197,6 +197,35 @@ def test_llm_loads_each_format_and_decodes_as_the_model_on_those_weights(weights
     assert out == [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
 
 
+def test_expert_banks_are_converted_as_their_experts_are_read(tmp_path) -> None:  # noqa: ANN001
+    """The loader reports each module once, as soon as all of its tensors are in place (load_pretrained's
+    on_filled), so LLM(path, weights="int8" / "bf16") converts every routed-expert bank before the rest of the
+    checkpoint is read; the stored weights equal converting the whole model afterwards."""
+    from glm5.engine import LLM
+    from glm5.model import GLM5ForCausalLM
+    from glm5.model.moe import Experts
+
+    ref = noisy_model(MICRO)
+    ref.save_pretrained(str(tmp_path), max_shard_size=20_000)  # several shards
+    seen = []
+
+    def on_filled(model, path):  # noqa: ANN001, ANN202
+        mine, theirs = model.get_submodule(path), ref.get_submodule(path)
+        for name, t in [*mine.named_parameters(recurse=False), *mine.named_buffers(recurse=False)]:
+            assert torch.equal(t, getattr(theirs, name)), f"{path}.{name} reported before it was read"
+        seen.append(path)
+
+    GLM5ForCausalLM.from_pretrained(str(tmp_path), on_filled=on_filled)
+    banks = [p for p, m in ref.named_modules() if type(m) is Experts]
+    assert len(seen) == len(set(seen)) and banks and set(banks) <= set(seen)
+    assert seen.index(banks[0]) < len(seen) - 1  # a bank came complete while other modules were still unread
+    for weights in ("int8", "bf16"):
+        loaded = LLM(str(tmp_path), weights=weights).engine.fused.model.state_dict()
+        converted = convert_model(noisy_model(MICRO), weights).state_dict()
+        assert loaded.keys() == converted.keys()
+        assert all(torch.equal(loaded[k], converted[k]) for k in loaded), weights
+
+
 def test_an_fp8_checkpoint_keeps_fp8_by_default_and_options_must_agree(tmp_path) -> None:  # noqa: ANN001
     from glm5.engine import LLM
 

@@ -108,6 +108,7 @@ def load_pretrained(
     device: torch.device | str | None = None,
     fp8: str = "dequantize",
     prepare: Callable[[nn.Module], object] | None = None,
+    on_filled: Callable[[nn.Module, str], None] | None = None,
 ) -> nn.Module:
     """Build `build(config)` on the meta device and fill it from the checkpoint folder at `path`.
 
@@ -115,6 +116,9 @@ def load_pretrained(
     fp8: "dequantize" turns e4m3 weights into `dtype`; "keep" needs `prepare`, which swaps FP8 modules into
       the meta model (glm5.model.fp8.quantize_model); e4m3 weights are then copied as they are and BF16 weights
       of the quantised split are quantised on the way in.
+    on_filled(model, module_path): called as soon as every tensor of a module is read (the loader then holds
+      no reference to them: e.g. glm5.kernels.formats converts each expert bank as it completes, so the
+      unconverted banks never all sit in memory at once).
     Raises CheckpointError (a ValueError) naming the file and tensor for any mismatch.
     """
     folder, cfg = open_checkpoint(path, fp8, prepare)
@@ -123,8 +127,31 @@ def load_pretrained(
     model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
     own = model.state_dict(keep_vars=True)
     targets = to_hf_state_dict(own, cfg)
+    own_ids = {id(t) for t in own.values()}
+    filled = None
+    if on_filled is not None:
+        owners = {
+            id(t): path
+            for path, m in model.named_modules()
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        }
+        module_of = {r.name: owners.get(id(_base(targets[r.name]))) for r in reads}
+        remaining: dict[str, int] = {}
+        for path in module_of.values():
+            if path is not None:
+                remaining[path] = remaining.get(path, 0) + 1
+
+        def filled(name: str) -> None:
+            path = module_of.get(name)
+            if path is not None:
+                remaining[path] -= 1
+                if not remaining[path]:
+                    on_filled(model, path)
+
+    del own
     with torch.no_grad():
-        _stream(folder, reads, targets, {id(t) for t in own.values()})
+        _stream(folder, reads, targets, own_ids, filled)
     _reset_non_persistent_buffers(model)
     release_free_memory()
     if not any(t.dtype == fp8_format.FP8_DTYPE for t in model.state_dict().values()):
@@ -261,40 +288,55 @@ def _unexpected(folder: CheckpointFolder, info: TensorInfo, cfg: GLM5Config) -> 
     )
 
 
+def _base(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken of (per-expert slices of a bank), or t itself."""
+    return t._base if t._base is not None else t
+
+
 def _stream(
     folder: CheckpointFolder,
     reads: list[_Read],
     targets: dict[str, torch.Tensor],
     own: set[int] | None = None,
+    filled: Callable[[str], None] | None = None,
 ) -> None:
     """Fill `targets` from the checkpoint. A tensor that is one of the model's own parameters or buffers (its id
     in `own`), on the CPU, stored in the file in the model's dtype and shape, is not copied: the parameter is
     pointed at the shard's memory-mapped bytes (see ShardReader.mapped; copy-on-write, so writes stay in the
     process). The others (per-expert slices of the fused banks, converted or dequantised tensors) are copied,
-    one at a time."""
+    one at a time. Each target is dropped from `targets` once filled; `filled(name)` follows each read."""
     own = own or set()
     with folder.reader() as reader:
         for r in reads:
-            target = targets[r.name]
-            info = folder.tensors[r.name]
-            if (
-                id(target) in own
-                and r.scale is None
-                and r.quantize_into is None
-                and target.device.type == "cpu"
-                and (info.dtype, info.shape) == (target.dtype, tuple(target.shape))
-            ):
-                view = reader.mapped(r.name)
-                if view is not None:
-                    target.data = view
-                    continue
-            tensor = reader.get(r.name)
-            if r.scale is not None:
-                tensor = fp8_format.dequantize(tensor, reader.get(r.scale), target.dtype)
-            if r.quantize_into is not None:
-                tensor, scale = fp8_format.quantize(tensor)
-                targets[r.quantize_into].copy_(scale)
-            target.copy_(tensor)
+            _fill(reader, folder, r, targets, own)
+            if filled is not None:
+                filled(r.name)
+
+
+def _fill(
+    reader, folder: CheckpointFolder, r: _Read, targets: dict[str, torch.Tensor], own: set[int]
+) -> None:  # noqa: ANN001
+    """One read of `_stream`: its target (and scale target) filled, then dropped from `targets`."""
+    target = targets.pop(r.name)
+    info = folder.tensors[r.name]
+    if (
+        id(target) in own
+        and r.scale is None
+        and r.quantize_into is None
+        and target.device.type == "cpu"
+        and (info.dtype, info.shape) == (target.dtype, tuple(target.shape))
+    ):
+        view = reader.mapped(r.name)
+        if view is not None:
+            target.data = view
+            return
+    tensor = reader.get(r.name)
+    if r.scale is not None:
+        tensor = fp8_format.dequantize(tensor, reader.get(r.scale), target.dtype)
+    if r.quantize_into is not None:
+        tensor, scale = fp8_format.quantize(tensor)
+        targets.pop(r.quantize_into).copy_(scale)
+    target.copy_(tensor)
 
 
 def _reset_non_persistent_buffers(model: nn.Module) -> None:

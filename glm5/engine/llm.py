@@ -18,7 +18,7 @@ from glm5.engine.multiproc import MultiProcExecutor
 from glm5.engine.outputs import RequestOutput
 from glm5.engine.sampling import SamplingParams
 from glm5.engine.sharding import ShardLayout, check_layout
-from glm5.kernels.formats import convert_model, resolve_weights
+from glm5.kernels.formats import convert_model, converting_loader, resolve_weights
 from glm5.model import GLM5ForCausalLM
 from glm5.tokenizer import GLM5Tokenizer
 
@@ -237,7 +237,7 @@ def _load(
     kwargs: dict[str, Any] = {"dtype": dtype, "device": device}
     if fp8 is not None:
         kwargs["fp8"] = fp8
-    model = GLM5ForCausalLM.from_pretrained(folder, **kwargs)
+    model = GLM5ForCausalLM.from_pretrained(folder, on_filled=converting_loader(weights), **kwargs)
     if weights is not None:
         model = convert_model(model, weights)
     tokenizer = None

@@ -190,6 +190,30 @@ def resolve_weights(
     return weights, "dequantize" if is_fp8 else fp8
 
 
+def converting_loader(weights: str | None):  # noqa: ANN201
+    """For `load_pretrained(on_filled=...)`: each routed-expert bank converted to `weights` ("bf16" / "int8") as
+    soon as its experts are read, so the unconverted banks (most of a GLM-5's bytes) never sit in memory
+    together; None for the other formats. `convert_model` converts the rest after loading."""
+    if weights not in ("bf16", "int8"):
+        return None
+    converted = [0]
+
+    @torch.no_grad()
+    def on_filled(model: nn.Module, path: str) -> None:
+        bank = model.get_submodule(path)
+        if type(bank) is not Experts:
+            return
+        parent, _, name = path.rpartition(".")
+        converted[0] += sum(t.numel() * t.element_size() for t in bank.parameters())
+        setattr(model.get_submodule(parent), name, WeightOnlyExperts(bank, weights))
+        del bank
+        if converted[0] >= _RELEASE_BYTES:
+            release_free_memory()
+            converted[0] = 0
+
+    return on_filled
+
+
 @torch.no_grad()
 def convert_model(model: nn.Module, weights: str) -> nn.Module:
     """Hold `model`'s matrices (a float32 or bfloat16 GLM5ForCausalLM, or one with FP8 modules already) in
@@ -229,6 +253,7 @@ def convert_model(model: nn.Module, weights: str) -> nn.Module:
                 if converted >= _RELEASE_BYTES:
                     release_free_memory()
                     converted = 0
+        release_free_memory()  # the shard pages the last conversions read, before the float copies below
     model.float()  # activations, norms, biases, embeddings; the stored formats stay
     release_free_memory()
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -307,15 +308,19 @@ class GLM5ForCausalLM(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         fp8: str = "dequantize",
+        on_filled: Callable[[nn.Module, str], None] | None = None,
     ) -> GLM5ForCausalLM:
         """Load a checkpoint folder (config.json + safetensors shards, BF16 or block-FP8), streaming.
 
         dtype: of the weights (default: config.json's); routers stay fp32. fp8: "dequantize" (e4m3 weights
         become `dtype`) or "keep" (e4m3 weights stay in memory, about half the bytes; see glm5.model.fp8).
+        on_filled(model, module_path): called as each module's tensors are all read (see load_pretrained).
         Raises glm5.checkpoint.files.CheckpointError (a ValueError) naming the file and tensor on bad input.
         """
         prepare = quantize_model if fp8 == "keep" else None
-        return pretrained.load_pretrained(path, cls, dtype=dtype, device=device, fp8=fp8, prepare=prepare)
+        return pretrained.load_pretrained(
+            path, cls, dtype=dtype, device=device, fp8=fp8, prepare=prepare, on_filled=on_filled
+        )
 
     def save_pretrained(self, path: str, fp8: bool = False, max_shard_size: int | str = "5GB") -> None:
         """Write config.json and size-limited safetensors shards in the published layout (atomically);
