@@ -226,6 +226,26 @@ def test_expert_banks_are_converted_as_their_experts_are_read(tmp_path) -> None:
         assert all(torch.equal(loaded[k], converted[k]) for k in loaded), weights
 
 
+def test_large_bf16_parameters_are_widened_in_chunks_keeping_ties(monkeypatch) -> None:  # noqa: ANN001
+    """convert_model widens big bf16 parameters (the embedding) a chunk at a time: the same fp32 values as
+    .float(), tied parameters still one tensor, small ones left to model.float()."""
+    from torch import nn
+
+    from glm5.kernels import formats
+
+    monkeypatch.setattr(formats, "_RELEASE_BYTES", 4096)  # chunks of 512 elements: several per tensor
+    big = nn.Embedding(300, 10).to(torch.bfloat16)
+    head = nn.Linear(10, 300, bias=False).to(torch.bfloat16)
+    head.weight = big.weight  # tied
+    small = nn.Linear(10, 4).to(torch.bfloat16)
+    model = nn.ModuleDict({"big": big, "head": head, "small": small})
+    want = big.weight.detach().float()
+    formats._widen_large_bf16(model)
+    assert model["big"].weight.dtype == torch.float32 and model["head"].weight is model["big"].weight
+    assert torch.equal(model["big"].weight, want)
+    assert model["small"].weight.dtype == torch.bfloat16  # below the size: model.float() widens it
+
+
 def test_an_fp8_checkpoint_keeps_fp8_by_default_and_options_must_agree(tmp_path) -> None:  # noqa: ANN001
     from glm5.engine import LLM
 

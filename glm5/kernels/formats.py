@@ -215,6 +215,33 @@ def converting_loader(weights: str | None):  # noqa: ANN201
 
 
 @torch.no_grad()
+def _widen_large_bf16(model: nn.Module) -> None:
+    """bf16 parameters of at least _RELEASE_BYTES (the embedding) to fp32 a chunk at a time, handing back the
+    pages a mapped source was read from as it goes (`model.float()` would hold the whole source next to the
+    whole copy). Tied parameters stay tied."""
+    done: dict[
+        int, tuple[nn.Parameter, nn.Parameter]
+    ] = {}  # id(old) -> (old, kept alive: ids stay unique; new)
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if (
+                p is None
+                or p.dtype != torch.bfloat16
+                or p.numel() * 2 < _RELEASE_BYTES
+                or not p.is_contiguous()
+            ):
+                continue
+            if id(p) not in done:
+                out = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                src, dst, step = p.detach().view(-1), out.view(-1), _RELEASE_BYTES // 8  # 8 MB of source
+                for i in range(0, src.numel(), step):
+                    dst[i : i + step] = src[i : i + step]
+                    release_free_memory()
+                done[id(p)] = (p, nn.Parameter(out, requires_grad=p.requires_grad))
+            m._parameters[name] = done[id(p)][1]
+
+
+@torch.no_grad()
 def convert_model(model: nn.Module, weights: str) -> nn.Module:
     """Hold `model`'s matrices (a float32 or bfloat16 GLM5ForCausalLM, or one with FP8 modules already) in
     `weights` format with float32 activations, in place; returns it. bf16 weights become "bf16" without a copy."""
@@ -238,7 +265,8 @@ def convert_model(model: nn.Module, weights: str) -> nn.Module:
         # next is converted (never a whole second copy of the model); every _RELEASE_BYTES of sources the
         # shard pages they were read from are handed back too (a mapped source's pages would otherwise stay
         # resident until the end: int8 from a bf16 checkpoint peaked at 1.80x the weights + cache, 1.51x after;
-        # with the expert banks converted while loading (converting_loader), 1.38x)
+        # with the expert banks converted while loading (converting_loader) and the embedding widened in chunks
+        # (_widen_large_bf16), 1.25x)
         converted = 0
         for path in [n for n, _ in model.named_modules()]:
             parent = model.get_submodule(path)
@@ -255,6 +283,7 @@ def convert_model(model: nn.Module, weights: str) -> nn.Module:
                     release_free_memory()
                     converted = 0
         release_free_memory()  # the shard pages the last conversions read, before the float copies below
+    _widen_large_bf16(model)
     model.float()  # activations, norms, biases, embeddings; the stored formats stay
     release_free_memory()
     return model
