@@ -31,8 +31,8 @@ mirror the C structs field for field, and the loader refuses a library whose siz
 - Mat: w (the stored matrix [rows, cols], contiguous), scale (FP8: weight_scale_inv [ceil(rows/128),
   ceil(cols/128)] fp32, the stacked experts' gate and up halves quantised apart, `split` = the first up row;
   int8: [rows, ceil(cols/32)] fp32; else NULL), bias (fp32 [rows] or NULL), fmt (native.FORMATS), out_scale
-  (a constant folded into the outputs: the indexer's head-weight scales). Owned by the model; `_held` keeps
-  the tensors alive while the kernel may read them.
+  (a constant folded into the outputs: the indexer's head-weight scales). Owned by the model; `_storages` keeps
+  their memory alive while the kernel may read it.
 - LayerArgs, set once per build by `_native_args`: sizes and eps; `in_` = [q_a, kv_a (, indexer wk, indexer
   weights_proj)] (read by the input-normed row), `q` = [q_b (, indexer wq_b)] (by the normed query latent),
   `kv_b` (absorbed: its rows per head are W_UK then W_UV), `o`, `ffn` = [router (, shared gate, shared up)] or
@@ -221,9 +221,8 @@ class FusedDecoder:
         self.mtp_layers: list[_Layer] = []
         self.lm_head: native.Mat | None = None
         self.eh_proj: list[native.Mat] = []
-        self._held: list[torch.Tensor] = []  # the source tensors the kernel points at (see _fresh)
-        self._storages: list[object] = []  # and their storages, kept alive: no address of theirs is reused
-        self._ptrs: list[int] = []
+        self._storages: list[object] = []  # of the tensors the kernel points at, kept alive (see _fresh)
+        self._ptrs: list[int] = []  # the tensors' addresses at the last build
         # per list of layers (their indices): its one-call step arguments
         self._steps: dict[tuple[int, ...], native.StepArgs] = {}
         self._stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its store pointers
@@ -277,14 +276,14 @@ class FusedDecoder:
         new address. In-place updates need nothing: the kernel reads the same memory (nothing is derived from
         the weights at build time). One C-level pass over a few hundred tensors; replaced modules are not
         seen: call `invalidate()` after them."""
-        if not self._held:
+        if not self._ptrs:
             return False
         return list(map(_DATA_PTR, itertools.starmap(dict.__getitem__, self._slots))) == self._ptrs
 
     def invalidate(self) -> None:
         """Rebuild the kernel's arguments before the next step (after a change the check cannot see: a module
         replaced by a new one)."""
-        self._held, self._storages, self._slots, self.layers = [], [], [], []
+        self._ptrs, self._storages, self._slots, self.layers = [], [], [], []
         self._names = {id(m): n for n, m in self.model.named_modules()}
 
     def _ensure_fresh(self) -> None:
@@ -319,9 +318,9 @@ class FusedDecoder:
                     raise
                 warnings.warn(f"native decode kernel disabled: {e}", stacklevel=2)
                 self.lib = None
-        self._held = self._sources()
-        self._storages = [t.untyped_storage() for t in self._held]
-        self._ptrs = list(map(_DATA_PTR, self._held))
+        sources = self._sources()
+        self._storages = [t.untyped_storage() for t in sources]
+        self._ptrs = list(map(_DATA_PTR, sources))
         self._steps = {}
         self.num_builds += 1
 
@@ -535,31 +534,20 @@ class FusedDecoder:
         return h.view_as(u), None if logits is None else logits.view(*u.shape[:-1], -1)
 
     def drafts_in_kernel(self, cache) -> bool:  # noqa: ANN001
-        """Greedy drafting runs in one kernel call (`mtp_draft`): the kernel is loaded, the model has one MTP
-        module (applied recursively) and a contiguous float32 embedding."""
-        embed = self.model.model.embed_tokens.weight
-        return (
-            self.lib is not None
-            and hasattr(cache, "decode_tables")
-            and self.model.attention.impl == "sparse"
-            and len(getattr(self.model, "mtp", ())) == 1
-            and embed.dtype == torch.float32
-            and embed.is_contiguous()
-        )
+        """Greedy drafting runs in one kernel call (`mtp_draft`): where `greedy_in_kernel`, with one MTP module
+        (applied recursively)."""
+        return self.greedy_in_kernel(cache) and len(getattr(self.model, "mtp", ())) == 1
 
     @torch.no_grad()
     def mtp_draft(self, hidden: torch.Tensor, prev_ids: torch.Tensor, cache, steps: int) -> torch.Tensor:  # noqa: ANN001
         """`steps` greedy drafts per row in one kernel call: each step runs `mtp_forward` on the previous MTP output
         and token (first: the given ones), then takes the argmax of its logits -- the same arithmetic as `steps`
-        calls of `mtp_forward` + argmax, without Python between them. hidden [B, D] and prev_ids [B], or [B, T0, D]
-        and [B, T0]: the first step feeds T0 positions per row (the catch-up, in order; its draft comes from the
-        last). Writes the cache entries of every position it feeds (the caller prepared T0 + steps - 1 tokens per
+        calls of `mtp_forward` + argmax, without Python between them. hidden [B, T0, D] and prev_ids [B, T0]: the
+        first step feeds T0 positions per row (the catch-up, in order; its draft comes from the last). Writes the cache entries of every position it feeds (the caller prepared T0 + steps - 1 tokens per
         row: the real ones, then placeholders it rolls back); -> drafts [B, steps]. Only where
         `drafts_in_kernel(cache)`."""
         model = self.model
         self._ensure_fresh()
-        if hidden.dim() == 2:
-            hidden, prev_ids = hidden[:, None], prev_ids[:, None]
         B, T0, D = hidden.shape
         T = T0 + steps - 1
         module, L = model.mtp[0], self.mtp_layers[0]
@@ -572,8 +560,7 @@ class FusedDecoder:
         first_ids = prev_ids.reshape(B * T0).contiguous()
         h = torch.empty(B, D)
         ids = torch.empty(steps, B, dtype=torch.long)
-        topk_idx = torch.empty(B * T0, self.cfg.index_topk, dtype=torch.long)
-        topk_count = torch.zeros(B * T0, dtype=torch.long)
+        topk_idx, topk_count = self._topk_scratch(B * T0)
         a = L.args
         a.kv_store, a.idx_store = kv.data_ptr(), None if idx is None else idx.data_ptr()
         a.gather_stride, a.topk_idx, a.topk_count = (
@@ -597,7 +584,6 @@ class FusedDecoder:
             eh_proj=self.eh_proj[0],
             lm_head=self.lm_head,
             h=h.data_ptr(),
-            prev_ids=first_ids.data_ptr(),
             ids=ids.data_ptr(),
             **_table_pointers(write, gather, lengths, cos, sin),
             T0=T0,
@@ -665,16 +651,21 @@ class FusedDecoder:
     def _call_args(
         self, s: native.StepArgs, rows: int, gather: torch.Tensor, norm: nn.Module | None
     ) -> native.StepArgs:
-        """Fill the fields every step of one call shares: the top-k scratch for `rows` rows (kept between calls;
-        the kernel zeroes the counts), the gather stride, DSA, the final norm (None: no head)."""
-        if self._topk_idx.shape[0] < rows:
-            self._topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
-            self._topk_count = torch.empty(rows, dtype=torch.long)
-        s.topk_idx, s.topk_count = self._topk_idx.data_ptr(), self._topk_count.data_ptr()
+        """Fill the fields every step of one call shares: the top-k scratch for `rows` rows, the gather stride,
+        DSA, the final norm (None: no head)."""
+        topk_idx, topk_count = self._topk_scratch(rows)
+        s.topk_idx, s.topk_count = topk_idx.data_ptr(), topk_count.data_ptr()
         s.gather_stride, s.dsa = gather.shape[1], self.model.attention.dsa
         if norm is not None:
             s.norm_w, s.norm_eps = norm.weight.data_ptr(), norm.eps
         return s
+
+    def _topk_scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's top-k scratch for `rows` rows, kept between calls (every kernel call zeroes the counts)."""
+        if self._topk_idx.shape[0] < rows:
+            self._topk_idx = torch.empty(rows, self.cfg.index_topk, dtype=torch.long)
+            self._topk_count = torch.empty(rows, dtype=torch.long)
+        return self._topk_idx, self._topk_count
 
     @staticmethod
     def _check(rc: int, s: native.StepArgs, layers: list[_Layer]) -> None:

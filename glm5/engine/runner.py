@@ -60,13 +60,6 @@ class ModelRunnerOutput:
         self.token_ids.append(tokens)
         self.logprobs.append(logprobs)
 
-    def extend(self, seq_id: int, tokens: list[int]) -> None:
-        """More tokens (no logprobs) for a sequence, after the ones it has in this output."""
-        if seq_id in self.seq_ids:
-            self.token_ids[self.seq_ids.index(seq_id)].extend(tokens)
-        else:
-            self.add(seq_id, list(tokens), None)
-
 
 class SeqState:
     """The runner's view of one sequence (built from its `NewSeq`, then kept up to date by the runner itself)."""
@@ -98,11 +91,6 @@ class SeqState:
         self.tokens.extend(tokens)
         if self.penalty is not None:
             self.penalty.add(tokens)
-
-
-def _plain_greedy(s: SeqState) -> bool:
-    """The row's next token is its logits' argmax: greedy, no penalties, no min_tokens ban, no logprobs."""
-    return s.params.argmax_only(s.num_output)
 
 
 class ModelRunner:
@@ -341,12 +329,11 @@ class ModelRunner:
     def _greedy_steps(self, seqs: list[SeqState], steps: int, result: ModelRunnerOutput) -> None:
         """`steps` plain-argmax decode steps (the scheduler checked every row takes the argmax): in one kernel call
         where the fused step's native kernel applies, else one `_decode_step` after another."""
-        if not (self._fused_now() and self.drafter is None and self.fused.greedy_in_kernel(self.cache)):
-            for _ in range(steps):
-                step = ModelRunnerOutput()
-                self._decode_step(seqs, step)
-                for seq_id, tokens in zip(step.seq_ids, step.token_ids):
-                    result.extend(seq_id, tokens)
+        if not (self._fused_now() and self.fused.greedy_in_kernel(self.cache)):
+            for _ in range(steps):  # each step appends its token to the rows
+                self._decode_step(seqs, ModelRunnerOutput())
+            for seq in seqs:
+                result.add(seq.seq_id, seq.tokens[-steps:], None)
             return
         rows = [[s.tokens[-1]] + [-1] * (steps - 1) for s in seqs]  # placeholders for the tokens it makes
         self.cache.prepare([s.seq_id for s in seqs], rows, register=False)
@@ -414,7 +401,7 @@ class ModelRunner:
         return [dicts[b * positions : (b + 1) * positions] for b in range(B)]
 
     def _sample(self, seqs: list[SeqState], logits: torch.Tensor, result: ModelRunnerOutput) -> None:
-        if self.config.force_token is None and all(map(_plain_greedy, seqs)):  # the argmax, nothing else
+        if self.config.force_token is None and all(s.params.argmax_only(s.num_output) for s in seqs):
             for seq, tok in zip(seqs, logits.argmax(-1).tolist()):
                 seq.append([tok])
                 result.add(seq.seq_id, [tok], None)

@@ -217,33 +217,25 @@ class MTPDrafter:
         exact too: it is kept (it is hashed with its real token when its block is registered by the next
         catch-up); the drafts' entries are rolled back."""
         T0 = h_rows[0].shape[0]
-        if not getattr(self.cache, "enable_prefix_caching", True) and all(h.shape[0] == T0 for h in h_rows):
-            exact_len = [self.cache.length(s.seq_id) + T0 for s in seqs]
-            self.cache.prepare(
-                [s.seq_id for s in seqs], [r + [-1] * (self.k - 1) for r in next_rows], register=False
-            )
-            hidden = torch.stack(h_rows)
-            ids = torch.tensor(next_rows, device=hidden.device)
-            drafts = self.fused.mtp_draft(hidden, ids, self.cache, self.k)
-            for s, n in zip(seqs, exact_len):
-                self.cache.truncate(s.seq_id, n)
-            return drafts
-        lead = [b for b, h in enumerate(h_rows) if h.shape[0] > 1]
-        if lead:
-            self._feed(
-                [seqs[b] for b in lead],
-                [h_rows[b][:-1] for b in lead],
-                [next_rows[b][:-1] for b in lead],
-                register=True,
-                logits=False,
-            )
-        exact_len = [self.cache.length(s.seq_id) + 1 for s in seqs]
+        if getattr(self.cache, "enable_prefix_caching", True) or any(h.shape[0] != T0 for h in h_rows):
+            lead = [b for b, h in enumerate(h_rows) if h.shape[0] > 1]
+            if lead:
+                self._feed(
+                    [seqs[b] for b in lead],
+                    [h_rows[b][:-1] for b in lead],
+                    [next_rows[b][:-1] for b in lead],
+                    register=True,
+                    logits=False,
+                )
+            h_rows, next_rows = [h[-1:] for h in h_rows], [r[-1:] for r in next_rows]
+        exact_len = [self.cache.length(s.seq_id) + h_rows[0].shape[0] for s in seqs]
         self.cache.prepare(
-            [s.seq_id for s in seqs], [[r[-1]] + [-1] * (self.k - 1) for r in next_rows], register=False
+            [s.seq_id for s in seqs], [r + [-1] * (self.k - 1) for r in next_rows], register=False
         )
-        last_h = torch.cat([h[-1:] for h in h_rows])
-        last_ids = torch.tensor([r[-1] for r in next_rows], device=last_h.device)
-        drafts = self.fused.mtp_draft(last_h, last_ids, self.cache, self.k)
+        hidden = torch.stack(h_rows)
+        drafts = self.fused.mtp_draft(
+            hidden, torch.tensor(next_rows, device=hidden.device), self.cache, self.k
+        )
         for s, n in zip(seqs, exact_len):
             self.cache.truncate(s.seq_id, n)
         return drafts

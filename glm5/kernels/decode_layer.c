@@ -973,8 +973,8 @@ int64_t glm5_greedy_args_size(void) { return (int64_t)sizeof(GreedyArgs); }
    h[b] = the MTP layer `layer` on u (writing its cache entry at the step's slot and attending up to it), the draft
    = argmax lm_head(head_norm(h[b])) (the first maximum, as torch.argmax). Step 0 takes T0 >= 1 positions per row
    (the catch-up: first_ids / first_h [B, T0(, D)] row-major, the main model's hidden states and the tokens that
-   followed them; its draft comes from each row's last position) -- with T0 = 1 and first_* NULL, prev_ids [B]
-   and h [B, D]; every later step one position per row, from the previous draft and MTP output. The per-step
+   followed them; its draft comes from each row's last position); every later step one position per row, from
+   the previous draft and MTP output. The per-step
    tables are step-major: step 0's B*T0 rows [b][t], then step i's B rows (i >= 1) from row B*T0 + (i-1)*B:
    write_slot, gather [row * gather_stride], lengths, cos / sin [row, R/2]. Outputs ids [steps, B]; h [B, D] ends
    as the last step's MTP output. The arithmetic of FusedDecoder.mtp_forward + argmax, call for call (the same C
@@ -986,18 +986,17 @@ typedef struct {
     float enorm_eps, hnorm_eps, head_norm_eps;
     int32_t pad_;
     Mat eh_proj, lm_head;
-    float *h;                                        /* [B, D] the previous MTP output, updated */
-    const int64_t *prev_ids;                         /* [B] the tokens the first step embeds (T0 = 1) */
+    float *h;                                        /* [B, D] out: each step's MTP output (of its last row) */
     int64_t *ids;                                    /* [steps, B] the drafts */
     const int64_t *write_slot, *gather, *lengths;    /* step-major tables, see above */
     const float *cos, *sin;
     int64_t T0;                                      /* step 0's positions per row */
-    const float *first_h;                            /* [B, T0, D] or NULL (T0 = 1: h) */
-    const int64_t *first_ids;                        /* [B, T0] or NULL (T0 = 1: prev_ids) */
+    const float *first_h;                            /* [B, T0, D] step 0's hidden states */
+    const int64_t *first_ids;                        /* [B, T0] the tokens step 0 embeds */
 } DraftArgs;
 
 int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
-    const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2, T0 = d->T0 > 1 ? d->T0 : 1;
+    const int64_t B = d->B, D = d->D, V = d->V, half = layer->R / 2, T0 = d->T0;
     float *cat = malloc(sizeof(float) * B * T0 * 2 * D), *u = malloc(sizeof(float) * B * T0 * D);
     float *hn = malloc(sizeof(float) * B * D), *logits = malloc(sizeof(float) * B * V);
     int rc = 1;
@@ -1005,8 +1004,8 @@ int glm5_mtp_draft(LayerArgs *layer, const DraftArgs *d) {
     for (int64_t i = 0; i < d->steps; i++) {
         const int64_t T = i ? 1 : T0, rows = B * T, off = i ? B * T0 + (i - 1) * B : 0;
         for (int64_t r = 0; r < rows; r++) {
-            const int64_t id = i ? d->ids[(i - 1) * B + r] : (d->first_ids ? d->first_ids[r] : d->prev_ids[r]);
-            const float *hr = (!i && d->first_h) ? d->first_h + r * D : d->h + r * D;
+            const int64_t id = i ? d->ids[(i - 1) * B + r] : d->first_ids[r];
+            const float *hr = i ? d->h + r * D : d->first_h + r * D;
             glm5_rms_norm(d->embed + id * D, d->enorm_w, 1, D, d->enorm_eps, cat + r * 2 * D);
             glm5_rms_norm(hr, d->hnorm_w, 1, D, d->hnorm_eps, cat + r * 2 * D + D);
         }

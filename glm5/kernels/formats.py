@@ -196,20 +196,21 @@ def converting_loader(weights: str | None):  # noqa: ANN201
     together; None for the other formats. `convert_model` converts the rest after loading."""
     if weights not in ("bf16", "int8"):
         return None
-    converted = [0]
+    converted = 0
 
     @torch.no_grad()
     def on_filled(model: nn.Module, path: str) -> None:
+        nonlocal converted
         bank = model.get_submodule(path)
         if type(bank) is not Experts:
             return
         parent, _, name = path.rpartition(".")
-        converted[0] += sum(t.numel() * t.element_size() for t in bank.parameters())
+        converted += sum(t.numel() * t.element_size() for t in bank.parameters())
         setattr(model.get_submodule(parent), name, WeightOnlyExperts(bank, weights))
         del bank
-        if converted[0] >= _RELEASE_BYTES:
+        if converted >= _RELEASE_BYTES:
             release_free_memory()
-            converted[0] = 0
+            converted = 0
 
     return on_filled
 

@@ -108,7 +108,7 @@ class DraftArgs(ctypes.Structure):
         ("pad_", ctypes.c_int32),
         ("eh_proj", Mat),
         ("lm_head", Mat),
-        *[(n, _ptr) for n in "h prev_ids ids write_slot gather lengths cos sin".split()],
+        *[(n, _ptr) for n in "h ids write_slot gather lengths cos sin".split()],
         ("T0", _i64),
         *[(n, _ptr) for n in "first_h first_ids".split()],
     ]
