@@ -543,9 +543,9 @@ class FusedDecoder:
         """`steps` greedy drafts per row in one kernel call: each step runs `mtp_forward` on the previous MTP output
         and token (first: the given ones), then takes the argmax of its logits -- the same arithmetic as `steps`
         calls of `mtp_forward` + argmax, without Python between them. hidden [B, T0, D] and prev_ids [B, T0]: the
-        first step feeds T0 positions per row (the catch-up, in order; its draft comes from the last). Writes the cache entries of every position it feeds (the caller prepared T0 + steps - 1 tokens per
-        row: the real ones, then placeholders it rolls back); -> drafts [B, steps]. Only where
-        `drafts_in_kernel(cache)`."""
+        first step feeds T0 positions per row (the catch-up, in order; its draft comes from the last). Writes the
+        cache entries of every position it feeds (the caller prepared T0 + steps - 1 tokens per row: the real
+        ones, then placeholders it rolls back); -> drafts [B, steps]. Only where `drafts_in_kernel(cache)`."""
         model = self.model
         self._ensure_fresh()
         B, T0, D = hidden.shape
