@@ -15,8 +15,10 @@ llama.cpp's numbers are constants quoted from issue 19 (same 2-core AVX-512 mach
 
     python benchmarks/bench_cpu.py                     # 3 rounds, contexts 32 / 512 / 2K / 8K / 32K
     python benchmarks/bench_cpu.py --quick             # 1 round, contexts 32 / 2K, fp32 and fp8
-    python benchmarks/bench_cpu.py --decode-steps 4    # glm5 makes 4 greedy tokens per engine step
+    python benchmarks/bench_cpu.py --decode-steps 1    # one token per engine step (the streaming engines' default)
 
+glm5 runs as `LLM(...)` does by default: 8 greedy tokens per engine step, one kernel call for them
+(glm5.engine.llm.OFFLINE_DECODE_STEPS); `--decode-steps N` sets EngineConfig.decode_steps instead.
 Writes benchmarks/results/bench_cpu.{json,md,png} (--quick: bench_cpu_quick.*; --decode-steps N:
 bench_cpu_steps<N>.*).
 """
@@ -125,9 +127,11 @@ def decode_bytes(model: torch.nn.Module, context: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- workers
-def run_decode(weights: str, folder: str, context: int, threads: int, decode_steps: int = 1) -> dict:
+def run_decode(
+    weights: str, folder: str, context: int, threads: int, decode_steps: int | None = None
+) -> dict:
     """Load `folder` as `weights`, prefill a random `context`-token prompt, decode NEW_TOKENS greedily
-    (`decode_steps` tokens per engine step: EngineConfig.decode_steps)."""
+    (`decode_steps` tokens per engine step: EngineConfig.decode_steps; None: LLM's default)."""
     from glm5.engine import LLM, SamplingParams
     from glm5.kernels import native
     from glm5.model.fp8 import weight_bytes
@@ -139,7 +143,7 @@ def run_decode(weights: str, folder: str, context: int, threads: int, decode_ste
         weights=weights,
         max_model_len=context + NEW_TOKENS + 8,
         max_num_seqs=1,
-        decode_steps=decode_steps,
+        **({} if decode_steps is None else {"decode_steps": decode_steps}),
     )
     load_s = time.perf_counter() - start
     load_rss = peak_rss()  # loading's own peak: weights (mapped or copied), conversions, the cache allocated
@@ -224,7 +228,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# bench_cpu: `small` ({meta['params'] / 1e6:.1f}M parameters), batch-1 greedy decode of {NEW_TOKENS} "
         f"tokens, {meta['threads']} threads"
-        + (f", `decode_steps={meta['decode_steps']}`" if meta.get("decode_steps", 1) > 1 else ""),
+        + f", glm5 with `decode_steps={meta['decode_steps']}`"
+        + (" (`LLM`'s default)" if meta.get("decode_steps_default") else ""),
         "",
         f"{meta['cpu']}; flags {meta['simd_flags']}; {meta['kernel']}. Medians of {meta['rounds']} interleaved "
         "rounds (glm5's decode: the rounds' range in brackets), a fresh process per measurement; machine load "
@@ -342,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode-steps",
         type=int,
-        default=1,
-        help="EngineConfig.decode_steps for glm5 (results go to bench_cpu_steps<N>.* when > 1)",
+        default=None,
+        help="EngineConfig.decode_steps for glm5 (default: LLM's, 8; results go to bench_cpu_steps<N>.*)",
     )
     args = parser.parse_args(argv)
     formats = (args.formats or ("fp32,fp8" if args.quick else "fp32,bf16,int8,fp8")).split(",")
@@ -380,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"prefill {r['prefill_tok_s']:.0f} tok/s, peak RSS {r['peak_rss'] / 2**20:.0f} MB",
                         file=sys.stderr,
                     )
+    from glm5.engine.llm import OFFLINE_DECODE_STEPS
+
+    steps = OFFLINE_DECODE_STEPS if args.decode_steps is None else args.decode_steps
     rows: dict[str, dict[str, dict]] = {}
     for (fmt, context), rs in runs.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
@@ -398,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             "params": parameter_table(GLM5Config.from_preset("small")).total_main,
             "kernel": rows[formats[0]][str(contexts[0])]["kernel"],
             "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
-            "decode_steps": args.decode_steps,
+            "decode_steps": steps,
+            "decode_steps_default": args.decode_steps is None,
         },
         "contexts": contexts,
         "bandwidth_bytes_per_s": statistics.median(bandwidth),
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     name = "bench_cpu_quick" if args.quick else "bench_cpu"
-    if args.decode_steps > 1:
+    if args.decode_steps is not None:
         name += f"_steps{args.decode_steps}"
     save_results(args.out, name, results, markdown(results), plot)
     return 0

@@ -272,7 +272,7 @@ def test_several_decode_steps_per_engine_step_reproduce_one_process(ckpt) -> Non
     """decode_steps=3 with DP2+EP2 (a DP rank that finishes early answers the other's MoE calls of every one of
     its several forwards with no tokens) and with TP2: the one-process greedy tokens, in fewer engine steps."""
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 2, 7)]
-    one = LLM(str(ckpt), **ENGINE)
+    one = LLM(str(ckpt), decode_steps=1, **ENGINE)
     ref = [o.outputs[0].token_ids for o in one.generate(_prompts(), params)]
     for layout in (dict(expert_parallel_size=2, data_parallel_size=2), dict(tensor_parallel_size=2)):
         with LLM(str(ckpt), decode_steps=3, **layout, **ENGINE) as llm:

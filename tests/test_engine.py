@@ -9,6 +9,8 @@ from configs import MICRO
 
 from glm5 import GLM5Config, GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
+from glm5.engine.llm import OFFLINE_DECODE_STEPS
+from glm5.serve import build_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +65,7 @@ def test_many_concurrent_requests_of_different_lengths_equal_each_run_alone() ->
 
 
 def test_chunked_prefill_interleaves_with_decode_of_other_requests() -> None:
-    llm = LLM(model(), block_size=4, max_num_batched_tokens=8)
+    llm = LLM(model(), block_size=4, max_num_batched_tokens=8, decode_steps=1)
     eng = llm.engine
     short, long = prompts([4, 40], seed=5)
     eng.add_request("short", short, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
@@ -191,7 +193,7 @@ def test_several_decode_steps_per_engine_step_equal_one_at_a_time(fused: bool) -
     m = model(7)
     ps = prompts([3, 12, 30], seed=9)
     params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True)
-    one = LLM(m, block_size=4, max_num_batched_tokens=16, fused_decode=fused)
+    one = LLM(m, block_size=4, max_num_batched_tokens=16, fused_decode=fused, decode_steps=1)
     ref = token_ids(one.generate(ps, params))
     assert ref[2] == full_sequence_greedy(m, ps[2], 13)
     for steps in (2, 5):
@@ -211,6 +213,21 @@ def test_several_decode_steps_per_engine_step_equal_one_at_a_time(fused: bool) -
         ]
         cut = [token_ids(t.generate(ps, params)) for t in tight]
         assert cut[0] == cut[1] and len(cut[1][2]) == 37 - 30
+
+
+def test_offline_llm_makes_several_tokens_per_step_and_the_streaming_engines_one() -> None:
+    """LLM's default is OFFLINE_DECODE_STEPS tokens per engine step (nobody sees the steps of `generate`): the
+    tokens of one step at a time, in fewer steps; the serving engine (build_engine) keeps one token per step, so
+    streaming clients get each token as it is made."""
+    m = model(7)
+    ps = prompts([3, 12], seed=9)
+    params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True)
+    offline, one = LLM(m, block_size=4), LLM(m, block_size=4, decode_steps=1)
+    assert token_ids(offline.generate(ps, params)) == token_ids(one.generate(ps, params))
+    assert offline.engine.config.decode_steps == OFFLINE_DECODE_STEPS > 1
+    assert offline.engine.num_steps < one.engine.num_steps
+    assert build_engine(m, block_size=4).engine.config.decode_steps == 1
+    assert build_engine(m, block_size=4, decode_steps=4).engine.config.decode_steps == 4
 
 
 def test_several_decode_steps_wait_for_batches_that_all_take_the_argmax() -> None:

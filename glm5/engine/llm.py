@@ -22,6 +22,11 @@ from glm5.kernels.formats import convert_model, converting_loader, resolve_weigh
 from glm5.model import GLM5ForCausalLM
 from glm5.tokenizer import GLM5Tokenizer
 
+OFFLINE_DECODE_STEPS = 8
+"""`LLM`'s default EngineConfig.decode_steps: `generate` returns whole outputs, so nobody sees the steps, and
+greedy batches make 8 tokens per kernel call (one Python round trip per 8 tokens). The engine's own default
+(streaming: `glm5 serve`, `glm5 generate` / `chat`, AsyncLLMEngine) stays 1 token per step."""
+
 
 class LLM:
     """Offline generation: `LLM(path_or_model, tokenizer=None, **engine_options).generate(prompts, params)`.
@@ -35,6 +40,10 @@ class LLM:
     every rank runs the same program and ranks > 0 serve rank 0's steps inside this constructor, then exit.
     Needs a checkpoint folder (each rank reads only its slices); the layout is checked against its config.json
     before anything is loaded (`glm5.engine.sharding.LayoutError` names the rule).
+
+    decode_steps defaults to OFFLINE_DECODE_STEPS (8) here, not EngineConfig's 1: plain-argmax batches make 8
+    tokens per engine step (tokens past a stop are computed and dropped); pass decode_steps=1 to step one token at
+    a time (e.g. when driving `llm.engine.step()` for streaming).
 
     data_parallel_size d > 1: data-parallel attention (glm5/engine/dp.py): d x tensor_parallel_size processes,
     each DP rank its own requests, scheduler and KV cache, the experts over all ranks (expert_parallel_size must
@@ -56,6 +65,7 @@ class LLM:
         moe_dispatch: str = "alltoall",
         **engine_options: Any,
     ) -> None:
+        engine_options.setdefault("decode_steps", OFFLINE_DECODE_STEPS)
         tp, ep = int(tensor_parallel_size), int(expert_parallel_size)
         if weights is not None and tp * ep * int(data_parallel_size) > 1:
             if weights != "fp8":

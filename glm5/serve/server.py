@@ -57,6 +57,8 @@ def build_engine(
             )
         engine_options["force_token"] = ScriptedOutputs(load_script(scripted), tokenizer)
     kwargs = {k: v for k, v in (("dtype", dtype), ("device", device), ("fp8", fp8)) if v is not None}
+    # a token per step for streaming clients (LLM's offline default is OFFLINE_DECODE_STEPS)
+    engine_options.setdefault("decode_steps", 1)
     return AsyncLLMEngine(LLM(model, tokenizer, **kwargs, **engine_options).engine)
 
 
