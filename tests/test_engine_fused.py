@@ -123,6 +123,16 @@ def test_fused_step_equals_the_model_forward(kernel: str, variant: str, lengths:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+def test_long_context_selection_equals_the_model_forward(kernel: str) -> None:
+    """index_topk = 128 of 700 keys: the kernel picks them from a sample's threshold and a heap over the scores
+    that reach it (top_k_long; the short-list tests above take the plain heap) -- the same keys as the model's
+    torch.topk, so the same logits."""
+    model = noisy_model(MICRO.replace(index_topk=128))
+    ref_cache, fused_cache = twin_caches(model, [700], num_blocks=360)
+    decode_and_compare(model, decoder(model, kernel), ref_cache, fused_cache, [0], steps=2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_fused_step_with_dsa_off_attends_to_every_key(kernel: str) -> None:
     model = noisy_model(MICRO)
     model.configure_attention(dsa=False)
