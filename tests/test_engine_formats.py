@@ -344,14 +344,28 @@ def _int8_quantize_whole(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(*lead, rows, groups * INT8_GROUP)[..., :cols], scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("back_end", ["native", "torch"])
 @pytest.mark.parametrize("shape", [(3, 70, 100), (5000, 64), (40, 96)])
-def test_int8_quantize_in_row_chunks_equals_the_whole_matrix_at_once(shape, monkeypatch) -> None:  # noqa: ANN001
+def test_int8_quantize_equals_the_whole_matrix_at_once(shape, back_end, dtype, monkeypatch) -> None:  # noqa: ANN001
+    """The native loop and the torch ops in row chunks both give the whole-matrix reference's bits: an all-zero
+    group (scale 1), a partial last group, ties rounded half to even."""
     import glm5.kernels.formats as formats
 
-    monkeypatch.setattr(formats, "_CHUNK", 1000)  # several chunks even for these small matrices
+    if back_end == "torch":
+        monkeypatch.setattr(formats.native, "load", lambda: None)
+        monkeypatch.setattr(formats, "_CHUNK", 1000)  # several chunks even for these small matrices
+    elif native.load() is None:
+        pytest.skip(f"no native kernel: {native.load_error()}")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     w[..., 0, :INT8_GROUP] = 0.0  # an all-zero group: scale 1
+    w[..., 1, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # scale 1: the halves round to 2, -4, 0
+    w = w.to(dtype)
     q, s = int8_quantize(w)
+    if back_end == "native":
+        assert q.dtype == torch.int8 and torch.equal(
+            q[..., 1, :4], torch.tensor([127, 2, -4, 0]).to(q).expand_as(q[..., 1, :4])
+        )
     q_ref, s_ref = _int8_quantize_whole(w)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert torch.equal(

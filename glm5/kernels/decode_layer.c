@@ -1145,6 +1145,33 @@ int64_t glm5_draft_args_size(void) { return (int64_t)sizeof(DraftArgs); }
 /* Y [B, rows] = X [B, cols] W^T x out_scale + bias (lm_head, eh_proj: any format, rows over threads). */
 void glm5_linear(const Mat *m, const float *X, int64_t B, float *Y) { linear(m, X, m->cols, B, Y, m->rows); }
 
+/* int8 with one scale per group of I8_GROUP inputs along each row, as glm5.kernels.formats.int8_quantize's torch
+   ops compute it (the same bits): scale = group amax / 127 (1 for an all-zero group), code = round half to even
+   of value / scale, clamped to +-127. src: [rows, cols] fp32 (src_bf16 = 0) or bf16 bits (1); codes [rows, cols],
+   scales [rows, ceil(cols / I8_GROUP)]. No temporaries (the torch ops make several float copies of each chunk). */
+void glm5_int8_quantize(const void *src, int64_t src_bf16, int64_t rows, int64_t cols, int8_t *codes, float *scales) {
+    const int64_t groups = cdiv(cols, I8_GROUP);
+    #pragma omp parallel for schedule(static) if (rows * cols >= (1 << 20))
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t j0 = g * I8_GROUP, n = cols - j0 < I8_GROUP ? cols - j0 : I8_GROUP;
+            float v[I8_GROUP], amax = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                v[i] = src_bf16 ? bf16f(((const uint16_t *)src)[r * cols + j0 + i]) : ((const float *)src)[r * cols + j0 + i];
+                const float a = fabsf(v[i]);
+                amax = a > amax ? a : amax;
+            }
+            const float sc = amax > 0.0f ? amax / 127.0f : 1.0f;
+            scales[r * groups + g] = sc;
+            for (int64_t i = 0; i < n; i++) {
+                float q = rintf(v[i] / sc);
+                q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+                codes[r * cols + j0 + i] = (int8_t)q;
+            }
+        }
+    }
+}
+
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for rows r (the final and the MTP norms). */
 void glm5_rms_norm(const float *x, const float *w, int64_t rows, int64_t D, float eps, float *out) {
     for (int64_t r = 0; r < rows; r++) {

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.checkpoint.files import release_free_memory
+from glm5.kernels import native
 from glm5.model.fp8 import FP8Experts, FP8Linear, _apply_keeping_fp8, blocked_linear, quantize_model
 from glm5.model.moe import Experts
 
@@ -40,12 +41,26 @@ _CHUNK = 1 << 20
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W [..., out, in] -> (int8 codes [..., out, in], fp32 scales [..., out, ceil(in/32)]): per group of 32 inputs,
-    scale = amax / 127 (1 for an all-zero group), code = round(w / scale)."""
+    scale = amax / 127 (1 for an all-zero group), code = round(w / scale) (half to even). fp32 / bf16 CPU tensors
+    go through the native kernel library's loop (the same bits, no float temporaries: converting a bf16 checkpoint
+    at load holds only the codes and scales); others through torch ops a chunk of rows at a time."""
     *lead, rows, cols = w.shape
     groups = math.ceil(cols / INT8_GROUP)
     flat = w.reshape(-1, cols)
     q = torch.empty(flat.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(flat.shape[0], groups, dtype=torch.float32, device=w.device)
+    lib = native.load() if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) else None
+    if lib is not None and flat.numel():
+        flat = flat.contiguous()
+        lib.glm5_int8_quantize(
+            flat.data_ptr(),
+            int(w.dtype == torch.bfloat16),
+            flat.shape[0],
+            cols,
+            q.data_ptr(),
+            scale.data_ptr(),
+        )
+        return q.view(*lead, rows, cols), scale.view(*lead, rows, groups)
     # rows at a time: the float temporaries stay small (no whole-bank copy)
     step = max(1, _CHUNK // max(cols, 1))
     for r in range(0, flat.shape[0], step):

@@ -258,6 +258,8 @@ def _load() -> ctypes.CDLL | None:
     lib.glm5_mtp_draft.restype = ctypes.c_int
     lib.glm5_isa.argtypes = []
     lib.glm5_isa.restype = ctypes.c_char_p
+    lib.glm5_int8_quantize.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr]
+    lib.glm5_int8_quantize.restype = None
     _lib = lib
     return lib
 
