@@ -224,8 +224,8 @@ def run_mtp(steps: int, new: int, threads: int) -> dict:
     # plain greedy one token per engine step (what speculation was first measured against), plain greedy as LLM
     # runs it by default (OFFLINE_DECODE_STEPS tokens per kernel call), then 1-3 drafts (speculation steps one
     # verification at a time whatever decode_steps says)
-    for k, steps in ((0, 1), (0, None), (1, None), (2, None), (3, None)):
-        options = {} if steps is None else {"decode_steps": steps}
+    for k, decode_steps in ((0, 1), (0, None), (1, None), (2, None), (3, None)):
+        options = {} if decode_steps is None else {"decode_steps": decode_steps}
         llm = LLM(model, num_speculative_tokens=k, enable_prefix_caching=False, **options)
         llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
         if k:
