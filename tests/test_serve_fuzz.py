@@ -9,6 +9,12 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+
+# schemathesis imports its OpenAPI loaders lazily, inside `from_url`, and pytest rewrites a plugin's modules as they
+# are imported (ast.parse). CPython 3.11 keeps the AST constructor's recursion counter in interpreter-wide state, so
+# such an import while the server's threads run failed once with "SystemError: AST constructor recursion depth
+# mismatch"; importing them here, at collection, keeps that parse single-threaded.
+import schemathesis.specs.openapi.schemas  # noqa: F401
 from configs import random_model, stdlib_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
