@@ -677,8 +677,9 @@ static void top_k(const float *score, int64_t n, int64_t k, int64_t *out, float 
    Costs ~n compares + the heaps of ~2k and a sample, where the plain heap replaces its minimum ~k ln(n/k) times
    for random scores and up to n times when later keys score higher (GLM-5 at 200K tokens: k = 2048, n/k ~ 100). */
 static void top_k_long(const float *score, int64_t n, int64_t k, int64_t *out, float *heap_v) {
-    const int64_t m = 32 * n / (k > 0 ? k : 1);  /* samples: ~32 of them among the top k */
-    const int64_t r = 32 + 8 + 3 * 6 + 4;       /* 32 expected, + a quarter, + ~3 standard deviations */
+    const int64_t hits = 32;                     /* samples expected among the top k */
+    const int64_t m = hits * n / (k > 0 ? k : 1);
+    const int64_t r = hits + hits / 4 + 3 * 6 + 4; /* + a quarter, + ~3 standard deviations (sqrt(32) ~ 6) */
     const int64_t cap = 4 * k;                  /* candidates beyond it: the plain heap */
     if (k < 16 || m > n / 4) {
         top_k(score, n, k, out, heap_v);
@@ -1154,10 +1155,10 @@ void glm5_int8_quantize(const void *src, int64_t src_bf16, int64_t rows, int64_t
     #pragma omp parallel for schedule(static) if (rows * cols >= (1 << 20))
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t g = 0; g < groups; g++) {
-            const int64_t j0 = g * I8_GROUP, n = cols - j0 < I8_GROUP ? cols - j0 : I8_GROUP;
+            const int64_t j0 = g * I8_GROUP, n = cols - j0 < I8_GROUP ? cols - j0 : I8_GROUP, at = r * cols + j0;
             float v[I8_GROUP], amax = 0.0f;
             for (int64_t i = 0; i < n; i++) {
-                v[i] = src_bf16 ? bf16f(((const uint16_t *)src)[r * cols + j0 + i]) : ((const float *)src)[r * cols + j0 + i];
+                v[i] = src_bf16 ? bf16f(((const uint16_t *)src)[at + i]) : ((const float *)src)[at + i];
                 const float a = fabsf(v[i]);
                 amax = a > amax ? a : amax;
             }
@@ -1166,7 +1167,7 @@ void glm5_int8_quantize(const void *src, int64_t src_bf16, int64_t rows, int64_t
             for (int64_t i = 0; i < n; i++) {
                 float q = rintf(v[i] / sc);
                 q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
-                codes[r * cols + j0 + i] = (int8_t)q;
+                codes[at + i] = (int8_t)q;
             }
         }
     }
