@@ -124,7 +124,7 @@ def load_pretrained(
     folder, cfg = open_checkpoint(path, fp8, prepare)
     model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)  # all checks before allocating
 
-    model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
+    materialize(model, device)
     own = model.state_dict(keep_vars=True)
     targets = to_hf_state_dict(own, cfg)
     own_ids = {id(t) for t in own.values()}
@@ -174,14 +174,20 @@ def _without_absent_mtp(cfg: GLM5Config, folder: CheckpointFolder) -> GLM5Config
     return cfg.replace(num_nextn_predict_layers=0)
 
 
+def materialize(model: nn.Module, device: torch.device | str | None) -> None:
+    """Module.to_empty(device) (default CPU) without torch.empty_like: on meta tensors that runs torch._refs,
+    whose first use imports sympy -- ~30 MB of Python objects and code a serving process would hold for nothing."""
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=where))
+
+
 def _routers_to_fp32(model: nn.Module) -> None:
     """Router weights stay fp32 whatever the load dtype (the bias buffer keeps itself fp32)."""
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if f"{name}.weight".endswith(_ROUTER_WEIGHT) and isinstance(weight, nn.Parameter):
-            module.weight = nn.Parameter(
-                torch.empty_like(weight, dtype=torch.float32), requires_grad=weight.requires_grad
-            )
+            fp32 = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # see materialize
+            module.weight = nn.Parameter(fp32, requires_grad=weight.requires_grad)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from glm5.checkpoint.pretrained import (
     _Read,
     _reset_non_persistent_buffers,
     build_and_match,
+    materialize,
     open_checkpoint,
 )
 from glm5.config import GLM5Config
@@ -242,7 +243,7 @@ def load_pretrained_sharded(
     model, reads = build_and_match(folder, cfg, build, dtype, fp8, prepare)
 
     slices = shard(model)
-    model.to_empty(device=torch.device(device) if device is not None else torch.device("cpu"))
+    materialize(model, device)
     targets = local_targets(model.state_dict(keep_vars=True), slices, cfg)
     with torch.no_grad(), RangeReader(folder) as reader:
         for r in reads:
