@@ -472,12 +472,15 @@ static void job_rows(const Job *jobs, const int64_t *start, const float *const *
    layer's projections, or all its routed experts, cost one fork-join, not one each. Each output is summed by one
    thread in a fixed order: the result does not depend on the thread count. */
 #define MAX_JOBS 260  /* 256 experts + the shared one */
+#define CHUNK_BYTES (64 << 10)
+#define CHUNKS_PER_THREAD 8
 static void run_jobs(const Job *jobs, int64_t n_jobs) {
-    int64_t start[MAX_JOBS + 1], total = 0, work = 0;
+    int64_t start[MAX_JOBS + 1], total = 0, work = 0, bytes = 0;
     for (int64_t k = 0; k < n_jobs; k++) {
         start[k] = total;
         total += jobs[k].m.rows;
         work += jobs[k].m.rows * jobs[k].m.cols * jobs[k].B;
+        bytes += jobs[k].m.rows * jobs[k].m.cols * (int64_t)elem_size(jobs[k].m.fmt);
     }
     start[n_jobs] = total;
     /* the single inputs of the PERMUTED matrices, reordered once (without memory: the plain loads) */
@@ -495,11 +498,15 @@ static void run_jobs(const Job *jobs, int64_t n_jobs) {
     }
 #ifdef _OPENMP
     if (work >= (1 << 17)) {
-        #pragma omp parallel
-        {   /* each thread one contiguous range of rows */
-            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-            job_rows(jobs, start, xps, total * t / nt, total * (t + 1) / nt);
-        }
+        /* contiguous ranges of rows handed out as threads come free (a thread woken late or slowed by another
+           tenant does fewer), each at least CHUNK_BYTES of weights and at most CHUNKS_PER_THREAD per thread */
+        const int64_t nt = omp_get_max_threads();
+        int64_t n_chunks = bytes / CHUNK_BYTES;
+        n_chunks = n_chunks < nt ? nt : n_chunks > CHUNKS_PER_THREAD * nt ? CHUNKS_PER_THREAD * nt : n_chunks;
+        n_chunks = n_chunks > total ? total : n_chunks;
+        #pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t c = 0; c < n_chunks; c++)
+            job_rows(jobs, start, xps, total * c / n_chunks, total * (c + 1) / n_chunks);
     } else
 #endif
         job_rows(jobs, start, xps, 0, total);
