@@ -571,8 +571,8 @@ static inline __attribute__((always_inline)) void indexer_scores_nv(
 
 #if VW > 1
 /* The same scores with 8 heads per 256-bit vector (AVX2 and AVX-512): q transposed once per call to qt [Di][HG x 8]
-   (heads padded to HG groups of 8 with zero queries and weights), then for 4 keys at a time every head's dot
-   product grows by k[i] (broadcast) x qt[i] -- no horizontal sum per (key, head), each qt row serves four keys.
+   (heads padded to HG groups of 8 with zero queries and weights), then for KEYS keys at a time every head's dot
+   product grows by k[i] (broadcast) x qt[i] -- no horizontal sum per (key, head), each qt row serves KEYS keys.
    Each head's dot is summed over i in order; HG <= 4 (Hi <= 32, GLM-5's 32 heads). */
 static inline float hsum8f(__m256 a) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -580,33 +580,39 @@ static inline float hsum8f(__m256 a) {
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     return _mm_cvtss_f32(r);
 }
-#define IDX_KEYS 4
-static inline __attribute__((always_inline)) void indexer_scores_qt_hg(
-    const float *qt, const float *wv, int64_t Hi, int64_t Di, const int HG, const float *store, const int64_t *slots,
-    int64_t n, float *score) {
-    #pragma omp parallel for schedule(static) if (n * Hi * Di >= (1 << 18))
-    for (int64_t s = 0; s < n; s += IDX_KEYS) {
-        const float *k[IDX_KEYS];
-        for (int r = 0; r < IDX_KEYS; r++) k[r] = store + slots[s + r < n ? s + r : s] * Di;
-        __m256 acc[IDX_KEYS][4];
-        for (int r = 0; r < IDX_KEYS; r++)
-            for (int g = 0; g < HG; g++) acc[r][g] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < Di; i++) {
-            const float *qi = qt + i * HG * 8;
-            for (int g = 0; g < HG; g++) {
-                const __m256 qv = _mm256_loadu_ps(qi + 8 * g);
-                for (int r = 0; r < IDX_KEYS; r++)
-                    acc[r][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(k[r] + i), qv, acc[r][g]);
-            }
-        }
-        for (int r = 0; r < IDX_KEYS && s + r < n; r++) {  /* sum_h w_h relu(dot_h) */
-            __m256 t = _mm256_mul_ps(_mm256_max_ps(acc[r][0], _mm256_setzero_ps()), _mm256_loadu_ps(wv));
-            for (int g = 1; g < HG; g++)
-                t = _mm256_fmadd_ps(_mm256_max_ps(acc[r][g], _mm256_setzero_ps()), _mm256_loadu_ps(wv + 8 * g), t);
-            score[s + r] = hsum8f(t);
+/* keys per pass (KEYS, at most 8): enough accumulators in flight to cover an FMA's latency on both FMA ports */
+#define IDX_KEYS_MAX 8
+static inline __attribute__((always_inline)) void indexer_keys_qt_hg(
+    const float *qt, const float *wv, int64_t Di, const int HG, const int KEYS, const float *store,
+    const int64_t *slots, int64_t n, int64_t s, float *score) {
+    const float *k[IDX_KEYS_MAX];
+    for (int r = 0; r < KEYS; r++) k[r] = store + slots[s + r < n ? s + r : s] * Di;
+    __m256 acc[IDX_KEYS_MAX][4];
+    for (int r = 0; r < KEYS; r++)
+        for (int g = 0; g < HG; g++) acc[r][g] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < Di; i++) {
+        const float *qi = qt + i * HG * 8;
+        for (int g = 0; g < HG; g++) {
+            const __m256 qv = _mm256_loadu_ps(qi + 8 * g);
+            for (int r = 0; r < KEYS; r++) acc[r][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(k[r] + i), qv, acc[r][g]);
         }
     }
+    for (int r = 0; r < KEYS && s + r < n; r++) {  /* sum_h w_h relu(dot_h) */
+        __m256 t = _mm256_mul_ps(_mm256_max_ps(acc[r][0], _mm256_setzero_ps()), _mm256_loadu_ps(wv));
+        for (int g = 1; g < HG; g++)
+            t = _mm256_fmadd_ps(_mm256_max_ps(acc[r][g], _mm256_setzero_ps()), _mm256_loadu_ps(wv + 8 * g), t);
+        score[s + r] = hsum8f(t);
+    }
 }
+/* One OpenMP loop per (HG, KEYS): the region is outlined before inlining, so a loop inside the inlined function
+   would be one outlined copy with HG and KEYS as run-time values (its accumulators then live in memory: 2-3x
+   slower); here each case's outlined loop inlines indexer_keys_qt_hg with constants. */
+#define INDEXER_QT_HG(HG, KEYS)                                                                   \
+    do {                                                                                          \
+        _Pragma("omp parallel for schedule(static) if (n * Hi * Di >= (1 << 18))")                \
+        for (int64_t s = 0; s < n; s += (KEYS))                                                   \
+            indexer_keys_qt_hg(qt, wv, Di, (HG), (KEYS), store, slots, n, s, score);              \
+    } while (0)
 #endif
 
 static void indexer_scores(const float *q, const float *w, int64_t Hi, int64_t Di, const float *store,
@@ -621,10 +627,11 @@ static void indexer_scores(const float *q, const float *w, int64_t Hi, int64_t D
                 for (int64_t h = 0; h < HG * 8; h++) qt[i * HG * 8 + h] = h < Hi ? q[h * Di + i] : 0.0f;
             for (int64_t h = 0; h < HG * 8; h++) wv[h] = h < Hi ? w[h] : 0.0f;
             switch (HG) {
-                case 1: indexer_scores_qt_hg(qt, wv, Hi, Di, 1, store, slots, n, score); break;
-                case 2: indexer_scores_qt_hg(qt, wv, Hi, Di, 2, store, slots, n, score); break;
-                case 3: indexer_scores_qt_hg(qt, wv, Hi, Di, 3, store, slots, n, score); break;
-                default: indexer_scores_qt_hg(qt, wv, Hi, Di, 4, store, slots, n, score); break;
+                /* keys per pass measured best on Zen 4 for each target: AVX-512 has 32 vector registers, AVX2 16 */
+                case 1: INDEXER_QT_HG(1, 8); break;
+                case 2: INDEXER_QT_HG(2, VW == 16 ? 8 : 4); break;
+                case 3: INDEXER_QT_HG(3, VW == 16 ? 8 : 2); break;
+                default: INDEXER_QT_HG(4, VW == 16 ? 8 : 2); break;
             }
             free(qt);
             return;
