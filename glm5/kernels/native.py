@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("decode_layer.c")
-FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99", "-fno-math-errno", "-Werror=implicit-function-declaration"]
 """Compiler flags besides -march (see `compile_flags`)."""
 MARCH_ENV = "GLM5_NATIVE_MARCH"
 
