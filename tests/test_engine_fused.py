@@ -36,6 +36,8 @@ VARIANTS = {
     "two-shared-experts": MICRO.replace(n_shared_experts=2),  # one shared MLP of width 2 x moe_intermediate
     "half-split-rope": MICRO.replace(rope_interleave=False, indexer_rope_interleave=False),
     "indexer-width-24": MICRO.replace(index_head_dim=24),  # the kernel's generic (non-unrolled) scan
+    # the kernel attends in groups of 4 heads: two full groups and a partial one
+    "ten-heads": MICRO.replace(num_attention_heads=10, num_key_value_heads=10),
     # GLM-5's widths where the kernel has fixed-size buffers: 32 x 128 indexer, 256 experts, 8 per token
     "glm5-widths": MICRO.replace(
         index_n_heads=32, index_head_dim=128, n_routed_experts=256, num_experts_per_tok=8
