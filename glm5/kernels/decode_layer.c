@@ -801,6 +801,7 @@ static int64_t select_keys(const LayerArgs *a, int64_t b, const float *idx_q, co
    sel_cap), `ql` W, `o_lat` rank and `tmp` rank + 16 + R per head. */
 #define ATT_GROUP 4     /* heads per group: 4 queries and outputs of GLM-5's widths (~17 KB) stay in L1 with a row */
 #define ATT_PREFETCH 2  /* the row read this many ahead is requested (measured at GLM-5's widths: +3-20%) */
+#define ATT_KEYS (VW == 16 ? 4 : 2)  /* rows per score tile: 4 x 4 accumulators in AVX-512's 32 registers */
 static inline __attribute__((always_inline)) void attend_heads(
     const LayerArgs *a, int64_t b, int64_t h0, int64_t h1, const float *q, const int64_t *keys, int64_t nk,
     int64_t sel_cap, float *att, float *q_lat, float *o_lat, float *tmp, float *o_row) {
@@ -820,17 +821,36 @@ static inline __attribute__((always_inline)) void attend_heads(
         mx[g] = -INFINITY;
         sum[g] = 0.0f;
     }
-    for (int64_t j = 0; j < nk; j++) {
-        const float *row = a->kv_store + slots[keys[j]] * W;
-        if (j + ATT_PREFETCH < nk) {  /* the selected rows lie anywhere in the cache: ask for one early */
-            const char *next = (const char *)(a->kv_store + slots[keys[j + ATT_PREFETCH]] * W);
+    /* scores, a tile of the group's heads (missing ones repeat the first, their results dropped) x ATT_KEYS rows at
+       a time: each row chunk and query chunk loaded once per tile, the products summed in registers */
+    const float *qs[ATT_GROUP];
+    for (int64_t g = 0; g < ATT_GROUP; g++) qs[g] = q_lat + (h0 + (g < G ? g : 0)) * W;
+    for (int64_t j0 = 0; j0 < nk; j0 += ATT_KEYS) {
+        const float *rows[ATT_KEYS];
+        for (int64_t r = 0; r < ATT_KEYS; r++) rows[r] = a->kv_store + slots[keys[j0 + r < nk ? j0 + r : j0]] * W;
+        for (int64_t r = 0; r < ATT_KEYS && j0 + ATT_KEYS + r < nk; r++) {  /* the rows lie anywhere: ask early */
+            const char *next = (const char *)(a->kv_store + slots[keys[j0 + ATT_KEYS + r]] * W);
             for (int64_t off = 0; off < W * (int64_t)sizeof(float); off += 64) __builtin_prefetch(next + off);
         }
-        for (int64_t g = 0; g < G; g++) {
-            float *at = att + (h0 + g) * sel_cap;
-            at[j] = dot_f32(q_lat + (h0 + g) * W, row, W);
-            mx[g] = at[j] > mx[g] ? at[j] : mx[g];
+        VF acc[ATT_GROUP][ATT_KEYS];
+        for (int64_t g = 0; g < ATT_GROUP; g++)
+            for (int64_t r = 0; r < ATT_KEYS; r++) acc[g][r] = VZERO;
+        int64_t i = 0;
+        for (; i + VW <= W; i += VW) {
+            VF rv[ATT_KEYS];
+            for (int64_t r = 0; r < ATT_KEYS; r++) rv[r] = LD_F32(rows[r] + i);
+            for (int64_t g = 0; g < ATT_GROUP; g++) {
+                const VF qv = LD_F32(qs[g] + i);
+                for (int64_t r = 0; r < ATT_KEYS; r++) acc[g][r] = VFMA(qv, rv[r], acc[g][r]);
+            }
         }
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t r = 0; r < ATT_KEYS && j0 + r < nk; r++) {
+                float d = VHSUM(acc[g][r]);
+                for (int64_t t = i; t < W; t++) d += qs[g][t] * rows[r][t];
+                att[(h0 + g) * sel_cap + j0 + r] = d;
+                mx[g] = d > mx[g] ? d : mx[g];
+            }
     }
     for (int64_t g = 0; g < G; g++) {
         float *at = att + (h0 + g) * sel_cap;
@@ -844,8 +864,18 @@ static inline __attribute__((always_inline)) void attend_heads(
             const char *next = (const char *)(a->kv_store + slots[keys[j + ATT_PREFETCH]] * W);
             for (int64_t off = 0; off < rank * (int64_t)sizeof(float); off += 64) __builtin_prefetch(next + off);
         }
-        for (int64_t g = 0; g < G; g++)
-            axpy(o_lat + (h0 + g) * rank, att[(h0 + g) * sel_cap + j] * inv[g], row, rank);
+        float p[ATT_GROUP];
+        for (int64_t g = 0; g < G; g++) p[g] = att[(h0 + g) * sel_cap + j] * inv[g];
+        int64_t c = 0;
+        for (; c + VW <= rank; c += VW) {  /* each chunk of the row loaded once for the group's heads */
+            const VF rv = LD_F32(row + c);
+            for (int64_t g = 0; g < G; g++) {
+                float *o = o_lat + (h0 + g) * rank + c;
+                VSTORE(o, VFMA(VSET1(p[g]), rv, LD_F32(o)));
+            }
+        }
+        for (; c < rank; c++)
+            for (int64_t g = 0; g < G; g++) o_lat[(h0 + g) * rank + c] += p[g] * row[c];
     }
     for (int64_t g = 0; g < G; g++) {
         const int64_t hh = h0 + g;
