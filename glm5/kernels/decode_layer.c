@@ -503,7 +503,7 @@ static void run_jobs(const Job *jobs, int64_t n_jobs) {
     if (work >= (1 << 17)) {
         /* contiguous ranges of rows handed out as threads come free (a thread woken late or slowed by another
            tenant does fewer), each at least CHUNK_BYTES of weights and at most CHUNKS_PER_THREAD per thread */
-        const int64_t nt = omp_get_max_threads();
+        const int64_t nt = max_threads();
         int64_t n_chunks = bytes / CHUNK_BYTES;
         n_chunks = n_chunks < nt ? nt : n_chunks > CHUNKS_PER_THREAD * nt ? CHUNKS_PER_THREAD * nt : n_chunks;
         n_chunks = n_chunks > total ? total : n_chunks;
@@ -800,7 +800,7 @@ static int64_t select_keys(const LayerArgs *a, int64_t b, const float *idx_q, co
    of 2.3 KB); each head's sums run in the same order as alone. `att` holds nk floats per head (stride
    sel_cap), `ql` W, `o_lat` rank and `tmp` rank + 16 + R per head. */
 #define ATT_GROUP 4     /* heads per group: 4 queries and outputs of GLM-5's widths (~17 KB) stay in L1 with a row */
-#define ATT_PREFETCH 2  /* the row read this many ahead is requested (measured at GLM-5's widths: +3-20%) */
+#define ATT_PREFETCH 2  /* the value sums request the row this many ahead (the scores: the next tile's rows) */
 #define ATT_KEYS (VW == 16 ? 4 : 2)  /* rows per score tile: 4 x 4 accumulators in AVX-512's 32 registers */
 static inline __attribute__((always_inline)) void attend_heads(
     const LayerArgs *a, int64_t b, int64_t h0, int64_t h1, const float *q, const int64_t *keys, int64_t nk,
